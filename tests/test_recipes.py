@@ -1,0 +1,121 @@
+"""Every recipe parses; every kind of bad recipe is a one-line error naming the file and the key."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RECIPES
+from toolkit.errors import ToolkitError
+from toolkit.models import count_params
+from toolkit.recipes import load_recipe
+from toolkit.report import recipe_rows
+
+ALL = sorted(RECIPES.glob("*.toml"))
+DOCUMENTED = ["opt1", "opt2", "fine1", "fine2", "fine3", "fine4", "ft1", "ft2", "ft3", "ft4", "ft5", "ft6",
+              "resnet20_baseline", "resnet20_dense_es", "resnet20_dense", "resnet20_dropout", "resnet20_smooth_lr",
+              "resnet44v2_cifar100"]
+
+
+def test_one_recipe_per_documented_experiment():
+    assert sorted(p.stem for p in ALL) == sorted(DOCUMENTED)
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: p.stem)
+def test_recipe_parses_and_matches_seed_params(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    model = recipe.build_model(100 if recipe.data.dataset == "cifar100" else 10)
+    sr = recipe.seed_results
+    if sr and sr.params:
+        # resnet44v2's "~2.7M" is a rounded figure; the rest are exact or within 1%
+        tolerance = 0.02 if recipe.model.name == "resnet44v2" else 0.01
+        assert abs(count_params(model) - sr.params) / sr.params <= tolerance
+
+
+def test_fine4_is_the_documented_configuration():
+    r = load_recipe(RECIPES / "fine4.toml")
+    assert (r.epochs, r.data.batch_size, r.optimizer.lr, r.optimizer.momentum) == (20, 64, 0.04, 0.9)
+    assert (r.scheduler.name, r.scheduler.step_size, r.scheduler.gamma) == ("step", 10, 0.1)
+    assert r.data.augment.rotation == 7.0
+    assert (r.seed_results.test_acc, r.seed_results.best_test_acc) == (99.53, 99.54)
+
+
+def test_recipe_listing_has_the_documented_fields():
+    rows = recipe_rows(RECIPES)
+    fine4 = next(r for r in rows if r["name"] == "fine4")
+    assert fine4 == {**fine4, "dataset": "mnist", "model": "mnist_gap", "params": 7974, "epochs": 20, "seed_test_acc": 99.54}
+    assert {"name", "path", "dataset", "model", "params", "epochs", "seed_test_acc"} <= set(fine4)
+
+
+def _write_variant(tmp_path: Path, edit) -> Path:
+    data = tomllib.loads((RECIPES / "fine4.toml").read_text())
+    edit(data)
+    path = tmp_path / "bad.toml"
+    path.write_text(_dump(data))
+    return path
+
+
+def _dump(d: dict, prefix: str = "") -> str:
+    """A minimal TOML writer for the recipe shapes used here."""
+    def val(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return f'"{v}"'
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return repr(v)
+    lines = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, dict) or k == "options"]
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "options":
+            lines.append(f"\n[{prefix}{k}]\n" + _dump(v, f"{prefix}{k}."))
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(epochz=3), "epochz: unknown key"),
+        (lambda d: d["optimizer"].update(lrr=0.1), "optimizer.lrr: unknown key"),
+        (lambda d: d["optimizer"].update(lr=-0.1), "optimizer.lr: Input should be greater than 0"),
+        (lambda d: d["model"].update(name="mnist_huge"), "model.name: unknown model 'mnist_huge'"),
+        (lambda d: d.update(epochs="twenty"), "epochs: Input should be a valid integer"),
+        (lambda d: d["scheduler"].update(step_size=0), "scheduler.step_size: Input should be greater than or equal to 1"),
+        (lambda d: d["data"].update(dataset="imagenet"), "data.dataset: Input should be 'mnist', 'cifar10' or 'cifar100'"),
+        (lambda d: d["model"].update(options={"dropuot": 0.1}), "model.options: model 'mnist_gap' has no option 'dropuot'"),
+    ],
+    ids=["unknown-key", "unknown-nested-key", "negative-lr", "unknown-model", "wrong-type", "out-of-range", "bad-dataset", "bad-model-option"],
+)
+def test_bad_recipe_names_file_and_key(tmp_path, edit, message):
+    path = _write_variant(tmp_path, edit)
+    with pytest.raises(ToolkitError) as err:
+        load_recipe(path)
+    assert str(err.value) == f"{path}: {message}" or str(err.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_non_toml_files(tmp_path):
+    with pytest.raises(ToolkitError, match="recipe not found: .*nope.toml"):
+        load_recipe(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("epochs = = 3\n[model\n")
+    with pytest.raises(ToolkitError, match=r"bad.toml: not valid TOML"):
+        load_recipe(bad)
+
+
+def test_recipe_by_name():
+    assert load_recipe("fine4").name == "fine4"
+
+
+def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
+    path = _write_variant(tmp_path, lambda d: d["optimizer"].update(lr=-1))
+    proc = subprocess.run([sys.executable, "-m", "toolkit", "train", str(path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "optimizer.lr" in lines[0]
+    assert "Traceback" not in proc.stderr

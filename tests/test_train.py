@@ -1,0 +1,164 @@
+"""Training on real MNIST, exact resume, atomic checkpoints, safe loading, the CLI's JSON, and eval."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from tests.conftest import RECIPES
+from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
+from toolkit.errors import ToolkitError
+from toolkit.evaluate import evaluate_checkpoint
+from toolkit.recipes import load_recipe
+from toolkit.train import train
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO())
+
+
+def test_short_fine4_training_learns(mnist_root, tmp_path):
+    """2 epochs of fine4 on the first 10,000 real training images, scored on all 10,000 test images.
+
+    Measured on the 2-core dev machine: 95.60% (seed 1) and 95.28% (seed 2). An untrained or
+    broken loop scores about 10% (chance); 93% needs a loop that really trains (forward, loss,
+    backward, step) on correctly labelled data.
+    """
+    result = train(load_recipe(RECIPES / "fine4.toml"), device="cpu", data_dir=mnist_root, out=tmp_path, epochs=2,
+                   train_limit=10_000, download=False, console=quiet())
+    assert result.final_test_acc >= 93.0, result.final_test_acc
+    assert result.params == 7974 and result.epochs == 2
+    files = sorted(p.name for p in result.run_dir.iterdir())
+    assert files == ["best.pt", "curves.png", "last.pt", "metrics.csv"]
+    assert (result.run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (result.run_dir / "metrics.csv").read_text().splitlines()
+    assert lines[0] == "epoch,train_loss,train_acc,test_loss,test_acc,lr,seconds" and len(lines) == 3
+
+    ckpt = load_checkpoint(result.run_dir)
+    assert ckpt["meta"]["classes"] == [str(i) for i in range(10)]
+    assert ckpt["meta"]["mean"] == [0.1307] and ckpt["meta"]["input_shape"] == [1, 28, 28]
+
+    report = evaluate_checkpoint(result.run_dir, data_dir=mnist_root, device="cpu", console=quiet(), download=False)
+    assert report["images"] == 10_000
+    assert report["test_acc"] == pytest.approx(result.best_test_acc, abs=1e-6)
+    # the per-class accuracies, weighted by the real class sizes, give back the overall accuracy
+    sizes = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    weighted = sum(report["per_class_acc"][str(c)] * n for c, n in enumerate(sizes)) / 10_000
+    assert weighted == pytest.approx(report["test_acc"], abs=1e-3)
+    assert Path(report["confusion_png"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def _weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "last.pt", weights_only=True)
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    ca, cb = _weights(a), _weights(b)
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    sa, sb = ca["train_state"]["optimizer"]["state"], cb["train_state"]["optimizer"]["state"]
+    for k in sa:
+        assert torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(ca["metrics"]) == strip(cb["metrics"])
+
+
+def test_resume_ends_where_one_run_would(mnist_root, tmp_path):
+    recipe = load_recipe(RECIPES / "fine4.toml")  # dropout + random rotation: RNG state matters
+    kw = dict(device="cpu", data_dir=mnist_root, train_limit=1024, test_limit=256, download=False, console=quiet())
+    whole = train(recipe, out=tmp_path / "a", epochs=3, **kw)
+    first = train(recipe, out=tmp_path / "b", epochs=2, **kw)
+    resumed = train(None, resume=first.run_dir, epochs=3, **kw)
+    assert resumed.run_dir == first.run_dir and resumed.epochs == 3
+    _assert_same_run(whole.run_dir, resumed.run_dir)
+
+
+def test_resume_with_albumentations_on_cifar(cifar_root, tmp_path):
+    recipe = load_recipe(RECIPES / "ft6.toml")
+    kw = dict(device="cpu", data_dir=cifar_root, download=False, console=quiet())
+    whole = train(recipe, out=tmp_path / "a", epochs=2, **kw)
+    first = train(recipe, out=tmp_path / "b", epochs=1, **kw)
+    resumed = train(None, resume=first.run_dir, epochs=2, **kw)
+    _assert_same_run(whole.run_dir, resumed.run_dir)
+
+
+_KILL_SCRIPT = r"""
+import os, signal, sys, torch
+from toolkit.checkpoint import FORMAT, save_checkpoint
+path, where = sys.argv[1], sys.argv[2]
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+if where == "before-rename":
+    os.replace = die
+else:  # half-way through writing the file
+    def partial(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        f.flush()
+        die()
+    torch.save = partial
+save_checkpoint({"format": FORMAT, "model": {"w": torch.full((1000,), 2.0)}, "meta": {}}, path)
+"""
+
+
+@pytest.mark.parametrize("where", ["mid-write", "before-rename"])
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path, where):
+    path = tmp_path / "best.pt"
+    save_checkpoint({"format": FORMAT, "model": {"w": torch.full((1000,), 1.0)}, "meta": {}}, path)
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, str(path), where], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.full((1000,), 1.0))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "model": Evil()}, path)
+    with pytest.raises(ToolkitError, match="refused to load"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_corrupted_and_foreign_checkpoints(tmp_path):
+    truncated = tmp_path / "truncated.pt"
+    save_checkpoint({"format": FORMAT, "model": {"w": torch.zeros(10_000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:500])
+    with pytest.raises(ToolkitError, match="not a readable checkpoint"):
+        load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ToolkitError, match="not a toolkit checkpoint"):
+        load_checkpoint(foreign)
+    with pytest.raises(ToolkitError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_cli_json_and_eval(mnist_root, tmp_path):
+    env = {**os.environ, "TOOLKIT_DATA_DIR": str(mnist_root)}
+    cmd = [sys.executable, "-m", "toolkit", "train", "fine4", "--device", "cpu", "--epochs", "1",
+           "--train-limit", "512", "--test-limit", "256", "--out", str(tmp_path), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"run_dir", "checkpoint", "best_test_acc", "final_test_acc", "epochs", "seconds", "params"} <= set(out)
+    assert out["epochs"] == 1 and out["params"] == 7974 and 0 <= out["final_test_acc"] <= 100
+    assert Path(out["checkpoint"]).is_file()
+    model = model_from_checkpoint(load_checkpoint(out["checkpoint"]))
+    assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+    proc = subprocess.run([sys.executable, "-m", "toolkit", "eval", "--runs", str(tmp_path), "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["images"] == 10_000 and len(report["per_class_acc"]) == 10

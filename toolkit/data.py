@@ -1,0 +1,197 @@
+"""Datasets: torchvision's real MNIST / CIFAR-10 / CIFAR-100 loaders and the recipes' augmentations.
+
+The data root comes from ``--data-dir``, then ``TOOLKIT_DATA_DIR``, then a user cache
+directory. Missing files are downloaded where there is a network; where there is none, the
+error names the folder the files must go into.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets, transforms
+
+from toolkit.errors import ToolkitError
+from toolkit.recipes import Augment, Recipe
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    channels: int
+    size: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    folder: str  # where torchvision expects the raw files, under the data root
+    files: tuple[str, ...]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.size, self.size)
+
+
+SPECS: dict[str, DatasetSpec] = {
+    "mnist": DatasetSpec(
+        "mnist", 1, 28, 10, (0.1307,), (0.3081,), "MNIST/raw",
+        ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    ),
+    "cifar10": DatasetSpec(
+        "cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cifar-10-batches-py",
+        ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch", "batches.meta"),
+    ),
+    # CIFAR-100 mean/std as seed 004 gives them
+    "cifar100": DatasetSpec(
+        "cifar100", 3, 32, 100, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), "cifar-100-python",
+        ("train", "test", "meta"),
+    ),
+}
+
+_TORCHVISION = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+
+
+def resolve_data_dir(option: str | Path | None = None) -> Path:
+    if option:
+        return Path(option).expanduser()
+    if os.environ.get("TOOLKIT_DATA_DIR"):
+        return Path(os.environ["TOOLKIT_DATA_DIR"]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "toolkit" / "data"
+
+
+class _GrayToArray:
+    """albumentations works on HxWxC uint8 arrays."""
+
+    def __call__(self, img) -> np.ndarray:
+        return np.asarray(img)
+
+
+class AlbumentationsDataset(Dataset):
+    """Wraps a torchvision dataset (PIL images) with an albumentations pipeline."""
+
+    def __init__(self, base: Dataset, pipeline):
+        self.base, self.pipeline = base, pipeline
+        self.classes = getattr(base, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        return self.pipeline(image=np.asarray(img))["image"], label
+
+    def reseed(self, seed: int) -> None:
+        self.pipeline.set_random_seed(seed)
+
+
+def albumentations_pipeline(aug: Augment, spec: DatasetSpec, train: bool):
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
+
+    steps = []
+    if train:
+        if aug.hflip:
+            steps.append(A.HorizontalFlip(p=aug.hflip))
+        if aug.shift_scale_rotate:
+            ssr = aug.shift_scale_rotate
+            # the current API for the seeds' ShiftScaleRotate(shift_limit, scale_limit, rotate_limit)
+            steps.append(
+                A.Affine(
+                    translate_percent=(-ssr.shift, ssr.shift), scale=(1 - ssr.scale, 1 + ssr.scale), rotate=(-ssr.rotate, ssr.rotate), p=ssr.p
+                )
+            )
+        if aug.coarse_dropout:
+            cd = aug.coarse_dropout
+            steps.append(
+                A.CoarseDropout(
+                    num_holes_range=(cd.holes, cd.holes), hole_height_range=(cd.size, cd.size), hole_width_range=(cd.size, cd.size), p=cd.p
+                )
+            )
+        if aug.rotation:
+            steps.append(A.Rotate(limit=(-aug.rotation, aug.rotation), p=1.0))
+        if aug.random_crop_padding:
+            pad = aug.random_crop_padding
+            steps += [A.PadIfNeeded(spec.size + 2 * pad, spec.size + 2 * pad, border_mode=0), A.RandomCrop(spec.size, spec.size)]
+    steps += [A.Normalize(mean=spec.mean, std=spec.std, max_pixel_value=255.0), ToTensorV2()]
+    return A.Compose(steps)
+
+
+def torchvision_pipeline(aug: Augment, spec: DatasetSpec, train: bool):
+    steps = []
+    if train:
+        if aug.rotation:
+            steps.append(transforms.RandomRotation(aug.rotation, fill=0))
+        if aug.random_crop_padding:
+            steps.append(transforms.RandomCrop(spec.size, padding=aug.random_crop_padding))
+        if aug.hflip:
+            steps.append(transforms.RandomHorizontalFlip(aug.hflip))
+    steps += [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
+    return transforms.Compose(steps)
+
+
+def _missing_files(spec: DatasetSpec, root: Path) -> list[str]:
+    return [f for f in spec.files if not (root / spec.folder / f).exists()]
+
+
+def load_split(dataset: str, root: Path, train: bool, transform=None, download: bool = True) -> Dataset:
+    """torchvision's dataset for one split; download only when files are missing."""
+    spec = SPECS[dataset]
+    cls = _TORCHVISION[dataset]
+    missing = _missing_files(spec, root)
+    if missing:
+        reason = "download disabled"
+        if download:
+            try:
+                return cls(str(root), train=train, transform=transform, download=True)
+            except Exception as exc:  # no network, partial files, bad checksum: all end the same way for a user
+                reason = f"download failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        raise ToolkitError(
+            f"{dataset} not found: put {', '.join(missing)} into {root / spec.folder} "
+            f"(set the root with --data-dir or TOOLKIT_DATA_DIR; {reason})"
+        )
+    try:
+        return cls(str(root), train=train, transform=transform, download=False)
+    except Exception as exc:
+        raise ToolkitError(f"{dataset} under {root / spec.folder} could not be read: {exc}") from None
+
+
+def class_names(dataset: str, split: Dataset) -> list[str]:
+    if dataset == "mnist":
+        return [str(i) for i in range(10)]
+    base = getattr(split, "base", split)
+    return list(base.classes)
+
+
+def build_dataset(recipe: Recipe, root: Path, train: bool, download: bool = True) -> Dataset:
+    spec = SPECS[recipe.data.dataset]
+    aug = recipe.data.augment
+    if aug.library == "albumentations":
+        base = load_split(spec.name, root, train, transform=None, download=download)
+        return AlbumentationsDataset(base, albumentations_pipeline(aug, spec, train))
+    return load_split(spec.name, root, train, transform=torchvision_pipeline(aug, spec, train), download=download)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds `random` and torch per worker; albumentations keeps its own generator
+    info = torch.utils.data.get_worker_info()
+    if info is not None and hasattr(info.dataset, "reseed"):
+        info.dataset.reseed(info.seed % 2**32)
+
+
+def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None, workers: int, pin: bool) -> DataLoader:
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        num_workers=workers,
+        worker_init_fn=_seed_worker if workers else None,
+        persistent_workers=False,  # fresh workers each epoch: their seeds come from `generator`, so resume is exact
+        pin_memory=pin,
+        drop_last=False,
+    )

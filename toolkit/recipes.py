@@ -1,0 +1,220 @@
+"""Recipes: a TOML file per documented experiment, parsed into a typed, validated object.
+
+An unknown key, a wrong type or an out-of-range value is a ToolkitError that names the file
+and the key (``recipes/x.toml: optimizer.lr: must be greater than 0``), never a silent default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from toolkit.errors import ToolkitError
+from toolkit.models import MODELS, create_model
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    name: str
+    options: dict[str, Union[int, float, bool, str, list[int]]] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+        return name
+
+
+class ShiftScaleRotate(Strict):
+    shift: float = Field(ge=0, le=1)
+    scale: float = Field(ge=0, le=1)
+    rotate: float = Field(ge=0, le=180)
+    p: float = Field(ge=0, le=1)
+
+
+class CoarseDropout(Strict):
+    holes: int = Field(ge=1)
+    size: int = Field(ge=1)
+    p: float = Field(ge=0, le=1)
+
+
+class Augment(Strict):
+    """Training-time augmentations; the test split only gets normalization."""
+
+    library: Literal["torchvision", "albumentations"] = "torchvision"
+    rotation: float = Field(default=0.0, ge=0, le=180)  # degrees, uniform in [-rotation, rotation]
+    random_crop_padding: int = Field(default=0, ge=0)
+    hflip: float = Field(default=0.0, ge=0, le=1)  # probability
+    shift_scale_rotate: Optional[ShiftScaleRotate] = None
+    coarse_dropout: Optional[CoarseDropout] = None
+
+    @model_validator(mode="after")
+    def _library_supports(self) -> "Augment":
+        if self.library == "torchvision" and (self.shift_scale_rotate or self.coarse_dropout):
+            raise ValueError("shift_scale_rotate and coarse_dropout need library = 'albumentations'")
+        return self
+
+
+class Data(Strict):
+    dataset: Literal["mnist", "cifar10", "cifar100"]
+    batch_size: int = Field(ge=1, le=65536)
+    test_batch_size: int = Field(default=1000, ge=1, le=65536)
+    augment: Augment = Field(default_factory=Augment)
+
+
+class Optimizer(Strict):
+    name: Literal["sgd"] = "sgd"
+    lr: float = Field(gt=0, le=10)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    nesterov: bool = False
+
+
+class StepLR(Strict):
+    name: Literal["step"]
+    step_size: int = Field(ge=1)
+    gamma: float = Field(gt=0, le=1)
+
+
+class Plateau(Strict):
+    """ReduceLROnPlateau on the test loss each epoch, as the seeds did."""
+
+    name: Literal["plateau"]
+    factor: float = Field(gt=0, lt=1)
+    patience: int = Field(ge=0)
+    mode: Literal["min"] = "min"
+
+
+class Cosine(Strict):
+    name: Literal["cosine"]
+    t_max: int = Field(ge=1)
+    eta_min: float = Field(default=0.0, ge=0)
+
+
+class Piecewise(Strict):
+    """Piecewise-constant learning rate by optimizer step (Keras PiecewiseConstantDecay)."""
+
+    name: Literal["piecewise"]
+    boundaries: list[int]
+    values: list[float]
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Piecewise":
+        if len(self.values) != len(self.boundaries) + 1:
+            raise ValueError("values needs exactly one more entry than boundaries")
+        if any(b <= a for a, b in zip(self.boundaries, self.boundaries[1:])) or any(b < 1 for b in self.boundaries):
+            raise ValueError("boundaries must be positive and increasing")
+        if any(v <= 0 for v in self.values):
+            raise ValueError("values must be positive")
+        return self
+
+
+class NoSchedule(Strict):
+    name: Literal["none"]
+
+
+Scheduler = Annotated[Union[StepLR, Plateau, Cosine, Piecewise, NoSchedule], Field(discriminator="name")]
+
+
+class EarlyStopping(Strict):
+    """``test_loss``: stop after ``patience`` epochs without a lower test loss (Keras default).
+    ``gap``: stop once train accuracy exceeds test accuracy by ``max_gap`` points for
+    ``patience`` epochs in a row (the FT seeds' "15% gap for 10 epochs")."""
+
+    monitor: Literal["test_loss", "gap"]
+    patience: int = Field(ge=1)
+    max_gap: float = Field(default=15.0, gt=0)
+
+
+class SeedResults(Strict):
+    """What the write-up reports, so tables can put seed and measured side by side."""
+
+    source: str
+    params: Optional[int] = Field(default=None, ge=1)
+    test_acc: Optional[float] = Field(default=None, ge=0, le=100)  # final epoch
+    best_test_acc: Optional[float] = Field(default=None, ge=0, le=100)
+    train_acc: Optional[float] = Field(default=None, ge=0, le=100)
+
+
+class Recipe(Strict):
+    name: str = ""
+    description: str = ""
+    seed: int = Field(default=0, ge=0)
+    epochs: int = Field(ge=1, le=10000)
+    model: ModelSpec
+    data: Data
+    optimizer: Optimizer
+    scheduler: Scheduler = Field(default_factory=lambda: NoSchedule(name="none"))
+    early_stopping: Optional[EarlyStopping] = None
+    seed_results: Optional[SeedResults] = None
+
+    @model_validator(mode="after")
+    def _model_fits_dataset(self) -> "Recipe":
+        wants_gray = self.model.name.startswith("mnist")
+        if wants_gray != (self.data.dataset == "mnist"):
+            raise ValueError(f"model {self.model.name!r} does not take {self.data.dataset} images")
+        return self
+
+    def build_model(self, num_classes: int):
+        options = dict(self.model.options)
+        options.setdefault("num_classes", num_classes)
+        return create_model(self.model.name, **options)
+
+
+def _format_error(path: Path, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    # discriminated unions add the tag ("step", "plateau", ...) to the location; drop it
+    loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in {"step", "plateau", "cosine", "piecewise", "none"}))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{path}: {loc or 'recipe'}: {msg}"
+
+
+def resolve_recipe_path(ref: str | Path) -> Path:
+    """A path, or a bare recipe name looked up in the recipes directory."""
+    path = Path(ref)
+    if path.exists():
+        return path
+    if path.suffix == "" and (RECIPES_DIR / f"{path.name}.toml").exists():
+        return RECIPES_DIR / f"{path.name}.toml"
+    raise ToolkitError(f"recipe not found: {ref} (give a path to a .toml file or a name from `toolkit recipes`)")
+
+
+def parse_recipe(data: dict, path: Path) -> Recipe:
+    data = dict(data)
+    data.setdefault("name", path.stem)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ToolkitError(_format_error(path, exc)) from None
+
+
+def load_recipe(ref: str | Path) -> Recipe:
+    path = resolve_recipe_path(ref)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ToolkitError(f"{path}: not valid TOML ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ToolkitError(f"{path}: cannot read recipe ({exc})") from None
+    recipe = parse_recipe(data, path)
+    # catch bad model options at load time, not at the first epoch
+    try:
+        recipe.build_model(num_classes=100 if recipe.data.dataset == "cifar100" else 10)
+    except ToolkitError as exc:
+        raise ToolkitError(f"{path}: model.options: {exc}") from None
+    return recipe
+
+
+def list_recipes(directory: Path = RECIPES_DIR) -> list[tuple[Path, Recipe]]:
+    return [(p, load_recipe(p)) for p in sorted(directory.glob("*.toml"))]

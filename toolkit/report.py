@@ -1,0 +1,43 @@
+"""Tables shared by the CLI and the README: recipes with the seeds' numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from toolkit.models import count_params
+from toolkit.recipes import list_recipes
+
+
+def recipe_rows(directory: Path) -> list[dict]:
+    rows = []
+    for path, recipe in list_recipes(directory):
+        num_classes = 100 if recipe.data.dataset == "cifar100" else 10
+        sr = recipe.seed_results
+        rows.append(
+            {
+                "name": recipe.name,
+                "path": str(path),
+                "dataset": recipe.data.dataset,
+                "model": recipe.model.name,
+                "params": count_params(recipe.build_model(num_classes)),
+                "seed_params": sr.params if sr else None,
+                "epochs": recipe.epochs,
+                "seed_test_acc": (sr.best_test_acc if sr.best_test_acc is not None else sr.test_acc) if sr else None,
+            }
+        )
+    return rows
+
+
+def recipes_table(rows: list[dict]) -> Table:
+    table = Table(title="recipes")
+    for col, justify in (("name", "left"), ("dataset", "left"), ("model", "left"), ("params", "right"), ("seed params", "right"), ("epochs", "right"), ("seed best test acc", "right")):
+        table.add_column(col, justify=justify)
+    for r in rows:
+        table.add_row(
+            r["name"], r["dataset"], r["model"], f"{r['params']:,}",
+            f"{r['seed_params']:,}" if r["seed_params"] else "—", str(r["epochs"]),
+            f"{r['seed_test_acc']:.2f}%" if r["seed_test_acc"] is not None else "—",
+        )
+    return table

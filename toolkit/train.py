@@ -1,0 +1,398 @@
+"""Training: data, model, optimizer, scheduler, loop, checkpoint — top to bottom.
+
+A run directory ``runs/<recipe>-<timestamp>/`` holds ``best.pt`` and ``last.pt`` (weights,
+the recipe, metrics, class names, normalization, input shape), ``metrics.csv`` and
+``curves.png``. ``last.pt`` also carries optimizer, scheduler and RNG state, so ``--resume``
+ends where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import Subset
+
+from toolkit import data as data_mod
+from toolkit.checkpoint import FORMAT, atomic_write, load_checkpoint, save_checkpoint
+from toolkit.errors import ToolkitError
+from toolkit.models import count_params
+from toolkit.recipes import Recipe
+
+METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
+
+
+class PiecewiseConstantLR(LRScheduler):
+    """Learning rate ``values[i]`` from step ``boundaries[i-1]`` on (Keras PiecewiseConstantDecay)."""
+
+    def __init__(self, optimizer, boundaries: list[int], values: list[float], last_epoch: int = -1):
+        self.boundaries, self.values = list(boundaries), list(values)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        i = sum(self.last_epoch >= b for b in self.boundaries)
+        return [self.values[i] for _ in self.optimizer.param_groups]
+
+
+def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = recipe.optimizer
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+
+
+def build_scheduler(recipe: Recipe, optimizer) -> tuple[object | None, str]:
+    """The scheduler and when it steps: 'epoch', 'plateau' (epoch, on test loss) or 'step'."""
+    s = recipe.scheduler
+    if s.name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, s.step_size, s.gamma), "epoch"
+    if s.name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=s.mode, factor=s.factor, patience=s.patience), "plateau"
+    if s.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.t_max, eta_min=s.eta_min), "epoch"
+    if s.name == "piecewise":
+        for group in optimizer.param_groups:
+            group["lr"] = s.values[0]
+        return PiecewiseConstantLR(optimizer, s.boundaries, s.values), "step"
+    return None, "none"
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ToolkitError("--device cuda: no CUDA GPU is visible to PyTorch (use --device cpu or auto)")
+    if choice not in ("cpu", "cuda"):
+        raise ToolkitError(f"--device must be auto, cpu or cuda, not {choice!r}")
+    return torch.device(choice)
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, *, autocast: bool = False, progress: Progress | None = None, label: str = "test") -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """Mean loss, accuracy (%), all predictions and all labels."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    preds, labels = [], []
+    task = progress.add_task(label, total=len(loader)) if progress else None
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+        preds.append(out.argmax(1))
+        labels.append(y)
+        if progress:
+            progress.advance(task)
+    if progress:
+        progress.remove_task(task)
+    preds_t, labels_t = torch.cat(preds).cpu(), torch.cat(labels).cpu()
+    n = len(labels_t)
+    return loss_sum.item() / n, 100.0 * (preds_t == labels_t).sum().item() / n, preds_t, labels_t
+
+
+def make_loader_for_eval(ds, batch_size: int, dev: torch.device, workers: int = 0):
+    return data_mod.make_loader(ds, batch_size, shuffle=False, generator=None, workers=workers, pin=dev.type == "cuda")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint: Path
+    best_test_acc: float
+    final_test_acc: float
+    epochs: int
+    seconds: float
+    params: int
+    stopped_early: bool = False
+    metrics: list[dict] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        return {
+            "run_dir": str(self.run_dir),
+            "checkpoint": str(self.checkpoint),
+            "best_test_acc": round(self.best_test_acc, 4),
+            "final_test_acc": round(self.final_test_acc, 4),
+            "epochs": self.epochs,
+            "seconds": round(self.seconds, 2),
+            "params": self.params,
+            "stopped_early": self.stopped_early,
+        }
+
+
+def _new_run_dir(out: Path, name: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = out / f"{name}-{stamp}"
+    n = 1
+    while run_dir.exists():
+        n += 1
+        run_dir = out / f"{name}-{stamp}-{n}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def write_metrics_csv(rows: list[dict], path: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(path, "w") as f:
+        f.write(buf.getvalue())
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for key, label in (("train_loss", "train"), ("test_loss", "test")):
+        axes[0].plot(epochs, [r[key] for r in rows], label=label)
+    for key, label in (("train_acc", "train"), ("test_acc", "test")):
+        axes[1].plot(epochs, [r[key] for r in rows], label=label)
+    axes[2].plot(epochs, [r["lr"] for r in rows])
+    axes[2].set_yscale("log")
+    for ax, title in zip(axes, ("loss", "accuracy (%)", "learning rate")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if title != "learning rate":
+            ax.legend()
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _early_stop(recipe: Recipe, rows: list[dict]) -> bool:
+    rule = recipe.early_stopping
+    if rule is None or len(rows) < rule.patience:
+        return False
+    if rule.monitor == "gap":
+        return all(r["train_acc"] - r["test_acc"] > rule.max_gap for r in rows[-rule.patience :])
+    best_before = min(r["test_loss"] for r in rows[: -rule.patience]) if len(rows) > rule.patience else float("inf")
+    return min(r["test_loss"] for r in rows[-rule.patience :]) >= best_before
+
+
+def train(
+    recipe: Recipe | None = None,
+    *,
+    device: str = "auto",
+    data_dir: str | Path | None = None,
+    out: str | Path = "runs",
+    epochs: int | None = None,
+    seed: int | None = None,
+    resume: str | Path | None = None,
+    workers: int = 0,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    download: bool = True,
+    console: Console | None = None,
+) -> RunResult:
+    console = console or Console(stderr=True)
+    state = None
+    if resume is not None:
+        run_dir = Path(resume)
+        state = load_checkpoint(run_dir / "last.pt" if run_dir.is_dir() else run_dir)
+        run_dir = Path(state["path"]).parent
+        recipe = Recipe.model_validate(state["recipe"])
+        train_limit, test_limit = state["meta"].get("train_limit"), state["meta"].get("test_limit")
+    if recipe is None:
+        raise ToolkitError("give a recipe, or --resume RUN_DIR")
+    updates = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
+    if updates:
+        recipe = recipe.model_copy(update=updates)
+    dev = pick_device(device)
+    on_gpu = dev.type == "cuda"
+
+    # ---- data
+    root = data_mod.resolve_data_dir(data_dir)
+    spec = data_mod.SPECS[recipe.data.dataset]
+    train_ds = data_mod.build_dataset(recipe, root, train=True, download=download)
+    test_ds = data_mod.build_dataset(recipe, root, train=False, download=download)
+    classes = data_mod.class_names(recipe.data.dataset, train_ds)
+    if train_limit:
+        train_ds = Subset(train_ds, range(min(train_limit, len(train_ds))))
+    if test_limit:
+        test_ds = Subset(test_ds, range(min(test_limit, len(test_ds))))
+    random.seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    loader_rng = torch.Generator().manual_seed(recipe.seed)
+    train_loader = data_mod.make_loader(train_ds, recipe.data.batch_size, shuffle=True, generator=loader_rng, workers=workers, pin=on_gpu)
+    test_loader = make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev, workers=workers)
+
+    # ---- model, optimizer, scheduler
+    model = recipe.build_model(spec.num_classes).to(dev)
+    if on_gpu:
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    params = count_params(model)
+    optimizer = build_optimizer(recipe, model)
+    scheduler, sched_when = build_scheduler(recipe, optimizer)
+
+    rows: list[dict] = []
+    best_acc, start_epoch = -1.0, 0
+    if state is not None:
+        ts = state["train_state"]
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(ts["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ts["scheduler"])
+        torch.set_rng_state(ts["torch_rng"])
+        loader_rng.set_state(ts["loader_rng"])
+        random.setstate(ts["python_rng"])
+        if on_gpu and ts.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ts["cuda_rng"])
+        rows, best_acc, start_epoch = list(state["metrics"]), ts["best_acc"], ts["epoch"]
+    else:
+        run_dir = _new_run_dir(Path(out), recipe.name)
+
+    meta = {
+        "dataset": recipe.data.dataset,
+        "classes": classes,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "input_shape": list(spec.input_shape),
+        "params": params,
+        "train_limit": train_limit,
+        "test_limit": test_limit,
+    }
+    console.print(
+        f"[bold]{recipe.name}[/]: {recipe.model.name} ({params:,} params) on {recipe.data.dataset} "
+        f"[{len(train_ds):,} train / {len(test_ds):,} test], {recipe.epochs} epochs, device {dev.type} -> {run_dir}"
+    )
+    if start_epoch >= recipe.epochs:
+        console.print(f"nothing to do: the run already has {start_epoch} epochs")
+
+    started = time.perf_counter()
+    stopped_early = False
+    with progress_bar(console) as progress:
+        for epoch in range(start_epoch, recipe.epochs):
+            t0 = time.perf_counter()
+            if hasattr(train_ds, "reseed") and not workers:
+                train_ds.reseed(int(torch.randint(2**31 - 1, (1,), generator=loader_rng)))
+            lr = optimizer.param_groups[0]["lr"]
+            model.train()
+            loss_sum = torch.zeros((), device=dev)
+            correct = torch.zeros((), device=dev, dtype=torch.long)
+            seen = 0
+            task = progress.add_task(f"epoch {epoch + 1}/{recipe.epochs}", total=len(train_loader))
+            for x, y in train_loader:
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                if on_gpu:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
+                    out = model(x)
+                    loss = F.cross_entropy(out, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if sched_when == "step":
+                    scheduler.step()
+                # accumulate on the device: no host synchronisation per step
+                loss_sum += loss.detach() * len(y)
+                correct += (out.argmax(1) == y).sum()
+                seen += len(y)
+                progress.advance(task)
+            progress.remove_task(task)
+            test_loss, test_acc, _, _ = evaluate(model, test_loader, dev, autocast=on_gpu, progress=progress)
+            if sched_when == "epoch":
+                scheduler.step()
+            elif sched_when == "plateau":
+                scheduler.step(test_loss)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": round(loss_sum.item() / seen, 6),
+                "train_acc": round(100.0 * correct.item() / seen, 4),
+                "test_loss": round(test_loss, 6),
+                "test_acc": round(test_acc, 4),
+                "lr": lr,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            rows.append(row)
+            console.print(
+                f"epoch {row['epoch']:>3}/{recipe.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
+                f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  lr {lr:.3g}  {row['seconds']:.1f}s"
+            )
+            ckpt = {
+                "format": FORMAT,
+                "recipe": recipe.model_dump(mode="json"),
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "meta": {**meta, "epoch": epoch + 1, "test_acc": test_acc},
+                "metrics": rows,
+            }
+            if test_acc > best_acc:
+                best_acc = test_acc
+                save_checkpoint(ckpt, run_dir / "best.pt")
+            ckpt["train_state"] = {
+                "epoch": epoch + 1,
+                "best_acc": best_acc,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if on_gpu else None,
+                "loader_rng": loader_rng.get_state(),
+                "python_rng": random.getstate(),
+            }
+            save_checkpoint(ckpt, run_dir / "last.pt")
+            write_metrics_csv(rows, run_dir / "metrics.csv")
+            if _early_stop(recipe, rows):
+                console.print(f"early stopping after epoch {epoch + 1} ({recipe.early_stopping.monitor} rule)")
+                stopped_early = True
+                break
+    seconds = time.perf_counter() - started
+    if rows:
+        plot_curves(rows, run_dir / "curves.png")
+    result = RunResult(
+        run_dir=run_dir,
+        checkpoint=run_dir / "best.pt",
+        best_test_acc=max((r["test_acc"] for r in rows), default=0.0),
+        final_test_acc=rows[-1]["test_acc"] if rows else 0.0,
+        epochs=len(rows),
+        seconds=seconds,
+        params=params,
+        stopped_early=stopped_early,
+        metrics=rows,
+    )
+    print_summary(recipe, result, console)
+    return result
+
+
+def print_summary(recipe: Recipe, result: RunResult, console: Console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{recipe.name}: seed vs. this run")
+    table.add_column("")
+    table.add_column("seed", justify="right")
+    table.add_column("this run", justify="right")
+    sr = recipe.seed_results
+
+    def fmt(v, pct=True):
+        return "—" if v is None else (f"{v:.2f}%" if pct else f"{v:,}")
+
+    table.add_row("params", fmt(sr.params if sr else None, False), fmt(result.params, False))
+    table.add_row("best test acc", fmt(sr.best_test_acc if sr else None), fmt(result.best_test_acc))
+    table.add_row("final test acc", fmt(sr.test_acc if sr else None), fmt(result.final_test_acc))
+    table.add_row("epochs", str(recipe.epochs), str(result.epochs))
+    console.print(table)
+    console.print(f"run: {result.run_dir}  ({result.seconds:.1f}s)")
