@@ -75,3 +75,11 @@ def test_unknown_model_and_option_are_errors():
         create_model("nope")
     with pytest.raises(ToolkitError, match="no option 'widht'"):
         create_model("mnist_gap", widht=3)
+
+
+@pytest.mark.parametrize("name", ["mnist_opt", "mnist_gap"])
+def test_both_padding_readings_keep_the_documented_count(name):
+    counts = {p: count_params(create_model(name, early_padding=p)) for p in (0, 1)}
+    assert counts == {0: MODELS[name].documented_params, 1: MODELS[name].documented_params}
+    with pytest.raises(ToolkitError, match="early_padding must be 0 or 1"):
+        create_model(name, early_padding=2)
