@@ -72,3 +72,34 @@ def cifar_root(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setattr(datasets.CIFAR100, "test_list", [["test", _md5(c100 / "test")]])
     monkeypatch.setattr(datasets.CIFAR100, "meta", {"filename": "meta", "key": "fine_label_names", "md5": _md5(c100 / "meta")})
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def fine4_run(mnist_root, tmp_path_factory):
+    """fine4 trained 2 epochs on the first 10,000 real MNIST training images (about 95% test accuracy)."""
+    import io
+
+    from rich.console import Console
+
+    from toolkit.recipes import load_recipe
+    from toolkit.train import train
+
+    out = tmp_path_factory.mktemp("runs")
+    return train(load_recipe(RECIPES / "fine4.toml"), device="cpu", data_dir=mnist_root, out=out, epochs=2,
+                 train_limit=10_000, download=False, console=Console(file=io.StringIO()))
+
+
+@pytest.fixture(scope="session")
+def fine4_export(fine4_run, mnist_root, tmp_path_factory):
+    """fp32 and int8 ONNX exports of ``fine4_run``."""
+    import io
+
+    from rich.console import Console
+
+    from toolkit.export import export
+
+    out = tmp_path_factory.mktemp("exports")
+    quiet = Console(file=io.StringIO())
+    export(fine4_run.run_dir, fmt="onnx", precision="fp32", out=out, console=quiet)
+    entry = export(fine4_run.run_dir, fmt="onnx", precision="int8", out=out, data_dir=mnist_root, download=False, console=quiet)
+    return Path(entry["export_dir"])

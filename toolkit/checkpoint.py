@@ -23,6 +23,13 @@ from toolkit.errors import ToolkitError
 FORMAT = "toolkit-checkpoint/1"
 
 
+def umask_mode(mode: int) -> int:
+    """``mode`` as the user's umask would leave it (mkstemp / mkdtemp create 0600 / 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
     """Yield a file in ``path``'s folder; it replaces ``path`` only once fully written and synced."""
@@ -33,6 +40,7 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -73,8 +81,12 @@ def load_checkpoint(ref: str | Path) -> dict:
 def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     from toolkit.recipes import Recipe
 
+    from toolkit.models import apply_layer_widths
+
     recipe = Recipe.model_validate(ckpt["recipe"])
     model = recipe.build_model(num_classes=len(ckpt["meta"]["classes"]))
+    if "layers" in ckpt:  # structured pruning changed some widths
+        apply_layer_widths(model, ckpt["layers"], ckpt["model"])
     model.load_state_dict(ckpt["model"])
     return model.eval()
 

@@ -13,7 +13,8 @@ from rich.console import Console
 from toolkit.errors import ToolkitError
 
 app = typer.Typer(
-    help="Train the seeds' small image classifiers from TOML recipes, then evaluate them.",
+    help="Train the seeds' small image classifiers from TOML recipes; prune, quantize and export them; "
+    "prove accuracy parity of every artifact; benchmark them.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -89,6 +90,94 @@ def evaluate(
     from toolkit.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(checkpoint or latest_run(runs), data_dir=data_dir, device=device, console=_console(as_json))
+    if as_json:
+        _emit(report)
+
+
+@app.command()
+def prune(
+    run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint (default: the latest run under --runs)."),
+    method: str = typer.Option("channel", "--method", help="channel (removes channels: smaller params, MACs, ONNX) | l1-unstructured (global magnitude sparsity)."),
+    amount: float = typer.Option(0.3, "--amount", help="Fraction of channels (channel) or weights (l1-unstructured) to remove."),
+    finetune_epochs: int = typer.Option(2, "--finetune-epochs", min=0, help="Fine-tuning epochs with the recipe's optimizer."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the latest run; the pruned run is written beside its source."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Prune a trained model, fine-tune it into a new run, and report params, MACs, sparsity and accuracy before and after."""
+    from toolkit.prune import prune as run_prune
+
+    report = run_prune(run, method=method, amount=amount, finetune_epochs=finetune_epochs, runs=runs, data_dir=data_dir,
+                       device=device, console=_console(as_json))
+    if as_json:
+        _emit(report)
+
+
+@app.command()
+def export(
+    run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint (default: the latest run under --runs)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx | trt (TensorRT engine; needs toolkit[trt] and an NVIDIA GPU)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (static QDQ quantization, calibrated on training images)."),
+    out: Path = typer.Option(Path("exports"), "--out", help="Parent folder of export directories."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the latest run."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP + " Needed for int8 calibration."),
+    calib_size: int = typer.Option(512, "--calib-size", min=1, help="Training images used to calibrate int8."),
+    calib_method: str = typer.Option("minmax", "--calib-method", help="minmax | entropy | percentile."),
+    auto_fallback: bool = typer.Option(False, "--auto-fallback", help="int8: keep the most sensitive layers in float until the int8 gate holds (measured on held-out training images)."),
+    max_batch: int = typer.Option(256, "--max-batch", min=1, help="TensorRT: largest batch of the optimization profile."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Export a trained run to exports/<run>/ (ONNX, int8 QDQ ONNX, TensorRT) and record it in manifest.json."""
+    from toolkit.export import export as run_export
+
+    entry = run_export(run, fmt=fmt, precision=precision, out=out, runs=runs, data_dir=data_dir, calib_size=calib_size,
+                       calib_method=calib_method, auto_fallback=auto_fallback, max_batch=max_batch, console=_console(as_json))
+    if as_json:
+        _emit(entry)
+
+
+@app.command()
+def verify(
+    export_dir: Optional[Path] = typer.Argument(None, help="Export directory (default: the latest under --exports)."),
+    exports: Path = typer.Option(Path("exports"), "--exports", help="Where to look for the latest export."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    fp32_delta: float = typer.Option(0.02, "--fp32-delta", min=0, help="fp32 gate: largest |accuracy delta| in points."),
+    fp32_agreement: float = typer.Option(99.9, "--fp32-agreement", min=0, max=100, help="fp32 gate: least top-1 agreement (%)."),
+    fp16_delta: float = typer.Option(0.1, "--fp16-delta", min=0, help="fp16 gate: largest |accuracy delta| in points."),
+    int8_delta: float = typer.Option(0.5, "--int8-delta", min=0, help="int8 gate: largest |accuracy delta| in points."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Run the full test set through PyTorch and every artifact on every runtime present; exit 1 if any misses its gate."""
+    from toolkit.verify import verify as run_verify
+
+    gates = {"fp32": {"delta_pp": fp32_delta, "agreement": fp32_agreement}, "fp16": {"delta_pp": fp16_delta, "agreement": 0.0},
+             "int8": {"delta_pp": int8_delta, "agreement": 0.0}}
+    report = run_verify(export_dir, exports=exports, data_dir=data_dir, gates=gates, console=_console(as_json))
+    if as_json:
+        _emit(report)
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(
+    export_dir: Optional[Path] = typer.Argument(None, help="Export directory (default: the latest under --exports)."),
+    exports: Path = typer.Option(Path("exports"), "--exports", help="Where to look for the latest export."),
+    batch: str = typer.Option("1,32,256", "--batch", help="Comma-separated batch sizes."),
+    min_seconds: float = typer.Option(1.0, "--min-seconds", min=0, help="Time each case at least this long."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Latency p50/p90/p99 and images/s per artifact and runtime (PyTorch eager included), beside the parity results."""
+    from toolkit.bench import bench as run_bench
+
+    try:
+        batches = tuple(int(b) for b in batch.split(",") if b.strip())
+    except ValueError:
+        raise ToolkitError(f"--batch must be comma-separated integers, not {batch!r}") from None
+    if not batches or min(batches) < 1:
+        raise ToolkitError("--batch needs at least one batch size of 1 or more")
+    report = run_bench(export_dir, exports=exports, batches=batches, min_seconds=min_seconds, console=_console(as_json))
     if as_json:
         _emit(report)
 

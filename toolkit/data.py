@@ -195,3 +195,18 @@ def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, generator: torch
         pin_memory=pin,
         drop_last=False,
     )
+
+
+def split_arrays(dataset: str, root: Path, train: bool, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split as one uint8 NCHW tensor and its int64 labels (MNIST and CIFAR fit in memory)."""
+    ds = load_split(dataset, root, train, transform=None, download=download)
+    x = ds.data
+    x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2) if isinstance(x, np.ndarray) else x.unsqueeze(1)
+    return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)
+
+
+def normalize(x: torch.Tensor, normalization: dict) -> np.ndarray:
+    """uint8 NCHW -> float32 NCHW, as the manifest's normalization says: ((x * scale) - mean) / std."""
+    mean = torch.tensor(normalization["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(normalization["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    return ((x.float() * normalization.get("scale", 1 / 255) - mean) / std).numpy()

@@ -24,9 +24,9 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import Subset
 
 from toolkit import data as data_mod
-from toolkit.checkpoint import FORMAT, atomic_write, load_checkpoint, save_checkpoint
+from toolkit.checkpoint import FORMAT, atomic_write, load_checkpoint, model_from_checkpoint, save_checkpoint
 from toolkit.errors import ToolkitError
-from toolkit.models import count_params
+from toolkit.models import count_params, layer_widths
 from toolkit.recipes import Recipe
 
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
@@ -150,6 +150,18 @@ def _new_run_dir(out: Path, name: str) -> Path:
     return run_dir
 
 
+def checkpoint_dict(recipe: Recipe, model: torch.nn.Module, meta: dict, rows: list[dict]) -> dict:
+    """What best.pt / last.pt hold: weights, layer widths, the recipe, metadata and metrics (plain values only)."""
+    return {
+        "format": FORMAT,
+        "recipe": recipe.model_dump(mode="json"),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "layers": layer_widths(model),
+        "meta": meta,
+        "metrics": rows,
+    }
+
+
 def write_metrics_csv(rows: list[dict], path: Path) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
@@ -208,7 +220,14 @@ def train(
     test_limit: int | None = None,
     download: bool = True,
     console: Console | None = None,
+    model: torch.nn.Module | None = None,
+    run_name: str | None = None,
+    after_step=None,
+    extra_meta: dict | None = None,
 ) -> RunResult:
+    """Train ``recipe`` (or continue ``resume``). ``model`` starts from given weights instead of the
+    recipe's fresh model (pruning fine-tunes this way), ``after_step(model)`` runs after every
+    optimizer step, and ``extra_meta`` is stored in the checkpoints."""
     console = console or Console(stderr=True)
     state = None
     if resume is not None:
@@ -242,7 +261,12 @@ def train(
     test_loader = make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev, workers=workers)
 
     # ---- model, optimizer, scheduler
-    model = recipe.build_model(spec.num_classes).to(dev)
+    if state is not None:
+        model = model_from_checkpoint(state)
+        extra_meta = {k: v for k, v in state["meta"].items() if k in ("pruned",)}
+    elif model is None:
+        model = recipe.build_model(spec.num_classes)
+    model = model.to(dev)
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
@@ -254,7 +278,6 @@ def train(
     best_acc, start_epoch = -1.0, 0
     if state is not None:
         ts = state["train_state"]
-        model.load_state_dict(state["model"])
         optimizer.load_state_dict(ts["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(ts["scheduler"])
@@ -265,7 +288,7 @@ def train(
             torch.cuda.set_rng_state(ts["cuda_rng"])
         rows, best_acc, start_epoch = list(state["metrics"]), ts["best_acc"], ts["epoch"]
     else:
-        run_dir = _new_run_dir(Path(out), recipe.name)
+        run_dir = _new_run_dir(Path(out), run_name or recipe.name)
 
     meta = {
         "dataset": recipe.data.dataset,
@@ -276,6 +299,7 @@ def train(
         "params": params,
         "train_limit": train_limit,
         "test_limit": test_limit,
+        **(extra_meta or {}),
     }
     console.print(
         f"[bold]{recipe.name}[/]: {recipe.model.name} ({params:,} params) on {recipe.data.dataset} "
@@ -307,6 +331,8 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if after_step is not None:
+                    after_step(model)
                 if sched_when == "step":
                     scheduler.step()
                 # accumulate on the device: no host synchronisation per step
@@ -334,13 +360,7 @@ def train(
                 f"epoch {row['epoch']:>3}/{recipe.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
                 f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  lr {lr:.3g}  {row['seconds']:.1f}s"
             )
-            ckpt = {
-                "format": FORMAT,
-                "recipe": recipe.model_dump(mode="json"),
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "meta": {**meta, "epoch": epoch + 1, "test_acc": test_acc},
-                "metrics": rows,
-            }
+            ckpt = checkpoint_dict(recipe, model, {**meta, "epoch": epoch + 1, "test_acc": test_acc}, rows)
             if test_acc > best_acc:
                 best_acc = test_acc
                 save_checkpoint(ckpt, run_dir / "best.pt")

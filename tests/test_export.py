@@ -1,0 +1,248 @@
+"""Export: ONNX and int8 artifacts, the manifest, TensorRT's clear refusal, and bad input leaving exports/ untouched."""
+
+import errno
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from rich.console import Console
+
+from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
+from toolkit.errors import ToolkitError
+from toolkit.export import export
+from toolkit.export.to_onnx import read_metadata
+from toolkit.manifest import load_manifest, sha256_file
+from toolkit.runtime import ort_runner, trt_missing_reason
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO())
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under root with its bytes: 'unchanged' means this is equal before and after."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} if root.exists() else {}
+
+
+def test_onnx_artifact(fine4_export, fine4_run):
+    manifest = load_manifest(fine4_export)
+    fp32 = fine4_export / "model.fp32.onnx"
+    proto = onnx.load(str(fp32))
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.opset_import[0].version >= 17
+    (inp,), (out,) = proto.graph.input, proto.graph.output
+    assert inp.name == "input" and out.name == "logits"
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[1:] == [1, 28, 28]  # dynamic batch axis
+    meta = read_metadata(fp32)
+    assert json.loads(meta["toolkit.classes"]) == [str(i) for i in range(10)]
+    assert json.loads(meta["toolkit.normalization"])["mean"] == [0.1307]
+    # the dynamic axis really works: batch 1 and batch 37 match PyTorch
+    model = model_from_checkpoint(load_checkpoint(fine4_run.run_dir))
+    run = ort_runner(fp32, "ort-cpu")
+    for n in (1, 37):
+        x = torch.randn(n, 1, 28, 28)
+        np.testing.assert_allclose(run(x.numpy()), model(x).detach().numpy(), atol=1e-4)
+
+
+def test_int8_artifact_is_qdq(fine4_export):
+    proto = onnx.load(str(fine4_export / "model.int8.onnx"))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # symmetric int8 activations (zero point 0), as TensorRT's explicit quantization needs
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zero_points and all(zp.dtype == np.int8 and not zp.any() for zp in zero_points)
+    # per-channel weights: some DequantizeLinear carries a vector of scales
+    scales = [inits[n.input[1]] for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in inits]
+    assert any(s.ndim == 1 and s.size > 1 for s in scales)
+    assert (fine4_export / "model.int8.onnx").stat().st_size < (fine4_export / "model.fp32.onnx").stat().st_size
+
+
+def test_manifest_integrity(fine4_export, fine4_run):
+    manifest = load_manifest(fine4_export)
+    assert manifest["source"]["sha256"] == sha256_file(fine4_run.run_dir / "best.pt")
+    assert manifest["input"]["shape"] == ["batch", 1, 28, 28] and manifest["classes"] == [str(i) for i in range(10)]
+    assert manifest["normalization"] == {"scale": 1 / 255, "mean": [0.1307], "std": [0.3081]}
+    by_file = {a["file"]: a for a in manifest["artifacts"]}
+    assert set(by_file) == {"model.fp32.onnx", "model.int8.onnx"}
+    for name, art in by_file.items():
+        assert art["sha256"] == sha256_file(fine4_export / name) and art["bytes"] == (fine4_export / name).stat().st_size
+    assert by_file["model.int8.onnx"]["calibration"] == {"images": 512, "method": "minmax", "split": "train"}
+
+
+def test_manifest_detects_a_changed_artifact(fine4_export, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(fine4_export, copy)
+    data = bytearray((copy / "model.fp32.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (copy / "model.fp32.onnx").write_bytes(bytes(data))
+    with pytest.raises(ToolkitError, match="sha256 does not match"):
+        load_manifest(copy)
+
+
+def test_reexport_after_retraining_drops_stale_artifacts(fine4_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fine4_run.run_dir, run)
+    out = tmp_path / "exports"
+    export(run, out=out, console=quiet())
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    ckpt["model"]["classifier.3.bias"] += 1.0  # "retrained": different weights, same run
+    torch.save(ckpt, run / "best.pt")
+    export(run, out=out, console=quiet())
+    manifest = load_manifest(out / "run")
+    assert manifest["source"]["sha256"] == sha256_file(run / "best.pt")
+    assert [a["file"] for a in manifest["artifacts"]] == ["model.fp32.onnx"]
+
+
+def _cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "toolkit", *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+def _one_line_error(proc) -> str:
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+@pytest.mark.skipif(trt_missing_reason() is None, reason="TensorRT and a GPU are present: the refusal path does not apply")
+def test_trt_without_tensorrt_is_one_clear_line(fine4_run, tmp_path):
+    out = tmp_path / "exports"
+    line = _one_line_error(_cli("export", str(fine4_run.run_dir), "--format", "trt", "--out", str(out)))
+    assert "toolkit[trt]" in line or "GPU" in line
+    assert not out.exists()
+
+
+def test_bad_inputs_are_one_line_errors_and_leave_exports_unchanged(fine4_run, fine4_export, tmp_path):
+    import shutil
+
+    out = tmp_path / "exports"
+    shutil.copytree(fine4_export, out / fine4_export.name)
+    before = snapshot(out)
+
+    corrupted = tmp_path / "corrupted.pt"
+    corrupted.write_bytes((fine4_run.run_dir / "best.pt").read_bytes()[:1000])
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "model": Evil()}, evil)
+
+    cases = [
+        ((str(tmp_path / "missing.pt"),), "checkpoint not found"),
+        ((str(corrupted),), "not a readable checkpoint"),
+        ((str(evil),), "refused to load"),
+        ((str(fine4_run.run_dir), "--format", "tflite"), "unknown format 'tflite'"),
+        ((str(fine4_run.run_dir), "--precision", "int4"), "unknown precision 'int4'"),
+    ]
+    for args, message in cases:
+        line = _one_line_error(_cli("export", *args, "--out", str(out)))
+        assert message in line, line
+    assert not (tmp_path / "pwned").exists()
+    assert snapshot(out) == before
+
+
+def test_corrupted_onnx_fails_verify_with_one_line(fine4_export, tmp_path, mnist_root):
+    import shutil
+
+    copy = tmp_path / fine4_export.name
+    shutil.copytree(fine4_export, copy)
+    (copy / "model.fp32.onnx").write_bytes(b"not an onnx model")
+    line = _one_line_error(_cli("verify", str(copy), "--data-dir", str(mnist_root)))
+    assert "sha256 does not match" in line
+    # a corrupted file that the manifest vouches for still fails cleanly at load time
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for art in manifest["artifacts"]:
+        if art["file"] == "model.fp32.onnx":
+            art["sha256"], art["bytes"] = sha256_file(copy / "model.fp32.onnx"), (copy / "model.fp32.onnx").stat().st_size
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    line = _one_line_error(_cli("verify", str(copy), "--data-dir", str(mnist_root)))
+    assert "ONNX Runtime cannot load it" in line
+
+
+def test_export_into_read_only_directory(fine4_run, tmp_path, monkeypatch):
+    out = tmp_path / "exports"
+    out.mkdir()
+    (out / "keep.txt").write_text("untouched")
+    before = snapshot(out)
+    out.chmod(0o555)
+    if os.geteuid() == 0:
+        # root ignores mode bits; give the refusal the kernel gives any other user
+        real = tempfile.mkdtemp
+
+        def refuse(*args, dir=None, **kwargs):
+            if dir is not None and Path(dir) == out:
+                raise PermissionError(errno.EACCES, "Permission denied", str(out))
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    try:
+        with pytest.raises(ToolkitError) as err:
+            export(fine4_run.run_dir, out=out, console=quiet())
+    finally:
+        out.chmod(0o755)
+    assert "cannot write into" in str(err.value) and "Permission denied" in str(err.value) and "\n" not in str(err.value)
+    assert snapshot(out) == before
+
+
+def test_failed_export_leaves_directory_as_it_was(fine4_run, fine4_export, mnist_root, tmp_path, monkeypatch):
+    import shutil
+
+    import toolkit.quantize as quantize
+
+    out = tmp_path / "exports"
+    shutil.copytree(fine4_export, out / fine4_export.name)
+    before = snapshot(out)
+
+    def boom(*args, **kwargs):
+        raise ToolkitError("calibration exploded")
+
+    monkeypatch.setattr(quantize, "quantize_int8", boom)
+    with pytest.raises(ToolkitError, match="calibration exploded"):
+        export(fine4_run.run_dir, precision="int8", out=out, data_dir=mnist_root, download=False, console=quiet())
+    assert snapshot(out) == before
+    assert [p.name for p in out.iterdir()] == [fine4_export.name]  # no staging leftovers
+
+
+@pytest.mark.skipif(trt_missing_reason() is not None, reason=f"TensorRT path not testable here: {trt_missing_reason()}")
+def test_trt_engines_build_and_match(fine4_run, mnist_root, tmp_path):
+    from toolkit.verify import verify
+
+    out = tmp_path / "exports"
+    for precision in ("fp32", "fp16", "int8"):
+        entry = export(fine4_run.run_dir, fmt="trt", precision=precision, out=out, data_dir=mnist_root, max_batch=512, console=quiet())
+        sidecar = json.loads((Path(entry["export_dir"]) / entry["file"]).with_suffix(".json").read_text())
+        assert sidecar["precision"] == precision and sidecar["tensorrt"]
+    assert (Path(entry["export_dir"]) / "timing.cache").stat().st_size > 0
+    report = verify(Path(entry["export_dir"]), data_dir=mnist_root, console=quiet())
+    trt_rows = [r for r in report["results"] if r["runtime"] == "tensorrt"]
+    assert len(trt_rows) == 3 and all(r["passed"] for r in trt_rows)
+
+
+@pytest.mark.skipif(trt_missing_reason() is not None, reason=f"TensorRT path not testable here: {trt_missing_reason()}")
+def test_engine_for_another_tensorrt_version_is_refused(fine4_run, tmp_path):
+    from toolkit.runtime import trt_runner
+
+    entry = export(fine4_run.run_dir, fmt="trt", precision="fp32", out=tmp_path, console=quiet())
+    engine = Path(entry["export_dir"]) / entry["file"]
+    sidecar = engine.with_suffix(".json")
+    data = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**data, "tensorrt": "0.0.1"}))
+    with pytest.raises(ToolkitError, match="built with TensorRT 0.0.1"):
+        trt_runner(engine)

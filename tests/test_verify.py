@@ -1,0 +1,84 @@
+"""Parity: every artifact against the PyTorch reference, on the full real MNIST test set and on CIFAR-format data."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+from rich.console import Console
+
+from tests.conftest import RECIPES
+from toolkit.export import export
+from toolkit.manifest import load_manifest
+from toolkit.recipes import load_recipe
+from toolkit.train import train
+from toolkit.verify import GATES, compare, verify
+
+import numpy as np
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO())
+
+
+def test_fine4_parity_on_full_mnist_test_set(fine4_export, mnist_root):
+    report = verify(fine4_export, data_dir=mnist_root, download=False, console=quiet())
+    assert report["images"] == 10_000 and report["reference_acc"] > 93
+    rows = {(r["artifact"], r["runtime"]): r for r in report["results"]}
+    fp32 = rows[("model.fp32.onnx", "ort-cpu")]
+    assert fp32["delta_pp"] == 0.0 and fp32["agreement"] >= 99.9 and fp32["max_abs_logit_diff"] < 1e-3 and fp32["passed"]
+    int8 = rows[("model.int8.onnx", "ort-cpu")]
+    assert abs(int8["delta_pp"]) <= GATES["int8"]["delta_pp"] and int8["passed"]
+    assert int8["max_abs_logit_diff"] > fp32["max_abs_logit_diff"]  # int8 is a different model numerically
+    # results land in parity.json, parity.md and the manifest
+    saved = json.loads((fine4_export / "parity.json").read_text())
+    assert saved["reference_acc"] == report["reference_acc"]
+    assert "| model.fp32.onnx | ort-cpu |" in (fine4_export / "parity.md").read_text()
+    manifest = load_manifest(fine4_export)
+    assert {a["file"]: a["parity"]["ort-cpu"]["passed"] for a in manifest["artifacts"]} == {"model.fp32.onnx": True, "model.int8.onnx": True}
+
+
+def test_verify_cli_json(fine4_export, mnist_root):
+    proc = subprocess.run([sys.executable, "-m", "toolkit", "verify", str(fine4_export), "--data-dir", str(mnist_root), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"reference_acc", "results"} <= set(out)
+    for row in out["results"]:
+        assert {"artifact", "format", "precision", "runtime", "accuracy", "delta_pp", "agreement", "max_abs_logit_diff", "passed"} <= set(row)
+
+
+def test_gate_failure_exits_nonzero(fine4_export, mnist_root):
+    # an impossible int8 gate (0 points, 100% agreement can't both be required of int8 here) must fail the command
+    proc = subprocess.run([sys.executable, "-m", "toolkit", "verify", str(fine4_export), "--data-dir", str(mnist_root), "--int8-delta", "0",
+                           "--fp32-agreement", "100"], capture_output=True, text=True, timeout=300)
+    report = json.loads((fine4_export / "parity.json").read_text())
+    int8 = next(r for r in report["results"] if r["precision"] == "int8")
+    assert (proc.returncode == 1) == (int8["delta_pp"] != 0)
+    # restore the default-gate results for the other tests
+    verify(fine4_export, data_dir=mnist_root, download=False, console=quiet())
+
+
+def test_compare_gates():
+    labels = np.array([0, 1, 2, 3])
+    ref = np.eye(4, dtype=np.float32)
+    ok = compare(ref + 1e-6, ref, labels, 100.0, "fp32")
+    assert ok["passed"] and ok["agreement"] == 100.0
+    one_wrong = ref.copy()
+    one_wrong[3] = [0, 0, 1, 0]
+    bad = compare(one_wrong, ref, labels, 100.0, "fp32")
+    assert not bad["passed"] and bad["delta_pp"] == -25.0 and bad["agreement"] == 75.0
+    assert not compare(one_wrong, ref, labels, 100.0, "int8")["passed"]  # -25 points is outside 0.5 too
+
+
+@pytest.mark.parametrize("recipe_name", ["resnet20_baseline", "ft6"])
+def test_cifar_models_export_with_fp32_parity(cifar_root, tmp_path, recipe_name):
+    """ResNet20 (zero-pad shortcuts) and an FT model (dilated + depthwise) on generated CIFAR-format data."""
+    run = train(load_recipe(RECIPES / f"{recipe_name}.toml"), device="cpu", data_dir=cifar_root, out=tmp_path / "runs", epochs=1,
+                download=False, console=quiet())
+    entry = export(run.run_dir, out=tmp_path / "exports", console=quiet())
+    report = verify(entry["export_dir"], data_dir=cifar_root, download=False, console=quiet())
+    (row,) = report["results"]
+    assert report["images"] == 50
+    assert row["agreement"] == 100.0 and row["max_abs_logit_diff"] < 1e-3 and row["delta_pp"] == 0.0 and row["passed"]

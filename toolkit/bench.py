@@ -1,0 +1,116 @@
+"""`toolkit bench`: latency p50/p90/p99 and images/s per artifact and runtime, beside parity.
+
+Each (artifact, runtime, batch) runs ``warmup`` untimed calls, then timed calls until both
+``min_iters`` calls and ``min_seconds`` have passed (at most ``max_iters``); the count is
+reported with the numbers. Inputs are fixed random tensors of the manifest's input shape.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from toolkit.checkpoint import atomic_write
+from toolkit.manifest import latest_export, load_manifest
+from toolkit.runtime import make_runner, runtimes_for, torch_runner
+from toolkit.verify import reference_model
+
+
+def time_calls(run, x: np.ndarray, warmup: int, min_iters: int, min_seconds: float, max_iters: int) -> list[float]:
+    for _ in range(warmup):
+        run(x)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter_ns()
+        run(x)
+        times.append((time.perf_counter_ns() - t0) / 1e3)  # microseconds
+    return times
+
+
+def machine() -> str:
+    import os
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: int = 10, min_iters: int = 20, min_seconds: float = 1.0,
+          max_iters: int = 5000, include_torch: bool = True, console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    export_dir = Path(export_dir) if export_dir else latest_export(exports)
+    manifest = load_manifest(export_dir)
+    shape = manifest["input"]["shape"][1:]
+    rng = np.random.default_rng(0)
+
+    targets = []
+    if include_torch:
+        targets.append(("checkpoint", "fp32", "pytorch-eager", torch_runner(reference_model(manifest)), {}))
+    for art in manifest["artifacts"]:
+        for runtime in runtimes_for(art):
+            targets.append((art["file"], art["precision"], runtime, make_runner(export_dir, art, runtime), art.get("parity", {}).get(runtime, {})))
+
+    rows = []
+    for name, precision, runtime, run, parity in targets:
+        for batch in batches:
+            x = rng.standard_normal((batch, *shape), dtype=np.float32)
+            t = np.array(time_calls(run, x, warmup, min_iters, min_seconds, max_iters))
+            rows.append({
+                "artifact": name, "precision": precision, "runtime": runtime, "batch": batch, "iterations": int(len(t)),
+                "p50_us": round(float(np.percentile(t, 50)), 1), "p90_us": round(float(np.percentile(t, 90)), 1),
+                "p99_us": round(float(np.percentile(t, 99)), 1), "images_per_s": round(batch * 1e6 / float(t.mean()), 1),
+                "accuracy": parity.get("accuracy"), "delta_pp": parity.get("delta_pp"), "agreement": parity.get("agreement"),
+            })
+            console.print(f"{name} on {runtime}, batch {batch}: p50 {rows[-1]['p50_us']:.0f} µs, {rows[-1]['images_per_s']:,.0f} img/s ({len(t)} iterations)")
+    report = {"export_dir": str(export_dir), "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "warmup": warmup, "results": rows}
+    with atomic_write(export_dir / "bench.json", "w") as f:
+        json.dump(report, f, indent=2)
+    with atomic_write(export_dir / "bench.md", "w") as f:
+        f.write(bench_markdown(report))
+    console.print(bench_table(report))
+    return report
+
+
+def _fmt_parity(r: dict) -> tuple[str, str, str]:
+    if r["accuracy"] is None:
+        return ("reference" if r["runtime"] == "pytorch-eager" else "—", "", "")
+    return (f"{r['accuracy']:.2f}%", f"{r['delta_pp']:+.2f}", f"{r['agreement']:.2f}%")
+
+
+def bench_markdown(report: dict) -> str:
+    lines = [
+        f"Machine: {report['machine']}; {report['date']}; {report['warmup']} warm-up calls, then the stated number of timed calls.",
+        "",
+        "| artifact | runtime | batch | p50 µs | p90 µs | p99 µs | images/s | iterations | accuracy | Δ pp | agreement |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        acc, delta, agree = _fmt_parity(r)
+        lines.append(f"| {r['artifact']} | {r['runtime']} | {r['batch']} | {r['p50_us']:.1f} | {r['p90_us']:.1f} | {r['p99_us']:.1f} | "
+                     f"{r['images_per_s']:,.0f} | {r['iterations']} | {acc} | {delta} | {agree} |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_table(report: dict) -> Table:
+    table = Table(title=f"benchmark ({report['machine']})")
+    for col in ("artifact", "runtime", "batch", "p50 µs", "p90 µs", "p99 µs", "img/s", "iters", "accuracy", "Δ pp", "agreement"):
+        table.add_column(col, justify="left" if col in ("artifact", "runtime") else "right")
+    for r in report["results"]:
+        table.add_row(r["artifact"], r["runtime"], str(r["batch"]), f"{r['p50_us']:.1f}", f"{r['p90_us']:.1f}", f"{r['p99_us']:.1f}",
+                      f"{r['images_per_s']:,.0f}", str(r["iterations"]), *_fmt_parity(r))
+    return table

@@ -1,0 +1,153 @@
+"""`toolkit export`: a trained run becomes artifacts in ``exports/<run-name>/`` plus ``manifest.json``.
+
+Every export works in a staging copy of the export directory and swaps it in only when
+everything is written: a failed export leaves the directory as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from rich.console import Console
+
+from toolkit.checkpoint import latest_run, load_checkpoint, model_from_checkpoint, umask_mode
+from toolkit.errors import ToolkitError
+from toolkit.manifest import NAME as MANIFEST_NAME
+from toolkit.manifest import artifact_entry, load_manifest, new_manifest, save_manifest, upsert_artifact
+
+FORMATS = ("onnx", "trt")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def artifact_file(fmt: str, precision: str) -> str:
+    return {"onnx": f"model.{precision}.onnx", "trt": f"model.{precision}.engine"}[fmt]
+
+
+@contextlib.contextmanager
+def staged(export_dir: Path) -> Iterator[Path]:
+    """A copy of ``export_dir`` to work in; it replaces ``export_dir`` only if the block succeeds."""
+    parent = export_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.staging-", dir=parent))
+    except OSError as exc:
+        raise ToolkitError(f"cannot write into {parent}: {exc.strerror or exc}") from None
+    try:
+        if export_dir.is_dir():
+            shutil.copytree(export_dir, stage, dirs_exist_ok=True)
+        yield stage
+        os.chmod(stage, umask_mode(0o777))
+        old = None
+        if export_dir.exists():
+            old = parent / f".{export_dir.name}.old-{os.getpid()}"
+            os.replace(export_dir, old)
+        os.replace(stage, export_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise ToolkitError(f"export into {export_dir} failed: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _manifest_for(stage: Path, ckpt: dict, name: str, console: Console) -> dict:
+    fresh = new_manifest(ckpt, name)
+    if not (stage / MANIFEST_NAME).is_file():
+        return fresh
+    current = load_manifest(stage)
+    if current["source"]["sha256"] != fresh["source"]["sha256"]:
+        console.print(f"[yellow]the checkpoint changed since the last export of {name}: earlier artifacts are dropped[/]")
+        for art in current["artifacts"]:
+            (stage / art["file"]).unlink(missing_ok=True)
+        return fresh
+    return current
+
+
+def _ensure_fp32_onnx(stage: Path, manifest: dict, ckpt: dict) -> Path:
+    from toolkit.export.to_onnx import export_onnx
+
+    path = stage / artifact_file("onnx", "fp32")
+    if not any(a["file"] == path.name for a in manifest["artifacts"]):
+        extra = export_onnx(model_from_checkpoint(ckpt), manifest, path)
+        upsert_artifact(manifest, artifact_entry(path, "onnx", "fp32", **extra))
+    return path
+
+
+def export(
+    ref: str | Path | None = None,
+    *,
+    fmt: str = "onnx",
+    precision: str = "fp32",
+    out: str | Path = "exports",
+    runs: str | Path = "runs",
+    data_dir: str | Path | None = None,
+    calib_size: int = 512,
+    calib_method: str = "minmax",
+    auto_fallback: bool = False,
+    gate_pp: float | None = None,
+    max_batch: int = 256,
+    download: bool = True,
+    console: Console | None = None,
+) -> dict:
+    """Export one artifact (and the fp32 ONNX it derives from); returns its manifest entry."""
+    from toolkit.verify import GATES
+
+    console = console or Console(stderr=True)
+    if fmt not in FORMATS:
+        raise ToolkitError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise ToolkitError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if auto_fallback and precision != "int8":
+        raise ToolkitError("--auto-fallback applies to --precision int8 only")
+    if fmt == "trt":
+        from toolkit.runtime import trt_missing_reason
+
+        reason = trt_missing_reason()
+        if reason:  # say so before any work, and leave exports/ untouched
+            raise ToolkitError(f"cannot build a TensorRT engine here: {reason}")
+    ckpt = load_checkpoint(ref if ref is not None else latest_run(runs))
+    name = Path(ckpt["path"]).parent.name
+    export_dir = Path(out) / name
+
+    with staged(export_dir) as stage:
+        manifest = _manifest_for(stage, ckpt, name, console)
+        fp32_onnx = _ensure_fp32_onnx(stage, manifest, ckpt)
+        path = stage / artifact_file(fmt, precision)
+        extra: dict = {}
+        if fmt == "onnx" and precision == "fp16":
+            from toolkit.export.to_onnx import convert_fp16
+
+            extra = convert_fp16(fp32_onnx, path)
+        elif precision == "int8":
+            int8_onnx = stage / artifact_file("onnx", "int8")
+            if fmt == "onnx" or not int8_onnx.is_file():
+                from toolkit import quantize
+
+                calib, held_x, held_y = quantize.training_slices(manifest, data_dir, calib_size, download=download)
+                if auto_fallback:
+                    fields = quantize.auto_fallback(fp32_onnx, int8_onnx, calib, held_x, held_y, gate_pp if gate_pp is not None else GATES["int8"]["delta_pp"], calib_method, console)
+                else:
+                    fields = quantize.quantize_int8(fp32_onnx, int8_onnx, calib, calib_method)
+                upsert_artifact(manifest, artifact_entry(int8_onnx, "onnx", "int8", **fields))
+            extra = {}
+            if fmt == "trt":
+                from toolkit.export.to_trt import build_trt_engine
+
+                extra = build_trt_engine(int8_onnx, path, "int8", manifest, max_batch, stage / "timing.cache")
+        elif fmt == "trt":
+            from toolkit.export.to_trt import build_trt_engine
+
+            extra = build_trt_engine(fp32_onnx, path, precision, manifest, max_batch, stage / "timing.cache")
+        if not (fmt == "onnx" and precision in ("fp32", "int8")):
+            upsert_artifact(manifest, artifact_entry(path, fmt, precision, **extra))
+        save_manifest(manifest, stage)
+        entry = next(a for a in manifest["artifacts"] if a["file"] == path.name)
+    console.print(f"exported {entry['file']} ({entry['bytes']:,} bytes) -> {export_dir}")
+    return {**entry, "export_dir": str(export_dir)}

@@ -1,0 +1,154 @@
+"""INT8: static post-training quantization with ONNX Runtime's tools, QDQ format.
+
+Weights per channel, activations calibrated on images from the training split; both
+symmetric, so the same QDQ model also builds a TensorRT int8 engine (explicit quantization).
+``auto_fallback`` keeps the most sensitive layers in float until the model meets its gate,
+measured on a held-out slice of the training split, never on the test set.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from rich.console import Console
+
+from toolkit import data as data_mod
+from toolkit.checkpoint import atomic_write
+from toolkit.errors import ToolkitError
+
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+HOLDOUT_SIZE = 2000
+
+
+def training_slices(manifest: dict, data_dir, calib_size: int, holdout: int = HOLDOUT_SIZE, seed: int = 0, download: bool = True):
+    """Disjoint random slices of the training split: calibration images, and a held-out set with labels."""
+    x, y = data_mod.split_arrays(manifest["dataset"], data_mod.resolve_data_dir(data_dir), train=True, download=download)
+    import torch
+
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    calib = order[:calib_size]
+    held = order[calib_size : calib_size + holdout]
+    norm = manifest["normalization"]
+    return data_mod.normalize(x[calib], norm), data_mod.normalize(x[held], norm), y[held].numpy()
+
+
+def _reader(images: np.ndarray, input_name: str, batch: int = 64):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([images[i : i + batch] for i in range(0, len(images), batch)])
+
+        def get_next(self):
+            nxt = next(self.batches, None)
+            return None if nxt is None else {input_name: nxt}
+
+    return Batches()
+
+
+def quantizable_nodes(path: Path) -> list[str]:
+    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type in QUANTIZED_OPS]
+
+
+def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minmax", exclude: list[str] | None = None, only: list[str] | None = None) -> dict:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in CALIB_METHODS:
+        raise ToolkitError(f"unknown calibration method {method!r}; choose from {', '.join(CALIB_METHODS)}")
+    if len(calib) == 0:
+        raise ToolkitError("no calibration images")
+    input_name = onnx.load(str(fp32), load_external_data=False).graph.input[0].name
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        out = Path(tmp) / "int8.onnx"
+        quantize_static(
+            str(prepared),
+            str(out),
+            _reader(calib, input_name),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            nodes_to_exclude=exclude or None,
+            nodes_to_quantize=only or None,
+            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method],
+            # symmetric scales, zero point 0: what TensorRT's explicit quantization accepts
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+        )
+        proto = onnx.load(str(out))
+    onnx.checker.check_model(proto)
+    src_meta = {p.key: p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props}
+    del proto.metadata_props[:]
+    for key, value in src_meta.items():
+        proto.metadata_props.add(key=key, value=value)
+    with atomic_write(dst) as f:
+        f.write(proto.SerializeToString())
+    return {"calibration": {"images": int(len(calib)), "method": method, "split": "train"}, "float_layers": list(exclude or [])}
+
+
+def _accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    from toolkit.runtime import ort_runner
+
+    run = ort_runner(path, "ort-cpu")
+    logits = np.concatenate([run(x[i : i + 500]) for i in range(0, len(x), 500)])
+    return 100.0 * float((logits.argmax(1) == y).mean()), logits
+
+
+def _latency_ms(path: Path, x: np.ndarray, reps: int = 30) -> float:
+    from toolkit.runtime import ort_runner
+
+    run = ort_runner(path, "ort-cpu")
+    batch = x[:32]
+    run(batch)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        run(batch)
+    return 1000 * (time.perf_counter() - t0) / reps
+
+
+def auto_fallback(fp32: Path, dst: Path, calib: np.ndarray, holdout_x: np.ndarray, holdout_y: np.ndarray, gate_pp: float, method: str, console: Console) -> dict:
+    """Quantize; while the held-out accuracy drop exceeds the gate, keep the next most sensitive layer in float."""
+    fp32_acc, _ = _accuracy(fp32, holdout_x, holdout_y)
+    fields = quantize_int8(fp32, dst, calib, method)
+    full_acc, _ = _accuracy(dst, holdout_x, holdout_y)
+    full_bytes, full_ms = dst.stat().st_size, _latency_ms(dst, holdout_x)
+    report = {"gate_pp": gate_pp, "holdout_images": int(len(holdout_y)), "holdout_fp32_acc": round(fp32_acc, 4),
+              "holdout_full_int8_acc": round(full_acc, 4), "float_layers": [], "sensitivity": {}}
+    if fp32_acc - full_acc <= gate_pp:
+        console.print(f"auto-fallback: full int8 is within the gate on {len(holdout_y):,} held-out training images ({full_acc - fp32_acc:+.2f} pp); nothing kept in float")
+        report["holdout_int8_acc"] = round(full_acc, 4)
+        return {**fields, "auto_fallback": report}
+
+    # sensitivity: quantize one layer at a time and measure what that alone costs
+    nodes = quantizable_nodes(fp32)
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe.onnx"
+        for node in nodes:
+            quantize_int8(fp32, probe, calib, method, only=[node])
+            acc, _ = _accuracy(probe, holdout_x, holdout_y)
+            report["sensitivity"][node] = round(fp32_acc - acc, 4)
+    ranked = sorted(nodes, key=lambda n: report["sensitivity"][n], reverse=True)
+    acc = full_acc
+    for k in range(1, len(ranked) + 1):
+        fields = quantize_int8(fp32, dst, calib, method, exclude=ranked[:k])
+        acc, _ = _accuracy(dst, holdout_x, holdout_y)
+        console.print(f"auto-fallback: {k} layer(s) in float ({', '.join(ranked[:k])}): held-out {acc:.2f}% vs fp32 {fp32_acc:.2f}%")
+        if fp32_acc - acc <= gate_pp:
+            break
+    report.update(
+        float_layers=ranked[:k],
+        holdout_int8_acc=round(acc, 4),
+        bytes_full_int8=full_bytes,
+        bytes_with_fallback=dst.stat().st_size,
+        ms_batch32_full_int8=round(full_ms, 3),
+        ms_batch32_with_fallback=round(_latency_ms(dst, holdout_x), 3),
+    )
+    return {**fields, "auto_fallback": report}
