@@ -42,6 +42,8 @@ def test_short_fine4_training_learns(fine4_run, mnist_root):
     assert lines[0] == "epoch,train_loss,train_acc,test_loss,test_acc,lr,seconds" and len(lines) == 3
 
     ckpt = load_checkpoint(result.run_dir)
+    # every model option is spelled out, so a later change of a default cannot change this model
+    assert ckpt["recipe"]["model"]["options"] == {"dropout": 0.05, "early_padding": 1}
     assert ckpt["meta"]["classes"] == [str(i) for i in range(10)]
     assert ckpt["meta"]["mean"] == [0.1307] and ckpt["meta"]["input_shape"] == [1, 28, 28]
 

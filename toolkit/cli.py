@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from toolkit.errors import ToolkitError
 
@@ -24,6 +25,14 @@ DATA_DIR_HELP = "Dataset root (default: $TOOLKIT_DATA_DIR, else ~/.cache/toolkit
 JSON_HELP = "Print one JSON object last on stdout (progress goes to stderr)."
 
 
+# options several commands share
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help=DATA_DIR_HELP)]
+Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
+AsJson = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
+Runs = Annotated[Path, typer.Option("--runs", help="Where to look for the latest run.")]
+Exports = Annotated[Path, typer.Option("--exports", help="Where to look for the latest export.")]
+
+
 def _console(as_json: bool) -> Console:
     return Console(stderr=True) if as_json else Console()
 
@@ -36,15 +45,15 @@ def _emit(obj) -> None:
 def train(
     recipe: Optional[str] = typer.Argument(None, help="Recipe file (recipes/fine4.toml) or name (fine4)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the recipe's epoch count."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    device: Device = "auto",
+    data_dir: DataDir = None,
     out: Path = typer.Option(Path("runs"), "--out", help="Parent folder for run directories."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Override the recipe's random seed."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run directory from its last.pt."),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", min=1, help="Use only the first N training images (smoke runs)."),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", min=1, help="Use only the first N test images (smoke runs)."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: AsJson = False,
 ) -> None:
     """Train a recipe; writes runs/<recipe>-<timestamp>/ with best.pt, last.pt, metrics.csv, curves.png."""
     from toolkit.recipes import load_recipe
@@ -80,10 +89,10 @@ def recipes(
 @app.command("eval")
 def evaluate(
     checkpoint: Optional[Path] = typer.Argument(None, help="A checkpoint or run directory (default: the latest run)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
-    runs: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the latest run."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    data_dir: DataDir = None,
+    device: Device = "auto",
+    runs: Runs = Path("runs"),
+    as_json: AsJson = False,
 ) -> None:
     """Test accuracy, per-class accuracy and a confusion-matrix PNG for a trained model."""
     from toolkit.checkpoint import latest_run
@@ -101,9 +110,9 @@ def prune(
     amount: float = typer.Option(0.3, "--amount", help="Fraction of channels (channel) or weights (l1-unstructured) to remove."),
     finetune_epochs: int = typer.Option(2, "--finetune-epochs", min=0, help="Fine-tuning epochs with the recipe's optimizer."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the latest run; the pruned run is written beside its source."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    data_dir: DataDir = None,
+    device: Device = "auto",
+    as_json: AsJson = False,
 ) -> None:
     """Prune a trained model, fine-tune it into a new run, and report params, MACs, sparsity and accuracy before and after."""
     from toolkit.prune import prune as run_prune
@@ -117,16 +126,16 @@ def prune(
 @app.command()
 def export(
     run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint (default: the latest run under --runs)."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx | trt (TensorRT engine; needs toolkit[trt] and an NVIDIA GPU)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx | trt (TensorRT engine; needs toolkit\\[trt] and an NVIDIA GPU)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (static QDQ quantization, calibrated on training images)."),
     out: Path = typer.Option(Path("exports"), "--out", help="Parent folder of export directories."),
-    runs: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the latest run."),
+    runs: Runs = Path("runs"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP + " Needed for int8 calibration."),
     calib_size: int = typer.Option(512, "--calib-size", min=1, help="Training images used to calibrate int8."),
     calib_method: str = typer.Option("minmax", "--calib-method", help="minmax | entropy | percentile."),
     auto_fallback: bool = typer.Option(False, "--auto-fallback", help="int8: keep the most sensitive layers in float until the int8 gate holds (measured on held-out training images)."),
     max_batch: int = typer.Option(256, "--max-batch", min=1, help="TensorRT: largest batch of the optimization profile."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: AsJson = False,
 ) -> None:
     """Export a trained run to exports/<run>/ (ONNX, int8 QDQ ONNX, TensorRT) and record it in manifest.json."""
     from toolkit.export import export as run_export
@@ -140,13 +149,13 @@ def export(
 @app.command()
 def verify(
     export_dir: Optional[Path] = typer.Argument(None, help="Export directory (default: the latest under --exports)."),
-    exports: Path = typer.Option(Path("exports"), "--exports", help="Where to look for the latest export."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+    exports: Exports = Path("exports"),
+    data_dir: DataDir = None,
     fp32_delta: float = typer.Option(0.02, "--fp32-delta", min=0, help="fp32 gate: largest |accuracy delta| in points."),
     fp32_agreement: float = typer.Option(99.9, "--fp32-agreement", min=0, max=100, help="fp32 gate: least top-1 agreement (%)."),
     fp16_delta: float = typer.Option(0.1, "--fp16-delta", min=0, help="fp16 gate: largest |accuracy delta| in points."),
     int8_delta: float = typer.Option(0.5, "--int8-delta", min=0, help="int8 gate: largest |accuracy delta| in points."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: AsJson = False,
 ) -> None:
     """Run the full test set through PyTorch and every artifact on every runtime present; exit 1 if any misses its gate."""
     from toolkit.verify import verify as run_verify
@@ -163,10 +172,10 @@ def verify(
 @app.command()
 def bench(
     export_dir: Optional[Path] = typer.Argument(None, help="Export directory (default: the latest under --exports)."),
-    exports: Path = typer.Option(Path("exports"), "--exports", help="Where to look for the latest export."),
+    exports: Exports = Path("exports"),
     batch: str = typer.Option("1,32,256", "--batch", help="Comma-separated batch sizes."),
     min_seconds: float = typer.Option(1.0, "--min-seconds", min=0, help="Time each case at least this long."),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    as_json: AsJson = False,
 ) -> None:
     """Latency p50/p90/p99 and images/s per artifact and runtime (PyTorch eager included), beside the parity results."""
     from toolkit.bench import bench as run_bench
@@ -186,7 +195,7 @@ def main() -> None:
     try:
         app()
     except ToolkitError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

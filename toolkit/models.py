@@ -428,6 +428,19 @@ def create_model(name: str, **options) -> nn.Module:
         raise ToolkitError(f"model {name!r}: bad options ({exc})") from exc
 
 
+def resolved_options(name: str, options: dict) -> dict:
+    """Every builder option spelled out (defaults included, the class count left out).
+
+    Checkpoints store these, so a model rebuilt later is the model that was trained even if a
+    default changes in between.
+    """
+    entry = MODELS[name]
+    params = inspect.signature(entry.builder).parameters
+    defaults = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty and k != "num_classes"}
+    merged = {**defaults, **entry.defaults, **options}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in merged.items()}
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from toolkit import data as data_mod
 from toolkit.checkpoint import latest_run, load_checkpoint, model_from_checkpoint, save_checkpoint
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, check_choice
 from toolkit.models import count_params
 from toolkit.recipes import Recipe
 from toolkit.train import checkpoint_dict, evaluate, make_loader_for_eval, pick_device, train
@@ -95,8 +95,7 @@ def prune(
     console: Console | None = None,
 ) -> dict:
     console = console or Console(stderr=True)
-    if method not in METHODS:
-        raise ToolkitError(f"unknown pruning method {method!r}; choose from {', '.join(METHODS)}")
+    check_choice("pruning method", method, METHODS)
     if not 0 < amount < 1:
         raise ToolkitError(f"--amount must be between 0 and 1 (exclusive), not {amount}")
     if finetune_epochs < 0:

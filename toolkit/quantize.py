@@ -18,7 +18,7 @@ from rich.console import Console
 
 from toolkit import data as data_mod
 from toolkit.checkpoint import atomic_write
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, check_choice
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
@@ -59,8 +59,7 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    if method not in CALIB_METHODS:
-        raise ToolkitError(f"unknown calibration method {method!r}; choose from {', '.join(CALIB_METHODS)}")
+    check_choice("calibration method", method, CALIB_METHODS)
     if len(calib) == 0:
         raise ToolkitError("no calibration images")
     input_name = onnx.load(str(fp32), load_external_data=False).graph.input[0].name

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from toolkit.errors import ToolkitError
-from toolkit.models import MODELS, create_model
+from toolkit.models import MODELS, create_model, resolved_options
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -163,6 +163,11 @@ class Recipe(Strict):
         if wants_gray != (self.data.dataset == "mnist"):
             raise ValueError(f"model {self.model.name!r} does not take {self.data.dataset} images")
         return self
+
+    def resolved(self) -> "Recipe":
+        """This recipe with every model option spelled out, as checkpoints store it."""
+        options = resolved_options(self.model.name, dict(self.model.options))
+        return self.model_copy(update={"model": self.model.model_copy(update={"options": options})})
 
     def build_model(self, num_classes: int):
         options = dict(self.model.options)

@@ -45,10 +45,7 @@ def runtimes_for(artifact: dict) -> list[str]:
     """The runtimes present on this machine that can run this artifact."""
     if artifact["format"] == "onnx":
         providers = ort_providers()
-        found = []
-        # ONNX Runtime's CPU provider has no fp16 convolution kernels: fp16 ONNX runs on CUDA only
-        if artifact["precision"] != "fp16":
-            found.append("ort-cpu")
+        found = ["ort-cpu"]
         if "CUDAExecutionProvider" in providers:
             found.append("ort-cuda")
         return found

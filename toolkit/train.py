@@ -239,8 +239,7 @@ def train(
     if recipe is None:
         raise ToolkitError("give a recipe, or --resume RUN_DIR")
     updates = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
-    if updates:
-        recipe = recipe.model_copy(update=updates)
+    recipe = recipe.model_copy(update=updates).resolved()
     dev = pick_device(device)
     on_gpu = dev.type == "cuda"
 

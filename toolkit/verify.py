@@ -82,7 +82,7 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
     for art in manifest["artifacts"]:
         found = runtimes_for(art)
         if not found:
-            why = trt_missing_reason() if art["format"] == "trt" else "no runtime for it here (fp16 ONNX needs the CUDA provider)"
+            why = trt_missing_reason() if art["format"] == "trt" else f"no runtime here runs {art['format']} artifacts"
             skipped.append({"artifact": art["file"], "reason": why})
             continue
         art["parity"] = {}

@@ -16,7 +16,7 @@ from typing import Iterator
 from rich.console import Console
 
 from toolkit.checkpoint import latest_run, load_checkpoint, model_from_checkpoint, umask_mode
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, check_choice
 from toolkit.manifest import NAME as MANIFEST_NAME
 from toolkit.manifest import artifact_entry, load_manifest, new_manifest, save_manifest, upsert_artifact
 
@@ -100,10 +100,8 @@ def export(
     from toolkit.verify import GATES
 
     console = console or Console(stderr=True)
-    if fmt not in FORMATS:
-        raise ToolkitError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    if precision not in PRECISIONS:
-        raise ToolkitError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    check_choice("format", fmt, FORMATS)
+    check_choice("precision", precision, PRECISIONS)
     if auto_fallback and precision != "int8":
         raise ToolkitError("--auto-fallback applies to --precision int8 only")
     if fmt == "trt":

@@ -70,7 +70,10 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     """fp16 weights and activations, fp32 input/output so callers feed the same tensors."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    proto = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    import onnxslim
+
+    # the converter leaves the cast nodes it adds out of topological order; slim re-sorts the graph
+    proto = onnxslim.slim(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True))
     onnx.checker.check_model(proto)
     with atomic_write(dst) as f:
         f.write(proto.SerializeToString())
