@@ -50,7 +50,8 @@ def train(
     out: Path = typer.Option(Path("runs"), "--out", help="Parent folder for run directories."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Override the recipe's random seed."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run directory from its last.pt."),
-    workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="fast (data resident on the device, batch-wise augmentation) | dataloader (per-sample transforms, as the seeds ran). Default: the recipe's."),
+    workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes (dataloader pipeline)."),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", min=1, help="Use only the first N training images (smoke runs)."),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", min=1, help="Use only the first N test images (smoke runs)."),
     as_json: AsJson = False,
@@ -64,9 +65,9 @@ def train(
     result = run_training(
         load_recipe(recipe) if recipe and resume is None else None,
         device=device, data_dir=data_dir, out=out, epochs=epochs, seed=seed, resume=resume,
-        workers=workers, train_limit=train_limit, test_limit=test_limit, console=_console(as_json),
+        pipeline=pipeline, workers=workers, train_limit=train_limit, test_limit=test_limit, console=_console(as_json),
     )
-    if as_json:
+    if as_json and result.main_process:
         _emit(result.as_json())
 
 

@@ -179,8 +179,9 @@ def build_dataset(recipe: Recipe, root: Path, train: bool, download: bool = True
 def _seed_worker(worker_id: int) -> None:
     # torch seeds `random` and torch per worker; albumentations keeps its own generator
     info = torch.utils.data.get_worker_info()
-    if info is not None and hasattr(info.dataset, "reseed"):
-        info.dataset.reseed(info.seed % 2**32)
+    ds = getattr(info.dataset, "dataset", info.dataset) if info is not None else None  # through a Subset
+    if hasattr(ds, "reseed"):
+        ds.reseed(info.seed % 2**32)
 
 
 def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None, workers: int, pin: bool) -> DataLoader:
@@ -197,12 +198,12 @@ def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, generator: torch
     )
 
 
-def split_arrays(dataset: str, root: Path, train: bool, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """A whole split as one uint8 NCHW tensor and its int64 labels (MNIST and CIFAR fit in memory)."""
+def split_arrays(dataset: str, root: Path, train: bool, download: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A whole split as one uint8 NCHW tensor, its int64 labels and the class names (MNIST and CIFAR fit in memory)."""
     ds = load_split(dataset, root, train, transform=None, download=download)
     x = ds.data
     x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2) if isinstance(x, np.ndarray) else x.unsqueeze(1)
-    return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long)
+    return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), class_names(dataset, ds)
 
 
 def normalize(x: torch.Tensor, normalization: dict) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from torch.utils.data import Subset
 
 from toolkit import data as data_mod
 from toolkit.checkpoint import FORMAT, atomic_write, load_checkpoint, model_from_checkpoint, save_checkpoint
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, check_choice
 from toolkit.models import count_params, layer_widths
 from toolkit.recipes import Recipe
 
@@ -63,6 +64,18 @@ def build_scheduler(recipe: Recipe, optimizer) -> tuple[object | None, str]:
             group["lr"] = s.values[0]
         return PiecewiseConstantLR(optimizer, s.boundaries, s.values), "step"
     return None, "none"
+
+
+def _init_distributed(dev: torch.device) -> tuple[int, int]:
+    """(rank, world size): joins the process group that torchrun describes in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def pick_device(choice: str) -> torch.device:
@@ -106,8 +119,50 @@ def evaluate(model, loader, device, *, autocast: bool = False, progress: Progres
     if progress:
         progress.remove_task(task)
     preds_t, labels_t = torch.cat(preds).cpu(), torch.cat(labels).cpu()
-    n = len(labels_t)
-    return loss_sum.item() / n, 100.0 * (preds_t == labels_t).sum().item() / n, preds_t, labels_t
+    totals = torch.stack([loss_sum.float().cpu(), (preds_t == labels_t).sum().float(), torch.tensor(float(len(labels_t)))])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)  # each rank scored its own shard of the test set
+    loss, correct, n = totals.tolist()
+    return loss / n, 100.0 * correct / n, preds_t, labels_t
+
+
+def build_loaders(recipe: Recipe, root: Path, dev: torch.device, loader_rng: torch.Generator, *, workers: int = 0,
+                  train_limit: int | None = None, test_limit: int | None = None, download: bool = True, shard: tuple[int, int] = (0, 1)):
+    """Train and test loaders for the recipe's pipeline, and the class names; ``shard=(rank, world)`` splits both across processes."""
+    spec = data_mod.SPECS[recipe.data.dataset]
+    if recipe.data.pipeline == "fast":
+        from toolkit.fastdata import TensorLoader
+
+        x, y, classes = data_mod.split_arrays(spec.name, root, train=True, download=download)
+        xt, yt, _ = data_mod.split_arrays(spec.name, root, train=False, download=download)
+        x, y, xt, yt = x[:train_limit], y[:train_limit], xt[:test_limit], yt[:test_limit]
+        norm = {"mean": spec.mean, "std": spec.std}
+        train_loader = TensorLoader(x, y, recipe.data.batch_size, normalization=norm, generator=loader_rng, shuffle=True,
+                                    augment=recipe.data.augment, device=dev, shard=shard)
+        test_loader = TensorLoader(xt, yt, recipe.data.test_batch_size, normalization=norm, generator=None, shuffle=False, device=dev, shard=shard)
+        return train_loader, test_loader, classes
+    train_ds = data_mod.build_dataset(recipe, root, train=True, download=download)
+    test_ds = data_mod.build_dataset(recipe, root, train=False, download=download)
+    classes = data_mod.class_names(recipe.data.dataset, train_ds)
+    if train_limit:
+        train_ds = Subset(train_ds, range(min(train_limit, len(train_ds))))
+    if test_limit:
+        test_ds = Subset(test_ds, range(min(test_limit, len(test_ds))))
+    rank, world = shard
+    if world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=recipe.seed, drop_last=True)
+        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=recipe.data.batch_size, sampler=sampler, num_workers=workers,
+                                                   worker_init_fn=data_mod._seed_worker if workers else None, pin_memory=dev.type == "cuda")
+        test_ds = Subset(test_ds, range(rank, len(test_ds), world))
+    else:
+        train_loader = data_mod.make_loader(train_ds, recipe.data.batch_size, shuffle=True, generator=loader_rng, workers=workers, pin=dev.type == "cuda")
+    return train_loader, make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev, workers=workers), classes
+
+
+def _num_samples(loader) -> int:
+    return loader.num_samples() if hasattr(loader, "num_samples") else len(loader.dataset)
 
 
 def make_loader_for_eval(ds, batch_size: int, dev: torch.device, workers: int = 0):
@@ -125,6 +180,7 @@ class RunResult:
     params: int
     stopped_early: bool = False
     metrics: list[dict] = field(default_factory=list)
+    main_process: bool = True
 
     def as_json(self) -> dict:
         return {
@@ -220,6 +276,7 @@ def train(
     test_limit: int | None = None,
     download: bool = True,
     console: Console | None = None,
+    pipeline: str | None = None,
     model: torch.nn.Module | None = None,
     run_name: str | None = None,
     after_step=None,
@@ -239,25 +296,30 @@ def train(
     if recipe is None:
         raise ToolkitError("give a recipe, or --resume RUN_DIR")
     updates = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
+    if pipeline is not None:
+        updates["data"] = recipe.data.model_copy(update={"pipeline": check_choice("pipeline", pipeline, ("fast", "dataloader"))})
     recipe = recipe.model_copy(update=updates).resolved()
     dev = pick_device(device)
+    rank, world = _init_distributed(dev)
+    if world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    main_process = rank == 0
+    if not main_process:
+        console = Console(file=io.StringIO())  # only rank 0 talks
     on_gpu = dev.type == "cuda"
 
     # ---- data
     root = data_mod.resolve_data_dir(data_dir)
     spec = data_mod.SPECS[recipe.data.dataset]
-    train_ds = data_mod.build_dataset(recipe, root, train=True, download=download)
-    test_ds = data_mod.build_dataset(recipe, root, train=False, download=download)
-    classes = data_mod.class_names(recipe.data.dataset, train_ds)
-    if train_limit:
-        train_ds = Subset(train_ds, range(min(train_limit, len(train_ds))))
-    if test_limit:
-        test_ds = Subset(test_ds, range(min(test_limit, len(test_ds))))
     random.seed(recipe.seed)
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed + rank)  # dropout differs per rank; the shared shuffle comes from loader_rng
     loader_rng = torch.Generator().manual_seed(recipe.seed)
-    train_loader = data_mod.make_loader(train_ds, recipe.data.batch_size, shuffle=True, generator=loader_rng, workers=workers, pin=on_gpu)
-    test_loader = make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev, workers=workers)
+    train_loader, test_loader, classes = build_loaders(recipe, root, dev, loader_rng, workers=workers, train_limit=train_limit,
+                                                       test_limit=test_limit, download=download, shard=(rank, world))
+    n_train, n_test = _num_samples(train_loader), _num_samples(test_loader)
+    # the albumentations dataset keeps its own RNG; reach it through a Subset too
+    train_ds = getattr(train_loader.dataset, "dataset", train_loader.dataset)
 
     # ---- model, optimizer, scheduler
     if state is not None:
@@ -287,7 +349,16 @@ def train(
             torch.cuda.set_rng_state(ts["cuda_rng"])
         rows, best_acc, start_epoch = list(state["metrics"]), ts["best_acc"], ts["epoch"]
     else:
-        run_dir = _new_run_dir(Path(out), run_name or recipe.name)
+        run_dir = _new_run_dir(Path(out), run_name or recipe.name) if main_process else None
+        if world > 1:  # every rank needs the path rank 0 made
+            holder = [str(run_dir) if main_process else None]
+            torch.distributed.broadcast_object_list(holder, src=0)
+            run_dir = Path(holder[0])
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if on_gpu else None)  # averages gradients
 
     meta = {
         "dataset": recipe.data.dataset,
@@ -302,7 +373,8 @@ def train(
     }
     console.print(
         f"[bold]{recipe.name}[/]: {recipe.model.name} ({params:,} params) on {recipe.data.dataset} "
-        f"[{len(train_ds):,} train / {len(test_ds):,} test], {recipe.epochs} epochs, device {dev.type} -> {run_dir}"
+        f"[{n_train:,} train / {n_test:,} test per process, {recipe.data.pipeline} pipeline], {recipe.epochs} epochs, device {dev.type}"
+        + (f" x {world} processes" if world > 1 else "") + f" -> {run_dir}"
     )
     if start_epoch >= recipe.epochs:
         console.print(f"nothing to do: the run already has {start_epoch} epochs")
@@ -315,6 +387,9 @@ def train(
             if hasattr(train_ds, "reseed") and not workers:
                 train_ds.reseed(int(torch.randint(2**31 - 1, (1,), generator=loader_rng)))
             lr = optimizer.param_groups[0]["lr"]
+            sampler = getattr(train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
+                sampler.set_epoch(epoch)
             model.train()
             loss_sum = torch.zeros((), device=dev)
             correct = torch.zeros((), device=dev, dtype=torch.long)
@@ -325,7 +400,7 @@ def train(
                 if on_gpu:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
-                    out = model(x)
+                    out = net(x)
                     loss = F.cross_entropy(out, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -341,6 +416,10 @@ def train(
                 progress.advance(task)
             progress.remove_task(task)
             test_loss, test_acc, _, _ = evaluate(model, test_loader, dev, autocast=on_gpu, progress=progress)
+            if world > 1:  # one synchronisation per epoch: sum the ranks' training metrics
+                totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=dev)])
+                torch.distributed.all_reduce(totals)
+                loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
             if sched_when == "epoch":
                 scheduler.step()
             elif sched_when == "plateau":
@@ -362,7 +441,8 @@ def train(
             ckpt = checkpoint_dict(recipe, model, {**meta, "epoch": epoch + 1, "test_acc": test_acc}, rows)
             if test_acc > best_acc:
                 best_acc = test_acc
-                save_checkpoint(ckpt, run_dir / "best.pt")
+                if main_process:
+                    save_checkpoint(ckpt, run_dir / "best.pt")
             ckpt["train_state"] = {
                 "epoch": epoch + 1,
                 "best_acc": best_acc,
@@ -373,15 +453,18 @@ def train(
                 "loader_rng": loader_rng.get_state(),
                 "python_rng": random.getstate(),
             }
-            save_checkpoint(ckpt, run_dir / "last.pt")
-            write_metrics_csv(rows, run_dir / "metrics.csv")
+            if main_process:
+                save_checkpoint(ckpt, run_dir / "last.pt")
+                write_metrics_csv(rows, run_dir / "metrics.csv")
             if _early_stop(recipe, rows):
                 console.print(f"early stopping after epoch {epoch + 1} ({recipe.early_stopping.monitor} rule)")
                 stopped_early = True
                 break
     seconds = time.perf_counter() - started
-    if rows:
+    if rows and main_process:
         plot_curves(rows, run_dir / "curves.png")
+    if world > 1:
+        torch.distributed.barrier()  # rank 0's files are complete before anyone returns
     result = RunResult(
         run_dir=run_dir,
         checkpoint=run_dir / "best.pt",
@@ -392,6 +475,7 @@ def train(
         params=params,
         stopped_early=stopped_early,
         metrics=rows,
+        main_process=main_process,
     )
     print_summary(recipe, result, console)
     return result

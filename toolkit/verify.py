@@ -45,7 +45,7 @@ def reference_model(manifest: dict):
 
 
 def test_set(manifest: dict, data_dir, download: bool = True, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    x, y = data_mod.split_arrays(manifest["dataset"], data_mod.resolve_data_dir(data_dir), train=False, download=download)
+    x, y, _ = data_mod.split_arrays(manifest["dataset"], data_mod.resolve_data_dir(data_dir), train=False, download=download)
     if limit:
         x, y = x[:limit], y[:limit]
     return data_mod.normalize(x, manifest["normalization"]), y.numpy()
