@@ -31,6 +31,7 @@ Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
 AsJson = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 Runs = Annotated[Path, typer.Option("--runs", help="Where to look for the latest run.")]
 Exports = Annotated[Path, typer.Option("--exports", help="Where to look for the latest export.")]
+RunRef = Annotated[Optional[Path], typer.Argument(help="Run directory or checkpoint (default: the latest run under --runs).")]
 
 
 def _console(as_json: bool) -> Console:
@@ -106,7 +107,7 @@ def evaluate(
 
 @app.command()
 def prune(
-    run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint (default: the latest run under --runs)."),
+    run: RunRef = None,
     method: str = typer.Option("channel", "--method", help="channel (removes channels: smaller params, MACs, ONNX) | l1-unstructured (global magnitude sparsity)."),
     amount: float = typer.Option(0.3, "--amount", help="Fraction of channels (channel) or weights (l1-unstructured) to remove."),
     finetune_epochs: int = typer.Option(2, "--finetune-epochs", min=0, help="Fine-tuning epochs with the recipe's optimizer."),
@@ -126,7 +127,7 @@ def prune(
 
 @app.command()
 def export(
-    run: Optional[Path] = typer.Argument(None, help="Run directory or checkpoint (default: the latest run under --runs)."),
+    run: RunRef = None,
     fmt: str = typer.Option("onnx", "--format", help="onnx | trt (TensorRT engine; needs toolkit\\[trt] and an NVIDIA GPU)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (static QDQ quantization, calibrated on training images)."),
     out: Path = typer.Option(Path("exports"), "--out", help="Parent folder of export directories."),
