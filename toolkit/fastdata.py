@@ -120,7 +120,6 @@ class TensorLoader:
         self.std = torch.tensor(normalization["std"], device=device).view(1, -1, 1, 1)
         # torchvision's RandomRotation samples nearest pixels; albumentations' Affine interpolates
         self.nearest = bool(augment and augment.library == "torchvision")
-        self.dataset = self  # so len(loader.dataset) works as for a DataLoader
 
     def _shard(self, order: torch.Tensor) -> torch.Tensor:
         if self.world == 1:

@@ -23,7 +23,7 @@ from toolkit.checkpoint import latest_run, load_checkpoint, model_from_checkpoin
 from toolkit.errors import ToolkitError, check_choice
 from toolkit.models import count_params
 from toolkit.recipes import Recipe
-from toolkit.train import checkpoint_dict, evaluate, make_loader_for_eval, pick_device, train
+from toolkit.train import checkpoint_dict, evaluate, make_loader_for_eval, new_run_dir, pick_device, train
 
 METHODS = ("l1-unstructured", "channel")
 
@@ -135,9 +135,7 @@ def prune(
         run_dir = result.run_dir
         final = model_from_checkpoint(load_checkpoint(run_dir))
     else:
-        from toolkit.train import _new_run_dir
-
-        run_dir = _new_run_dir(runs_out, name)
+        run_dir = new_run_dir(runs_out, name)
         meta = {**ckpt["meta"], **info, "params": count_params(model), "epoch": 0, "test_acc": pruned["test_acc"]}
         save_checkpoint(checkpoint_dict(recipe.model_copy(update={"epochs": 1}), model, meta, []), run_dir / "best.pt")
         final = model

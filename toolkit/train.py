@@ -162,7 +162,7 @@ def build_loaders(recipe: Recipe, root: Path, dev: torch.device, loader_rng: tor
 
 
 def _num_samples(loader) -> int:
-    return loader.num_samples() if hasattr(loader, "num_samples") else len(loader.dataset)
+    return loader.num_samples() if hasattr(loader, "num_samples") else len(loader.sampler if hasattr(loader.sampler, "num_replicas") else loader.dataset)
 
 
 def make_loader_for_eval(ds, batch_size: int, dev: torch.device, workers: int = 0):
@@ -195,7 +195,7 @@ class RunResult:
         }
 
 
-def _new_run_dir(out: Path, name: str) -> Path:
+def new_run_dir(out: Path, name: str) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = out / f"{name}-{stamp}"
     n = 1
@@ -319,7 +319,8 @@ def train(
                                                        test_limit=test_limit, download=download, shard=(rank, world))
     n_train, n_test = _num_samples(train_loader), _num_samples(test_loader)
     # the albumentations dataset keeps its own RNG; reach it through a Subset too
-    train_ds = getattr(train_loader.dataset, "dataset", train_loader.dataset)
+    train_ds = getattr(train_loader, "dataset", None)
+    train_ds = getattr(train_ds, "dataset", train_ds)
 
     # ---- model, optimizer, scheduler
     if state is not None:
@@ -349,7 +350,7 @@ def train(
             torch.cuda.set_rng_state(ts["cuda_rng"])
         rows, best_acc, start_epoch = list(state["metrics"]), ts["best_acc"], ts["epoch"]
     else:
-        run_dir = _new_run_dir(Path(out), run_name or recipe.name) if main_process else None
+        run_dir = new_run_dir(Path(out), run_name or recipe.name) if main_process else None
         if world > 1:  # every rank needs the path rank 0 made
             holder = [str(run_dir) if main_process else None]
             torch.distributed.broadcast_object_list(holder, src=0)
