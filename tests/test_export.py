@@ -280,3 +280,22 @@ def test_int8_auto_fallback_keeps_sensitive_layers_in_float(fine4_run, mnist_roo
     # what it cost is reported (for tiny layers the float copy can even be smaller than int8 + its QDQ nodes)
     assert report["bytes_with_fallback"] == (tmp_path / "model.int8.onnx").stat().st_size and report["bytes_full_int8"] > 0
     assert report["ms_batch32_full_int8"] > 0 and report["ms_batch32_with_fallback"] > 0
+
+
+def test_uint8_activation_option(fine4_run, mnist_root, tmp_path):
+    """--int8-activations uint8: asymmetric uint8 activations (ONNX Runtime's fast x86 format), still within the int8 gate."""
+    from toolkit.verify import verify
+
+    entry = export(fine4_run.run_dir, precision="int8", int8_activations="uint8", out=tmp_path, data_dir=mnist_root, download=False, console=quiet())
+    assert entry["activations"] == "uint8"
+    proto = onnx.load(str(Path(entry["export_dir"]) / "model.int8.onnx"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zero_points and all(zp.dtype == np.uint8 for zp in zero_points)
+    report = verify(entry["export_dir"], data_dir=mnist_root, download=False, console=quiet())
+    assert all(r["passed"] for r in report["results"])
+    # arguments are checked before the machine: this refusal comes with or without TensorRT
+    with pytest.raises(ToolkitError, match="TensorRT's explicit quantization needs symmetric int8"):
+        export(fine4_run.run_dir, fmt="trt", precision="int8", int8_activations="uint8", out=tmp_path, console=quiet())
+    with pytest.raises(ToolkitError, match="unknown int8 activation type 'int4'"):
+        export(fine4_run.run_dir, precision="int8", int8_activations="int4", out=tmp_path, console=quiet())

@@ -136,6 +136,7 @@ def export(
     calib_size: int = typer.Option(512, "--calib-size", min=1, help="Training images used to calibrate int8."),
     calib_method: str = typer.Option("minmax", "--calib-method", help="minmax | entropy | percentile."),
     auto_fallback: bool = typer.Option(False, "--auto-fallback", help="int8: keep the most sensitive layers in float until the int8 gate holds (measured on held-out training images)."),
+    int8_activations: str = typer.Option("int8", "--int8-activations", help="int8: symmetric, runs on ONNX Runtime and builds TensorRT engines | uint8: asymmetric, faster on ONNX Runtime's x86 CPU kernels, no TensorRT."),
     max_batch: int = typer.Option(256, "--max-batch", min=1, help="TensorRT: largest batch of the optimization profile."),
     as_json: AsJson = False,
 ) -> None:
@@ -143,7 +144,8 @@ def export(
     from toolkit.export import export as run_export
 
     entry = run_export(run, fmt=fmt, precision=precision, out=out, runs=runs, data_dir=data_dir, calib_size=calib_size,
-                       calib_method=calib_method, auto_fallback=auto_fallback, max_batch=max_batch, console=_console(as_json))
+                       calib_method=calib_method, auto_fallback=auto_fallback, int8_activations=int8_activations, max_batch=max_batch,
+                       console=_console(as_json))
     if as_json:
         _emit(entry)
 

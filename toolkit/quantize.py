@@ -55,13 +55,18 @@ def quantizable_nodes(path: Path) -> list[str]:
     return [n.name for n in onnx.load(str(path)).graph.node if n.op_type in QUANTIZED_OPS]
 
 
-def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minmax", exclude: list[str] | None = None, only: list[str] | None = None) -> dict:
+def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minmax", exclude: list[str] | None = None, only: list[str] | None = None,
+                  activations: str = "int8") -> dict:
+    """``activations="int8"`` (default): symmetric int8, which TensorRT needs. ``"uint8"``:
+    asymmetric uint8 activations, the format ONNX Runtime's x86 kernels are fastest with; such
+    a model does not build a TensorRT engine."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     check_choice("calibration method", method, CALIB_METHODS)
     if len(calib) == 0:
         raise ToolkitError("no calibration images")
+    check_choice("activation type", activations, ("int8", "uint8"))
     input_name = onnx.load(str(fp32), load_external_data=False).graph.input[0].name
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
@@ -73,14 +78,14 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
             _reader(calib, input_name),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
-            activation_type=QuantType.QInt8,
+            activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=list(QUANTIZED_OPS),
             nodes_to_exclude=exclude or None,
             nodes_to_quantize=only or None,
             calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method],
             # symmetric scales, zero point 0: what TensorRT's explicit quantization accepts
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True},
         )
         proto = onnx.load(str(out))
     onnx.checker.check_model(proto)
@@ -90,7 +95,8 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
         proto.metadata_props.add(key=key, value=value)
     with atomic_write(dst) as f:
         f.write(proto.SerializeToString())
-    return {"calibration": {"images": int(len(calib)), "method": method, "split": "train"}, "float_layers": list(exclude or [])}
+    return {"calibration": {"images": int(len(calib)), "method": method, "split": "train"}, "activations": activations,
+            "float_layers": list(exclude or [])}
 
 
 def _accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -113,10 +119,11 @@ def _latency_ms(path: Path, x: np.ndarray, reps: int = 30) -> float:
     return 1000 * (time.perf_counter() - t0) / reps
 
 
-def auto_fallback(fp32: Path, dst: Path, calib: np.ndarray, holdout_x: np.ndarray, holdout_y: np.ndarray, gate_pp: float, method: str, console: Console) -> dict:
+def auto_fallback(fp32: Path, dst: Path, calib: np.ndarray, holdout_x: np.ndarray, holdout_y: np.ndarray, gate_pp: float, method: str, console: Console,
+                  activations: str = "int8") -> dict:
     """Quantize; while the held-out accuracy drop exceeds the gate, keep the next most sensitive layer in float."""
     fp32_acc, _ = _accuracy(fp32, holdout_x, holdout_y)
-    fields = quantize_int8(fp32, dst, calib, method)
+    fields = quantize_int8(fp32, dst, calib, method, activations=activations)
     full_acc, _ = _accuracy(dst, holdout_x, holdout_y)
     full_bytes, full_ms = dst.stat().st_size, _latency_ms(dst, holdout_x)
     report = {"gate_pp": gate_pp, "holdout_images": int(len(holdout_y)), "holdout_fp32_acc": round(fp32_acc, 4),
@@ -131,13 +138,13 @@ def auto_fallback(fp32: Path, dst: Path, calib: np.ndarray, holdout_x: np.ndarra
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.onnx"
         for node in nodes:
-            quantize_int8(fp32, probe, calib, method, only=[node])
+            quantize_int8(fp32, probe, calib, method, only=[node], activations=activations)
             acc, _ = _accuracy(probe, holdout_x, holdout_y)
             report["sensitivity"][node] = round(fp32_acc - acc, 4)
     ranked = sorted(nodes, key=lambda n: report["sensitivity"][n], reverse=True)
     acc = full_acc
     for k in range(1, len(ranked) + 1):
-        fields = quantize_int8(fp32, dst, calib, method, exclude=ranked[:k])
+        fields = quantize_int8(fp32, dst, calib, method, exclude=ranked[:k], activations=activations)
         acc, _ = _accuracy(dst, holdout_x, holdout_y)
         console.print(f"auto-fallback: {k} layer(s) in float ({', '.join(ranked[:k])}): held-out {acc:.2f}% vs fp32 {fp32_acc:.2f}%")
         if fp32_acc - acc <= gate_pp:

@@ -91,6 +91,7 @@ def export(
     calib_size: int = 512,
     calib_method: str = "minmax",
     auto_fallback: bool = False,
+    int8_activations: str = "int8",
     gate_pp: float | None = None,
     max_batch: int = 256,
     download: bool = True,
@@ -102,8 +103,11 @@ def export(
     console = console or Console(stderr=True)
     check_choice("format", fmt, FORMATS)
     check_choice("precision", precision, PRECISIONS)
+    check_choice("int8 activation type", int8_activations, ("int8", "uint8"))
     if auto_fallback and precision != "int8":
         raise ToolkitError("--auto-fallback applies to --precision int8 only")
+    if fmt == "trt" and precision == "int8" and int8_activations != "int8":
+        raise ToolkitError("TensorRT's explicit quantization needs symmetric int8 activations: leave --int8-activations at int8")
     if fmt == "trt":
         from toolkit.runtime import trt_missing_reason
 
@@ -125,14 +129,18 @@ def export(
             extra = convert_fp16(fp32_onnx, path)
         elif precision == "int8":
             int8_onnx = stage / artifact_file("onnx", "int8")
+            existing = next((a for a in manifest["artifacts"] if a["file"] == int8_onnx.name), None)
+            if fmt == "trt" and existing and existing.get("activations", "int8") != "int8":
+                raise ToolkitError(f"{int8_onnx.name} has uint8 activations, which TensorRT cannot build from; export --precision int8 again first")
             if fmt == "onnx" or not int8_onnx.is_file():
                 from toolkit import quantize
 
                 calib, held_x, held_y = quantize.training_slices(manifest, data_dir, calib_size, download=download)
                 if auto_fallback:
-                    fields = quantize.auto_fallback(fp32_onnx, int8_onnx, calib, held_x, held_y, gate_pp if gate_pp is not None else GATES["int8"]["delta_pp"], calib_method, console)
+                    gate = gate_pp if gate_pp is not None else GATES["int8"]["delta_pp"]
+                    fields = quantize.auto_fallback(fp32_onnx, int8_onnx, calib, held_x, held_y, gate, calib_method, console, activations=int8_activations)
                 else:
-                    fields = quantize.quantize_int8(fp32_onnx, int8_onnx, calib, calib_method)
+                    fields = quantize.quantize_int8(fp32_onnx, int8_onnx, calib, calib_method, activations=int8_activations)
                 upsert_artifact(manifest, artifact_entry(int8_onnx, "onnx", "int8", **fields))
             extra = {}
             if fmt == "trt":

@@ -1,0 +1,75 @@
+"""int8 vs. fp32 throughput on ONNX Runtime's CPU provider for a registered model.
+
+    python bench/int8_speed.py --model resnet20 --batch 32
+
+Speed does not depend on the weights' values, so the model is built with random weights and
+calibrated on random inputs (no dataset needed; accuracy is not measured here, `toolkit verify`
+does that on a trained export). Both files go through the same code as `toolkit export`
+(ONNX export + onnxslim; static QDQ int8, per-channel, symmetric). Prints images/s for each,
+the ratio, and the CPU's int8 dot-product instruction flags, which decide whether int8 can win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def cpu_int8_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return sorted(f for f in flags if "vnni" in f or f in ("avx512f", "avx2", "amx_int8"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--activations", default="int8", choices=("int8", "uint8"),
+                        help="int8: symmetric, what toolkit export writes (TensorRT needs it); uint8: ONNX Runtime x86's fast format")
+    parser.add_argument("--json", dest="json_out")
+    args = parser.parse_args()
+
+    import torch
+
+    from toolkit.bench import machine, time_calls
+    from toolkit.export.to_onnx import export_onnx
+    from toolkit.models import create_model
+    from toolkit.quantize import quantize_int8
+    from toolkit.runtime import ort_runner
+
+    torch.manual_seed(0)
+    model = create_model(args.model).eval()
+    shape = [1, 28, 28] if args.model.startswith("mnist") else [3, 32, 32]
+    manifest = {  # what export_onnx reads: names, shape, and the metadata it embeds
+        "model": args.model, "dataset": "-", "classes": [], "normalization": {}, "input": {"name": "input", "shape": ["batch", *shape]},
+        "output": {"name": "logits"}, "source": {"recipe": "-", "sha256": "-"},
+    }
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, *shape), dtype=np.float32)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        export_onnx(model, manifest, fp32)
+        quantize_int8(fp32, int8, rng.standard_normal((128, *shape), dtype=np.float32), activations=args.activations)
+        for name, path in (("fp32", fp32), ("int8", int8)):
+            t = np.array(time_calls(ort_runner(path, "ort-cpu"), x, warmup=10, min_iters=20, min_seconds=args.seconds, max_iters=100_000))
+            results[name] = {"p50_us": round(float(np.percentile(t, 50)), 1), "images_per_s": round(args.batch * 1e6 / float(t.mean()), 1),
+                             "iterations": int(len(t)), "bytes": path.stat().st_size}
+    report = {"model": args.model, "batch": args.batch, "activations": args.activations, "machine": machine(), "cpu_int8_flags": cpu_int8_flags(), **results,
+              "int8_over_fp32_throughput": round(results["int8"]["images_per_s"] / results["fp32"]["images_per_s"], 3)}
+    print(json.dumps(report, indent=2))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
