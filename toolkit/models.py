@@ -39,7 +39,8 @@ class MnistOptNet(nn.Module):
     (28, pool 14, pool 7) and leaves the last two unpadded (7->5->3); ``early_padding=0``
     leaves the first four unpadded (28->26->24->22, pool 11->9->7, pool 3) and pads the last
     two. The default is the reading that reproduced the Fine series' accuracy (MnistGapNet),
-    which the write-ups present as the same design; it was not measured for Opt itself.
+    which the write-ups present as the same design; with it, opt2 on this project's 2-core CPU
+    ended at 99.48% best / 99.47% final (seed: 99.34% / 99.33%).
     A ReLU sits between the two Linear layers (without it they would collapse into one).
     Opt-2 adds Dropout(p) after every conv block but the first, as the seed's diagram marks.
     """
