@@ -14,6 +14,15 @@ from torchvision import datasets
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
 
+def quiet():
+    """A rich Console that prints nowhere: tests read results, not progress bars."""
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO())
+
+
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

@@ -1,6 +1,5 @@
 """Data roots, torchvision's real loaders (real MNIST, generated CIFAR files) and the augmentations."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ def test_missing_data_says_where_files_go(tmp_path, dataset, folder):
     with pytest.raises(ToolkitError) as err:
         data_mod.load_split(dataset, tmp_path, train=True, download=False)
     msg = str(err.value)
-    assert f"put " in msg and str(tmp_path / folder) in msg and "\n" not in msg
+    assert "put " in msg and str(tmp_path / folder) in msg and "\n" not in msg
 
 
 def test_real_mnist(mnist_root):

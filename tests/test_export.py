@@ -1,7 +1,6 @@
 """Export: ONNX and int8 artifacts, the manifest, TensorRT's clear refusal, and bad input leaving exports/ untouched."""
 
 import errno
-import io
 import json
 import os
 import subprocess
@@ -13,8 +12,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from rich.console import Console
 
+from tests.conftest import quiet
 from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
 from toolkit.errors import ToolkitError
 from toolkit.export import export
@@ -23,9 +22,6 @@ from toolkit.manifest import load_manifest, sha256_file
 from toolkit.runtime import ort_runner, trt_missing_reason
 
 
-def quiet() -> Console:
-    return Console(file=io.StringIO())
-
 
 def snapshot(root: Path) -> dict:
     """Every file under root with its bytes: 'unchanged' means this is equal before and after."""
@@ -33,7 +29,7 @@ def snapshot(root: Path) -> dict:
 
 
 def test_onnx_artifact(fine4_export, fine4_run):
-    manifest = load_manifest(fine4_export)
+    load_manifest(fine4_export)  # every artifact's sha256 checks out
     fp32 = fine4_export / "model.fp32.onnx"
     proto = onnx.load(str(fp32))
     onnx.checker.check_model(proto, full_check=True)

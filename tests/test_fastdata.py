@@ -1,7 +1,6 @@
 """The fast path's batch-wise augmentations: exact geometry, and the same distributions as torchvision / albumentations."""
 
 import numpy as np
-import pytest
 import torch
 from torchvision import transforms
 

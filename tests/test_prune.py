@@ -1,17 +1,13 @@
 """Pruning: channel pruning really shrinks the model and its ONNX; unstructured pruning keeps its zeros."""
 
-import io
 
-from rich.console import Console
 
+from tests.conftest import quiet
 from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
 from toolkit.export import export
 from toolkit.prune import prune
 from toolkit.verify import verify
 
-
-def quiet() -> Console:
-    return Console(file=io.StringIO())
 
 
 def test_channel_pruning_shrinks_and_passes_parity(fine4_run, fine4_export, mnist_root, tmp_path):

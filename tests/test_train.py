@@ -1,6 +1,5 @@
 """Training on real MNIST, exact resume, atomic checkpoints, safe loading, the CLI's JSON, and eval."""
 
-import io
 import json
 import os
 import signal
@@ -10,18 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from rich.console import Console
 
-from tests.conftest import RECIPES
+from tests.conftest import RECIPES, quiet
 from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_checkpoint
 from toolkit.recipes import load_recipe
 from toolkit.train import train
 
-
-def quiet() -> Console:
-    return Console(file=io.StringIO())
 
 
 def test_short_fine4_training_learns(fine4_run, mnist_root):

@@ -1,14 +1,12 @@
 """Parity: every artifact against the PyTorch reference, on the full real MNIST test set and on CIFAR-format data."""
 
-import io
 import json
 import subprocess
 import sys
 
 import pytest
-from rich.console import Console
 
-from tests.conftest import RECIPES
+from tests.conftest import RECIPES, quiet
 from toolkit.export import export
 from toolkit.manifest import load_manifest
 from toolkit.recipes import load_recipe
@@ -17,9 +15,6 @@ from toolkit.verify import GATES, compare, verify
 
 import numpy as np
 
-
-def quiet() -> Console:
-    return Console(file=io.StringIO())
 
 
 def test_fine4_parity_on_full_mnist_test_set(fine4_export, mnist_root):

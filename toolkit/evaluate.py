@@ -9,8 +9,9 @@ from rich.console import Console
 from rich.table import Table
 
 from toolkit import data as data_mod
-from toolkit.checkpoint import atomic_write, load_checkpoint, model_from_checkpoint
+from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
 from toolkit.recipes import Recipe
+from toolkit.report import pyplot, save_png
 from toolkit.train import evaluate, make_loader_for_eval, pick_device, progress_bar
 
 
@@ -20,11 +21,7 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 
 def plot_confusion(cm: torch.Tensor, classes: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     n = len(classes)
     size = max(5.0, min(20.0, 0.45 * n))
     fig, ax = plt.subplots(figsize=(size, size))
@@ -39,9 +36,7 @@ def plot_confusion(cm: torch.Tensor, classes: list[str], path: Path, title: str)
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def evaluate_checkpoint(ref, *, data_dir=None, device: str = "auto", console: Console | None = None, download: bool = True) -> dict:

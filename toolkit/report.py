@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from toolkit.checkpoint import atomic_write
 from toolkit.models import count_params
 from toolkit.recipes import list_recipes
 
@@ -41,3 +42,20 @@ def recipes_table(rows: list[dict]) -> Table:
             f"{r['seed_test_acc']:.2f}%" if r["seed_test_acc"] is not None else "—",
         )
     return table
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: figures render without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path: Path) -> None:
+    """Write a figure atomically as PNG and free it."""
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100)
+    pyplot().close(fig)

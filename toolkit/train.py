@@ -228,11 +228,9 @@ def write_metrics_csv(rows: list[dict], path: Path) -> None:
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from toolkit.report import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for key, label in (("train_loss", "train"), ("test_loss", "test")):
@@ -247,9 +245,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         if title != "learning rate":
             ax.legend()
     fig.tight_layout()
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _early_stop(recipe: Recipe, rows: list[dict]) -> bool:
