@@ -16,7 +16,7 @@ def test_channel_pruning_shrinks_and_passes_parity(fine4_run, fine4_export, mnis
     before, after = report["before"], report["after"]
     assert before["params"] == 7974 and after["params"] < 0.7 * before["params"]
     assert after["macs"] < 0.7 * before["macs"]
-    assert after["test_acc"] > 80  # fine-tuning recovers most of it (measured here: 95.9% from 5,000 images)
+    assert after["test_acc"] > 80  # one short fine-tuning epoch recovers most of it (chance is 10%)
     # the pruned checkpoint rebuilds with its narrower layers and exports a smaller ONNX that passes parity
     model = model_from_checkpoint(load_checkpoint(report["checkpoint"]))
     assert sum(p.numel() for p in model.parameters()) == after["params"]
