@@ -112,3 +112,40 @@ def fine4_export(fine4_run, mnist_root, tmp_path_factory):
     export(fine4_run.run_dir, fmt="onnx", precision="fp32", out=out, console=quiet)
     entry = export(fine4_run.run_dir, fmt="onnx", precision="int8", out=out, data_dir=mnist_root, download=False, console=quiet)
     return Path(entry["export_dir"])
+
+
+@pytest.fixture(scope="session")
+def serving_export(mnist_root, tmp_path_factory):
+    """A fine4 export good enough to serve: 3 epochs on all 60,000 training images with the LR
+    dropped after epoch 2 (fine4's own recipe, shortened), fp32 and int8 ONNX."""
+    from toolkit.export import export
+    from toolkit.recipes import load_recipe
+    from toolkit.train import train
+
+    text = (RECIPES / "fine4.toml").read_text()
+    short = text.replace("epochs = 20", "epochs = 3").replace("step_size = 10", "step_size = 2")
+    assert "epochs = 3" in short and "step_size = 2" in short  # fine4.toml still has the lines this edits
+    recipe_path = tmp_path_factory.mktemp("recipe") / "fine4.toml"
+    recipe_path.write_text(short)
+    run = train(load_recipe(recipe_path), device="cpu", data_dir=mnist_root, out=tmp_path_factory.mktemp("serve-runs"),
+                pipeline="fast", test_limit=2000, download=False, console=quiet())
+    out = tmp_path_factory.mktemp("serve-exports")
+    export(run.run_dir, fmt="onnx", precision="fp32", out=out, console=quiet())
+    entry = export(run.run_dir, fmt="onnx", precision="int8", out=out, data_dir=mnist_root, download=False, console=quiet())
+    return Path(entry["export_dir"])
+
+
+def mnist_test_set(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The real MNIST test images (10000x28x28 uint8) and labels, read from the raw IDX files."""
+    raw = root / "MNIST" / "raw"
+    images = np.frombuffer((raw / "t10k-images-idx3-ubyte").read_bytes(), np.uint8, offset=16).reshape(-1, 28, 28)
+    labels = np.frombuffer((raw / "t10k-labels-idx1-ubyte").read_bytes(), np.uint8, offset=8)
+    return images, labels
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -18,7 +18,8 @@ from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
 from toolkit.errors import ToolkitError
 from toolkit.export import export
 from toolkit.export.to_onnx import read_metadata
-from toolkit.manifest import load_manifest, sha256_file
+from toolkit.files import sha256_file
+from toolkit.manifest import load_manifest
 from toolkit.runtime import ort_runner, trt_missing_reason
 
 

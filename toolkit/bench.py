@@ -17,7 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from toolkit.checkpoint import atomic_write
+from toolkit.files import atomic_write
 from toolkit.manifest import latest_export, load_manifest
 from toolkit.runtime import make_runner, runtimes_for, torch_runner
 from toolkit.verify import reference_model

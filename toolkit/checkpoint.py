@@ -8,44 +8,16 @@ loading one never runs code from the file and a run killed mid-write never leave
 
 from __future__ import annotations
 
-import contextlib
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator
 
 import torch
 
 from toolkit.errors import ToolkitError
+from toolkit.files import atomic_write
 
 FORMAT = "toolkit-checkpoint/1"
-
-
-def umask_mode(mode: int) -> int:
-    """``mode`` as the user's umask would leave it (mkstemp / mkdtemp create 0600 / 0700)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mode & ~mask
-
-
-@contextlib.contextmanager
-def atomic_write(path: Path, mode: str = "wb") -> Iterator[Any]:
-    """Yield a file in ``path``'s folder; it replaces ``path`` only once fully written and synced."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, umask_mode(0o666))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(obj: dict, path: Path) -> None:

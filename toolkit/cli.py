@@ -15,7 +15,7 @@ from toolkit.errors import ToolkitError
 
 app = typer.Typer(
     help="Train the seeds' small image classifiers from TOML recipes; prune, quantize and export them; "
-    "prove accuracy parity of every artifact; benchmark them.",
+    "prove accuracy parity of every artifact; benchmark them; serve them in a Gradio demo.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -195,9 +195,43 @@ def bench(
         _emit(report)
 
 
+@app.command()
+def serve(
+    export_dirs: Optional[list[Path]] = typer.Argument(None, help="Export folders, or folders of them (default: every export under ./exports)."),
+    host: str = typer.Option("127.0.0.1", "--host", envvar="TOOLKIT_HOST", help="Interface to bind; 0.0.0.0 serves other machines (the Docker image does)."),
+    port: int = typer.Option(7860, "--port", envvar="TOOLKIT_PORT", min=1, max=65535, help="TCP port."),
+    data_dir: DataDir = None,
+    top_k: int = typer.Option(3, "--top-k", min=1, help="Classes shown per prediction."),
+    examples: int = typer.Option(8, "--examples", min=0, help="Real MNIST test digits offered as examples (sampled at start-up, when the data is there)."),
+    max_upload: str = typer.Option("10mb", "--max-upload", help="Largest upload Gradio accepts (e.g. 10mb)."),
+    share: bool = typer.Option(False, "--share", help="Also open a public gradio.live link (off by default; needs the internet)."),
+) -> None:
+    """Serve the exported models in the Gradio demo, with the API endpoint /predict (needs only toolkit\\[serve], no torch)."""
+    from toolkit.serve import serve as run_serve
+
+    run_serve(export_dirs or [Path("exports")], host=host, port=port, data_dir=data_dir, top_k=top_k,
+              examples=examples, max_upload=max_upload, share=share, console=Console(stderr=True))
+
+
+# the extra a command's missing import belongs to, for a one-line hint instead of a traceback
+INSTALL_HINTS = {
+    "gradio": "serve", "onnxruntime": "serve", "PIL": "serve",
+    "torch": "train", "torchvision": "train", "albumentations": "train", "pydantic": "train", "onnx": "train",
+    "onnxscript": "train", "onnxslim": "train", "torch_pruning": "train", "matplotlib": "train",
+}
+
+
 def main() -> None:
     try:
         app()
+    except ModuleNotFoundError as exc:
+        extra = INSTALL_HINTS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        Console(stderr=True).print(
+            f"[bold red]error:[/] this command needs {escape(exc.name)}, which is not installed: "
+            f"pip install 'toolkit\\[{extra}]'", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
     except ToolkitError as exc:
         Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None

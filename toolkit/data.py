@@ -7,7 +7,6 @@ error names the folder the files must go into.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
 from toolkit.errors import ToolkitError
+from toolkit.files import resolve_data_dir  # noqa: F401  (re-exported: data.resolve_data_dir)
 from toolkit.recipes import Augment, Recipe
 
 
@@ -53,15 +53,6 @@ SPECS: dict[str, DatasetSpec] = {
 }
 
 _TORCHVISION = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
-
-
-def resolve_data_dir(option: str | Path | None = None) -> Path:
-    if option:
-        return Path(option).expanduser()
-    if os.environ.get("TOOLKIT_DATA_DIR"):
-        return Path(os.environ["TOOLKIT_DATA_DIR"]).expanduser()
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "toolkit" / "data"
 
 
 class _GrayToArray:

@@ -7,24 +7,15 @@ verify / bench / the demo read shapes, preprocessing and labels from here, never
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from toolkit.checkpoint import atomic_write
+from toolkit.files import atomic_write, sha256_file
 from toolkit.errors import ToolkitError
 
 FORMAT = "toolkit-manifest/1"
 NAME = "manifest.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def new_manifest(ckpt: dict, name: str) -> dict:

@@ -17,7 +17,7 @@ import onnx
 from rich.console import Console
 
 from toolkit import data as data_mod
-from toolkit.checkpoint import atomic_write
+from toolkit.files import atomic_write
 from toolkit.errors import ToolkitError, check_choice
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")

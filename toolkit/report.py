@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from toolkit.checkpoint import atomic_write
+from toolkit.files import atomic_write
 from toolkit.models import count_params
 from toolkit.recipes import list_recipes
 

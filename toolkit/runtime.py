@@ -25,19 +25,45 @@ def ort_providers() -> list[str]:
     return ort.get_available_providers()
 
 
+def _cudart():
+    """CUDA's runtime API from cuda-python (``cuda.bindings.runtime``; ``cuda.cudart`` before 12.6)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        from cuda import cudart
+    return cudart
+
+
+def cuda_call(result):
+    """cuda-python returns (error, *values): raise on an error, return the values."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise ToolkitError(f"CUDA error {int(err)} ({getattr(err, 'name', err)})")
+    return values[0] if len(values) == 1 else values
+
+
+def current_gpu() -> dict:
+    cudart = _cudart()
+    props = cuda_call(cudart.cudaGetDeviceProperties(0))
+    name = props.name.decode(errors="replace").rstrip("\x00") if isinstance(props.name, bytes) else str(props.name)
+    return {"name": name, "compute_capability": f"{props.major}.{props.minor}"}
+
+
 def trt_missing_reason() -> str | None:
-    """Why TensorRT cannot run here, or None when it can."""
+    """Why TensorRT cannot run here, or None when it can. Needs no torch: serving is torch-free."""
     try:
         import tensorrt  # noqa: F401
     except ImportError:
         return f"TensorRT is not installed: {TRT_INSTALL_HINT}"
     try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "TensorRT needs an NVIDIA GPU, and none is visible"
+        cudart = _cudart()
     except ImportError:
-        return "the TensorRT runner needs torch with CUDA for its device buffers"
+        return f"cuda-python is not installed: {TRT_INSTALL_HINT}"
+    try:
+        if cuda_call(cudart.cudaGetDeviceCount()) < 1:
+            return "TensorRT needs an NVIDIA GPU, and none is visible"
+    except ToolkitError:
+        return "TensorRT needs an NVIDIA GPU, and none is visible (the CUDA runtime found no device)"
     return None
 
 
@@ -97,8 +123,6 @@ def check_engine_compatible(engine_path: Path) -> None:
     """An engine runs only on the TensorRT version and GPU it was built for: say so instead of crashing."""
     import tensorrt as trt
 
-    from toolkit.export.to_trt import current_gpu
-
     sidecar = engine_sidecar(engine_path)
     if not sidecar.is_file():
         raise ToolkitError(f"{engine_path}: no sidecar {sidecar.name} recording the TensorRT version and GPU it was built for")
@@ -111,12 +135,13 @@ def check_engine_compatible(engine_path: Path) -> None:
 
 
 def trt_runner(engine_path: Path) -> Runner:
+    """Run a serialized engine with device buffers from the CUDA runtime (cuda-python), no torch."""
     reason = trt_missing_reason()
     if reason:
         raise ToolkitError(reason)
     import tensorrt as trt
-    import torch
 
+    cudart = _cudart()
     check_engine_compatible(engine_path)
     logger = trt.Logger(trt.Logger.WARNING)
     engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
@@ -128,19 +153,32 @@ def trt_runner(engine_path: Path) -> Runner:
     outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
     if len(inputs) != 1 or len(outputs) != 1:
         raise ToolkitError(f"{engine_path}: expected one input and one output, found {inputs} -> {outputs}")
-    stream = torch.cuda.Stream()
+    stream = cuda_call(cudart.cudaStreamCreate())
+    buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes): grown, never shrunk
+
+    def device_buffer(name: str, nbytes: int) -> int:
+        ptr, size = buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                cuda_call(cudart.cudaFree(ptr))
+            ptr, size = int(cuda_call(cudart.cudaMalloc(nbytes))), nbytes
+            buffers[name] = (ptr, size)
+        return ptr
 
     def run(x: np.ndarray) -> np.ndarray:
-        xin = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).cuda()
-        context.set_input_shape(inputs[0], tuple(xin.shape))
-        out = torch.empty(tuple(context.get_tensor_shape(outputs[0])), dtype=torch.float32, device="cuda")
-        context.set_tensor_address(inputs[0], xin.data_ptr())
-        context.set_tensor_address(outputs[0], out.data_ptr())
-        with torch.cuda.stream(stream):
-            if not context.execute_async_v3(stream.cuda_stream):
-                raise ToolkitError(f"{engine_path}: TensorRT execution failed")
-        stream.synchronize()
-        return out.cpu().numpy()
+        host_in = np.ascontiguousarray(x, dtype=np.float32)
+        context.set_input_shape(inputs[0], tuple(host_in.shape))
+        host_out = np.empty(tuple(context.get_tensor_shape(outputs[0])), dtype=np.float32)
+        d_in, d_out = device_buffer(inputs[0], host_in.nbytes), device_buffer(outputs[0], host_out.nbytes)
+        context.set_tensor_address(inputs[0], d_in)
+        context.set_tensor_address(outputs[0], d_out)
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        cuda_call(cudart.cudaMemcpyAsync(d_in, host_in.ctypes.data, host_in.nbytes, h2d, stream))
+        if not context.execute_async_v3(int(stream)):
+            raise ToolkitError(f"{engine_path}: TensorRT execution failed")
+        cuda_call(cudart.cudaMemcpyAsync(host_out.ctypes.data, d_out, host_out.nbytes, d2h, stream))
+        cuda_call(cudart.cudaStreamSynchronize(stream))
+        return host_out
 
     return run
 

@@ -25,7 +25,8 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import Subset
 
 from toolkit import data as data_mod
-from toolkit.checkpoint import FORMAT, atomic_write, load_checkpoint, model_from_checkpoint, save_checkpoint
+from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
+from toolkit.files import atomic_write
 from toolkit.errors import ToolkitError, check_choice
 from toolkit.models import count_params, layer_widths
 from toolkit.recipes import Recipe

@@ -16,9 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from toolkit import data as data_mod
-from toolkit.checkpoint import atomic_write, load_checkpoint, model_from_checkpoint
+from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
+from toolkit.files import atomic_write
 from toolkit.errors import ToolkitError
-from toolkit.manifest import latest_export, load_manifest, save_manifest, sha256_file
+from toolkit.files import sha256_file
+from toolkit.manifest import latest_export, load_manifest, save_manifest
 from toolkit.runtime import make_runner, runtimes_for, torch_runner, trt_missing_reason
 
 # |delta| in percentage points, and the least top-1 agreement with the reference (percent)

@@ -15,7 +15,8 @@ from typing import Iterator
 
 from rich.console import Console
 
-from toolkit.checkpoint import latest_run, load_checkpoint, model_from_checkpoint, umask_mode
+from toolkit.checkpoint import latest_run, load_checkpoint, model_from_checkpoint
+from toolkit.files import umask_mode
 from toolkit.errors import ToolkitError, check_choice
 from toolkit.manifest import NAME as MANIFEST_NAME
 from toolkit.manifest import artifact_entry, load_manifest, new_manifest, save_manifest, upsert_artifact

@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from toolkit.checkpoint import atomic_write
+from toolkit.files import atomic_write
 from toolkit.errors import ToolkitError
 
 OPSET = 18

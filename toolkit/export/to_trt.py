@@ -12,18 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from toolkit.checkpoint import atomic_write
+from toolkit.files import atomic_write
 from toolkit.errors import ToolkitError
-from toolkit.runtime import engine_sidecar, trt_missing_reason
+from toolkit.runtime import current_gpu, engine_sidecar, trt_missing_reason
 
 WORKSPACE_BYTES = 1 << 30
-
-
-def current_gpu() -> dict:
-    import torch
-
-    props = torch.cuda.get_device_properties(0)
-    return {"name": props.name, "compute_capability": f"{props.major}.{props.minor}"}
 
 
 def build_trt_engine(onnx_path: Path, engine_path: Path, precision: str, manifest: dict, max_batch: int, timing_cache: Path) -> dict:

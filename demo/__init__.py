@@ -1,0 +1,1 @@
+"""The Gradio demo, installed as ``toolkit.demo`` (see app.py)."""

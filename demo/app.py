@@ -1,0 +1,100 @@
+"""The Gradio demo: draw or upload a digit (MNIST tab) or upload any picture (CIFAR tab), pick an
+exported artifact, see the top classes, the runtime and the latency.
+
+Started by `toolkit serve [EXPORT_DIR ...]`; installed as ``toolkit.demo.app``, so it also runs
+from a checkout with `python demo/app.py [EXPORT_DIR ...]`. The logic (decoding, MNIST-style
+preprocessing, runners) is in ``toolkit.serve``; this file is only the layout.
+
+API: the endpoint ``/predict`` takes an image file and, optionally, an artifact name
+("<export>/<file>", default: the newest fp32 model) and returns the label output:
+``Client(url).predict(handle_file("digit.png"), api_name="/predict")``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from toolkit.errors import ToolkitError
+from toolkit.serve import CIFAR_FAMILY, MNIST_FAMILY, Catalog
+
+INTRO = """# toolkit demo
+Models exported by `toolkit export`, run by ONNX Runtime (or TensorRT where it runs), with the
+accuracy parity each artifact proved against its trained model. Drawings are turned into MNIST's
+format (white on black, scaled to 20 px, centred by mass in 28x28) before the model sees them."""
+
+
+def build_demo(catalog: Catalog, examples: list[str], top_k: int = 3) -> gr.Blocks:
+    def classify(image, key):
+        try:
+            pred = catalog.classify(image, key or None, top_k=top_k)
+        except ToolkitError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        return pred.top, pred.summary(), pred.pixels
+
+    def classify_sketch(editor, key):
+        composite = editor.get("composite") if isinstance(editor, dict) else editor
+        return classify(composite, key)
+
+    def predict(image, artifact):
+        """The public API: an image file and an optional artifact name -> the label output."""
+        return classify(image, artifact)[0]
+
+    with gr.Blocks(title="toolkit demo") as demo:
+        gr.Markdown(INTRO)
+        with gr.Tab("MNIST"):
+            _tab(catalog, MNIST_FAMILY, classify, classify_sketch, examples, top_k)
+        with gr.Tab("CIFAR"):
+            _tab(catalog, CIFAR_FAMILY, classify, None, [], top_k)
+        # the API endpoint: its own hidden components, so that the file reaches toolkit's decoder
+        # untouched (size, mode and decompression limits are checked there) and errors come back
+        # as toolkit's one-line messages
+        with gr.Row(visible=False):
+            api_image = gr.File(label="image", file_types=None)
+            api_key = gr.Textbox(label="artifact", value="")
+            api_label = gr.Label(label="prediction", num_top_classes=top_k)
+            api_button = gr.Button("predict")
+        api_button.click(predict, [api_image, api_key], api_label, api_name="predict")
+    return demo
+
+
+def _tab(catalog: Catalog, family_name: str, classify, classify_sketch, examples: list[str], top_k: int) -> None:
+    keys = catalog.keys(family_name)
+    if not keys:
+        what = "an MNIST recipe (e.g. fine4)" if family_name == MNIST_FAMILY else "a CIFAR recipe (e.g. ft6 or resnet20_plain)"
+        gr.Markdown(f"No {family_name.upper()} export is being served. Train and export {what}, then restart "
+                    "`toolkit serve` with its export folder.")
+        return
+    side = 28 if family_name == MNIST_FAMILY else 32
+    with gr.Row():
+        with gr.Column():
+            choice = gr.Dropdown(choices=[(catalog.entries[k].label, k) for k in keys], value=keys[0], label="Model / artifact")
+            if classify_sketch is not None:
+                with gr.Tab("Draw"):
+                    sketch = gr.Sketchpad(
+                        type="numpy", image_mode="RGBA", canvas_size=(400, 400), label="Draw a digit",
+                        brush=gr.Brush(default_size=22, colors=["#000000"], color_mode="fixed"),
+                    )
+                    sketch_button = gr.Button("Classify drawing", variant="primary")
+            with gr.Tab("Upload"):
+                upload = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], elem_id=f"{family_name}-upload")
+                upload_button = gr.Button("Classify image", variant="primary", elem_id=f"{family_name}-classify")
+                if examples:
+                    gr.Examples(examples, inputs=upload, label="Real MNIST test digits")
+        with gr.Column():
+            label = gr.Label(num_top_classes=top_k, label="Top classes", elem_id=f"{family_name}-label")
+            info = gr.Markdown(elem_id=f"{family_name}-info")
+            seen = gr.Image(label=f"What the model sees ({side}x{side})", interactive=False, height=160)
+    outputs = [label, info, seen]
+    upload_button.click(classify, [upload, choice], outputs, api_visibility="private")
+    upload.upload(classify, [upload, choice], outputs, api_visibility="private")
+    if classify_sketch is not None:
+        sketch_button.click(classify_sketch, [sketch, choice], outputs, api_visibility="private")
+
+
+if __name__ == "__main__":  # python demo/app.py [EXPORT_DIR ...]
+    from toolkit.serve import serve
+
+    serve([Path(p) for p in sys.argv[1:]] or [Path("exports")])
