@@ -32,7 +32,9 @@ def build_demo(catalog: Catalog, examples: list[str], top_k: int = 3) -> gr.Bloc
             pred = catalog.classify(image, key or None, top_k=top_k)
         except ToolkitError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
-        return pred.top, pred.summary(), pred.pixels
+        # what the model was given, enlarged 5x with square pixels so it can be seen
+        seen = pred.pixels.repeat(5, axis=0).repeat(5, axis=1)
+        return pred.top, pred.summary(), seen
 
     def classify_sketch(editor, key):
         composite = editor.get("composite") if isinstance(editor, dict) else editor
@@ -86,7 +88,7 @@ def _tab(catalog: Catalog, family_name: str, classify, classify_sketch, examples
         with gr.Column():
             label = gr.Label(num_top_classes=top_k, label="Top classes", elem_id=f"{family_name}-label")
             info = gr.Markdown(elem_id=f"{family_name}-info")
-            seen = gr.Image(label=f"What the model sees ({side}x{side})", interactive=False, height=160)
+            seen = gr.Image(label=f"What the model sees ({side}x{side}, enlarged)", interactive=False, height=180)
     outputs = [label, info, seen]
     upload_button.click(classify, [upload, choice], outputs, api_visibility="private")
     upload.upload(classify, [upload, choice], outputs, api_visibility="private")

@@ -121,6 +121,7 @@ def serving_export(mnist_root, tmp_path_factory):
     from toolkit.export import export
     from toolkit.recipes import load_recipe
     from toolkit.train import train
+    from toolkit.verify import verify
 
     text = (RECIPES / "fine4.toml").read_text()
     short = text.replace("epochs = 20", "epochs = 3").replace("step_size = 10", "step_size = 2")
@@ -132,6 +133,7 @@ def serving_export(mnist_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("serve-exports")
     export(run.run_dir, fmt="onnx", precision="fp32", out=out, console=quiet())
     entry = export(run.run_dir, fmt="onnx", precision="int8", out=out, data_dir=mnist_root, download=False, console=quiet())
+    verify(entry["export_dir"], data_dir=mnist_root, download=False, console=quiet())  # records parity in the manifest, as a user would
     return Path(entry["export_dir"])
 
 

@@ -1,0 +1,58 @@
+"""The demo in a real browser: headless Debian Chromium, driven by Playwright, uploads a real MNIST
+test digit and reads the predicted label off the page.
+
+Set TOOLKIT_DEMO_SCREENSHOT=docs/demo.png to refresh the README's screenshot from this test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import free_port, mnist_test_set
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# as the machine's own browser tests run it: no sandbox as root, and no background calls out
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def demo_url(serving_export, mnist_root):
+    from toolkit.serve import serve
+
+    demo, url = serve([serving_export], port=free_port(), data_dir=mnist_root, block=False, console=None)
+    yield url
+    demo.close()
+
+
+def test_browser_upload_shows_the_right_digit(demo_url, mnist_root, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    images, labels = mnist_test_set(mnist_root)
+    index = 0  # a 7: any test digit the model gets right would do
+    digit = tmp_path / "digit.png"
+    Image.fromarray(images[index]).resize((140, 140), Image.Resampling.NEAREST).save(digit)
+    shot = Path(os.environ.get("TOOLKIT_DEMO_SCREENSHOT") or tmp_path / "demo.png")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            page.goto(demo_url, wait_until="domcontentloaded")
+            page.get_by_role("tab", name="Upload").click()
+            page.locator("#mnist-upload input[type=file]").set_input_files(str(digit))
+            info = page.locator("#mnist-info")
+            expect(info).to_contain_text("runtime", timeout=60_000)  # the upload event has run the model
+            predicted = page.locator("#mnist-label .output-class").inner_text().strip()
+            assert predicted == str(labels[index]), predicted
+            assert "ort-cpu" in info.inner_text() and "ms" in info.inner_text()
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000  # a rendered page, not an empty image
