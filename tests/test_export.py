@@ -296,3 +296,36 @@ def test_uint8_activation_option(fine4_run, mnist_root, tmp_path):
         export(fine4_run.run_dir, fmt="trt", precision="int8", int8_activations="uint8", out=tmp_path, console=quiet())
     with pytest.raises(ToolkitError, match="unknown int8 activation type 'int4'"):
         export(fine4_run.run_dir, precision="int8", int8_activations="int4", out=tmp_path, console=quiet())
+
+
+def test_triton_repository_parses_with_tritons_schema_and_names_real_shapes(fine4_run, mnist_root, tmp_path):
+    import onnxruntime as ort
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    proc = _cli("export", str(fine4_run.run_dir), "--format", "triton", "--out", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    fp32 = json.loads(proc.stdout.splitlines()[-1])
+    int8 = export(fine4_run.run_dir, fmt="triton", precision="int8", out=tmp_path, data_dir=mnist_root, download=False, console=quiet())
+    repo = Path(fp32["repository"])
+    assert fp32["models"] == ["fine4_fp32"] and int8["models"] == ["fine4_int8"] and repo == Path(int8["repository"])
+    manifest = load_manifest(fp32["export_dir"])
+    assert set(manifest["triton"]["models"]) == {"fine4_fp32", "fine4_int8"}
+    for name, artifact in (("fine4_fp32", "model.fp32.onnx"), ("fine4_int8", "model.int8.onnx")):
+        config = text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert config.name == name and config.platform == "onnxruntime_onnx" and config.max_batch_size == 256
+        assert config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds == 100
+        model = repo / name / "1" / "model.onnx"
+        assert sha256_file(model) == next(a["sha256"] for a in manifest["artifacts"] if a["file"] == artifact)  # the verified bytes
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        (real_in,), (real_out,) = session.get_inputs(), session.get_outputs()
+        (cfg_in,), (cfg_out,) = config.input, config.output
+        assert (cfg_in.name, cfg_out.name) == (real_in.name, real_out.name) == ("input", "logits")
+        assert cfg_in.data_type == cfg_out.data_type == model_config_pb2.TYPE_FP32
+        assert list(cfg_in.dims) == real_in.shape[1:] == [1, 28, 28]
+        logits = session.run(None, {real_in.name: np.zeros((3, *cfg_in.dims), np.float32)})[0]
+        assert logits.shape == (3, *cfg_out.dims) == (3, 10)  # Triton's batch axis + the configured dims
+        assert cfg_out.label_filename == "labels.txt"
+        assert (repo / name / "labels.txt").read_text().split() == manifest["classes"]
+    with pytest.raises(text_format.ParseError):  # the schema is real: a field Triton does not have is refused
+        text_format.Parse('name: "x"\nmax_batch: 4\n', model_config_pb2.ModelConfig())

@@ -128,7 +128,7 @@ def prune(
 @app.command()
 def export(
     run: RunRef = None,
-    fmt: str = typer.Option("onnx", "--format", help="onnx | trt (TensorRT engine; needs toolkit\\[trt] and an NVIDIA GPU)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx | trt (TensorRT engine; needs toolkit\\[trt] and an NVIDIA GPU) | triton (a Triton Inference Server model repository in <export>/triton/, from the ONNX artifact and any engine of --precision)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (static QDQ quantization, calibrated on training images)."),
     out: Path = typer.Option(Path("exports"), "--out", help="Parent folder of export directories."),
     runs: Runs = Path("runs"),
@@ -137,10 +137,10 @@ def export(
     calib_method: str = typer.Option("minmax", "--calib-method", help="minmax | entropy | percentile."),
     auto_fallback: bool = typer.Option(False, "--auto-fallback", help="int8: keep the most sensitive layers in float until the int8 gate holds (measured on held-out training images)."),
     int8_activations: str = typer.Option("int8", "--int8-activations", help="int8: symmetric, runs on ONNX Runtime and builds TensorRT engines | uint8: asymmetric, faster on ONNX Runtime's x86 CPU kernels, no TensorRT."),
-    max_batch: int = typer.Option(256, "--max-batch", min=1, help="TensorRT: largest batch of the optimization profile."),
+    max_batch: int = typer.Option(256, "--max-batch", min=1, help="TensorRT: largest batch of the optimization profile; Triton: max_batch_size."),
     as_json: AsJson = False,
 ) -> None:
-    """Export a trained run to exports/<run>/ (ONNX, int8 QDQ ONNX, TensorRT) and record it in manifest.json."""
+    """Export a trained run to exports/<run>/ (ONNX, int8 QDQ ONNX, TensorRT, a Triton repository) and record it in manifest.json."""
     from toolkit.export import export as run_export
 
     entry = run_export(run, fmt=fmt, precision=precision, out=out, runs=runs, data_dir=data_dir, calib_size=calib_size,

@@ -21,7 +21,7 @@ from toolkit.errors import ToolkitError, check_choice
 from toolkit.manifest import NAME as MANIFEST_NAME
 from toolkit.manifest import artifact_entry, load_manifest, new_manifest, save_manifest, upsert_artifact
 
-FORMATS = ("onnx", "trt")
+FORMATS = ("onnx", "trt", "triton")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -67,6 +67,7 @@ def _manifest_for(stage: Path, ckpt: dict, name: str, console: Console) -> dict:
         console.print(f"[yellow]the checkpoint changed since the last export of {name}: earlier artifacts are dropped[/]")
         for art in current["artifacts"]:
             (stage / art["file"]).unlink(missing_ok=True)
+        shutil.rmtree(stage / "triton", ignore_errors=True)  # its models are copies of those artifacts
         return fresh
     return current
 
@@ -118,6 +119,10 @@ def export(
     ckpt = load_checkpoint(ref if ref is not None else latest_run(runs))
     name = Path(ckpt["path"]).parent.name
     export_dir = Path(out) / name
+    if fmt == "triton":
+        onnx_options = dict(out=out, data_dir=data_dir, calib_size=calib_size, calib_method=calib_method, auto_fallback=auto_fallback,
+                            int8_activations=int8_activations, gate_pp=gate_pp, download=download)
+        return _export_triton(ckpt, export_dir, precision, max_batch, onnx_options, console)
 
     with staged(export_dir) as stage:
         manifest = _manifest_for(stage, ckpt, name, console)
@@ -158,3 +163,28 @@ def export(
         entry = next(a for a in manifest["artifacts"] if a["file"] == path.name)
     console.print(f"exported {entry['file']} ({entry['bytes']:,} bytes) -> {export_dir}")
     return {**entry, "export_dir": str(export_dir)}
+
+
+def _export_triton(ckpt: dict, export_dir: Path, precision: str, max_batch: int, onnx_options: dict, console: Console) -> dict:
+    """Add the ONNX artifact of ``precision`` (exported first if the export lacks it) and any TensorRT
+    engine of that precision to the export's Triton model repository, ``<export>/triton/``."""
+    from toolkit.export.to_triton import REPOSITORY, write_triton_model
+    from toolkit.files import sha256_file
+
+    source = artifact_file("onnx", precision)
+    current = load_manifest(export_dir) if (export_dir / MANIFEST_NAME).is_file() else None
+    fresh = current is not None and current["source"]["sha256"] == sha256_file(Path(ckpt["path"]))
+    if not (fresh and any(a["file"] == source for a in current["artifacts"])):
+        export(ckpt["path"], fmt="onnx", precision=precision, console=console, **onnx_options)
+    with staged(export_dir) as stage:
+        manifest = load_manifest(stage)
+        graph_source = stage / artifact_file("onnx", "int8" if precision == "int8" else "fp32")
+        served = [a for a in manifest["artifacts"] if a["precision"] == precision and a["format"] in ("onnx", "trt")]
+        models = manifest.setdefault("triton", {"repository": REPOSITORY, "models": {}})["models"]
+        for art in served:
+            record = write_triton_model(stage, manifest, art, stage / source if art["format"] == "onnx" else graph_source, max_batch)
+            models[record["name"]] = record
+        save_manifest(manifest, stage)
+    names = [m for m in models if models[m]["source"] in {a["file"] for a in served}]
+    console.print(f"Triton model{'s' if len(names) > 1 else ''} {', '.join(names)} -> {export_dir / REPOSITORY}")
+    return {"format": "triton", "precision": precision, "repository": str(export_dir / REPOSITORY), "models": names, "export_dir": str(export_dir)}

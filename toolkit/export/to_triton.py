@@ -1,0 +1,109 @@
+"""A Triton Inference Server model repository built from an export's artifacts.
+
+For each served artifact: ``triton/<model>/config.pbtxt`` (platform, dynamic batching, the
+input and output read from the ONNX graph itself, class labels), ``triton/<model>/1/model.onnx``
+(or ``model.plan`` for a TensorRT engine) and ``labels.txt``. The same files the parity check
+passed are copied byte for byte, so Triton serves what `toolkit verify` proved.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import onnx
+
+from toolkit.errors import ToolkitError
+from toolkit.files import atomic_write, sha256_file
+
+REPOSITORY = "triton"
+QUEUE_DELAY_US = 100  # how long Triton may hold a request to batch it with others
+
+# ONNX tensor element types -> Triton's DataType names
+_TRITON_TYPES = {
+    onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16", onnx.TensorProto.BFLOAT16: "TYPE_BF16",
+    onnx.TensorProto.DOUBLE: "TYPE_FP64", onnx.TensorProto.INT8: "TYPE_INT8", onnx.TensorProto.UINT8: "TYPE_UINT8",
+    onnx.TensorProto.INT32: "TYPE_INT32", onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.BOOL: "TYPE_BOOL",
+}
+
+
+def graph_io(onnx_path: Path) -> tuple[dict, dict]:
+    """The single input and output of an ONNX graph: name, Triton type, dims without the batch axis."""
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise ToolkitError(f"{onnx_path.name}: Triton export expects one input and one output, found {len(inputs)} and {len(graph.output)}")
+
+    def spec(value) -> dict:
+        tensor = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+        if not dims or dims[0] != -1:
+            raise ToolkitError(f"{onnx_path.name}: {value.name} has no dynamic batch axis, which Triton's dynamic batching needs")
+        if tensor.elem_type not in _TRITON_TYPES:
+            raise ToolkitError(f"{onnx_path.name}: {value.name} has ONNX element type {tensor.elem_type}, which has no Triton type here")
+        return {"name": value.name, "data_type": _TRITON_TYPES[tensor.elem_type], "dims": dims[1:]}
+
+    return spec(inputs[0]), spec(graph.output[0])
+
+
+def model_name(manifest: dict, artifact: dict) -> str:
+    suffix = "_trt" if artifact["format"] == "trt" else ""
+    return f"{manifest['source']['recipe']}_{artifact['precision']}{suffix}".replace("-", "_")
+
+
+def config_pbtxt(name: str, platform: str, max_batch: int, inp: dict, out: dict, gpu_only: bool) -> str:
+    """Triton's model configuration in protobuf text format (tests parse it with Triton's own schema)."""
+    def dims(values: list[int]) -> str:
+        return "[ " + ", ".join(str(v) for v in values) + " ]"
+
+    return f"""name: "{name}"
+platform: "{platform}"
+max_batch_size: {max_batch}
+input [
+  {{
+    name: "{inp['name']}"
+    data_type: {inp['data_type']}
+    dims: {dims(inp['dims'])}
+  }}
+]
+output [
+  {{
+    name: "{out['name']}"
+    data_type: {out['data_type']}
+    dims: {dims(out['dims'])}
+    label_filename: "labels.txt"
+  }}
+]
+dynamic_batching {{
+  max_queue_delay_microseconds: {QUEUE_DELAY_US}
+}}
+instance_group [
+  {{
+    count: 1
+    kind: {"KIND_GPU" if gpu_only else "KIND_AUTO"}
+  }}
+]
+"""
+
+
+def write_triton_model(export_dir: Path, manifest: dict, artifact: dict, onnx_source: Path, max_batch: int) -> dict:
+    """Add one artifact to ``export_dir/triton/`` and return its record for the manifest.
+
+    ``onnx_source`` is the ONNX graph whose input/output the model has (for an engine: the ONNX
+    it was built from)."""
+    name = model_name(manifest, artifact)
+    is_plan = artifact["format"] == "trt"
+    platform, file = ("tensorrt_plan", "model.plan") if is_plan else ("onnxruntime_onnx", "model.onnx")
+    inp, out = graph_io(onnx_source)
+    model_dir = export_dir / REPOSITORY / name
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    (model_dir / "1").mkdir(parents=True)
+    shutil.copyfile(export_dir / artifact["file"], model_dir / "1" / file)
+    with atomic_write(model_dir / "labels.txt", "w") as f:
+        f.write("".join(f"{c}\n" for c in manifest["classes"]))
+    with atomic_write(model_dir / "config.pbtxt", "w") as f:
+        f.write(config_pbtxt(name, platform, max_batch, inp, out, gpu_only=is_plan))
+    return {"name": name, "platform": platform, "source": artifact["file"], "sha256": sha256_file(model_dir / "1" / file),
+            "max_batch_size": max_batch, "input": inp, "output": out}
