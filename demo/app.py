@@ -76,10 +76,10 @@ def _tab(catalog: Catalog, family_name: str, classify, classify_sketch, examples
             if classify_sketch is not None:
                 with gr.Tab("Draw"):
                     sketch = gr.Sketchpad(
-                        type="numpy", image_mode="RGBA", canvas_size=(400, 400), label="Draw a digit",
-                        brush=gr.Brush(default_size=22, colors=["#000000"], color_mode="fixed"),
+                        type="numpy", image_mode="RGBA", canvas_size=(300, 300), label="Draw a digit",
+                        brush=gr.Brush(default_size=16, colors=["#000000"], color_mode="fixed"), elem_id=f"{family_name}-sketch",
                     )
-                    sketch_button = gr.Button("Classify drawing", variant="primary")
+                    sketch_button = gr.Button("Classify drawing", variant="primary", elem_id=f"{family_name}-classify-drawing")
             with gr.Tab("Upload"):
                 upload = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], elem_id=f"{family_name}-upload")
                 upload_button = gr.Button("Classify image", variant="primary", elem_id=f"{family_name}-classify")
