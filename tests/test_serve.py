@@ -283,3 +283,13 @@ def test_preprocess_picks_the_pipeline_from_the_manifest(serving_export):
     manifest = load_manifest(serving_export)
     assert preprocess(draw_digit("7"), manifest).shape == (28, 28)
     assert preprocess(Image.new("RGB", (40, 90), "red"), {**manifest, "dataset": "cifar10"}).shape == (32, 32, 3)
+
+
+def test_serve_cli_refuses_a_missing_folder_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "toolkit", "serve", str(tmp_path / "nope"), "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "no such export folder" in lines[0], proc.stderr

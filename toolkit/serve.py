@@ -24,7 +24,7 @@ from toolkit.errors import ToolkitError
 from toolkit.files import resolve_data_dir
 from toolkit.manifest import NAME as MANIFEST_NAME
 from toolkit.manifest import load_manifest
-from toolkit.runtime import Runner, make_runner, runtimes_for, trt_missing_reason
+from toolkit.runtime import Runner, check_engine_compatible, make_runner, runtimes_for, trt_missing_reason
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -197,6 +197,12 @@ class Catalog:
                     why = trt_missing_reason() if art["format"] == "trt" else f"no runtime for format {art['format']!r}"
                     catalog.skipped.append(f"{key}: {why}")
                     continue
+                if art["format"] == "trt":  # an engine runs only on the TensorRT version and GPU it was built for
+                    try:
+                        check_engine_compatible(export_dir / art["file"])
+                    except ToolkitError as exc:
+                        catalog.skipped.append(f"{key}: {exc}")
+                        continue
                 runtime = next(r for r in RUNTIME_PREFERENCE if r in runtimes)
                 catalog.entries[key] = Entry(key, export_dir, manifest, art, runtime)
         if not catalog.entries:
@@ -326,8 +332,9 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
         say(f"not served: {line}")
     example_dir = Path(tempfile.mkdtemp(prefix="toolkit-examples-"))
     root = resolve_data_dir(data_dir)
-    example_paths = write_examples(mnist_test_digits(root, examples), example_dir) if catalog.keys(MNIST_FAMILY) else []
-    if catalog.keys(MNIST_FAMILY) and not example_paths:
+    wants_examples = examples > 0 and bool(catalog.keys(MNIST_FAMILY))
+    example_paths = write_examples(mnist_test_digits(root, examples), example_dir) if wants_examples else []
+    if wants_examples and not example_paths:
         say(f"no MNIST test set under {root}: the MNIST tab has no examples (set --data-dir or TOOLKIT_DATA_DIR)")
     demo = build_demo(catalog, example_paths, top_k=top_k)
     demo.queue(default_concurrency_limit=4)
