@@ -293,3 +293,36 @@ def test_serve_cli_refuses_a_missing_folder_in_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "no such export folder" in lines[0], proc.stderr
+
+
+def test_cifar_export_is_served_beside_mnist(cifar_root, serving_export, tmp_path):
+    """A CIFAR-10 model (ft6, one epoch on the generated CIFAR files) in the same server as fine4:
+    the CIFAR artifact gets 32x32 RGB preprocessing, CIFAR class names, and the answer the ONNX
+    model gives when called directly."""
+    from gradio_client import Client, handle_file
+
+    from tests.conftest import CIFAR10_CLASSES, RECIPES, quiet
+    from toolkit.export import export
+    from toolkit.recipes import load_recipe
+    from toolkit.runtime import ort_runner
+    from toolkit.serve import serve
+    from toolkit.train import train
+
+    run = train(load_recipe(RECIPES / "ft6.toml"), device="cpu", data_dir=cifar_root, out=tmp_path / "runs", epochs=1,
+                download=False, console=quiet())
+    cifar_export = Path(export(run.run_dir, out=tmp_path / "exports", console=quiet())["export_dir"])
+    catalog = Catalog.from_dirs([serving_export, cifar_export])
+    cifar_key = f"{cifar_export.name}/model.fp32.onnx"
+    assert catalog.keys("cifar") == [cifar_key] and cifar_key not in catalog.keys("mnist")
+    photo = tmp_path / "photo.png"  # RGBA, odd size: resized to 32x32 RGB on white
+    rgba = np.random.default_rng(3).integers(0, 256, (90, 150, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(photo)
+    x = to_input(cifar_image(open_image(str(photo))), catalog.entries[cifar_key].manifest)
+    direct = CIFAR10_CLASSES[int(ort_runner(cifar_export / "model.fp32.onnx", "ort-cpu")(x).argmax())]
+
+    demo, url = serve([serving_export, cifar_export], port=free_port(), examples=0, block=False, console=None)
+    try:
+        result = Client(url, verbose=False).predict(handle_file(str(photo)), cifar_key, api_name="/predict")
+    finally:
+        demo.close()
+    assert result["label"] == direct and {c["label"] for c in result["confidences"]} <= set(CIFAR10_CLASSES)
