@@ -12,8 +12,12 @@ the full test pass), as a user would wait for it:
 - toolkit: ``toolkit train RECIPE --epochs N --pipeline P`` (``--pipeline``: fast by default, or
   dataloader, the seeds' pipeline inside the toolkit's loop).
 
-Prints images/s for each and the ratio toolkit / seeds (lower is better). MNIST only for now:
-the CIFAR recipes need CIFAR files, which torchvision's integrity check only accepts when real.
+Prints images/s for each and the ratio toolkit / seeds (lower is better). MNIST runs on the real
+files under --data-dir. CIFAR recipes (ft1-6, resnet20_*, resnet44v2_cifar100) run on generated
+CIFAR files in the real on-disk format (bench/cifar_files.py; ``--generated-cifar N`` training
+images, N/5 test images): there is no CIFAR data here, so those figures are speed only.
+
+    python bench/train_speed.py --recipe ft6 --epochs 1 --generated-cifar 5000
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # bench.cifar_files, when run as a script
+
+
+def register_generated_cifar(md5_file: str | None) -> None:
+    """In a child process: accept the generated CIFAR files in torchvision's integrity check."""
+    if md5_file:
+        from bench.cifar_files import register
+
+        register(json.loads(Path(md5_file).read_text()))
 
 
 def seed_pipeline(recipe_ref: str, epochs: int, data_dir: str, device: str, workers: int) -> None:
@@ -96,24 +109,49 @@ def main() -> None:
     parser.add_argument("--seed-workers", type=int, default=0, help="DataLoader workers for the seeds' pipeline")
     parser.add_argument("--pipeline", default="fast", choices=("fast", "dataloader"), help="the toolkit's data pipeline")
     parser.add_argument("--json", dest="json_out", help="also write the result here")
+    parser.add_argument("--generated-cifar", type=int, default=5000, help="CIFAR recipes: training images generated (test: a fifth)")
     parser.add_argument("--run-seed-pipeline", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--run-toolkit", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.add_argument("--cifar-md5", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_seed_pipeline:
+        register_generated_cifar(args.cifar_md5)
         seed_pipeline(args.recipe, args.epochs, args.data_dir, args.device, args.seed_workers)
+        return
+    if args.run_toolkit is not None:  # `toolkit ...` exactly as the command line runs it
+        register_generated_cifar(args.cifar_md5)
+        from toolkit.cli import main as toolkit_main
+
+        sys.argv = ["toolkit", *args.run_toolkit]
+        toolkit_main()
         return
 
     from toolkit.data import SPECS
     from toolkit.recipes import load_recipe
 
     recipe = load_recipe(args.recipe)
-    n_train = {"mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}[recipe.data.dataset] * args.epochs
-    seeds = timed([sys.executable, __file__, "--run-seed-pipeline", "--recipe", args.recipe, "--epochs", str(args.epochs),
-                   "--data-dir", args.data_dir, "--device", args.device, "--seed-workers", str(args.seed_workers)])
-    with tempfile.TemporaryDirectory() as out:
-        toolkit = timed([sys.executable, "-m", "toolkit", "train", args.recipe, "--epochs", str(args.epochs), "--device", args.device,
-                         "--data-dir", args.data_dir, "--out", out, "--pipeline", args.pipeline])
+    with tempfile.TemporaryDirectory() as tmp:
+        seed_cmd = [sys.executable, __file__, "--run-seed-pipeline"]
+        toolkit_cmd = [sys.executable, "-m", "toolkit"]
+        data_dir = args.data_dir
+        if recipe.data.dataset == "mnist":
+            n_train = 60_000 * args.epochs
+        else:
+            from bench.cifar_files import write_cifar
+
+            n = args.generated_cifar
+            data_dir = str(Path(tmp) / "data")
+            md5 = Path(tmp) / "md5.json"
+            md5.write_text(json.dumps(write_cifar(Path(data_dir), per_batch=n // 5, test=n // 5, c100_train=n, c100_test=n // 5)))
+            seed_cmd += ["--cifar-md5", str(md5)]
+            toolkit_cmd = [sys.executable, __file__, "--cifar-md5", str(md5), "--run-toolkit"]
+            n_train = (n // 5) * 5 * args.epochs
+        seeds = timed([*seed_cmd, "--recipe", args.recipe, "--epochs", str(args.epochs),
+                       "--data-dir", data_dir, "--device", args.device, "--seed-workers", str(args.seed_workers)])
+        toolkit = timed([*toolkit_cmd, "train", args.recipe, "--epochs", str(args.epochs), "--device", args.device,
+                         "--data-dir", data_dir, "--out", str(Path(tmp) / "runs"), "--pipeline", args.pipeline])
     result = {
-        "recipe": args.recipe, "epochs": args.epochs, "device": args.device, "pipeline": args.pipeline, "dataset": SPECS[recipe.data.dataset].name,
+        "recipe": args.recipe, "epochs": args.epochs, "images": "real" if recipe.data.dataset == "mnist" else f"generated, {n_train // args.epochs} per epoch", "device": args.device, "pipeline": args.pipeline, "dataset": SPECS[recipe.data.dataset].name,
         "seeds_seconds": round(seeds, 2), "toolkit_seconds": round(toolkit, 2),
         "seeds_images_per_s": round(n_train / seeds, 1), "toolkit_images_per_s": round(n_train / toolkit, 1),
         "ratio_toolkit_over_seeds": round(toolkit / seeds, 3),

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
-from torchvision import datasets
+
+from bench.cifar_files import register, write_cifar
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
+
 
 def quiet():
     """A rich Console that prints nowhere: tests read results, not progress bars."""
@@ -21,9 +21,6 @@ def quiet():
     from rich.console import Console
 
     return Console(file=io.StringIO())
-
-
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 @pytest.fixture(scope="session")
@@ -37,20 +34,6 @@ def mnist_root() -> Path:
     return root
 
 
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def _pickle(obj, path: Path) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)
-
-
-def _images(rng: np.random.Generator, n: int) -> np.ndarray:
-    # N x 3072 uint8, channel-major rows as in the real pickles
-    return rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
-
-
 @pytest.fixture
 def cifar_root(tmp_path: Path, monkeypatch) -> Path:
     """Small CIFAR-10 and CIFAR-100 trees in the real format, loadable by torchvision's own classes.
@@ -58,28 +41,7 @@ def cifar_root(tmp_path: Path, monkeypatch) -> Path:
     torchvision checks each file's md5 against a table on the class; the generated files'
     checksums are registered there, so its integrity check runs for real.
     """
-    rng = np.random.default_rng(0)
-    c10 = tmp_path / "cifar-10-batches-py"
-    c10.mkdir()
-    train_list = []
-    for i in range(1, 6):
-        name = f"data_batch_{i}"
-        _pickle({"batch_label": name, "labels": [int(v) for v in rng.integers(0, 10, 40)], "data": _images(rng, 40), "filenames": []}, c10 / name)
-        train_list.append([name, _md5(c10 / name)])
-    _pickle({"batch_label": "test", "labels": [int(v) for v in np.arange(50) % 10], "data": _images(rng, 50), "filenames": []}, c10 / "test_batch")
-    _pickle({"label_names": CIFAR10_CLASSES, "num_cases_per_batch": 40, "num_vis": 3072}, c10 / "batches.meta")
-    monkeypatch.setattr(datasets.CIFAR10, "train_list", train_list)
-    monkeypatch.setattr(datasets.CIFAR10, "test_list", [["test_batch", _md5(c10 / "test_batch")]])
-    monkeypatch.setattr(datasets.CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names", "md5": _md5(c10 / "batches.meta")})
-
-    c100 = tmp_path / "cifar-100-python"
-    c100.mkdir()
-    for split, n in (("train", 300), ("test", 100)):
-        _pickle({"filenames": [], "fine_labels": [int(v) for v in np.arange(n) % 100], "coarse_labels": [0] * n, "data": _images(rng, n)}, c100 / split)
-    _pickle({"fine_label_names": [f"class_{i:02d}" for i in range(100)], "coarse_label_names": ["all"]}, c100 / "meta")
-    monkeypatch.setattr(datasets.CIFAR100, "train_list", [["train", _md5(c100 / "train")]])
-    monkeypatch.setattr(datasets.CIFAR100, "test_list", [["test", _md5(c100 / "test")]])
-    monkeypatch.setattr(datasets.CIFAR100, "meta", {"filename": "meta", "key": "fine_label_names", "md5": _md5(c100 / "meta")})
+    register(write_cifar(tmp_path), monkeypatch.setattr)
     return tmp_path
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import CIFAR10_CLASSES, RECIPES
+from bench.cifar_files import CIFAR10_CLASSES
+from tests.conftest import RECIPES
 from toolkit import data as data_mod
 from toolkit.errors import ToolkitError
 from toolkit.recipes import load_recipe

@@ -301,7 +301,8 @@ def test_cifar_export_is_served_beside_mnist(cifar_root, serving_export, tmp_pat
     model gives when called directly."""
     from gradio_client import Client, handle_file
 
-    from tests.conftest import CIFAR10_CLASSES, RECIPES, quiet
+    from bench.cifar_files import CIFAR10_CLASSES
+    from tests.conftest import RECIPES, quiet
     from toolkit.export import export
     from toolkit.recipes import load_recipe
     from toolkit.runtime import ort_runner
