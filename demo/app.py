@@ -27,11 +27,14 @@ format (white on black, scaled to 20 px, centred by mass in 28x28) before the mo
 
 
 def build_demo(catalog: Catalog, examples: list[str], top_k: int = 3) -> gr.Blocks:
-    def classify(image, key):
+    def run(image, key):
         try:
-            pred = catalog.classify(image, key or None, top_k=top_k)
+            return catalog.classify(image, key or None, top_k=top_k)
         except ToolkitError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
+
+    def classify(image, key):
+        pred = run(image, key)
         # what the model was given, enlarged 5x with square pixels so it can be seen
         seen = pred.pixels.repeat(5, axis=0).repeat(5, axis=1)
         return pred.top, pred.summary(), seen
@@ -42,7 +45,7 @@ def build_demo(catalog: Catalog, examples: list[str], top_k: int = 3) -> gr.Bloc
 
     def predict(image, artifact):
         """The public API: an image file and an optional artifact name -> the label output."""
-        return classify(image, artifact)[0]
+        return run(image, artifact).top
 
     with gr.Blocks(title="toolkit demo") as demo:
         gr.Markdown(INTRO)

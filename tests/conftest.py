@@ -101,10 +101,11 @@ def serving_export(mnist_root, tmp_path_factory):
 
 def mnist_test_set(root: Path) -> tuple[np.ndarray, np.ndarray]:
     """The real MNIST test images (10000x28x28 uint8) and labels, read from the raw IDX files."""
-    raw = root / "MNIST" / "raw"
-    images = np.frombuffer((raw / "t10k-images-idx3-ubyte").read_bytes(), np.uint8, offset=16).reshape(-1, 28, 28)
-    labels = np.frombuffer((raw / "t10k-labels-idx1-ubyte").read_bytes(), np.uint8, offset=8)
-    return images, labels
+    from toolkit.serve import mnist_test_split
+
+    split = mnist_test_split(root)
+    assert split is not None, f"no MNIST test files under {root}"
+    return split
 
 
 def free_port() -> int:

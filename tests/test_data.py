@@ -9,16 +9,17 @@ from bench.cifar_files import CIFAR10_CLASSES
 from tests.conftest import RECIPES
 from toolkit import data as data_mod
 from toolkit.errors import ToolkitError
+from toolkit.files import resolve_data_dir
 from toolkit.recipes import load_recipe
 
 
 def test_data_dir_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("TOOLKIT_DATA_DIR", str(tmp_path / "env"))
-    assert data_mod.resolve_data_dir(tmp_path / "opt") == tmp_path / "opt"
-    assert data_mod.resolve_data_dir(None) == tmp_path / "env"
+    assert resolve_data_dir(tmp_path / "opt") == tmp_path / "opt"
+    assert resolve_data_dir(None) == tmp_path / "env"
     monkeypatch.delenv("TOOLKIT_DATA_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert data_mod.resolve_data_dir(None) == tmp_path / "cache" / "toolkit" / "data"
+    assert resolve_data_dir(None) == tmp_path / "cache" / "toolkit" / "data"
 
 
 @pytest.mark.parametrize("dataset, folder", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])

@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
 from toolkit.errors import ToolkitError
-from toolkit.files import resolve_data_dir  # noqa: F401  (re-exported: data.resolve_data_dir)
 from toolkit.recipes import Augment, Recipe
 
 

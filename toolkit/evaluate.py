@@ -10,6 +10,7 @@ from rich.table import Table
 
 from toolkit import data as data_mod
 from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
+from toolkit.files import resolve_data_dir
 from toolkit.recipes import Recipe
 from toolkit.report import pyplot, save_png
 from toolkit.train import evaluate, make_loader_for_eval, pick_device, progress_bar
@@ -45,7 +46,7 @@ def evaluate_checkpoint(ref, *, data_dir=None, device: str = "auto", console: Co
     recipe = Recipe.model_validate(ckpt["recipe"])
     dev = pick_device(device)
     model = model_from_checkpoint(ckpt).to(dev)
-    test_ds = data_mod.build_dataset(recipe, data_mod.resolve_data_dir(data_dir), train=False, download=download)
+    test_ds = data_mod.build_dataset(recipe, resolve_data_dir(data_dir), train=False, download=download)
     loader = make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev)
     with progress_bar(console) as progress:
         loss, acc, preds, labels = evaluate(model, loader, dev, progress=progress)

@@ -21,6 +21,7 @@ from torch import nn
 from toolkit import data as data_mod
 from toolkit.checkpoint import latest_run, load_checkpoint, model_from_checkpoint, save_checkpoint
 from toolkit.errors import ToolkitError, check_choice
+from toolkit.files import resolve_data_dir
 from toolkit.models import count_params
 from toolkit.recipes import Recipe
 from toolkit.train import checkpoint_dict, evaluate, make_loader_for_eval, new_run_dir, pick_device, train
@@ -106,7 +107,7 @@ def prune(
     model = model_from_checkpoint(ckpt)
     dev = pick_device(device)
 
-    test_ds = data_mod.build_dataset(recipe, data_mod.resolve_data_dir(data_dir), train=False, download=download)
+    test_ds = data_mod.build_dataset(recipe, resolve_data_dir(data_dir), train=False, download=download)
     if test_limit:
         test_ds = torch.utils.data.Subset(test_ds, range(min(test_limit, len(test_ds))))
     loader = make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev)

@@ -17,8 +17,8 @@ import onnx
 from rich.console import Console
 
 from toolkit import data as data_mod
-from toolkit.files import atomic_write
 from toolkit.errors import ToolkitError, check_choice
+from toolkit.files import atomic_write, resolve_data_dir
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
@@ -27,7 +27,7 @@ HOLDOUT_SIZE = 2000
 
 def training_slices(manifest: dict, data_dir, calib_size: int, holdout: int = HOLDOUT_SIZE, seed: int = 0, download: bool = True):
     """Disjoint random slices of the training split: calibration images, and a held-out set with labels."""
-    x, y, _ = data_mod.split_arrays(manifest["dataset"], data_mod.resolve_data_dir(data_dir), train=True, download=download)
+    x, y, _ = data_mod.split_arrays(manifest["dataset"], resolve_data_dir(data_dir), train=True, download=download)
     import torch
 
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))

@@ -154,6 +154,7 @@ def trt_runner(engine_path: Path) -> Runner:
     if len(inputs) != 1 or len(outputs) != 1:
         raise ToolkitError(f"{engine_path}: expected one input and one output, found {inputs} -> {outputs}")
     stream = cuda_call(cudart.cudaStreamCreate())
+    h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
     buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes): grown, never shrunk
 
     def device_buffer(name: str, nbytes: int) -> int:
@@ -172,7 +173,6 @@ def trt_runner(engine_path: Path) -> Runner:
         d_in, d_out = device_buffer(inputs[0], host_in.nbytes), device_buffer(outputs[0], host_out.nbytes)
         context.set_tensor_address(inputs[0], d_in)
         context.set_tensor_address(outputs[0], d_out)
-        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         cuda_call(cudart.cudaMemcpyAsync(d_in, host_in.ctypes.data, host_in.nbytes, h2d, stream))
         if not context.execute_async_v3(int(stream)):
             raise ToolkitError(f"{engine_path}: TensorRT execution failed")

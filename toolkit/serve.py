@@ -205,6 +205,12 @@ class Catalog:
                         continue
                 runtime = next(r for r in RUNTIME_PREFERENCE if r in runtimes)
                 catalog.entries[key] = Entry(key, export_dir, manifest, art, runtime)
+        # serving order, fixed once: newest export first, fp32 before lower precisions
+        rank = {"fp32": 0, "fp16": 1, "int8": 2}
+        newest = {d: -(d / MANIFEST_NAME).stat().st_mtime for d in {e.export_dir for e in catalog.entries.values()}}
+        ordered = sorted(catalog.entries.values(), key=lambda e: (newest[e.export_dir], e.manifest["name"],
+                                                                  rank.get(e.artifact["precision"], 9), e.artifact["file"]))
+        catalog.entries = {e.key: e for e in ordered}
         if not catalog.entries:
             where = ", ".join(str(d) for d in dirs)
             raise ToolkitError(f"nothing to serve under {where}: run `toolkit train` and `toolkit export` first"
@@ -212,15 +218,12 @@ class Catalog:
         return catalog
 
     def keys(self, family_name: str | None = None) -> list[str]:
-        """Keys in serving order: newest export first, fp32 before lower precisions."""
-        rank = {"fp32": 0, "fp16": 1, "int8": 2}
-        chosen = [e for e in self.entries.values() if family_name is None or family(e.manifest["dataset"]) == family_name]
-        chosen.sort(key=lambda e: (-_mtime(e.export_dir), e.manifest["name"], rank.get(e.artifact["precision"], 9), e.artifact["file"]))
-        return [e.key for e in chosen]
+        """Keys in serving order (newest export first, fp32 before lower precisions), of one family or all."""
+        return [k for k, e in self.entries.items() if family_name is None or family(e.manifest["dataset"]) == family_name]
 
     def entry(self, key: str | None) -> Entry:
         if not key:
-            return self.entries[self.keys()[0]]
+            return next(iter(self.entries.values()))
         if key not in self.entries:
             raise ToolkitError(f"unknown artifact {key!r}; served here: {', '.join(self.keys())}")
         return self.entries[key]
@@ -264,10 +267,6 @@ class Prediction:
                 f"model {self.model_ms:.2f} ms · with preprocessing {self.total_ms:.2f} ms · `{self.entry.key}`")
 
 
-def _mtime(export_dir: Path) -> float:
-    return (export_dir / MANIFEST_NAME).stat().st_mtime
-
-
 def find_exports(dirs: list[Path]) -> list[Path]:
     """Export folders: each given folder that has a manifest, or its sub-folders that do."""
     found: list[Path] = []
@@ -284,9 +283,9 @@ def find_exports(dirs: list[Path]) -> list[Path]:
 
 # ----------------------------------------------------------------------------- examples
 
-def mnist_test_digits(data_dir: Path, count: int, seed: int = 0) -> list[tuple[np.ndarray, int]]:
-    """``count`` random digits of the real MNIST test set (torchvision's raw IDX files), read
-    without torch; [] when the files are not there."""
+def mnist_test_split(data_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The real MNIST test images (N x 28 x 28 uint8) and labels from torchvision's raw IDX files
+    (plain or .gz), read without torch; None when the files are not there."""
     raw = Path(data_dir) / "MNIST" / "raw"
 
     def read(name: str) -> np.ndarray | None:
@@ -300,8 +299,15 @@ def mnist_test_digits(data_dir: Path, count: int, seed: int = 0) -> list[tuple[n
         return None
 
     images, labels = read("t10k-images-idx3-ubyte"), read("t10k-labels-idx1-ubyte")
-    if images is None or labels is None:
+    return None if images is None or labels is None else (images, labels)
+
+
+def mnist_test_digits(data_dir: Path, count: int, seed: int = 0) -> list[tuple[np.ndarray, int]]:
+    """``count`` random digits of the real MNIST test set; [] when the files are not there."""
+    split = mnist_test_split(data_dir)
+    if split is None:
         return []
+    images, labels = split
     pick = np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False)
     return [(images[i], int(labels[i])) for i in pick]
 
@@ -330,17 +336,21 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
     say = console.print if console is not None else print
     for line in catalog.skipped:
         say(f"not served: {line}")
-    example_dir = Path(tempfile.mkdtemp(prefix="toolkit-examples-"))
     root = resolve_data_dir(data_dir)
-    wants_examples = examples > 0 and bool(catalog.keys(MNIST_FAMILY))
-    example_paths = write_examples(mnist_test_digits(root, examples), example_dir) if wants_examples else []
-    if wants_examples and not example_paths:
-        say(f"no MNIST test set under {root}: the MNIST tab has no examples (set --data-dir or TOOLKIT_DATA_DIR)")
+    example_paths: list[str] = []
+    allowed: list[str] = []
+    if examples > 0 and catalog.keys(MNIST_FAMILY):
+        digits = mnist_test_digits(root, examples)
+        if digits:
+            example_dir = Path(tempfile.mkdtemp(prefix="toolkit-examples-"))
+            example_paths, allowed = write_examples(digits, example_dir), [str(example_dir)]
+        else:
+            say(f"no MNIST test set under {root}: the MNIST tab has no examples (set --data-dir or TOOLKIT_DATA_DIR)")
     demo = build_demo(catalog, example_paths, top_k=top_k)
     demo.queue(default_concurrency_limit=4)
     app, url, _ = demo.launch(
         server_name=host, server_port=port, share=share, max_file_size=max_upload, show_error=True,
-        allowed_paths=[str(example_dir)], ssr_mode=False, quiet=True, prevent_thread_lock=not block,
+        allowed_paths=allowed, ssr_mode=False, quiet=True, prevent_thread_lock=not block,
     )
     if not block:
         return demo, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"

@@ -26,8 +26,8 @@ from torch.utils.data import Subset
 
 from toolkit import data as data_mod
 from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
-from toolkit.files import atomic_write
 from toolkit.errors import ToolkitError, check_choice
+from toolkit.files import atomic_write, resolve_data_dir
 from toolkit.models import count_params, layer_widths
 from toolkit.recipes import Recipe
 
@@ -307,7 +307,7 @@ def train(
     on_gpu = dev.type == "cuda"
 
     # ---- data
-    root = data_mod.resolve_data_dir(data_dir)
+    root = resolve_data_dir(data_dir)
     spec = data_mod.SPECS[recipe.data.dataset]
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed + rank)  # dropout differs per rank; the shared shuffle comes from loader_rng

@@ -17,9 +17,8 @@ from rich.table import Table
 
 from toolkit import data as data_mod
 from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
-from toolkit.files import atomic_write
 from toolkit.errors import ToolkitError
-from toolkit.files import sha256_file
+from toolkit.files import atomic_write, resolve_data_dir, sha256_file
 from toolkit.manifest import latest_export, load_manifest, save_manifest
 from toolkit.runtime import make_runner, runtimes_for, torch_runner, trt_missing_reason
 
@@ -47,7 +46,7 @@ def reference_model(manifest: dict):
 
 
 def test_set(manifest: dict, data_dir, download: bool = True, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    x, y, _ = data_mod.split_arrays(manifest["dataset"], data_mod.resolve_data_dir(data_dir), train=False, download=download)
+    x, y, _ = data_mod.split_arrays(manifest["dataset"], resolve_data_dir(data_dir), train=False, download=download)
     if limit:
         x, y = x[:limit], y[:limit]
     return data_mod.normalize(x, manifest["normalization"]), y.numpy()

@@ -16,8 +16,8 @@ from typing import Iterator
 from rich.console import Console
 
 from toolkit.checkpoint import latest_run, load_checkpoint, model_from_checkpoint
-from toolkit.files import umask_mode
 from toolkit.errors import ToolkitError, check_choice
+from toolkit.files import umask_mode
 from toolkit.manifest import NAME as MANIFEST_NAME
 from toolkit.manifest import artifact_entry, load_manifest, new_manifest, save_manifest, upsert_artifact
 
@@ -181,10 +181,11 @@ def _export_triton(ckpt: dict, export_dir: Path, precision: str, max_batch: int,
         graph_source = stage / artifact_file("onnx", "int8" if precision == "int8" else "fp32")
         served = [a for a in manifest["artifacts"] if a["precision"] == precision and a["format"] in ("onnx", "trt")]
         models = manifest.setdefault("triton", {"repository": REPOSITORY, "models": {}})["models"]
+        names = []
         for art in served:
             record = write_triton_model(stage, manifest, art, stage / source if art["format"] == "onnx" else graph_source, max_batch)
             models[record["name"]] = record
+            names.append(record["name"])
         save_manifest(manifest, stage)
-    names = [m for m in models if models[m]["source"] in {a["file"] for a in served}]
     console.print(f"Triton model{'s' if len(names) > 1 else ''} {', '.join(names)} -> {export_dir / REPOSITORY}")
     return {"format": "triton", "precision": precision, "repository": str(export_dir / REPOSITORY), "models": names, "export_dir": str(export_dir)}

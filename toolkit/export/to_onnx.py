@@ -10,8 +10,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from toolkit.files import atomic_write
 from toolkit.errors import ToolkitError
+from toolkit.files import atomic_write
 
 OPSET = 18
 MAX_BATCH = 4096

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from toolkit.files import atomic_write
 from toolkit.errors import ToolkitError
+from toolkit.files import atomic_write
 from toolkit.runtime import current_gpu, engine_sidecar, trt_missing_reason
 
 WORKSPACE_BYTES = 1 << 30
