@@ -298,6 +298,42 @@ def test_uint8_activation_option(fine4_run, mnist_root, tmp_path):
         export(fine4_run.run_dir, precision="int8", int8_activations="int4", out=tmp_path, console=quiet())
 
 
+def test_uint8_keeps_resnet_blocks_in_int8_and_symmetric_int8_keeps_relus(tmp_path):
+    """ResNet20 (random weights: the graph's structure does not depend on them). uint8: every ReLU
+    is folded away and every residual Add reads dequantized int8 tensors, the layout that makes
+    ONNX Runtime's CPU kernels fast (bench/int8_speed.py). int8 (TensorRT's format): ReLUs stay."""
+    from toolkit.export.to_onnx import export_onnx
+    from toolkit.models import create_model
+    from toolkit.quantize import quantize_int8
+
+    torch.manual_seed(0)
+    manifest = {"model": "resnet20", "dataset": "-", "classes": [], "normalization": {}, "input": {"name": "input", "shape": ["batch", 3, 32, 32]},
+                "output": {"name": "logits"}, "source": {"recipe": "-", "sha256": "-"}}
+    fp32 = tmp_path / "fp32.onnx"
+    export_onnx(create_model("resnet20").eval(), manifest, fp32)
+    calib = np.random.default_rng(0).standard_normal((16, 3, 32, 32), dtype=np.float32)
+    graphs = {}
+    for act in ("uint8", "int8"):
+        quantize_int8(fp32, tmp_path / f"{act}.onnx", calib, activations=act)
+        graphs[act] = onnx.load(str(tmp_path / f"{act}.onnx")).graph
+
+    def ops(graph, op):
+        return [n for n in graph.node if n.op_type == op]
+
+    def add_inputs_from(graph):
+        producer = {o: n.op_type for n in graph.node for o in n.output}
+        return {producer[i] for n in ops(graph, "Add") for i in n.input}
+
+    assert len(ops(graphs["uint8"], "Add")) == 9  # one per residual block
+    assert add_inputs_from(graphs["uint8"]) == {"DequantizeLinear"}
+    assert ops(graphs["uint8"], "Relu") == []
+    assert len(ops(graphs["int8"], "Relu")) == 19
+    assert add_inputs_from(graphs["int8"]) != {"DequantizeLinear"}  # float Adds between int8 convolutions
+    # both still compute the network: same top-1 as fp32 on most random inputs
+    ref = ort_runner(fp32, "ort-cpu")(calib).argmax(1)
+    assert (ort_runner(tmp_path / "uint8.onnx", "ort-cpu")(calib).argmax(1) == ref).mean() >= 0.75
+
+
 def test_triton_repository_parses_with_tritons_schema_and_names_real_shapes(fine4_run, mnist_root, tmp_path):
     import onnxruntime as ort
     from google.protobuf import text_format

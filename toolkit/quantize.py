@@ -2,6 +2,8 @@
 
 Weights per channel, activations calibrated on images from the training split; both
 symmetric, so the same QDQ model also builds a TensorRT int8 engine (explicit quantization).
+A CPU-only variant (``activations="uint8"``) quantizes residual Adds and ReLUs as well, so ONNX
+Runtime folds each ReLU into its convolution and keeps whole residual blocks in int8.
 ``auto_fallback`` keeps the most sensitive layers in float until the model meets its gate,
 measured on a held-out slice of the training split, never on the test set.
 """
@@ -22,6 +24,10 @@ from toolkit.files import atomic_write, resolve_data_dir
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+# uint8 (ONNX Runtime CPU): with asymmetric activations a quantized ReLU is only a zero point, so
+# ORT drops it, and quantized Adds keep residual blocks in int8 instead of a dequantize/quantize
+# round trip around every shortcut. With symmetric int8 the ReLUs must stay, and this gains nothing.
+CPU_QUANTIZED_OPS = (*QUANTIZED_OPS, "Add", "Relu")
 HOLDOUT_SIZE = 2000
 
 
@@ -58,8 +64,8 @@ def quantizable_nodes(path: Path) -> list[str]:
 def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minmax", exclude: list[str] | None = None, only: list[str] | None = None,
                   activations: str = "int8") -> dict:
     """``activations="int8"`` (default): symmetric int8, which TensorRT needs. ``"uint8"``:
-    asymmetric uint8 activations, the format ONNX Runtime's x86 kernels are fastest with; such
-    a model does not build a TensorRT engine."""
+    asymmetric uint8 activations, the format ONNX Runtime's x86 kernels are fastest with, and
+    Adds and ReLUs quantized too (``CPU_QUANTIZED_OPS``); such a model does not build a TensorRT engine."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -80,7 +86,7 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
             per_channel=True,
             activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            op_types_to_quantize=list(QUANTIZED_OPS),
+            op_types_to_quantize=list(QUANTIZED_OPS if activations == "int8" else CPU_QUANTIZED_OPS),
             nodes_to_exclude=exclude or None,
             nodes_to_quantize=only or None,
             calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method],
