@@ -31,6 +31,8 @@ from toolkit.files import atomic_write, resolve_data_dir
 from toolkit.models import count_params, layer_widths
 from toolkit.recipes import Recipe
 
+# torch.compile modes; "reduce-overhead" also captures the step in CUDA graphs on a GPU
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
 
 
@@ -278,10 +280,13 @@ def train(
     run_name: str | None = None,
     after_step=None,
     extra_meta: dict | None = None,
+    compile: str = "none",
 ) -> RunResult:
     """Train ``recipe`` (or continue ``resume``). ``model`` starts from given weights instead of the
     recipe's fresh model (pruning fine-tunes this way), ``after_step(model)`` runs after every
-    optimizer step, and ``extra_meta`` is stored in the checkpoints."""
+    optimizer step, and ``extra_meta`` is stored in the checkpoints. ``compile`` runs the training
+    forward/backward through ``torch.compile`` in that mode (one of ``COMPILE_MODES``); checkpoints
+    and evaluation keep the plain module, so the saved weights are the same either way."""
     console = console or Console(stderr=True)
     state = None
     if resume is not None:
@@ -296,6 +301,7 @@ def train(
     if pipeline is not None:
         updates["data"] = recipe.data.model_copy(update={"pipeline": check_choice("pipeline", pipeline, ("fast", "dataloader"))})
     recipe = recipe.model_copy(update=updates).resolved()
+    check_choice("compile mode", compile, COMPILE_MODES)
     dev = pick_device(device)
     rank, world = _init_distributed(dev)
     if world > 1 and dev.type == "cuda":
@@ -357,6 +363,9 @@ def train(
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[dev.index] if on_gpu else None)  # averages gradients
+    if compile != "none":
+        # the first steps pay the compilation (tens of seconds); worth it only for long runs, so opt-in
+        net = torch.compile(net, mode=None if compile == "default" else compile)
 
     meta = {
         "dataset": recipe.data.dataset,
@@ -372,7 +381,7 @@ def train(
     console.print(
         f"[bold]{recipe.name}[/]: {recipe.model.name} ({params:,} params) on {recipe.data.dataset} "
         f"[{n_train:,} train / {n_test:,} test per process, {recipe.data.pipeline} pipeline], {recipe.epochs} epochs, device {dev.type}"
-        + (f" x {world} processes" if world > 1 else "") + f" -> {run_dir}"
+        + (f" x {world} processes" if world > 1 else "") + (f", torch.compile {compile}" if compile != "none" else "") + f" -> {run_dir}"
     )
     if start_epoch >= recipe.epochs:
         console.print(f"nothing to do: the run already has {start_epoch} epochs")
