@@ -12,7 +12,9 @@ the full test pass), as a user would wait for it:
 - toolkit: ``toolkit train RECIPE --epochs N --pipeline P`` (``--pipeline``: fast by default, or
   dataloader, the seeds' pipeline inside the toolkit's loop).
 
-Prints images/s for each and the ratio toolkit / seeds (lower is better). MNIST runs on the real
+Prints images/s for each, the ratio toolkit / seeds (lower is better) and each side's test
+accuracy after the last epoch (the toolkit's best epoch too), so a speed-up that costs accuracy
+shows. MNIST runs on the real
 files under --data-dir. CIFAR recipes (ft1-6, resnet20_*, resnet44v2_cifar100) run on generated
 CIFAR files in the real on-disk format (bench/cifar_files.py; ``--generated-cifar N`` training
 images, N/5 test images): there is no CIFAR data here, so those figures are speed only.
@@ -23,8 +25,9 @@ images, N/5 test images): there is no CIFAR data here, so those figures are spee
 from __future__ import annotations
 
 import argparse
+import csv
 import json
-import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -91,13 +94,39 @@ def seed_pipeline(recipe_ref: str, epochs: int, data_dir: str, device: str, work
         print(f"seed pipeline epoch {epoch + 1}: test acc {100 * test_correct / len(test_ds):.2f}%", flush=True)
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str]) -> tuple[float, str]:
+    """Wall seconds of the whole process, and its standard output."""
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
-    return elapsed
+    return elapsed, proc.stdout
+
+
+def seeds_final_accuracy(stdout: str) -> float:
+    """The seeds' side prints 'seed pipeline epoch N: test acc X%' after each epoch."""
+    found = re.findall(r"test acc ([0-9.]+)%", stdout)
+    if not found:
+        sys.exit(f"the seeds' pipeline printed no test accuracy:\n{stdout[-2000:]}")
+    return float(found[-1])
+
+
+def toolkit_accuracy(runs: Path) -> tuple[float, float]:
+    """(best, final) test accuracy from the one run's metrics.csv."""
+    (metrics,) = runs.glob("*/metrics.csv")
+    accs = [float(row["test_acc"]) for row in csv.DictReader(metrics.open())]
+    return max(accs), accs[-1]
+
+
+def machine_name(device: str) -> str:
+    from toolkit.bench import machine
+
+    if device.startswith("cuda"):
+        import torch
+
+        return f"{torch.cuda.get_device_name(torch.device(device))}; host {machine()}"
+    return machine()
 
 
 def main() -> None:
@@ -108,6 +137,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed-workers", type=int, default=0, help="DataLoader workers for the seeds' pipeline")
     parser.add_argument("--pipeline", default="fast", choices=("fast", "dataloader"), help="the toolkit's data pipeline")
+    parser.add_argument("--compile", default="none", help="the toolkit side's torch.compile mode (toolkit train --compile)")
     parser.add_argument("--json", dest="json_out", help="also write the result here")
     parser.add_argument("--generated-cifar", type=int, default=5000, help="CIFAR recipes: training images generated (test: a fifth)")
     parser.add_argument("--run-seed-pipeline", action="store_true", help=argparse.SUPPRESS)
@@ -146,19 +176,22 @@ def main() -> None:
             seed_cmd += ["--cifar-md5", str(md5)]
             toolkit_cmd = [sys.executable, __file__, "--cifar-md5", str(md5), "--run-toolkit"]
             n_train = (n // 5) * 5 * args.epochs
-        seeds = timed([*seed_cmd, "--recipe", args.recipe, "--epochs", str(args.epochs),
+        seeds, seeds_out = timed([*seed_cmd, "--recipe", args.recipe, "--epochs", str(args.epochs),
                        "--data-dir", data_dir, "--device", args.device, "--seed-workers", str(args.seed_workers)])
-        toolkit = timed([*toolkit_cmd, "train", args.recipe, "--epochs", str(args.epochs), "--device", args.device,
-                         "--data-dir", data_dir, "--out", str(Path(tmp) / "runs"), "--pipeline", args.pipeline])
+        toolkit, _ = timed([*toolkit_cmd, "train", args.recipe, "--epochs", str(args.epochs), "--device", args.device,
+                            "--data-dir", data_dir, "--out", str(Path(tmp) / "runs"), "--pipeline", args.pipeline, "--compile", args.compile])
+        toolkit_best, toolkit_final = toolkit_accuracy(Path(tmp) / "runs")
     result = {
-        "recipe": args.recipe, "epochs": args.epochs, "images": "real" if recipe.data.dataset == "mnist" else f"generated, {n_train // args.epochs} per epoch", "device": args.device, "pipeline": args.pipeline, "dataset": SPECS[recipe.data.dataset].name,
+        "recipe": args.recipe, "epochs": args.epochs, "images": "real" if recipe.data.dataset == "mnist" else f"generated, {n_train // args.epochs} per epoch", "device": args.device, "pipeline": args.pipeline, "compile": args.compile, "dataset": SPECS[recipe.data.dataset].name,
         "seeds_seconds": round(seeds, 2), "toolkit_seconds": round(toolkit, 2),
         "seeds_images_per_s": round(n_train / seeds, 1), "toolkit_images_per_s": round(n_train / toolkit, 1),
         "ratio_toolkit_over_seeds": round(toolkit / seeds, 3),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "seeds_final_test_acc": seeds_final_accuracy(seeds_out), "toolkit_best_test_acc": toolkit_best, "toolkit_final_test_acc": toolkit_final,
+        "machine": machine_name(args.device), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     print(f"{args.recipe}, {args.epochs} epoch(s) on {args.device}, toolkit pipeline {args.pipeline}: seeds {seeds:.1f}s ({result['seeds_images_per_s']:,.0f} img/s), "
-          f"toolkit {toolkit:.1f}s ({result['toolkit_images_per_s']:,.0f} img/s), ratio {result['ratio_toolkit_over_seeds']:.2f}")
+          f"toolkit {toolkit:.1f}s ({result['toolkit_images_per_s']:,.0f} img/s), ratio {result['ratio_toolkit_over_seeds']:.2f}; "
+          f"final test accuracy seeds {result['seeds_final_test_acc']:.2f}%, toolkit {toolkit_final:.2f}% (best {toolkit_best:.2f}%)")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
 

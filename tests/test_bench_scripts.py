@@ -24,3 +24,8 @@ def test_train_speed_runs_both_sides_on_generated_cifar(recipe, tmp_path):
     assert result["seeds_seconds"] > 0 and result["toolkit_seconds"] > 0
     assert result["ratio_toolkit_over_seeds"] == pytest.approx(result["toolkit_seconds"] / result["seeds_seconds"], abs=2e-3)
     assert result["toolkit_images_per_s"] == pytest.approx(100 / result["toolkit_seconds"], rel=0.01)
+    # accuracies are read from each side's own output: percentages of a 20-image test set
+    for key in ("seeds_final_test_acc", "toolkit_best_test_acc", "toolkit_final_test_acc"):
+        assert 0.0 <= result[key] <= 100.0 and (result[key] * 20 / 100) == pytest.approx(round(result[key] * 20 / 100)), (key, result[key])
+    assert result["toolkit_best_test_acc"] >= result["toolkit_final_test_acc"]
+    assert result["compile"] == "none" and "cores" in result["machine"]
