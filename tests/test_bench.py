@@ -26,3 +26,13 @@ def test_bench_table(fine4_export, mnist_root):
             assert r["accuracy"] is not None and r["agreement"] is not None  # parity columns filled from the manifest
     assert json.loads((fine4_export / "bench.json").read_text())["results"] == report["results"]
     assert "| model.int8.onnx | ort-cpu | 32 |" in (fine4_export / "bench.md").read_text()
+
+
+def test_bench_threads_are_recorded_and_torch_threads_restored(fine4_export):
+    import torch
+
+    before = torch.get_num_threads()
+    report = bench(fine4_export, batches=(1,), min_seconds=0.0, min_iters=3, threads=1, console=Console(file=io.StringIO()))
+    assert report["threads"] == 1 and torch.get_num_threads() == before
+    assert len(report["results"]) == 3 and all(r["iterations"] >= 3 for r in report["results"])
+    assert "intra-op threads: 1;" in (fine4_export / "bench.md").read_text()

@@ -50,20 +50,44 @@ def machine() -> str:
 
 
 def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: int = 10, min_iters: int = 20, min_seconds: float = 1.0,
-          max_iters: int = 5000, include_torch: bool = True, console: Console | None = None) -> dict:
+          max_iters: int = 5000, include_torch: bool = True, threads: int | None = None, console: Console | None = None) -> dict:
+    """``threads`` caps the intra-op threads of every runtime (PyTorch too, for a fair comparison);
+    on a small model at batch 1, or a host shared with other work, fewer threads can be faster."""
     console = console or Console(stderr=True)
     export_dir = Path(export_dir) if export_dir else latest_export(exports)
     manifest = load_manifest(export_dir)
     shape = manifest["input"]["shape"][1:]
-    rng = np.random.default_rng(0)
 
     targets = []
     if include_torch:
         targets.append(("checkpoint", "fp32", "pytorch-eager", torch_runner(reference_model(manifest)), {}))
     for art in manifest["artifacts"]:
         for runtime in runtimes_for(art):
-            targets.append((art["file"], art["precision"], runtime, make_runner(export_dir, art, runtime), art.get("parity", {}).get(runtime, {})))
+            targets.append((art["file"], art["precision"], runtime, make_runner(export_dir, art, runtime, threads), art.get("parity", {}).get(runtime, {})))
 
+    torch_threads = None
+    if threads and include_torch:
+        import torch
+
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+    try:
+        rows = _time_targets(targets, batches, shape, warmup, min_iters, min_seconds, max_iters, console)
+    finally:
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+    report = {"export_dir": str(export_dir), "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "warmup": warmup, "threads": threads or "default", "results": rows}
+    with atomic_write(export_dir / "bench.json", "w") as f:
+        json.dump(report, f, indent=2)
+    with atomic_write(export_dir / "bench.md", "w") as f:
+        f.write(bench_markdown(report))
+    console.print(bench_table(report))
+    return report
+
+
+def _time_targets(targets, batches, shape, warmup, min_iters, min_seconds, max_iters, console) -> list[dict]:
+    rng = np.random.default_rng(0)
     rows = []
     for name, precision, runtime, run, parity in targets:
         for batch in batches:
@@ -76,14 +100,7 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
                 "accuracy": parity.get("accuracy"), "delta_pp": parity.get("delta_pp"), "agreement": parity.get("agreement"),
             })
             console.print(f"{name} on {runtime}, batch {batch}: p50 {rows[-1]['p50_us']:.0f} µs, {rows[-1]['images_per_s']:,.0f} img/s ({len(t)} iterations)")
-    report = {"export_dir": str(export_dir), "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "warmup": warmup, "results": rows}
-    with atomic_write(export_dir / "bench.json", "w") as f:
-        json.dump(report, f, indent=2)
-    with atomic_write(export_dir / "bench.md", "w") as f:
-        f.write(bench_markdown(report))
-    console.print(bench_table(report))
-    return report
+    return rows
 
 
 def _fmt_parity(r: dict) -> tuple[str, str, str]:
@@ -94,7 +111,8 @@ def _fmt_parity(r: dict) -> tuple[str, str, str]:
 
 def bench_markdown(report: dict) -> str:
     lines = [
-        f"Machine: {report['machine']}; {report['date']}; {report['warmup']} warm-up calls, then the stated number of timed calls.",
+        f"Machine: {report['machine']}; {report['date']}; intra-op threads: {report.get('threads', 'default')}; "
+        f"{report['warmup']} warm-up calls, then the stated number of timed calls.",
         "",
         "| artifact | runtime | batch | p50 µs | p90 µs | p99 µs | images/s | iterations | accuracy | Δ pp | agreement |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

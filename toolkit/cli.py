@@ -180,6 +180,7 @@ def bench(
     exports: Exports = Path("exports"),
     batch: str = typer.Option("1,32,256", "--batch", help="Comma-separated batch sizes."),
     min_seconds: float = typer.Option(1.0, "--min-seconds", min=0, help="Time each case at least this long."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads for every runtime (default: one per core); 1 is often fastest for batch 1."),
     as_json: AsJson = False,
 ) -> None:
     """Latency p50/p90/p99 and images/s per artifact and runtime (PyTorch eager included), beside the parity results."""
@@ -191,7 +192,7 @@ def bench(
         raise ToolkitError(f"--batch must be comma-separated integers, not {batch!r}") from None
     if not batches or min(batches) < 1:
         raise ToolkitError("--batch needs at least one batch size of 1 or more")
-    report = run_bench(export_dir, exports=exports, batches=batches, min_seconds=min_seconds, console=_console(as_json))
+    report = run_bench(export_dir, exports=exports, batches=batches, min_seconds=min_seconds, threads=threads, console=_console(as_json))
     if as_json:
         _emit(report)
 

@@ -183,10 +183,11 @@ def trt_runner(engine_path: Path) -> Runner:
     return run
 
 
-def make_runner(export_dir: Path, artifact: dict, runtime: str) -> Runner:
+def make_runner(export_dir: Path, artifact: dict, runtime: str, threads: int | None = None) -> Runner:
+    """``threads``: ONNX Runtime's intra-op threads (default: one per core)."""
     path = Path(export_dir) / artifact["file"]
     if runtime.startswith("ort-"):
-        return ort_runner(path, runtime)
+        return ort_runner(path, runtime, threads)
     if runtime == "tensorrt":
         return trt_runner(path)
     raise ToolkitError(f"unknown runtime {runtime!r}")
