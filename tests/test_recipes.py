@@ -35,6 +35,16 @@ def test_recipe_parses_and_matches_seed_params(path):
         assert abs(count_params(model) - sr.params) / sr.params <= tolerance
 
 
+def test_fast_pipeline_is_the_default_and_a_recipe_can_choose_the_dataloader(tmp_path):
+    """Every bundled recipe trains on the fast path unless it says otherwise (all three datasets fit in memory)."""
+    assert {load_recipe(p).data.pipeline for p in ALL} == {"fast"}
+    text = (RECIPES / "fine4.toml").read_text()
+    assert "batch_size = 64\n" in text
+    custom = tmp_path / "fine4.toml"
+    custom.write_text(text.replace("batch_size = 64\n", 'batch_size = 64\npipeline = "dataloader"\n', 1))
+    assert load_recipe(custom).data.pipeline == "dataloader"
+
+
 def test_fine4_is_the_documented_configuration():
     r = load_recipe(RECIPES / "fine4.toml")
     assert (r.epochs, r.data.batch_size, r.optimizer.lr, r.optimizer.momentum) == (20, 64, 0.04, 0.9)
