@@ -246,7 +246,12 @@ def test_engine_for_another_tensorrt_version_is_refused(fine4_run, tmp_path):
 
 
 def test_int8_auto_fallback_keeps_sensitive_layers_in_float(fine4_run, mnist_root, tmp_path):
-    """With a 0-point gate, fallback must rank every quantized layer and keep the worst ones in float."""
+    """With a 0-point gate, fallback must rank every quantized layer and keep the worst ones in float.
+
+    Calibrated on 2 images on purpose: min/max ranges from so few images clip other images'
+    activations, so full int8 measurably loses accuracy and the fallback has work to do (measured on
+    this fixture's model: 94.2% fp32 -> 93.7% int8 on the 1,000 held-out images; with 256
+    calibration images int8 matched fp32 and there was nothing to fall back)."""
     from toolkit import quantize
     from toolkit.manifest import new_manifest
 
@@ -257,11 +262,10 @@ def test_int8_auto_fallback_keeps_sensitive_layers_in_float(fine4_run, mnist_roo
     manifest = new_manifest(ckpt, "t")
     export_onnx(model_from_checkpoint(ckpt), manifest, fp32)
     calib, held_x, held_y = quantize.training_slices(manifest, mnist_root, 256, holdout=1000, download=False)
-    fields = quantize.auto_fallback(fp32, tmp_path / "model.int8.onnx", calib, held_x, held_y, gate_pp=0.0, method="minmax", console=quiet())
+    fields = quantize.auto_fallback(fp32, tmp_path / "model.int8.onnx", calib[:2], held_x, held_y, gate_pp=0.0, method="minmax", console=quiet())
     report = fields["auto_fallback"]
     nodes = quantize.quantizable_nodes(fp32)
-    if report["holdout_full_int8_acc"] >= report["holdout_fp32_acc"]:
-        pytest.skip("full int8 already matched fp32 on the held-out slice; nothing to fall back")
+    assert report["holdout_full_int8_acc"] < report["holdout_fp32_acc"], report  # the premise: full int8 costs accuracy
     assert set(report["sensitivity"]) == set(nodes)  # every layer was measured alone
     kept = report["float_layers"]
     assert kept and fields["float_layers"] == kept
