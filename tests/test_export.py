@@ -333,6 +333,11 @@ def test_uint8_keeps_resnet_blocks_in_int8_and_symmetric_int8_keeps_relus(tmp_pa
     assert ops(graphs["uint8"], "Relu") == []
     assert len(ops(graphs["int8"], "Relu")) == 19
     assert add_inputs_from(graphs["int8"]) != {"DequantizeLinear"}  # float Adds between int8 convolutions
+    # auto-fallback's candidates are what each activation type quantizes: uint8 can keep an Add in float
+    from toolkit.quantize import quantizable_nodes
+
+    candidates = {act: {n.op_type for n in onnx.load(str(fp32)).graph.node if n.name in quantizable_nodes(fp32, act)} for act in ("int8", "uint8")}
+    assert candidates == {"int8": {"Conv", "Gemm"}, "uint8": {"Conv", "Gemm", "Add", "Relu"}}
     # both still compute the network: same top-1 as fp32 on most random inputs
     ref = ort_runner(fp32, "ort-cpu")(calib).argmax(1)
     assert (ort_runner(tmp_path / "uint8.onnx", "ort-cpu")(calib).argmax(1) == ref).mean() >= 0.75

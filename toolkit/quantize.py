@@ -57,8 +57,15 @@ def _reader(images: np.ndarray, input_name: str, batch: int = 64):
     return Batches()
 
 
-def quantizable_nodes(path: Path) -> list[str]:
-    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type in QUANTIZED_OPS]
+def quantized_op_types(activations: str) -> tuple[str, ...]:
+    """The op types ``quantize_int8`` quantizes for this activation type."""
+    return QUANTIZED_OPS if activations == "int8" else CPU_QUANTIZED_OPS
+
+
+def quantizable_nodes(path: Path, activations: str = "int8") -> list[str]:
+    """The nodes ``quantize_int8`` would quantize: the candidates ``auto_fallback`` ranks."""
+    ops = quantized_op_types(activations)
+    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type in ops]
 
 
 def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minmax", exclude: list[str] | None = None, only: list[str] | None = None,
@@ -86,7 +93,7 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
             per_channel=True,
             activation_type=QuantType.QInt8 if activations == "int8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            op_types_to_quantize=list(QUANTIZED_OPS if activations == "int8" else CPU_QUANTIZED_OPS),
+            op_types_to_quantize=list(quantized_op_types(activations)),
             nodes_to_exclude=exclude or None,
             nodes_to_quantize=only or None,
             calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method],
@@ -140,7 +147,7 @@ def auto_fallback(fp32: Path, dst: Path, calib: np.ndarray, holdout_x: np.ndarra
         return {**fields, "auto_fallback": report}
 
     # sensitivity: quantize one layer at a time and measure what that alone costs
-    nodes = quantizable_nodes(fp32)
+    nodes = quantizable_nodes(fp32, activations)
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.onnx"
         for node in nodes:
