@@ -28,6 +28,24 @@ def cpu_int8_flags() -> list[str]:
     return sorted(f for f in flags if "vnni" in f or f in ("avx512f", "avx2", "amx_int8"))
 
 
+def export_random_model(name: str, path: Path) -> list[int]:
+    """Registered model ``name`` with random weights (seed 0) as fp32 ONNX at ``path``, through
+    ``toolkit export``'s own ONNX step; returns the input shape without the batch dimension."""
+    import torch
+
+    from toolkit.export.to_onnx import export_onnx
+    from toolkit.models import create_model
+
+    torch.manual_seed(0)
+    shape = [1, 28, 28] if name.startswith("mnist") else [3, 32, 32]
+    manifest = {  # what export_onnx reads: names, shape, and the metadata it embeds
+        "model": name, "dataset": "-", "classes": [], "normalization": {}, "input": {"name": "input", "shape": ["batch", *shape]},
+        "output": {"name": "logits"}, "source": {"recipe": "-", "sha256": "-"},
+    }
+    export_onnx(create_model(name).eval(), manifest, path)
+    return shape
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet20")
@@ -38,27 +56,16 @@ def main() -> None:
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args()
 
-    import torch
-
     from toolkit.bench import machine, time_calls
-    from toolkit.export.to_onnx import export_onnx
-    from toolkit.models import create_model
     from toolkit.quantize import quantize_int8
     from toolkit.runtime import ort_runner
 
-    torch.manual_seed(0)
-    model = create_model(args.model).eval()
-    shape = [1, 28, 28] if args.model.startswith("mnist") else [3, 32, 32]
-    manifest = {  # what export_onnx reads: names, shape, and the metadata it embeds
-        "model": args.model, "dataset": "-", "classes": [], "normalization": {}, "input": {"name": "input", "shape": ["batch", *shape]},
-        "output": {"name": "logits"}, "source": {"recipe": "-", "sha256": "-"},
-    }
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch, *shape), dtype=np.float32)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        export_onnx(model, manifest, fp32)
+        shape = export_random_model(args.model, fp32)
+        x = rng.standard_normal((args.batch, *shape), dtype=np.float32)
         quantize_int8(fp32, int8, rng.standard_normal((128, *shape), dtype=np.float32), activations=args.activations)
         for name, path in (("fp32", fp32), ("int8", int8)):
             t = np.array(time_calls(ort_runner(path, "ort-cpu"), x, warmup=10, min_iters=20, min_seconds=args.seconds, max_iters=100_000))

@@ -306,15 +306,11 @@ def test_uint8_keeps_resnet_blocks_in_int8_and_symmetric_int8_keeps_relus(tmp_pa
     """ResNet20 (random weights: the graph's structure does not depend on them). uint8: every ReLU
     is folded away and every residual Add reads dequantized int8 tensors, the layout that makes
     ONNX Runtime's CPU kernels fast (bench/int8_speed.py). int8 (TensorRT's format): ReLUs stay."""
-    from toolkit.export.to_onnx import export_onnx
-    from toolkit.models import create_model
+    from bench.int8_speed import export_random_model
     from toolkit.quantize import quantize_int8
 
-    torch.manual_seed(0)
-    manifest = {"model": "resnet20", "dataset": "-", "classes": [], "normalization": {}, "input": {"name": "input", "shape": ["batch", 3, 32, 32]},
-                "output": {"name": "logits"}, "source": {"recipe": "-", "sha256": "-"}}
     fp32 = tmp_path / "fp32.onnx"
-    export_onnx(create_model("resnet20").eval(), manifest, fp32)
+    assert export_random_model("resnet20", fp32) == [3, 32, 32]
     calib = np.random.default_rng(0).standard_normal((16, 3, 32, 32), dtype=np.float32)
     graphs = {}
     for act in ("uint8", "int8"):
