@@ -33,17 +33,24 @@ def export_random_model(name: str, path: Path) -> list[int]:
     ``toolkit export``'s own ONNX step; returns the input shape without the batch dimension."""
     import torch
 
-    from toolkit.export.to_onnx import export_onnx
     from toolkit.models import create_model
 
     torch.manual_seed(0)
     shape = [1, 28, 28] if name.startswith("mnist") else [3, 32, 32]
+    export_module(create_model(name), name, shape, path)
+    return shape
+
+
+def export_module(model, name: str, shape: list[int], path: Path) -> None:
+    """Any ``nn.Module`` taking ``shape`` (without the batch dimension) as fp32 ONNX at ``path``,
+    through ``toolkit export``'s own ONNX step."""
+    from toolkit.export.to_onnx import export_onnx
+
     manifest = {  # what export_onnx reads: names, shape, and the metadata it embeds
         "model": name, "dataset": "-", "classes": [], "normalization": {}, "input": {"name": "input", "shape": ["batch", *shape]},
         "output": {"name": "logits"}, "source": {"recipe": "-", "sha256": "-"},
     }
-    export_onnx(create_model(name).eval(), manifest, path)
-    return shape
+    export_onnx(model.eval(), manifest, path)
 
 
 def main() -> None:

@@ -370,3 +370,84 @@ def test_triton_repository_parses_with_tritons_schema_and_names_real_shapes(fine
         assert (repo / name / "labels.txt").read_text().split() == manifest["classes"]
     with pytest.raises(text_format.ParseError):  # the schema is real: a field Triton does not have is refused
         text_format.Parse('name: "x"\nmax_batch: 4\n', model_config_pb2.ModelConfig())
+
+
+def _conv_channels(path) -> list[int]:
+    proto = onnx.load(str(path))
+    inits = {i.name: list(i.dims) for i in proto.graph.initializer}
+    return [inits[n.input[1]][0] for n in proto.graph.node if n.op_type == "Conv"]
+
+
+def test_pad_conv_channels_keeps_outputs_and_pads_only_where_exact(tmp_path):
+    """fine4's net (12, 10, 8 channels) is padded to 16 everywhere with the same outputs; ResNet20
+    (16/32/64) is left as it is; an odd-width conv feeding a residual Add or a depthwise conv is
+    left alone, since its padded channels would reach something without zero weights for them."""
+    from bench.int8_speed import export_module, export_random_model
+    from toolkit.export.pad_channels import pad_conv_channels
+
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28), dtype=np.float32)
+    plain = tmp_path / "gap.onnx"
+    export_random_model("mnist_gap", plain)
+    proto = onnx.load(str(plain))
+    padded, count = pad_conv_channels(proto, 16)
+    assert count == 6 and _conv_channels(plain) == [12, 12, 12, 10, 10, 16, 8]
+    onnx.checker.check_model(padded, full_check=True)
+    onnx.save(padded, tmp_path / "gap16.onnx")
+    assert _conv_channels(tmp_path / "gap16.onnx") == [16] * 7
+    np.testing.assert_allclose(ort_runner(tmp_path / "gap16.onnx", "ort-cpu")(x), ort_runner(plain, "ort-cpu")(x), atol=1e-5, rtol=0)
+    assert pad_conv_channels(proto, 4)[1] == 2  # only the two 10-channel convs are not multiples of 4
+    resnet = tmp_path / "resnet20.onnx"
+    export_random_model("resnet20", resnet)
+    assert pad_conv_channels(onnx.load(str(resnet)), 16)[1] == 0
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 6, 3, padding=1, bias=True)
+            self.b = torch.nn.Conv2d(6, 6, 3, padding=1, bias=True)
+            self.c = torch.nn.Conv2d(6, 6, 3, padding=1, bias=True)
+            self.dw = torch.nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=True)
+            self.d = torch.nn.Conv2d(6, 5, 1, bias=True)
+            self.head = torch.nn.Linear(5, 3)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            y = torch.relu(self.b(y)) + y  # residual: a's and b's channels meet an Add
+            y = torch.relu(self.dw(torch.relu(self.c(y))))  # c feeds a depthwise conv, which has no input weights to pad
+            return self.head(torch.nn.functional.avg_pool2d(torch.relu(self.d(y)), 8).flatten(1))
+
+    odd = tmp_path / "odd.onnx"
+    export_module(Odd(), "odd", [3, 8, 8], odd)
+    padded_odd, count = pad_conv_channels(onnx.load(str(odd)), 8)
+    onnx.save(padded_odd, tmp_path / "odd8.onnx")
+    # only d (5 -> 8, through ReLU and AveragePool into the Linear) is padded
+    assert count == 1 and _conv_channels(tmp_path / "odd8.onnx") == [6, 6, 6, 6, 8]
+    xo = np.random.default_rng(1).standard_normal((2, 3, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(ort_runner(tmp_path / "odd8.onnx", "ort-cpu")(xo), ort_runner(odd, "ort-cpu")(xo), atol=1e-5, rtol=0)
+
+
+def test_export_pad_channels_is_exact_recorded_and_kept(fine4_run, mnist_root, tmp_path):
+    """--pad-channels 16 on a trained fine4: parity holds (same predictions as the unpadded file),
+    the manifest records it, a later export without the option keeps it, and changing it re-exports
+    the fp32 file and drops what derived from it."""
+    plain = export(fine4_run.run_dir, out=tmp_path / "plain", console=quiet())
+    entry = export(fine4_run.run_dir, out=tmp_path / "padded", pad_channels=16, console=quiet())
+    assert entry["pad_channels"] == 16 and entry["padded_convs"] == 6
+    fp32 = Path(entry["export_dir"]) / "model.fp32.onnx"
+    assert _conv_channels(fp32) == [16] * 7
+    x = np.random.default_rng(0).standard_normal((64, 1, 28, 28), dtype=np.float32)
+    np.testing.assert_allclose(ort_runner(fp32, "ort-cpu")(x), ort_runner(Path(plain["export_dir"]) / "model.fp32.onnx", "ort-cpu")(x), atol=1e-4, rtol=0)
+    sha = sha256_file(fp32)
+    export(fine4_run.run_dir, precision="int8", out=tmp_path / "padded", data_dir=mnist_root, download=False, console=quiet())
+    manifest = load_manifest(entry["export_dir"])
+    assert sha256_file(fp32) == sha and [a["file"] for a in manifest["artifacts"]] == ["model.fp32.onnx", "model.int8.onnx"]
+    again = export(fine4_run.run_dir, out=tmp_path / "padded", pad_channels=0, console=quiet())
+    manifest = load_manifest(entry["export_dir"])
+    assert [a["file"] for a in manifest["artifacts"]] == ["model.fp32.onnx"] and "pad_channels" not in again
+    assert _conv_channels(fp32) == [12, 12, 12, 10, 10, 16, 8] and not (Path(entry["export_dir"]) / "model.int8.onnx").exists()
+    # a Triton export asked for padding re-exports the fp32 file it serves
+    triton = export(fine4_run.run_dir, fmt="triton", out=tmp_path / "padded", pad_channels=16, console=quiet())
+    assert triton["models"] and _conv_channels(fp32) == [16] * 7
+    assert next(a for a in load_manifest(entry["export_dir"])["artifacts"] if a["file"] == "model.fp32.onnx")["pad_channels"] == 16
+    with pytest.raises(ToolkitError, match="--pad-channels must be 0"):
+        export(fine4_run.run_dir, out=tmp_path / "padded", pad_channels=-8, console=quiet())

@@ -65,19 +65,33 @@ def _manifest_for(stage: Path, ckpt: dict, name: str, console: Console) -> dict:
     current = load_manifest(stage)
     if current["source"]["sha256"] != fresh["source"]["sha256"]:
         console.print(f"[yellow]the checkpoint changed since the last export of {name}: earlier artifacts are dropped[/]")
-        for art in current["artifacts"]:
-            (stage / art["file"]).unlink(missing_ok=True)
-        shutil.rmtree(stage / "triton", ignore_errors=True)  # its models are copies of those artifacts
+        _drop_artifacts(stage, current)
         return fresh
     return current
 
 
-def _ensure_fp32_onnx(stage: Path, manifest: dict, ckpt: dict) -> Path:
+def _drop_artifacts(stage: Path, manifest: dict) -> None:
+    for art in manifest["artifacts"]:
+        (stage / art["file"]).unlink(missing_ok=True)
+    manifest["artifacts"] = []
+    manifest.pop("triton", None)
+    shutil.rmtree(stage / "triton", ignore_errors=True)  # its models are copies of those artifacts
+
+
+def _ensure_fp32_onnx(stage: Path, manifest: dict, ckpt: dict, pad_channels: int | None, console: Console) -> Path:
+    """The fp32 ONNX every other artifact derives from. ``pad_channels`` None keeps the existing
+    file's padding; a different value exports it again and drops what was derived from it."""
     from toolkit.export.to_onnx import export_onnx
 
     path = stage / artifact_file("onnx", "fp32")
-    if not any(a["file"] == path.name for a in manifest["artifacts"]):
-        extra = export_onnx(model_from_checkpoint(ckpt), manifest, path)
+    existing = next((a for a in manifest["artifacts"] if a["file"] == path.name), None)
+    if existing and pad_channels is not None and existing.get("pad_channels", 0) != pad_channels:
+        console.print(f"[yellow]{path.name} had --pad-channels {existing.get('pad_channels', 0)}; exporting it with {pad_channels} "
+                      "drops the artifacts derived from it[/]")
+        _drop_artifacts(stage, manifest)
+        existing = None
+    if existing is None:
+        extra = export_onnx(model_from_checkpoint(ckpt), manifest, path, pad_channels=pad_channels or 0)
         upsert_artifact(manifest, artifact_entry(path, "onnx", "fp32", **extra))
     return path
 
@@ -96,16 +110,21 @@ def export(
     int8_activations: str = "int8",
     gate_pp: float | None = None,
     max_batch: int = 256,
+    pad_channels: int | None = None,
     download: bool = True,
     console: Console | None = None,
 ) -> dict:
-    """Export one artifact (and the fp32 ONNX it derives from); returns its manifest entry."""
+    """Export one artifact (and the fp32 ONNX it derives from); returns its manifest entry.
+
+    ``pad_channels``: see ``_ensure_fp32_onnx``; 0 turns padding off."""
     from toolkit.verify import GATES
 
     console = console or Console(stderr=True)
     check_choice("format", fmt, FORMATS)
     check_choice("precision", precision, PRECISIONS)
     check_choice("int8 activation type", int8_activations, ("int8", "uint8"))
+    if pad_channels is not None and pad_channels < 0:
+        raise ToolkitError(f"--pad-channels must be 0 (off) or a positive multiple, not {pad_channels}")
     if auto_fallback and precision != "int8":
         raise ToolkitError("--auto-fallback applies to --precision int8 only")
     if fmt == "trt" and precision == "int8" and int8_activations != "int8":
@@ -121,12 +140,12 @@ def export(
     export_dir = Path(out) / name
     if fmt == "triton":
         onnx_options = dict(out=out, data_dir=data_dir, calib_size=calib_size, calib_method=calib_method, auto_fallback=auto_fallback,
-                            int8_activations=int8_activations, gate_pp=gate_pp, download=download)
+                            int8_activations=int8_activations, gate_pp=gate_pp, pad_channels=pad_channels, download=download)
         return _export_triton(ckpt, export_dir, precision, max_batch, onnx_options, console)
 
     with staged(export_dir) as stage:
         manifest = _manifest_for(stage, ckpt, name, console)
-        fp32_onnx = _ensure_fp32_onnx(stage, manifest, ckpt)
+        fp32_onnx = _ensure_fp32_onnx(stage, manifest, ckpt, pad_channels, console)
         path = stage / artifact_file(fmt, precision)
         extra: dict = {}
         if fmt == "onnx" and precision == "fp16":
@@ -174,7 +193,10 @@ def _export_triton(ckpt: dict, export_dir: Path, precision: str, max_batch: int,
     source = artifact_file("onnx", precision)
     current = load_manifest(export_dir) if (export_dir / MANIFEST_NAME).is_file() else None
     fresh = current is not None and current["source"]["sha256"] == sha256_file(Path(ckpt["path"]))
-    if not (fresh and any(a["file"] == source for a in current["artifacts"])):
+    files = {a["file"]: a for a in current["artifacts"]} if fresh else {}
+    pad = onnx_options["pad_channels"]
+    repad = pad is not None and artifact_file("onnx", "fp32") in files and files[artifact_file("onnx", "fp32")].get("pad_channels", 0) != pad
+    if source not in files or repad:
         export(ckpt["path"], fmt="onnx", precision=precision, console=console, **onnx_options)
     with staged(export_dir) as stage:
         manifest = load_manifest(stage)

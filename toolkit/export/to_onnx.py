@@ -17,9 +17,14 @@ OPSET = 18
 MAX_BATCH = 4096
 
 
-def export_onnx(model: torch.nn.Module, manifest: dict, path: Path) -> dict:
-    """Write ``model`` to ``path`` as fp32 ONNX; returns the manifest fields for this artifact."""
+def export_onnx(model: torch.nn.Module, manifest: dict, path: Path, pad_channels: int = 0) -> dict:
+    """Write ``model`` to ``path`` as fp32 ONNX; returns the manifest fields for this artifact.
+
+    ``pad_channels`` > 0 zero-pads conv channels to that multiple where the outputs stay exactly
+    the same (``pad_channels.pad_conv_channels``): faster on ONNX Runtime's CPU kernels at small batches."""
     import onnxslim
+
+    from toolkit.export.pad_channels import pad_conv_channels
 
     model = model.cpu().eval()
     shape = manifest["input"]["shape"][1:]
@@ -42,11 +47,15 @@ def export_onnx(model: torch.nn.Module, manifest: dict, path: Path) -> dict:
         except Exception as exc:
             raise ToolkitError(f"ONNX export of {manifest['model']} failed: {(str(exc).splitlines() or ['?'])[0]}") from None
     proto = onnxslim.slim(program.model_proto)
+    padded = {}
+    if pad_channels:
+        proto, count = pad_conv_channels(proto, pad_channels)
+        padded = {"pad_channels": pad_channels, "padded_convs": count}
     onnx.checker.check_model(proto, full_check=True)
     add_metadata(proto, manifest)
     with atomic_write(path) as f:
         f.write(proto.SerializeToString())
-    return {"opset": OPSET, "nodes": len(proto.graph.node)}
+    return {"opset": OPSET, "nodes": len(proto.graph.node), **padded}
 
 
 def add_metadata(proto: onnx.ModelProto, manifest: dict) -> None:

@@ -1,0 +1,142 @@
+"""Zero-pad convolution channels to a multiple of ONNX Runtime's CPU block size.
+
+ONNX Runtime's x86 CPU provider runs convolutions in a blocked channel layout (NCHWc, blocks
+of 8 channels with AVX2 and 16 with AVX-512). A conv whose channel count is not a multiple of
+the block falls back to plain kernels and reorders its tensors between layouts, which costs
+more than the arithmetic in a small model at batch 1 (fine4 has 12, 10 and 8 channels).
+
+``pad_conv_channels`` gives such convs extra output channels with zero weights and bias, and
+gives every consumer of those channels zero weights for them, so each output is unchanged
+(the padded channels only ever meet zero weights). A conv's channels are padded only when
+every path from its output reaches a consumer whose weights can be padded, through ops that
+act on each channel alone: another Conv, or Flatten/Reshape of a 1x1 map into a Gemm.
+Anything else (a residual Add, a Concat, a graph output) leaves that conv as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# ops that act on each channel alone and map zeros to finite values (the padded channels
+# stay finite, so the consumers' zero weights cancel them exactly)
+PER_CHANNEL_OPS = frozenset({"Relu", "LeakyRelu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool"})
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def pad_conv_channels(proto: onnx.ModelProto, multiple: int = 16) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``proto`` with padded conv channels, and how many convs were padded."""
+    if multiple < 1:
+        raise ValueError("multiple must be at least 1")
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph = model.graph
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    inits = {i.name: i for i in graph.initializer}
+    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            uses[name].append((node, index))
+    outputs = {o.name for o in graph.output}
+
+    def array(name: str) -> np.ndarray:
+        return numpy_helper.to_array(inits[name])
+
+    def own_initializer(node: onnx.NodeProto, index: int, ndim: int) -> bool:
+        """The input is an initializer of ``ndim`` dimensions that nothing else reads."""
+        return (len(node.input) > index and node.input[index] in inits and len(uses[node.input[index]]) == 1
+                and array(node.input[index]).ndim == ndim)
+
+    def plain_conv(node: onnx.NodeProto) -> bool:
+        return (node.op_type == "Conv" and _attr(node, "group", 1) == 1 and own_initializer(node, 1, 4)
+                and (len(node.input) < 3 or not node.input[2] or own_initializer(node, 2, 1)))
+
+    def sinks_of(tensor: str) -> list[tuple[str, onnx.NodeProto, onnx.NodeProto | None]] | None:
+        """Every weight reader reached from ``tensor`` through per-channel ops; None if any path
+        ends elsewhere."""
+        found, frontier, seen = [], [tensor], set()
+        while frontier:
+            t = frontier.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t in outputs or not uses[t]:
+                return None
+            for node, index in uses[t]:
+                if index != 0:
+                    return None
+                if node.op_type in PER_CHANNEL_OPS and all(not o for o in node.output[1:]):
+                    frontier.append(node.output[0])
+                elif plain_conv(node):
+                    found.append(("conv", node, None))
+                elif node.op_type in ("Flatten", "Reshape"):
+                    gemms = _flatten_to_gemms(node, t)
+                    if gemms is None:
+                        return None
+                    found += [("gemm", gemm, node) for gemm in gemms]
+                else:
+                    return None
+        return found
+
+    def _flatten_to_gemms(node: onnx.NodeProto, tensor: str) -> list[onnx.NodeProto] | None:
+        shape = shapes.get(tensor)
+        if shape is None or len(shape) != 4 or shape[2:] != [1, 1]:
+            return None  # with a spatial map, channel c's features are not one Gemm column
+        if node.op_type == "Flatten" and _attr(node, "axis", 1) != 1:
+            return None
+        if node.op_type == "Reshape":
+            if not own_initializer(node, 1, 1) or array(node.input[1]).tolist()[1:] != [shape[1]] or len(array(node.input[1])) != 2:
+                return None
+        gemms = []
+        for user, index in uses[node.output[0]]:
+            if not (user.op_type == "Gemm" and index == 0 and _attr(user, "transA", 0) == 0 and own_initializer(user, 1, 2)):
+                return None
+            gemms.append(user)
+        return gemms if gemms and node.output[0] not in outputs else None
+
+    def replace(name: str, value: np.ndarray) -> None:
+        inits[name].CopyFrom(numpy_helper.from_array(value.astype(array(name).dtype), name))
+
+    padded = 0
+    for conv in [n for n in graph.node if plain_conv(n)]:
+        weight = array(conv.input[1])
+        channels = weight.shape[0]
+        target = math.ceil(channels / multiple) * multiple
+        if target == channels:
+            continue
+        sinks = sinks_of(conv.output[0])
+        if sinks is None:
+            continue
+        extra = target - channels
+        replace(conv.input[1], np.concatenate([weight, np.zeros((extra, *weight.shape[1:]), weight.dtype)]))
+        if len(conv.input) > 2 and conv.input[2]:
+            bias = array(conv.input[2])
+            replace(conv.input[2], np.concatenate([bias, np.zeros(extra, bias.dtype)]))
+        for kind, sink, flatten in sinks:
+            w = array(sink.input[1])
+            if kind == "conv":
+                replace(sink.input[1], np.concatenate([w, np.zeros((w.shape[0], extra, *w.shape[2:]), w.dtype)], axis=1))
+            else:
+                axis = 0 if _attr(sink, "transB", 0) == 0 else 1
+                pad = [(0, 0), (0, 0)]
+                pad[axis] = (0, extra)
+                replace(sink.input[1], np.pad(w, pad))
+                if flatten.op_type == "Reshape":
+                    replace(flatten.input[1], np.array([array(flatten.input[1])[0], target], dtype=np.int64))
+        padded += 1
+    if padded:
+        del graph.value_info[:]  # inferred again with the new channel counts
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    return model, padded
