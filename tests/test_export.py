@@ -302,7 +302,7 @@ def test_uint8_activation_option(fine4_run, mnist_root, tmp_path):
         export(fine4_run.run_dir, precision="int8", int8_activations="int4", out=tmp_path, console=quiet())
 
 
-def test_uint8_keeps_resnet_blocks_in_int8_and_symmetric_int8_keeps_relus(tmp_path):
+def test_uint8_keeps_resnet_blocks_in_int8_and_symmetric_int8_keeps_relus(tmp_path, monkeypatch):
     """ResNet20 (random weights: the graph's structure does not depend on them). uint8: every ReLU
     is folded away and every residual Add reads dequantized int8 tensors, the layout that makes
     ONNX Runtime's CPU kernels fast (bench/int8_speed.py). int8 (TensorRT's format): ReLUs stay."""
@@ -333,7 +333,20 @@ def test_uint8_keeps_resnet_blocks_in_int8_and_symmetric_int8_keeps_relus(tmp_pa
     from toolkit.quantize import quantizable_nodes
 
     candidates = {act: {n.op_type for n in onnx.load(str(fp32)).graph.node if n.name in quantizable_nodes(fp32, act)} for act in ("int8", "uint8")}
-    assert candidates == {"int8": {"Conv", "Gemm"}, "uint8": {"Conv", "Gemm", "Add", "Relu"}}
+    assert candidates == {"int8": {"Conv", "Gemm"}, "uint8": {"Conv", "Gemm", "Add", "Relu", "Slice", "Pad"}}
+    # uint8: the two option-A shortcuts' Pads copy the uint8 tensor (constant = its zero point)
+    # instead of running in float between a dequantize and a quantize, with the very same outputs
+    producer = {o: n for n in graphs["uint8"].node for o in n.output}
+    pads = ops(graphs["uint8"], "Pad")
+    assert len(pads) == 2 and all(producer[p.input[0]].op_type == "QuantizeLinear" for p in pads)  # Slice -> Q -> Pad
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graphs["uint8"].initializer}
+    assert all(inits[p.input[2]].dtype == np.uint8 for p in pads)
+    import toolkit.quantize
+
+    monkeypatch.setattr(toolkit.quantize, "integer_pads", lambda proto: 0)
+    quantize_int8(fp32, tmp_path / "float_pads.onnx", calib, activations="uint8")
+    assert len([n for n in onnx.load(str(tmp_path / "float_pads.onnx")).graph.node if n.op_type == "DequantizeLinear"]) > len(ops(graphs["uint8"], "DequantizeLinear"))
+    np.testing.assert_array_equal(ort_runner(tmp_path / "uint8.onnx", "ort-cpu")(calib), ort_runner(tmp_path / "float_pads.onnx", "ort-cpu")(calib))
     # both still compute the network: same top-1 as fp32 on most random inputs
     ref = ort_runner(fp32, "ort-cpu")(calib).argmax(1)
     assert (ort_runner(tmp_path / "uint8.onnx", "ort-cpu")(calib).argmax(1) == ref).mean() >= 0.75
