@@ -78,6 +78,11 @@ def _drop_artifacts(stage: Path, manifest: dict) -> None:
     shutil.rmtree(stage / "triton", ignore_errors=True)  # its models are copies of those artifacts
 
 
+def _repads(fp32_entry: dict | None, pad_channels: int | None) -> bool:
+    """Whether exporting with ``pad_channels`` must write the existing fp32 ONNX again (None keeps it)."""
+    return fp32_entry is not None and pad_channels is not None and fp32_entry.get("pad_channels", 0) != pad_channels
+
+
 def _ensure_fp32_onnx(stage: Path, manifest: dict, ckpt: dict, pad_channels: int | None, console: Console) -> Path:
     """The fp32 ONNX every other artifact derives from. ``pad_channels`` None keeps the existing
     file's padding; a different value exports it again and drops what was derived from it."""
@@ -85,7 +90,7 @@ def _ensure_fp32_onnx(stage: Path, manifest: dict, ckpt: dict, pad_channels: int
 
     path = stage / artifact_file("onnx", "fp32")
     existing = next((a for a in manifest["artifacts"] if a["file"] == path.name), None)
-    if existing and pad_channels is not None and existing.get("pad_channels", 0) != pad_channels:
+    if _repads(existing, pad_channels):
         console.print(f"[yellow]{path.name} had --pad-channels {existing.get('pad_channels', 0)}; exporting it with {pad_channels} "
                       "drops the artifacts derived from it[/]")
         _drop_artifacts(stage, manifest)
@@ -194,9 +199,7 @@ def _export_triton(ckpt: dict, export_dir: Path, precision: str, max_batch: int,
     current = load_manifest(export_dir) if (export_dir / MANIFEST_NAME).is_file() else None
     fresh = current is not None and current["source"]["sha256"] == sha256_file(Path(ckpt["path"]))
     files = {a["file"]: a for a in current["artifacts"]} if fresh else {}
-    pad = onnx_options["pad_channels"]
-    repad = pad is not None and artifact_file("onnx", "fp32") in files and files[artifact_file("onnx", "fp32")].get("pad_channels", 0) != pad
-    if source not in files or repad:
+    if source not in files or _repads(files.get(artifact_file("onnx", "fp32")), onnx_options["pad_channels"]):
         export(ckpt["path"], fmt="onnx", precision=precision, console=console, **onnx_options)
     with staged(export_dir) as stage:
         manifest = load_manifest(stage)

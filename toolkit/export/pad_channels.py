@@ -57,7 +57,7 @@ def pad_conv_channels(proto: onnx.ModelProto, multiple: int = 16) -> tuple[onnx.
     def own_initializer(node: onnx.NodeProto, index: int, ndim: int) -> bool:
         """The input is an initializer of ``ndim`` dimensions that nothing else reads."""
         return (len(node.input) > index and node.input[index] in inits and len(uses[node.input[index]]) == 1
-                and array(node.input[index]).ndim == ndim)
+                and len(inits[node.input[index]].dims) == ndim)
 
     def plain_conv(node: onnx.NodeProto) -> bool:
         return (node.op_type == "Conv" and _attr(node, "group", 1) == 1 and own_initializer(node, 1, 4)
@@ -82,7 +82,7 @@ def pad_conv_channels(proto: onnx.ModelProto, multiple: int = 16) -> tuple[onnx.
                 elif plain_conv(node):
                     found.append(("conv", node, None))
                 elif node.op_type in ("Flatten", "Reshape"):
-                    gemms = _flatten_to_gemms(node, t)
+                    gemms = flatten_to_gemms(node, t)
                     if gemms is None:
                         return None
                     found += [("gemm", gemm, node) for gemm in gemms]
@@ -90,15 +90,14 @@ def pad_conv_channels(proto: onnx.ModelProto, multiple: int = 16) -> tuple[onnx.
                     return None
         return found
 
-    def _flatten_to_gemms(node: onnx.NodeProto, tensor: str) -> list[onnx.NodeProto] | None:
+    def flatten_to_gemms(node: onnx.NodeProto, tensor: str) -> list[onnx.NodeProto] | None:
         shape = shapes.get(tensor)
         if shape is None or len(shape) != 4 or shape[2:] != [1, 1]:
             return None  # with a spatial map, channel c's features are not one Gemm column
         if node.op_type == "Flatten" and _attr(node, "axis", 1) != 1:
             return None
-        if node.op_type == "Reshape":
-            if not own_initializer(node, 1, 1) or array(node.input[1]).tolist()[1:] != [shape[1]] or len(array(node.input[1])) != 2:
-                return None
+        if node.op_type == "Reshape" and not (own_initializer(node, 1, 1) and array(node.input[1]).tolist()[1:] == [shape[1]]):
+            return None  # the target shape must be [batch, channels]
         gemms = []
         for user, index in uses[node.output[0]]:
             if not (user.op_type == "Gemm" and index == 0 and _attr(user, "transA", 0) == 0 and own_initializer(user, 1, 2)):

@@ -24,8 +24,6 @@ def export_onnx(model: torch.nn.Module, manifest: dict, path: Path, pad_channels
     the same (``pad_channels.pad_conv_channels``): faster on ONNX Runtime's CPU kernels at small batches."""
     import onnxslim
 
-    from toolkit.export.pad_channels import pad_conv_channels
-
     model = model.cpu().eval()
     shape = manifest["input"]["shape"][1:]
     example = torch.zeros(2, *shape)
@@ -49,6 +47,8 @@ def export_onnx(model: torch.nn.Module, manifest: dict, path: Path, pad_channels
     proto = onnxslim.slim(program.model_proto)
     padded = {}
     if pad_channels:
+        from toolkit.export.pad_channels import pad_conv_channels
+
         proto, count = pad_conv_channels(proto, pad_channels)
         padded = {"pad_channels": pad_channels, "padded_convs": count}
     onnx.checker.check_model(proto, full_check=True)
