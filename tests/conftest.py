@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +108,34 @@ def mnist_test_set(root: Path) -> tuple[np.ndarray, np.ndarray]:
     split = mnist_test_split(root)
     assert split is not None, f"no MNIST test files under {root}"
     return split
+
+
+def write_recipe_variant(folder: Path, edit) -> Path:
+    """``recipes/fine4.toml`` with ``edit(data)`` applied to its parsed dict, written to ``folder/bad.toml``."""
+    import tomllib
+
+    import tomli_w
+
+    data = tomllib.loads((RECIPES / "fine4.toml").read_text())
+    edit(data)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "bad.toml"
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def run_cli(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """``toolkit ARGS`` in a fresh interpreter, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "toolkit", *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def one_line_error(proc) -> str:
+    """The single 'error: ...' line a failed command printed on stderr (and nothing else, no traceback)."""
+    assert proc.returncode != 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
 
 
 def free_port() -> int:

@@ -3,8 +3,6 @@
 import errno
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from tests.conftest import quiet
+from tests.conftest import one_line_error, quiet, run_cli
 from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
 from toolkit.errors import ToolkitError
 from toolkit.export import export
@@ -104,22 +102,10 @@ def test_reexport_after_retraining_drops_stale_artifacts(fine4_run, tmp_path):
     assert [a["file"] for a in manifest["artifacts"]] == ["model.fp32.onnx"]
 
 
-def _cli(*args, cwd=None, env=None):
-    return subprocess.run([sys.executable, "-m", "toolkit", *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
-
-
-def _one_line_error(proc) -> str:
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
-
-
 @pytest.mark.skipif(trt_missing_reason() is None, reason="TensorRT and a GPU are present: the refusal path does not apply")
 def test_trt_without_tensorrt_is_one_clear_line(fine4_run, tmp_path):
     out = tmp_path / "exports"
-    line = _one_line_error(_cli("export", str(fine4_run.run_dir), "--format", "trt", "--out", str(out)))
+    line = one_line_error(run_cli("export", str(fine4_run.run_dir), "--format", "trt", "--out", str(out)))
     assert "toolkit[trt]" in line  # the install hint survives the terminal markup
     assert not out.exists()
 
@@ -149,7 +135,7 @@ def test_bad_inputs_are_one_line_errors_and_leave_exports_unchanged(fine4_run, f
         ((str(fine4_run.run_dir), "--precision", "int4"), "unknown precision 'int4'"),
     ]
     for args, message in cases:
-        line = _one_line_error(_cli("export", *args, "--out", str(out)))
+        line = one_line_error(run_cli("export", *args, "--out", str(out)))
         assert message in line, line
     assert not (tmp_path / "pwned").exists()
     assert snapshot(out) == before
@@ -161,7 +147,7 @@ def test_corrupted_onnx_fails_verify_with_one_line(fine4_export, tmp_path, mnist
     copy = tmp_path / fine4_export.name
     shutil.copytree(fine4_export, copy)
     (copy / "model.fp32.onnx").write_bytes(b"not an onnx model")
-    line = _one_line_error(_cli("verify", str(copy), "--data-dir", str(mnist_root)))
+    line = one_line_error(run_cli("verify", str(copy), "--data-dir", str(mnist_root)))
     assert "sha256 does not match" in line
     # a corrupted file that the manifest vouches for still fails cleanly at load time
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -169,7 +155,7 @@ def test_corrupted_onnx_fails_verify_with_one_line(fine4_export, tmp_path, mnist
         if art["file"] == "model.fp32.onnx":
             art["sha256"], art["bytes"] = sha256_file(copy / "model.fp32.onnx"), (copy / "model.fp32.onnx").stat().st_size
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    line = _one_line_error(_cli("verify", str(copy), "--data-dir", str(mnist_root)))
+    line = one_line_error(run_cli("verify", str(copy), "--data-dir", str(mnist_root)))
     assert "ONNX Runtime cannot load it" in line
 
 
@@ -357,7 +343,7 @@ def test_triton_repository_parses_with_tritons_schema_and_names_real_shapes(fine
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
-    proc = _cli("export", str(fine4_run.run_dir), "--format", "triton", "--out", str(tmp_path), "--json")
+    proc = run_cli("export", str(fine4_run.run_dir), "--format", "triton", "--out", str(tmp_path), "--json")
     assert proc.returncode == 0, proc.stderr
     fp32 = json.loads(proc.stdout.splitlines()[-1])
     int8 = export(fine4_run.run_dir, fmt="triton", precision="int8", out=tmp_path, data_dir=mnist_root, download=False, console=quiet())

@@ -2,12 +2,10 @@
 
 import subprocess
 import sys
-import tomllib
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import RECIPES
+from tests.conftest import RECIPES, write_recipe_variant
 from toolkit.errors import ToolkitError
 from toolkit.models import count_params
 from toolkit.recipes import load_recipe
@@ -60,33 +58,6 @@ def test_recipe_listing_has_the_documented_fields():
     assert {"name", "path", "dataset", "model", "params", "epochs", "seed_test_acc"} <= set(fine4)
 
 
-def _write_variant(tmp_path: Path, edit) -> Path:
-    data = tomllib.loads((RECIPES / "fine4.toml").read_text())
-    edit(data)
-    path = tmp_path / "bad.toml"
-    path.write_text(_dump(data))
-    return path
-
-
-def _dump(d: dict, prefix: str = "") -> str:
-    """A minimal TOML writer for the recipe shapes used here."""
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return f'"{v}"'
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        return repr(v)
-    lines = [f"{k} = {val(v)}" for k, v in d.items() if not isinstance(v, dict) or k == "options"]
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "options":
-            lines.append(f"\n[{prefix}{k}]\n" + _dump(v, f"{prefix}{k}."))
-    return "\n".join(lines) + "\n"
-
-
 @pytest.mark.parametrize(
     "edit, message",
     [
@@ -102,7 +73,7 @@ def _dump(d: dict, prefix: str = "") -> str:
     ids=["unknown-key", "unknown-nested-key", "negative-lr", "unknown-model", "wrong-type", "out-of-range", "bad-dataset", "bad-model-option"],
 )
 def test_bad_recipe_names_file_and_key(tmp_path, edit, message):
-    path = _write_variant(tmp_path, edit)
+    path = write_recipe_variant(tmp_path, edit)
     with pytest.raises(ToolkitError) as err:
         load_recipe(path)
     assert str(err.value) == f"{path}: {message}" or str(err.value).startswith(f"{path}: {message}")
@@ -123,7 +94,7 @@ def test_recipe_by_name():
 
 
 def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
-    path = _write_variant(tmp_path, lambda d: d["optimizer"].update(lr=-1))
+    path = write_recipe_variant(tmp_path, lambda d: d["optimizer"].update(lr=-1))
     proc = subprocess.run([sys.executable, "-m", "toolkit", "train", str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -8,6 +8,7 @@ reported with the numbers. Inputs are fixed random tensors of the manifest's inp
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from datetime import datetime, timezone
@@ -17,10 +18,13 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write
 from toolkit.manifest import latest_export, load_manifest
 from toolkit.runtime import make_runner, runtimes_for, torch_runner
 from toolkit.verify import reference_model
+
+MAX_BATCH_BYTES = 1 << 30  # one input batch; the runtimes' activations take several times more
 
 
 def time_calls(run, x: np.ndarray, warmup: int, min_iters: int, min_seconds: float, max_iters: int) -> list[float]:
@@ -57,6 +61,12 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
     export_dir = Path(export_dir) if export_dir else latest_export(exports)
     manifest = load_manifest(export_dir)
     shape = manifest["input"]["shape"][1:]
+    image_bytes = 4 * math.prod(shape)
+    too_big = [b for b in batches if b * image_bytes > MAX_BATCH_BYTES]
+    if too_big:
+        raise ToolkitError(f"--batch {too_big[0]:,}: a batch of that many {'x'.join(map(str, shape))} images takes "
+                           f"{too_big[0] * image_bytes / 2**30:,.1f} GiB; at most {MAX_BATCH_BYTES // image_bytes:,} images fit the "
+                           f"{MAX_BATCH_BYTES / 2**30:g} GiB input limit")
 
     targets = []
     if include_torch:

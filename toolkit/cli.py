@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import Interrupted, ToolkitError, first_line
+from toolkit.files import is_no_space
 
 app = typer.Typer(
     help="Train the seeds' small image classifiers from TOML recipes; prune, quantize and export them; "
@@ -23,6 +26,7 @@ app = typer.Typer(
 
 DATA_DIR_HELP = "Dataset root (default: $TOOLKIT_DATA_DIR, else ~/.cache/toolkit/data)."
 JSON_HELP = "Print one JSON object last on stdout (progress goes to stderr)."
+DEBUG_FLAG = "--debug"
 
 
 # options several commands share
@@ -32,6 +36,15 @@ AsJson = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 Runs = Annotated[Path, typer.Option("--runs", help="Where to look for the latest run.")]
 Exports = Annotated[Path, typer.Option("--exports", help="Where to look for the latest export.")]
 RunRef = Annotated[Optional[Path], typer.Argument(help="Run directory or checkpoint (default: the latest run under --runs).")]
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, DEBUG_FLAG, help="On an error, show the full traceback instead of one line (for bug reports; "
+                               "also TOOLKIT_DEBUG=1). Accepted after any command too."),
+) -> None:
+    # main() reads --debug from the command line before Typer parses it; this only documents it
+    pass
 
 
 def _console(as_json: bool) -> Console:
@@ -218,29 +231,57 @@ def serve(
 
 # the extra a command's missing import belongs to, for a one-line hint instead of a traceback
 INSTALL_HINTS = {
-    "gradio": "serve", "onnxruntime": "serve", "PIL": "serve",
-    "torch": "train", "torchvision": "train", "albumentations": "train", "pydantic": "train", "onnx": "train",
+    "gradio": "serve", "onnxruntime": "serve", "PIL": "serve", "pydantic": "serve", "filelock": "serve",
+    "torch": "train", "torchvision": "train", "albumentations": "train", "onnx": "train",
     "onnxscript": "train", "onnxslim": "train", "torch_pruning": "train", "matplotlib": "train",
 }
 
 
+def _interrupt(signum: int, _frame) -> None:
+    raise Interrupted(signum)
+
+
+def _failure(exc: BaseException) -> tuple[str, int]:
+    """The one line and exit status for an error that is not a ToolkitError."""
+    if isinstance(exc, ModuleNotFoundError) and INSTALL_HINTS.get((exc.name or "").split(".")[0]):
+        extra = INSTALL_HINTS[(exc.name or "").split(".")[0]]
+        return f"this command needs {exc.name}, which is not installed: pip install 'toolkit[{extra}]'", 2
+    if is_no_space(exc):
+        return "no space left on the device" + (f" ({exc.filename})" if getattr(exc, "filename", None) else ""), 2
+    if isinstance(exc, MemoryError):
+        return "out of memory (try a smaller --batch, or close other programs)", 2
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or first_line(exc)}{where}", 2
+    return (f"internal error, a bug in toolkit ({type(exc).__name__}: {first_line(exc)}); "
+            f"run again with {DEBUG_FLAG} (or TOOLKIT_DEBUG=1) to see the traceback, and report it"), 1
+
+
 def main() -> None:
+    """Run the CLI: every error ends in one line on stderr and a non-zero exit, never a traceback
+    (unless --debug or TOOLKIT_DEBUG=1 asks for it). SIGINT / SIGTERM: "interrupted", exit 130 / 143,
+    after every temporary file and staging copy has been removed on the way out."""
+    debug = DEBUG_FLAG in sys.argv[1:] or os.environ.get("TOOLKIT_DEBUG", "") not in ("", "0")
+    sys.argv[1:] = [a for a in sys.argv[1:] if a != DEBUG_FLAG]
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         app()
-    except ModuleNotFoundError as exc:
-        extra = INSTALL_HINTS.get((exc.name or "").split(".")[0])
-        if extra is None:
-            raise
-        Console(stderr=True).print(
-            f"[bold red]error:[/] this command needs {escape(exc.name)}, which is not installed: "
-            f"pip install 'toolkit\\[{extra}]'", highlight=False, soft_wrap=True)
-        raise SystemExit(2) from None
+    except Interrupted as stop:
+        err.print("interrupted" if stop.signum == signal.SIGINT else f"{signal.Signals(stop.signum).name}: stopped")
+        raise SystemExit(128 + stop.signum) from None
     except ToolkitError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        if debug:
+            raise
+        err.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted")
-        raise SystemExit(130) from None
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: never a traceback for a user
+        if debug:
+            raise
+        message, status = _failure(exc)
+        err.print(f"[bold red]error:[/] {escape(str(ToolkitError(message)))}")  # ToolkitError: one line, bounded
+        raise SystemExit(status) from None
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ error names the folder the files must go into.
 
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +168,10 @@ def build_dataset(recipe: Recipe, root: Path, train: bool, download: bool = True
 
 
 def _seed_worker(worker_id: int) -> None:
+    # Ctrl-C and SIGTERM are the main process's to handle (it stops the workers); a worker that
+    # inherited the CLI's handlers would print its own traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # torch seeds `random` and torch per worker; albumentations keeps its own generator
     info = torch.utils.data.get_worker_info()
     ds = getattr(info.dataset, "dataset", info.dataset) if info is not None else None  # through a Subset

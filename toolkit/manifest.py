@@ -3,6 +3,11 @@
 It lists each artifact with format, precision, sha256 and size, and once for the whole
 export the input spec, normalization, class names and the source checkpoint's sha256.
 verify / bench / the demo read shapes, preprocessing and labels from here, never re-derive them.
+
+A manifest is a file a user (or anyone) can edit, so ``load_manifest`` checks it against the
+schema below before anything reads it: types, finite numbers, bounded shapes, and artifact
+names that stay inside the export directory (``files.confined``). Any failure is one line that
+names the file and the field. The schema lives here, free of torch, because serving reads it too.
 """
 
 from __future__ import annotations
@@ -10,12 +15,131 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
 
-from toolkit.files import atomic_write, sha256_file
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
 from toolkit.errors import ToolkitError
+from toolkit.files import atomic_write, confined, name_problem, read_text_limited, reading, sha256_file
 
 FORMAT = "toolkit-manifest/1"
 NAME = "manifest.json"
+MAX_BYTES = 16 << 20  # a manifest is a few KB; a larger file is not one
+MAX_SIDE = 4096  # pixels a side of a model input
+SHA256 = r"^[0-9a-f]{64}$"
+
+
+class _Schema(BaseModel):
+    # extra="allow": later stages add fields (parity, triton, ...) that older readers pass through
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+def _plain(value: str) -> str:
+    problem = name_problem(value)
+    if problem:
+        raise ValueError(f"{value[:80]!r} {problem}; it must be a plain name")
+    return value
+
+
+PlainName = Annotated[str, AfterValidator(_plain)]  # a name that becomes a path: see files.confined
+
+
+class InputSpec(_Schema):
+    name: str = Field(min_length=1, max_length=200)
+    shape: list[Any] = Field(min_length=4, max_length=4)
+    dtype: Literal["float32"]
+    layout: Literal["NCHW"]
+
+    @field_validator("shape")
+    @classmethod
+    def _batch_then_chw(cls, shape: list) -> list:
+        batch, *chw = shape
+        if batch != "batch" or not all(type(d) is int and 1 <= d <= MAX_SIDE for d in chw):
+            raise ValueError(f"must be ['batch', C, H, W] with C, H, W whole numbers from 1 to {MAX_SIDE}")
+        return shape
+
+
+class OutputSpec(_Schema):
+    name: str = Field(min_length=1, max_length=200)
+    shape: list[Any] = Field(min_length=2, max_length=2)
+
+
+class Normalization(_Schema):
+    scale: float = Field(gt=0)
+    mean: list[float] = Field(min_length=1, max_length=4)
+    std: list[float] = Field(min_length=1, max_length=4)
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, std: list[float]) -> list[float]:
+        if any(s <= 0 for s in std):
+            raise ValueError("every std must be greater than 0")
+        return std
+
+
+class Source(_Schema):
+    checkpoint: str = Field(min_length=1, max_length=4096)
+    sha256: str = Field(pattern=SHA256)
+    recipe: PlainName
+    params: int = Field(ge=0)
+    test_acc: Optional[float] = None
+
+
+class Artifact(_Schema):
+    file: PlainName
+    format: Literal["onnx", "trt"]
+    precision: Literal["fp32", "fp16", "int8"]
+    sha256: str = Field(pattern=SHA256)
+    bytes: int = Field(ge=0)
+
+
+class TritonModel(_Schema):
+    name: PlainName
+    source: PlainName
+
+
+class Triton(_Schema):
+    repository: Literal["triton"]
+    models: dict[str, TritonModel]
+
+    @model_validator(mode="after")
+    def _keys_are_names(self) -> "Triton":
+        for key, model in self.models.items():
+            if key != model.name:
+                raise ValueError(f"model key {key[:80]!r} differs from its name {model.name[:80]!r}")
+        return self
+
+
+class Manifest(_Schema):
+    format: Literal["toolkit-manifest/1"]
+    name: PlainName
+    model: str = Field(min_length=1, max_length=200)
+    dataset: str = Field(min_length=1, max_length=200)
+    input: InputSpec
+    output: OutputSpec
+    normalization: Normalization
+    classes: list[str] = Field(min_length=1, max_length=100_000)
+    source: Source
+    artifacts: list[Artifact]
+    triton: Optional[Triton] = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        channels = self.input.shape[1]
+        if len(self.normalization.mean) != channels or len(self.normalization.std) != channels:
+            raise ValueError(f"normalization needs one mean and one std per input channel ({channels})")
+        if self.output.shape[1] != len(self.classes):
+            raise ValueError(f"output has {self.output.shape[1]!r} classes, classes lists {len(self.classes)}")
+        files = [a.file for a in self.artifacts]
+        if len(set(files)) != len(files):
+            raise ValueError("an artifact file is listed twice")
+        return self
+
+
+def _format_error(path: Path, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+    return f"{path}: {loc or 'manifest'}: {err['msg'].removeprefix('Value error, ')}"
 
 
 def new_manifest(ckpt: dict, name: str) -> dict:
@@ -42,6 +166,11 @@ def new_manifest(ckpt: dict, name: str) -> dict:
     }
 
 
+def artifact_path(export_dir: Path, artifact: dict) -> Path:
+    """Where an artifact the manifest lists lies: only ever inside ``export_dir``."""
+    return confined(Path(export_dir), artifact["file"], f"{Path(export_dir) / NAME}: artifact file")
+
+
 def artifact_entry(path: Path, fmt: str, precision: str, **extra) -> dict:
     return {
         "file": path.name,
@@ -60,23 +189,28 @@ def upsert_artifact(manifest: dict, entry: dict) -> None:
 
 
 def load_manifest(export_dir: str | Path, verify_files: bool = True) -> dict:
-    path = Path(export_dir) / NAME
+    """The export's manifest, checked against the schema; with ``verify_files``, every artifact's
+    size and sha256 checked too. Anything wrong is one ToolkitError line naming the file."""
+    export_dir = Path(export_dir)
+    path = confined(export_dir, NAME, str(export_dir))
     if not path.is_file():
         raise ToolkitError(f"no {NAME} in {export_dir} (run `toolkit export` first)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ToolkitError(f"{path}: unreadable manifest ({exc})") from None
+    with reading(path, "toolkit manifest"):
+        manifest = json.loads(read_text_limited(path, "manifest", MAX_BYTES))
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ToolkitError(f"{path}: not a toolkit manifest")
+        raise ToolkitError(f"{path}: not a toolkit manifest (no \"format\": \"{FORMAT}\")")
+    try:
+        Manifest.model_validate(manifest)
+    except ValidationError as exc:
+        raise ToolkitError(_format_error(path, exc)) from None
     if verify_files:
         for art in manifest["artifacts"]:
-            f = Path(export_dir) / art["file"]
+            f = artifact_path(export_dir, art)
             if not f.is_file():
                 raise ToolkitError(f"{path}: artifact {art['file']} is missing")
             if f.stat().st_size != art["bytes"] or sha256_file(f) != art["sha256"]:
                 raise ToolkitError(f"{f}: sha256 does not match the manifest (file changed or corrupted)")
-    manifest["dir"] = str(Path(export_dir))
+    manifest["dir"] = str(export_dir)
     return manifest
 
 
@@ -88,7 +222,8 @@ def save_manifest(manifest: dict, export_dir: Path) -> None:
 
 
 def latest_export(exports_dir: str | Path = "exports") -> Path:
-    found = [p.parent for p in Path(exports_dir).glob(f"*/{NAME}")]
+    """The most recently written export directory (staging copies, whose names start with '.', never count)."""
+    found = [p.parent for p in Path(exports_dir).glob(f"*/{NAME}") if not p.parent.name.startswith(".")]
     if not found:
         raise ToolkitError(f"no export under {exports_dir}/ (run `toolkit export` first, or pass an export directory)")
     return max(found, key=lambda p: (p / NAME).stat().st_mtime)

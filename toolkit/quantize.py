@@ -21,6 +21,7 @@ from rich.console import Console
 from toolkit import data as data_mod
 from toolkit.errors import ToolkitError, check_choice
 from toolkit.files import atomic_write, resolve_data_dir
+from toolkit.onnx_io import load_onnx
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
@@ -67,7 +68,7 @@ def quantized_op_types(activations: str) -> tuple[str, ...]:
 def quantizable_nodes(path: Path, activations: str = "int8") -> list[str]:
     """The nodes ``quantize_int8`` would quantize: the candidates ``auto_fallback`` ranks."""
     ops = quantized_op_types(activations)
-    return [n.name for n in onnx.load(str(path)).graph.node if n.op_type in ops]
+    return [n.name for n in load_onnx(path).graph.node if n.op_type in ops]
 
 
 def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minmax", exclude: list[str] | None = None, only: list[str] | None = None,
@@ -82,7 +83,8 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
     if len(calib) == 0:
         raise ToolkitError("no calibration images")
     check_choice("activation type", activations, ("int8", "uint8"))
-    input_name = onnx.load(str(fp32), load_external_data=False).graph.input[0].name
+    source = load_onnx(fp32)  # self-contained: quant_pre_process below reads the file itself
+    input_name = source.graph.input[0].name
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
@@ -106,7 +108,7 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
     if activations == "uint8":
         integer_pads(proto)
     onnx.checker.check_model(proto)
-    src_meta = {p.key: p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props}
+    src_meta = {p.key: p.value for p in source.metadata_props}
     del proto.metadata_props[:]
     for key, value in src_meta.items():
         proto.metadata_props.add(key=key, value=value)

@@ -1,7 +1,9 @@
 """Recipes: a TOML file per documented experiment, parsed into a typed, validated object.
 
-An unknown key, a wrong type or an out-of-range value is a ToolkitError that names the file
-and the key (``recipes/x.toml: optimizer.lr: must be greater than 0``), never a silent default.
+An unknown key, a wrong type (strict: ``epochs = "20"`` is not a number), a NaN or infinite
+number, or an out-of-range value is a ToolkitError that names the file and the key
+(``recipes/x.toml: optimizer.lr: must be greater than 0``), never a silent default. The name
+becomes a directory name, so it must be a plain one (``files.plain_name``).
 """
 
 from __future__ import annotations
@@ -12,14 +14,17 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
+from toolkit.files import name_problem, read_text_limited, reading
 from toolkit.models import MODELS, create_model, resolved_options
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+MAX_BYTES = 1 << 20  # a recipe is a few hundred bytes
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no "20" for 20; allow_inf_nan: a learning rate of nan or inf is never meant
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class ModelSpec(Strict):
@@ -154,7 +159,7 @@ class SeedResults(Strict):
 
 
 class Recipe(Strict):
-    name: str = ""
+    name: str = ""  # parse_recipe fills in the file's stem
     description: str = ""
     seed: int = Field(default=0, ge=0)
     epochs: int = Field(ge=1, le=10000)
@@ -164,6 +169,14 @@ class Recipe(Strict):
     scheduler: Scheduler = Field(default_factory=lambda: NoSchedule(name="none"))
     early_stopping: Optional[EarlyStopping] = None
     seed_results: Optional[SeedResults] = None
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        problem = name_problem(name)
+        if problem:  # run directories are named after the recipe
+            raise ValueError(f"{name[:80]!r} {problem}; it names the run directory, so it must be a plain name")
+        return name
 
     @model_validator(mode="after")
     def _model_fits_dataset(self) -> "Recipe":
@@ -183,14 +196,17 @@ class Recipe(Strict):
         return create_model(self.model.name, **options)
 
 
-def _format_error(path: Path, exc: ValidationError) -> str:
+def format_validation_error(where: str | Path, exc: ValidationError) -> str:
+    """``<where>: <key>: <what is wrong>`` for the first error pydantic found."""
     err = exc.errors()[0]
     # discriminated unions add the tag ("step", "plateau", ...) to the location; drop it
     loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in {"step", "plateau", "cosine", "piecewise", "none"}))
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
-    return f"{path}: {loc or 'recipe'}: {msg}"
+    elif err["type"] == "finite_number":
+        msg = "must be a finite number (not nan or inf)"
+    return f"{where}: {loc or 'recipe'}: {msg}"
 
 
 def resolve_recipe_path(ref: str | Path) -> Path:
@@ -209,23 +225,23 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise ToolkitError(_format_error(path, exc)) from None
+        raise ToolkitError(format_validation_error(path, exc)) from None
 
 
 def load_recipe(ref: str | Path) -> Recipe:
     path = resolve_recipe_path(ref)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ToolkitError(f"{path}: not valid TOML ({exc})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ToolkitError(f"{path}: cannot read recipe ({exc})") from None
+    with reading(path, "TOML recipe"):
+        try:
+            data = tomllib.loads(read_text_limited(path, "recipe", MAX_BYTES))
+        except tomllib.TOMLDecodeError as exc:
+            raise ToolkitError(f"{path}: not valid TOML ({first_line(exc)})") from None
     recipe = parse_recipe(data, path)
     # catch bad model options at load time, not at the first epoch
-    try:
-        recipe.build_model(num_classes=100 if recipe.data.dataset == "cifar100" else 10)
-    except ToolkitError as exc:
-        raise ToolkitError(f"{path}: model.options: {exc}") from None
+    with reading(path, "recipe"):
+        try:
+            recipe.build_model(num_classes=100 if recipe.data.dataset == "cifar100" else 10)
+        except Exception as exc:  # noqa: BLE001 - whatever the options make the builder do, it is the recipe's fault
+            raise ToolkitError(f"{path}: model.options: {first_line(exc)}") from None
     return recipe
 
 

@@ -12,7 +12,9 @@ from typing import Callable
 
 import numpy as np
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
+from toolkit.files import confined, read_text_limited, reading
+from toolkit.manifest import artifact_path
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -106,17 +108,21 @@ def ort_runner(path: Path, runtime: str, threads: int | None = None) -> Runner:
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
     except Exception as exc:  # ORT raises its own Fail / InvalidGraph types
-        raise ToolkitError(f"{path}: ONNX Runtime cannot load it ({(str(exc).splitlines() or ['?'])[0]})") from None
+        raise ToolkitError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)})") from None
     name = session.get_inputs()[0].name
 
     def run(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0].astype(np.float32)
+        try:
+            return session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0].astype(np.float32)
+        except Exception as exc:  # noqa: BLE001 - a graph that does not take the manifest's input, whatever ORT calls it
+            raise ToolkitError(f"{path}: ONNX Runtime failed on a batch of shape {tuple(x.shape)} ({first_line(exc)})") from None
 
     return run
 
 
 def engine_sidecar(engine_path: Path) -> Path:
-    return engine_path.with_suffix(".json")
+    """``model.fp16.engine`` -> ``model.fp16.json``, beside it and never a link out of its folder."""
+    return confined(engine_path.parent, engine_path.with_suffix(".json").name, f"sidecar of {engine_path}")
 
 
 def check_engine_compatible(engine_path: Path) -> None:
@@ -126,7 +132,10 @@ def check_engine_compatible(engine_path: Path) -> None:
     sidecar = engine_sidecar(engine_path)
     if not sidecar.is_file():
         raise ToolkitError(f"{engine_path}: no sidecar {sidecar.name} recording the TensorRT version and GPU it was built for")
-    built = json.loads(sidecar.read_text())
+    with reading(sidecar, "engine sidecar"):
+        built = json.loads(read_text_limited(sidecar, "engine sidecar", 1 << 20))
+    if not isinstance(built, dict):
+        raise ToolkitError(f"{sidecar}: not an engine sidecar (no JSON object)")
     here = {"tensorrt": trt.__version__, "gpu": current_gpu()["name"]}
     if built.get("tensorrt") != here["tensorrt"]:
         raise ToolkitError(f"{engine_path}: built with TensorRT {built.get('tensorrt')}, this machine has {here['tensorrt']}; rebuild it with `toolkit export --format trt`")
@@ -185,7 +194,7 @@ def trt_runner(engine_path: Path) -> Runner:
 
 def make_runner(export_dir: Path, artifact: dict, runtime: str, threads: int | None = None) -> Runner:
     """``threads``: ONNX Runtime's intra-op threads (default: one per core)."""
-    path = Path(export_dir) / artifact["file"]
+    path = artifact_path(export_dir, artifact)
     if runtime.startswith("ort-"):
         return ort_runner(path, runtime, threads)
     if runtime == "tensorrt":

@@ -9,8 +9,12 @@ model saw in training. The Gradio layout itself lives in ``demo/app.py`` (``tool
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
+import re
+import shutil
+import signal
 import tempfile
 import time
 import warnings
@@ -20,8 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from toolkit.errors import ToolkitError
-from toolkit.files import resolve_data_dir
+from toolkit.errors import Interrupted, ToolkitError, first_line, shown
+from toolkit.files import reading, resolve_data_dir
 from toolkit.manifest import NAME as MANIFEST_NAME
 from toolkit.manifest import load_manifest
 from toolkit.runtime import Runner, check_engine_compatible, make_runner, runtimes_for, trt_missing_reason
@@ -41,7 +45,7 @@ MNIST_FAMILY, CIFAR_FAMILY = "mnist", "cifar"
 
 def open_image(source) -> "Image.Image":
     """A fully decoded Pillow image from a path, a Pillow image or an array; a bad one is a ToolkitError."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if source is None or (isinstance(source, str) and not source.strip()):
         raise ToolkitError("no image given: upload an image or draw a digit")
@@ -54,15 +58,15 @@ def open_image(source) -> "Image.Image":
     else:
         path = Path(source)
         if not path.is_file():
-            raise ToolkitError(f"no such image file: {path.name}")
+            raise ToolkitError(f"no such image file: {shown(path.name)}")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 im = Image.open(path)  # reads the header only
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ToolkitError(f"the image is too large: at most {MAX_SIDE}x{MAX_SIDE} pixels") from None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-            raise ToolkitError(f"{path.name} is not an image Pillow can read (PNG, JPEG, GIF, BMP, WebP, TIFF ...)") from None
+        except Exception:  # noqa: BLE001 - whatever a decoder raises on a file it cannot read
+            raise ToolkitError(f"{shown(path.name)} is not an image Pillow can read (PNG, JPEG, GIF, BMP, WebP, TIFF ...)") from None
     w, h = im.size
     if w == 0 or h == 0:
         raise ToolkitError(f"the image is empty ({w}x{h} pixels)")
@@ -72,9 +76,20 @@ def open_image(source) -> "Image.Image":
         raise ToolkitError(f"unsupported image mode {im.mode!r}: use 8-bit grayscale, palette, RGB or RGBA")
     try:
         im.load()
-    except Exception as exc:  # truncated or corrupt pixel data
-        raise ToolkitError(f"the image could not be decoded ({type(exc).__name__}: {exc})") from None
-    return im
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
+        raise ToolkitError(f"the image could not be decoded ({type(exc).__name__}: {first_line(exc)})") from None
+    return upright(im)
+
+
+def upright(im) -> "Image.Image":
+    """The image as it is meant to be seen: a phone's JPEG stores its pixels sideways and says so in
+    the EXIF orientation tag. A tag that cannot be applied is ignored, as viewers do."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block leaves the pixels as stored
+        return im
 
 
 def on_white(im) -> "Image.Image":
@@ -189,7 +204,11 @@ class Catalog:
     def from_dirs(cls, dirs: list[Path]) -> "Catalog":
         catalog = cls()
         for export_dir in find_exports(dirs):
-            manifest = load_manifest(export_dir)  # checks every artifact's sha256
+            try:
+                manifest = load_manifest(export_dir)  # the schema, confined artifact names, every artifact's sha256
+            except ToolkitError as exc:  # one broken or hostile export does not take the others down
+                catalog.skipped.append(f"{export_dir}: {exc}")
+                continue
             for art in manifest["artifacts"]:
                 key = f"{manifest['name']}/{art['file']}"
                 runtimes = runtimes_for(art)
@@ -225,7 +244,7 @@ class Catalog:
         if not key:
             return next(iter(self.entries.values()))
         if key not in self.entries:
-            raise ToolkitError(f"unknown artifact {key!r}; served here: {', '.join(self.keys())}")
+            raise ToolkitError(f"unknown artifact {shown(key)}; served here: {', '.join(self.keys())}")
         return self.entries[key]
 
     def runner(self, entry: Entry) -> Runner:
@@ -240,12 +259,15 @@ class Catalog:
         x = to_input(pixels, entry.manifest)
         run = self.runner(entry)
         t1 = time.perf_counter()
-        logits = run(x)[0].astype(np.float64)
+        out = run(x)
         t2 = time.perf_counter()
+        classes = entry.manifest["classes"]
+        if out.shape != (1, len(classes)):
+            raise ToolkitError(f"{entry.key} gives outputs of shape {out.shape}, not one score per class ({len(classes)})")
+        logits = out[0].astype(np.float64)
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
         order = np.argsort(-probs)[:top_k]
-        classes = entry.manifest["classes"]
         top = {str(classes[i]): float(probs[i]) for i in order}
         return Prediction(top, entry, pixels, model_ms=(t2 - t1) * 1e3, total_ms=(t2 - t0) * 1e3)
 
@@ -276,8 +298,8 @@ def find_exports(dirs: list[Path]) -> list[Path]:
             raise ToolkitError(f"{d}: no such export folder")
         if (d / MANIFEST_NAME).is_file():
             found.append(d)
-        else:
-            found.extend(sorted(p.parent for p in d.glob(f"*/{MANIFEST_NAME}")))
+        else:  # names starting with '.' are an export's staging copies
+            found.extend(sorted(p.parent for p in d.glob(f"*/{MANIFEST_NAME}") if not p.parent.name.startswith(".")))
     return found
 
 
@@ -291,15 +313,20 @@ def mnist_test_split(data_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
     def read(name: str) -> np.ndarray | None:
         for path, opener in ((raw / name, open), (raw / f"{name}.gz", gzip.open)):
             if path.is_file():
-                with opener(path, "rb") as f:
-                    data = f.read()
-                ndim = data[3]
-                dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-                return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+                with reading(path, "MNIST IDX file"):
+                    with opener(path, "rb") as f:
+                        data = f.read()
+                    ndim = data[3]
+                    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+                    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
         return None
 
     images, labels = read("t10k-images-idx3-ubyte"), read("t10k-labels-idx1-ubyte")
-    return None if images is None or labels is None else (images, labels)
+    if images is None or labels is None:
+        return None
+    if images.ndim != 3 or labels.shape != images.shape[:1]:
+        raise ToolkitError(f"{raw}: the MNIST test files do not fit together (images {images.shape}, labels {labels.shape})")
+    return images, labels
 
 
 def mnist_test_digits(data_dir: Path, count: int, seed: int = 0) -> list[tuple[np.ndarray, int]]:
@@ -325,20 +352,57 @@ def write_examples(digits: list[tuple[np.ndarray, int]], folder: Path) -> list[s
 
 # ----------------------------------------------------------------------------- server
 
+def check_listen_address(host: str, port: int) -> None:
+    """One line now, instead of a traceback from the web server later: the host must be an address
+    of this machine (or a name for one) and the port free."""
+    import ipaddress
+    import socket
+
+    if re.fullmatch(r"[0-9.]+", host):  # looks like IPv4: never send it to DNS
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ToolkitError(f"--host {shown(host)} is not an IPv4 address") from None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError, ValueError):
+        raise ToolkitError(f"--host {shown(host)}: no such address or host name") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the web server binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ToolkitError(f"port {port} on {host} is in use by another program: choose another with --port") from None
+            raise ToolkitError(f"cannot listen on {host}:{port}: {exc.strerror or first_line(exc)}") from None
+
+
+def parse_size(text: str) -> str:
+    """``--max-upload``: a size such as 10mb, 500kb or 1gb (what Gradio takes), else one line."""
+    if not re.fullmatch(r"\s*[0-9]+(\.[0-9]+)?\s*(b|kb|mb|gb)?\s*", str(text), re.IGNORECASE) or float(re.sub(r"[^0-9.]", "", text)) <= 0:
+        raise ToolkitError(f"--max-upload {shown(text)}: give a size such as 10mb, 500kb or 1gb")
+    return text.strip().lower()
+
+
 def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, data_dir: Path | None = None,
           top_k: int = 3, examples: int = 8, share: bool = False, max_upload: str = MAX_UPLOAD,
           block: bool = True, console=None):
-    """Start the demo; returns (app, url) when ``block`` is False (tests), else serves until stopped."""
+    """Start the demo; returns (demo, url) when ``block`` is False (tests), else serves until SIGINT or
+    SIGTERM (``docker stop``), then closes the server and returns."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a closed network
     from toolkit.demo.app import build_demo
 
+    max_upload = parse_size(max_upload)
     catalog = Catalog.from_dirs(export_dirs)
+    check_listen_address(host, port)
     say = console.print if console is not None else print
     for line in catalog.skipped:
         say(f"not served: {line}")
     root = resolve_data_dir(data_dir)
     example_paths: list[str] = []
     allowed: list[str] = []
+    example_dir = None
     if examples > 0 and catalog.keys(MNIST_FAMILY):
         digits = mnist_test_digits(root, examples)
         if digits:
@@ -348,10 +412,29 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
             say(f"no MNIST test set under {root}: the MNIST tab has no examples (set --data-dir or TOOLKIT_DATA_DIR)")
     demo = build_demo(catalog, example_paths, top_k=top_k)
     demo.queue(default_concurrency_limit=4)
-    app, url, _ = demo.launch(
-        server_name=host, server_port=port, share=share, max_file_size=max_upload, show_error=True,
-        allowed_paths=allowed, ssr_mode=False, quiet=True, prevent_thread_lock=not block,
-    )
+    try:
+        _, url, share_url = demo.launch(
+            server_name=host, server_port=port, share=share, max_file_size=max_upload, show_error=True,
+            allowed_paths=allowed, ssr_mode=False, quiet=True, prevent_thread_lock=True,
+        )
+    except OSError as exc:  # the port was taken between the check and the bind
+        raise ToolkitError(f"cannot listen on {host}:{port}: {first_line(exc)}") from None
+    local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
     if not block:
-        return demo, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
-    return demo, url
+        return demo, local
+    for key in catalog.keys():
+        say(f"serving {catalog.entries[key].label}")
+    say(f"ready: {local}" + (f" (listening on {host}; other machines use this machine's address)" if host in ("0.0.0.0", "::") else "")
+        + (f", public link {share_url}" if share_url else ""))
+    try:
+        while True:  # the CLI's signal handlers raise Interrupted here on SIGINT / SIGTERM
+            time.sleep(0.2)
+    except (Interrupted, KeyboardInterrupt) as stop:
+        signame = signal.Signals(stop.signum).name if isinstance(stop, Interrupted) else "SIGINT"
+        say(f"{signame}: stopping the server")
+    finally:
+        demo.close()
+        if example_dir is not None:
+            shutil.rmtree(example_dir, ignore_errors=True)
+    say("stopped")
+    return demo, local

@@ -8,8 +8,10 @@ ends where an uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import math
 import os
 import random
 import time
@@ -25,9 +27,9 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import Subset
 
 from toolkit import data as data_mod
-from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
+from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, non_finite, save_checkpoint
 from toolkit.errors import ToolkitError, check_choice
-from toolkit.files import atomic_write, resolve_data_dir
+from toolkit.files import atomic_write, locked, make_dir, plain_name, reading, remove_stale_temps, resolve_data_dir, write_error
 from toolkit.models import count_params, layer_widths
 from toolkit.recipes import Recipe
 
@@ -199,14 +201,21 @@ class RunResult:
 
 
 def new_run_dir(out: Path, name: str) -> Path:
+    """A new, empty ``out/<name>-<timestamp>[-n]``: ``name`` must be a plain name, and two runs
+    started in the same second get different directories (mkdir is the arbiter, not a check before it)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = out / f"{name}-{stamp}"
-    n = 1
-    while run_dir.exists():
-        n += 1
-        run_dir = out / f"{name}-{stamp}-{n}"
-    run_dir.mkdir(parents=True)
-    return run_dir
+    base = plain_name(f"{name}-{stamp}", "run name")
+    make_dir(Path(out), "runs folder")
+    for n in range(1, 10_000):
+        run_dir = Path(out) / (base if n == 1 else f"{base}-{n}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise write_error(exc, run_dir) from None
+    raise ToolkitError(f"cannot find a free run directory name {base}-N under {out}")
 
 
 def checkpoint_dict(recipe: Recipe, model: torch.nn.Module, meta: dict, rows: list[dict]) -> dict:
@@ -292,6 +301,8 @@ def train(
     if resume is not None:
         run_dir = Path(resume)
         state = load_checkpoint(run_dir / "last.pt" if run_dir.is_dir() else run_dir)
+        if not isinstance(state.get("train_state"), dict):
+            raise ToolkitError(f"{state['path']}: holds no training state to resume from (resume from a run directory or its last.pt)")
         run_dir = Path(state["path"]).parent
         recipe = Recipe.model_validate(state["recipe"])
         train_limit, test_limit = state["meta"].get("train_limit"), state["meta"].get("test_limit")
@@ -342,16 +353,17 @@ def train(
     rows: list[dict] = []
     best_acc, start_epoch = -1.0, 0
     if state is not None:
-        ts = state["train_state"]
-        optimizer.load_state_dict(ts["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(ts["scheduler"])
-        torch.set_rng_state(ts["torch_rng"])
-        loader_rng.set_state(ts["loader_rng"])
-        random.setstate(ts["python_rng"])
-        if on_gpu and ts.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ts["cuda_rng"])
-        rows, best_acc, start_epoch = list(state["metrics"]), ts["best_acc"], ts["epoch"]
+        with reading(state["path"], "checkpoint to resume from"):
+            ts = state["train_state"]
+            optimizer.load_state_dict(ts["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(ts["scheduler"])
+            torch.set_rng_state(ts["torch_rng"])
+            loader_rng.set_state(ts["loader_rng"])
+            random.setstate(ts["python_rng"])
+            if on_gpu and ts.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(ts["cuda_rng"])
+            rows, best_acc, start_epoch = list(state["metrics"]), float(ts["best_acc"]), int(ts["epoch"])
     else:
         run_dir = new_run_dir(Path(out), run_name or recipe.name) if main_process else None
         if world > 1:  # every rank needs the path rank 0 made
@@ -388,7 +400,12 @@ def train(
 
     started = time.perf_counter()
     stopped_early = False
-    with progress_bar(console) as progress:
+    # one writer per run directory: a second `train --resume` of a running run is refused at once
+    with locked(run_dir, wait=False) if main_process else contextlib.nullcontext(), progress_bar(console) as progress:
+        if state is not None and main_process:
+            stale = remove_stale_temps(run_dir)
+            if stale:
+                console.print(f"removed {len(stale)} temporary file(s) an interrupted run left in {run_dir}")
         for epoch in range(start_epoch, recipe.epochs):
             t0 = time.perf_counter()
             if hasattr(train_ds, "reseed") and not workers:
@@ -427,13 +444,18 @@ def train(
                 totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=dev)])
                 torch.distributed.all_reduce(totals)
                 loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
+            train_loss = loss_sum.item() / seen
+            if not (math.isfinite(train_loss) and math.isfinite(test_loss)) or non_finite(model.state_dict()):
+                kept = f"the last good checkpoint is {run_dir / 'last.pt'}" if rows else "no checkpoint was written"
+                raise ToolkitError(f"training diverged in epoch {epoch + 1}: the loss or the weights became NaN or infinite; "
+                                   f"{kept} (try a lower learning rate or weight decay)")
             if sched_when == "epoch":
                 scheduler.step()
             elif sched_when == "plateau":
                 scheduler.step(test_loss)
             row = {
                 "epoch": epoch + 1,
-                "train_loss": round(loss_sum.item() / seen, 6),
+                "train_loss": round(train_loss, 6),
                 "train_acc": round(100.0 * correct.item() / seen, 4),
                 "test_loss": round(test_loss, 6),
                 "test_acc": round(test_acc, 4),

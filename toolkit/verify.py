@@ -18,7 +18,7 @@ from rich.table import Table
 from toolkit import data as data_mod
 from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
 from toolkit.errors import ToolkitError
-from toolkit.files import atomic_write, resolve_data_dir, sha256_file
+from toolkit.files import atomic_write, locked, resolve_data_dir, sha256_file
 from toolkit.manifest import latest_export, load_manifest, save_manifest
 from toolkit.runtime import make_runner, runtimes_for, torch_runner, trt_missing_reason
 
@@ -29,6 +29,7 @@ GATES: dict[str, dict[str, float]] = {
     "int8": {"delta_pp": 0.5, "agreement": 0.0},
 }
 BATCH = 500
+PARITY_FIELDS = ("accuracy", "delta_pp", "agreement", "max_abs_logit_diff", "passed")  # recorded per artifact and runtime
 
 
 def batched(run, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
@@ -86,12 +87,14 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
             why = trt_missing_reason() if art["format"] == "trt" else f"no runtime here runs {art['format']} artifacts"
             skipped.append({"artifact": art["file"], "reason": why})
             continue
-        art["parity"] = {}
         for runtime in found:
-            row = compare(batched(make_runner(export_dir, art, runtime), x), ref_logits, labels, ref_acc, art["precision"], gates)
-            row = {"artifact": art["file"], "format": art["format"], "precision": art["precision"], "runtime": runtime, **row}
-            results.append(row)
-            art["parity"][runtime] = {k: row[k] for k in ("accuracy", "delta_pp", "agreement", "max_abs_logit_diff", "passed")}
+            logits = batched(make_runner(export_dir, art, runtime), x)
+            if logits.shape != ref_logits.shape:
+                raise ToolkitError(f"{export_dir / art['file']}: gives outputs of shape {logits.shape}, the trained model "
+                                   f"{ref_logits.shape}: it is not an export of this model")
+            row = compare(logits, ref_logits, labels, ref_acc, art["precision"], gates)
+            results.append({"artifact": art["file"], "format": art["format"], "precision": art["precision"], "runtime": runtime,
+                            "sha256": art["sha256"], **row})
     report = {
         "export_dir": str(export_dir),
         "dataset": manifest["dataset"],
@@ -102,12 +105,20 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
         "skipped": skipped,
         "passed": bool(results) and all(r["passed"] for r in results),
     }
-    manifest["parity"] = {"images": report["images"], "reference_acc": report["reference_acc"]}
-    with atomic_write(export_dir / "parity.json", "w") as f:
-        json.dump(report, f, indent=2)
-    with atomic_write(export_dir / "parity.md", "w") as f:
-        f.write(parity_markdown(report))
-    save_manifest(manifest, export_dir)
+    # the results go into the manifest as it is now: an export may have run meanwhile (it waited for
+    # nobody, verify held no lock while it computed), so only artifacts with the sha256 verified get them
+    with locked(export_dir, say=console.print):
+        current = load_manifest(export_dir, verify_files=False)
+        for art in current["artifacts"]:
+            rows = [r for r in results if r["artifact"] == art["file"] and r["sha256"] == art["sha256"]]
+            if rows:
+                art["parity"] = {r["runtime"]: {k: r[k] for k in PARITY_FIELDS} for r in rows}
+        current["parity"] = {"images": report["images"], "reference_acc": report["reference_acc"]}
+        with atomic_write(export_dir / "parity.json", "w") as f:
+            json.dump(report, f, indent=2)
+        with atomic_write(export_dir / "parity.md", "w") as f:
+            f.write(parity_markdown(report))
+        save_manifest(current, export_dir)
     console.print(parity_table(report))
     for s in skipped:
         console.print(f"[yellow]skipped {s['artifact']}: {s['reason']}[/]")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,11 +18,12 @@ from rich.console import Console
 
 from toolkit.checkpoint import latest_run, load_checkpoint, model_from_checkpoint
 from toolkit.errors import ToolkitError, check_choice
-from toolkit.files import umask_mode
+from toolkit.files import confined, locked, plain_name, remove_stale_dirs, remove_stale_temps, umask_mode, write_error
 from toolkit.manifest import NAME as MANIFEST_NAME
-from toolkit.manifest import artifact_entry, load_manifest, new_manifest, save_manifest, upsert_artifact
+from toolkit.manifest import artifact_entry, artifact_path, load_manifest, new_manifest, save_manifest, upsert_artifact
 
 FORMATS = ("onnx", "trt", "triton")
+STAGING, OLD = ".staging-", ".old-"  # sibling work directories: .<export>.staging-*, .<export>.old-<pid>
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -31,31 +33,37 @@ def artifact_file(fmt: str, precision: str) -> str:
 
 @contextlib.contextmanager
 def staged(export_dir: Path) -> Iterator[Path]:
-    """A copy of ``export_dir`` to work in; it replaces ``export_dir`` only if the block succeeds."""
+    """A copy of ``export_dir`` to work in; it replaces ``export_dir`` only if the block succeeds.
+    Call it holding the directory's lock. Symbolic links are copied as links, never followed."""
     parent = export_dir.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.staging-", dir=parent))
+        stage = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}{STAGING}", dir=parent))
     except OSError as exc:
         raise ToolkitError(f"cannot write into {parent}: {exc.strerror or exc}") from None
     try:
         if export_dir.is_dir():
-            shutil.copytree(export_dir, stage, dirs_exist_ok=True)
+            shutil.copytree(export_dir, stage, symlinks=True, dirs_exist_ok=True)
         yield stage
         os.chmod(stage, umask_mode(0o777))
         old = None
         if export_dir.exists():
-            old = parent / f".{export_dir.name}.old-{os.getpid()}"
+            old = parent / f".{export_dir.name}{OLD}{os.getpid()}"
             os.replace(export_dir, old)
         os.replace(stage, export_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(stage, ignore_errors=True)
-        raise ToolkitError(f"export into {export_dir} failed: {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        error = write_error(exc, export_dir) if not isinstance(exc, ToolkitError) else None
+        if error is not None:
+            raise ToolkitError(f"export into {export_dir} failed: {error}") from None
         raise
+
+
+def export_name(ckpt: dict) -> str:
+    """The export directory's name: the run directory's, which must be a plain name."""
+    return plain_name(Path(ckpt["path"]).resolve().parent.name, f"{ckpt['path']}: run directory name")
 
 
 def _manifest_for(stage: Path, ckpt: dict, name: str, console: Console) -> dict:
@@ -72,10 +80,14 @@ def _manifest_for(stage: Path, ckpt: dict, name: str, console: Console) -> dict:
 
 def _drop_artifacts(stage: Path, manifest: dict) -> None:
     for art in manifest["artifacts"]:
-        (stage / art["file"]).unlink(missing_ok=True)
+        artifact_path(stage, art).unlink(missing_ok=True)
     manifest["artifacts"] = []
     manifest.pop("triton", None)
-    shutil.rmtree(stage / "triton", ignore_errors=True)  # its models are copies of those artifacts
+    triton = stage / "triton"  # its models are copies of those artifacts
+    if triton.is_symlink():
+        triton.unlink()  # a link, never what it points to
+    else:
+        shutil.rmtree(triton, ignore_errors=True)
 
 
 def _repads(fp32_entry: dict | None, pad_channels: int | None) -> bool:
@@ -121,9 +133,8 @@ def export(
 ) -> dict:
     """Export one artifact (and the fp32 ONNX it derives from); returns its manifest entry.
 
-    ``pad_channels``: see ``_ensure_fp32_onnx``; 0 turns padding off."""
-    from toolkit.verify import GATES
-
+    ``pad_channels``: see ``_ensure_fp32_onnx``; 0 turns padding off. One export at a time per
+    export directory: a second one waits for the first (``files.locked``), so none is ever lost."""
     console = console or Console(stderr=True)
     check_choice("format", fmt, FORMATS)
     check_choice("precision", precision, PRECISIONS)
@@ -141,16 +152,38 @@ def export(
         if reason:  # say so before any work, and leave exports/ untouched
             raise ToolkitError(f"cannot build a TensorRT engine here: {reason}")
     ckpt = load_checkpoint(ref if ref is not None else latest_run(runs))
-    name = Path(ckpt["path"]).parent.name
-    export_dir = Path(out) / name
-    if fmt == "triton":
-        onnx_options = dict(out=out, data_dir=data_dir, calib_size=calib_size, calib_method=calib_method, auto_fallback=auto_fallback,
-                            int8_activations=int8_activations, gate_pp=gate_pp, pad_channels=pad_channels, download=download)
-        return _export_triton(ckpt, export_dir, precision, max_batch, onnx_options, console)
+    export_dir = Path(out) / export_name(ckpt)
+    if (export_dir / MANIFEST_NAME).exists() or (export_dir / MANIFEST_NAME).is_symlink():
+        load_manifest(export_dir)  # refuse a broken or hostile export before touching anything
+    options = dict(data_dir=data_dir, calib_size=calib_size, calib_method=calib_method, auto_fallback=auto_fallback,
+                   int8_activations=int8_activations, gate_pp=gate_pp, pad_channels=pad_channels, download=download, max_batch=max_batch)
+    with locked(export_dir, say=console.print):
+        _remove_leftovers(export_dir, console)
+        if fmt == "triton":
+            return _export_triton(ckpt, export_dir, precision, options, console)
+        entry = _export_artifact(ckpt, export_dir, fmt, precision, options, console)
+    console.print(f"exported {entry['file']} ({entry['bytes']:,} bytes) -> {export_dir}")
+    return {**entry, "export_dir": str(export_dir)}
+
+
+def _remove_leftovers(export_dir: Path, console: Console) -> None:
+    """What an export or verify killed mid-way left behind: staging copies, a swapped-out old copy,
+    temporary files. Only while holding the export's lock (otherwise they may be another writer's)."""
+    name = re.escape(export_dir.name)
+    remove_stale_dirs(export_dir.parent, re.compile(rf"^\.{name}{re.escape(STAGING)}[A-Za-z0-9_]{{8}}$|^\.{name}{re.escape(OLD)}[0-9]+$"))
+    stale = remove_stale_temps(export_dir)
+    if stale:
+        console.print(f"removed {len(stale)} temporary file(s) an interrupted run left in {export_dir}")
+
+
+def _export_artifact(ckpt: dict, export_dir: Path, fmt: str, precision: str, options: dict, console: Console) -> dict:
+    """One artifact of ``fmt`` and ``precision`` (and the fp32 ONNX it derives from) into ``export_dir``,
+    staged; returns its manifest entry. The caller holds the export's lock."""
+    from toolkit.verify import GATES
 
     with staged(export_dir) as stage:
-        manifest = _manifest_for(stage, ckpt, name, console)
-        fp32_onnx = _ensure_fp32_onnx(stage, manifest, ckpt, pad_channels, console)
+        manifest = _manifest_for(stage, ckpt, export_dir.name, console)
+        fp32_onnx = _ensure_fp32_onnx(stage, manifest, ckpt, options["pad_channels"], console)
         path = stage / artifact_file(fmt, precision)
         extra: dict = {}
         if fmt == "onnx" and precision == "fp16":
@@ -165,33 +198,34 @@ def export(
             if fmt == "onnx" or not int8_onnx.is_file():
                 from toolkit import quantize
 
-                calib, held_x, held_y = quantize.training_slices(manifest, data_dir, calib_size, download=download)
-                if auto_fallback:
-                    gate = gate_pp if gate_pp is not None else GATES["int8"]["delta_pp"]
-                    fields = quantize.auto_fallback(fp32_onnx, int8_onnx, calib, held_x, held_y, gate, calib_method, console, activations=int8_activations)
+                activations, method = options["int8_activations"], options["calib_method"]
+                calib, held_x, held_y = quantize.training_slices(manifest, options["data_dir"], options["calib_size"], download=options["download"])
+                if options["auto_fallback"]:
+                    gate = options["gate_pp"] if options["gate_pp"] is not None else GATES["int8"]["delta_pp"]
+                    fields = quantize.auto_fallback(fp32_onnx, int8_onnx, calib, held_x, held_y, gate, method, console, activations=activations)
                 else:
-                    fields = quantize.quantize_int8(fp32_onnx, int8_onnx, calib, calib_method, activations=int8_activations)
+                    fields = quantize.quantize_int8(fp32_onnx, int8_onnx, calib, method, activations=activations)
                 upsert_artifact(manifest, artifact_entry(int8_onnx, "onnx", "int8", **fields))
             extra = {}
             if fmt == "trt":
                 from toolkit.export.to_trt import build_trt_engine
 
-                extra = build_trt_engine(int8_onnx, path, "int8", manifest, max_batch, stage / "timing.cache")
+                extra = build_trt_engine(int8_onnx, path, "int8", manifest, options["max_batch"], confined(stage, "timing.cache", str(export_dir)))
         elif fmt == "trt":
             from toolkit.export.to_trt import build_trt_engine
 
-            extra = build_trt_engine(fp32_onnx, path, precision, manifest, max_batch, stage / "timing.cache")
+            extra = build_trt_engine(fp32_onnx, path, precision, manifest, options["max_batch"], confined(stage, "timing.cache", str(export_dir)))
         if not (fmt == "onnx" and precision in ("fp32", "int8")):
             upsert_artifact(manifest, artifact_entry(path, fmt, precision, **extra))
         save_manifest(manifest, stage)
         entry = next(a for a in manifest["artifacts"] if a["file"] == path.name)
-    console.print(f"exported {entry['file']} ({entry['bytes']:,} bytes) -> {export_dir}")
-    return {**entry, "export_dir": str(export_dir)}
+    return entry
 
 
-def _export_triton(ckpt: dict, export_dir: Path, precision: str, max_batch: int, onnx_options: dict, console: Console) -> dict:
+def _export_triton(ckpt: dict, export_dir: Path, precision: str, options: dict, console: Console) -> dict:
     """Add the ONNX artifact of ``precision`` (exported first if the export lacks it) and any TensorRT
-    engine of that precision to the export's Triton model repository, ``<export>/triton/``."""
+    engine of that precision to the export's Triton model repository, ``<export>/triton/``.
+    The caller holds the export's lock."""
     from toolkit.export.to_triton import REPOSITORY, write_triton_model
     from toolkit.files import sha256_file
 
@@ -199,8 +233,9 @@ def _export_triton(ckpt: dict, export_dir: Path, precision: str, max_batch: int,
     current = load_manifest(export_dir) if (export_dir / MANIFEST_NAME).is_file() else None
     fresh = current is not None and current["source"]["sha256"] == sha256_file(Path(ckpt["path"]))
     files = {a["file"]: a for a in current["artifacts"]} if fresh else {}
-    if source not in files or _repads(files.get(artifact_file("onnx", "fp32")), onnx_options["pad_channels"]):
-        export(ckpt["path"], fmt="onnx", precision=precision, console=console, **onnx_options)
+    if source not in files or _repads(files.get(artifact_file("onnx", "fp32")), options["pad_channels"]):
+        entry = _export_artifact(ckpt, export_dir, "onnx", precision, options, console)
+        console.print(f"exported {entry['file']} ({entry['bytes']:,} bytes) -> {export_dir}")
     with staged(export_dir) as stage:
         manifest = load_manifest(stage)
         graph_source = stage / artifact_file("onnx", "int8" if precision == "int8" else "fp32")
@@ -208,7 +243,7 @@ def _export_triton(ckpt: dict, export_dir: Path, precision: str, max_batch: int,
         models = manifest.setdefault("triton", {"repository": REPOSITORY, "models": {}})["models"]
         names = []
         for art in served:
-            record = write_triton_model(stage, manifest, art, stage / source if art["format"] == "onnx" else graph_source, max_batch)
+            record = write_triton_model(stage, manifest, art, stage / source if art["format"] == "onnx" else graph_source, options["max_batch"])
             models[record["name"]] = record
             names.append(record["name"])
         save_manifest(manifest, stage)

@@ -10,8 +10,9 @@ from pathlib import Path
 import onnx
 import torch
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 from toolkit.files import atomic_write
+from toolkit.onnx_io import load_onnx
 
 OPSET = 18
 MAX_BATCH = 4096
@@ -43,7 +44,7 @@ def export_onnx(model: torch.nn.Module, manifest: dict, path: Path, pad_channels
                 verbose=False,
             )
         except Exception as exc:
-            raise ToolkitError(f"ONNX export of {manifest['model']} failed: {(str(exc).splitlines() or ['?'])[0]}") from None
+            raise ToolkitError(f"ONNX export of {manifest['model']} failed: {first_line(exc)}") from None
     proto = onnxslim.slim(program.model_proto)
     padded = {}
     if pad_channels:
@@ -82,7 +83,7 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     import onnxslim
 
     # the converter leaves the cast nodes it adds out of topological order; slim re-sorts the graph
-    proto = onnxslim.slim(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True))
+    proto = onnxslim.slim(convert_float_to_float16(load_onnx(src), keep_io_types=True))
     onnx.checker.check_model(proto)
     with atomic_write(dst) as f:
         f.write(proto.SerializeToString())
@@ -90,4 +91,4 @@ def convert_fp16(src: Path, dst: Path) -> dict:
 
 
 def read_metadata(path: Path) -> dict:
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return {p.key: p.value for p in load_onnx(path).metadata_props}

@@ -14,7 +14,9 @@ from pathlib import Path
 import onnx
 
 from toolkit.errors import ToolkitError
-from toolkit.files import atomic_write, sha256_file
+from toolkit.files import atomic_write, confined, sha256_file
+from toolkit.manifest import artifact_path
+from toolkit.onnx_io import load_onnx
 
 REPOSITORY = "triton"
 QUEUE_DELAY_US = 100  # how long Triton may hold a request to batch it with others
@@ -29,7 +31,7 @@ _TRITON_TYPES = {
 
 def graph_io(onnx_path: Path) -> tuple[dict, dict]:
     """The single input and output of an ONNX graph: name, Triton type, dims without the batch axis."""
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    graph = load_onnx(onnx_path).graph
     initializers = {i.name for i in graph.initializer}
     inputs = [v for v in graph.input if v.name not in initializers]
     if len(inputs) != 1 or len(graph.output) != 1:
@@ -48,6 +50,7 @@ def graph_io(onnx_path: Path) -> tuple[dict, dict]:
 
 
 def model_name(manifest: dict, artifact: dict) -> str:
+    """``<recipe>_<precision>[_trt]``; the recipe name is a plain name (the manifest's schema checks it)."""
     suffix = "_trt" if artifact["format"] == "trt" else ""
     return f"{manifest['source']['recipe']}_{artifact['precision']}{suffix}".replace("-", "_")
 
@@ -96,11 +99,16 @@ def write_triton_model(export_dir: Path, manifest: dict, artifact: dict, onnx_so
     is_plan = artifact["format"] == "trt"
     platform, file = ("tensorrt_plan", "model.plan") if is_plan else ("onnxruntime_onnx", "model.onnx")
     inp, out = graph_io(onnx_source)
-    model_dir = export_dir / REPOSITORY / name
-    if model_dir.exists():
+    where = f"{export_dir.name}/{REPOSITORY}: model name"
+    repository = confined(export_dir, REPOSITORY, f"{export_dir.name}: Triton repository")
+    repository.mkdir(exist_ok=True)
+    model_dir = confined(repository, name, where)
+    if model_dir.is_symlink() or model_dir.is_file():
+        model_dir.unlink()
+    elif model_dir.exists():
         shutil.rmtree(model_dir)
     (model_dir / "1").mkdir(parents=True)
-    shutil.copyfile(export_dir / artifact["file"], model_dir / "1" / file)
+    shutil.copyfile(artifact_path(export_dir, artifact), model_dir / "1" / file)
     with atomic_write(model_dir / "labels.txt", "w") as f:
         f.write("".join(f"{c}\n" for c in manifest["classes"]))
     with atomic_write(model_dir / "config.pbtxt", "w") as f:

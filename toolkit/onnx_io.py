@@ -1,0 +1,38 @@
+"""Reading ONNX files toolkit made: self-contained, parsed at the one boundary for user files.
+
+Layer 2 (below the export and quantize stages, which both read ONNX files). Needs the ``onnx``
+package, which the torch-free serving install does not have: serving hands files to ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from toolkit.errors import ToolkitError
+from toolkit.files import reading
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """An ONNX file toolkit reads (its own artifacts): self-contained, or a one-line error. External
+    data would be read from wherever its ``location`` (or a symbolic link there) points."""
+    with reading(path, "ONNX model"):
+        proto = onnx.load(str(path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(proto.graph)):
+        raise ToolkitError(f"{path}: refers to external data files; toolkit's artifacts are self-contained ONNX files")
+    return proto
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every tensor of a graph: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
