@@ -103,6 +103,13 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
             calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method],
             # symmetric scales, zero point 0: what TensorRT's explicit quantization accepts
             extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True},
+            # 7-bit weights. ONNX Runtime's fused integer kernels on x86 CPUs without VNNI (AVX2's
+            # vpmaddubsw) add uint8 x int8 products in pairs into int16, which saturates with 8-bit
+            # weights (its documentation's remedy is reduce_range); symmetric int8 activations take the
+            # same kernels after a shift by 128. The file runs on whatever CPU deploys it, so it is made
+            # safe for all of them. Seen on an AMD EPYC (AVX2, no VNNI): a 94.06% fine4 went to 87.06%
+            # with 8-bit weights, 94.00% with the graph unfused (ORT_ENABLE_BASIC), 94.31% with 7-bit.
+            reduce_range=True,
         )
         proto = onnx.load(str(out))
     if activations == "uint8":
