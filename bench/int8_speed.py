@@ -19,24 +19,15 @@ from pathlib import Path
 import numpy as np
 
 
-def cpu_int8_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(f for f in flags if "vnni" in f or f in ("avx512f", "avx2", "amx_int8"))
-
-
 def export_random_model(name: str, path: Path) -> list[int]:
     """Registered model ``name`` with random weights (seed 0) as fp32 ONNX at ``path``, through
     ``toolkit export``'s own ONNX step; returns the input shape without the batch dimension."""
     import torch
 
-    from toolkit.models import create_model
+    from toolkit.models import MODELS, create_model
 
     torch.manual_seed(0)
-    shape = [1, 28, 28] if name.startswith("mnist") else [3, 32, 32]
+    shape = [1, 28, 28] if MODELS[name].channels == 1 else [3, 32, 32]
     export_module(create_model(name), name, shape, path)
     return shape
 
@@ -47,7 +38,7 @@ def export_module(model, name: str, shape: list[int], path: Path) -> None:
     from toolkit.export.to_onnx import export_onnx
 
     manifest = {  # what export_onnx reads: names, shape, and the metadata it embeds
-        "model": name, "dataset": "-", "classes": [], "normalization": {}, "input": {"name": "input", "shape": ["batch", *shape]},
+        "model": name, "dataset": "-", "classes": [], "normalization": {}, "input": {"name": "input", "shape": ["batch", *shape], "dtype": "float32"},
         "output": {"name": "logits"}, "source": {"recipe": "-", "sha256": "-"},
     }
     export_onnx(model.eval(), manifest, path)
@@ -63,7 +54,9 @@ def main() -> None:
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args()
 
-    from toolkit.bench import machine, time_calls
+    from toolkit.bench import time_calls
+    from toolkit.environment import cpu_info
+    from toolkit.environment import cpu_line as machine
     from toolkit.quantize import quantize_int8
     from toolkit.runtime import ort_runner
 
@@ -78,7 +71,7 @@ def main() -> None:
             t = np.array(time_calls(ort_runner(path, "ort-cpu"), x, warmup=10, min_iters=20, min_seconds=args.seconds, max_iters=100_000))
             results[name] = {"p50_us": round(float(np.percentile(t, 50)), 1), "images_per_s": round(args.batch * 1e6 / float(t.mean()), 1),
                              "iterations": int(len(t)), "bytes": path.stat().st_size}
-    report = {"model": args.model, "batch": args.batch, "activations": args.activations, "machine": machine(), "cpu_int8_flags": cpu_int8_flags(), **results,
+    report = {"model": args.model, "batch": args.batch, "activations": args.activations, "machine": machine(), "cpu_int8_flags": cpu_info()["features"], **results,
               "int8_over_fp32_throughput": round(results["int8"]["images_per_s"] / results["fp32"]["images_per_s"], 3)}
     print(json.dumps(report, indent=2))
     if args.json_out:

@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 from toolkit.files import resolve_data_dir
-from toolkit.serve import Catalog, mnist_test_digits, serve
+from toolkit.catalog import Catalog
+from toolkit.serve import mnist_test_digits, serve
 
 
 def main() -> None:

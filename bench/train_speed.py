@@ -54,6 +54,7 @@ def seed_pipeline(recipe_ref: str, epochs: int, data_dir: str, device: str, work
     from torch.utils.data import DataLoader
 
     from toolkit import data as data_mod
+    from toolkit.datasets import facts
     from toolkit.recipes import load_recipe
     from toolkit.train import build_optimizer, build_scheduler
 
@@ -67,7 +68,7 @@ def seed_pipeline(recipe_ref: str, epochs: int, data_dir: str, device: str, work
     kwargs = {"num_workers": workers, "pin_memory": dev.type == "cuda"}
     train_loader = DataLoader(train_ds, batch_size=recipe.data.batch_size, shuffle=True, **kwargs)
     test_loader = DataLoader(test_ds, batch_size=recipe.data.test_batch_size, shuffle=False, **kwargs)
-    model = recipe.build_model(data_mod.SPECS[recipe.data.dataset].num_classes).to(dev)
+    model = recipe.build_model(facts(recipe.data.dataset).num_classes).to(dev)
     optimizer = build_optimizer(recipe, model)
     scheduler, when = build_scheduler(recipe, optimizer)
     for epoch in range(epochs):
@@ -120,7 +121,7 @@ def toolkit_accuracy(runs: Path) -> tuple[float, float]:
 
 
 def machine_name(device: str) -> str:
-    from toolkit.bench import machine
+    from toolkit.environment import cpu_line as machine
 
     if device.startswith("cuda"):
         import torch
@@ -156,7 +157,7 @@ def main() -> None:
         toolkit_main()
         return
 
-    from toolkit.data import SPECS
+    from toolkit.datasets import facts
     from toolkit.recipes import load_recipe
 
     recipe = load_recipe(args.recipe)
@@ -182,7 +183,7 @@ def main() -> None:
                             "--data-dir", data_dir, "--out", str(Path(tmp) / "runs"), "--pipeline", args.pipeline, "--compile", args.compile])
         toolkit_best, toolkit_final = toolkit_accuracy(Path(tmp) / "runs")
     result = {
-        "recipe": args.recipe, "epochs": args.epochs, "images": "real" if recipe.data.dataset == "mnist" else f"generated, {n_train // args.epochs} per epoch", "device": args.device, "pipeline": args.pipeline, "compile": args.compile, "dataset": SPECS[recipe.data.dataset].name,
+        "recipe": args.recipe, "epochs": args.epochs, "images": "real" if recipe.data.dataset == "mnist" else f"generated, {n_train // args.epochs} per epoch", "device": args.device, "pipeline": args.pipeline, "compile": args.compile, "dataset": facts(recipe.data.dataset).name,
         "seeds_seconds": round(seeds, 2), "toolkit_seconds": round(toolkit, 2),
         "seeds_images_per_s": round(n_train / seeds, 1), "toolkit_images_per_s": round(n_train / toolkit, 1),
         "ratio_toolkit_over_seeds": round(toolkit / seeds, 3),

@@ -3,7 +3,7 @@ exported artifact, see the top classes, the runtime and the latency.
 
 Started by `toolkit serve [EXPORT_DIR ...]`; installed as ``toolkit.demo.app``, so it also runs
 from a checkout with `python demo/app.py [EXPORT_DIR ...]`. The logic (decoding, MNIST-style
-preprocessing, runners) is in ``toolkit.serve``; this file is only the layout.
+preprocessing, runners) is in ``toolkit.preprocess`` and ``toolkit.catalog``; this file is only the layout.
 
 API: the endpoint ``/predict`` takes an image file and, optionally, an artifact name
 ("<export>/<file>", default: the newest fp32 model) and returns the label output:
@@ -18,7 +18,7 @@ from pathlib import Path
 import gradio as gr
 
 from toolkit.errors import ToolkitError
-from toolkit.serve import CIFAR_FAMILY, MNIST_FAMILY, Catalog
+from toolkit.catalog import CIFAR_FAMILY, MNIST_FAMILY, Catalog
 
 INTRO = """# toolkit demo
 Models exported by `toolkit export`, run by ONNX Runtime (or TensorRT where it runs), with the
@@ -68,11 +68,11 @@ def build_demo(catalog: Catalog, examples: list[str], top_k: int = 3) -> gr.Bloc
 def _tab(catalog: Catalog, family_name: str, classify, classify_sketch, examples: list[str], top_k: int) -> None:
     keys = catalog.keys(family_name)
     if not keys:
-        what = "an MNIST recipe (e.g. fine4)" if family_name == MNIST_FAMILY else "a CIFAR recipe (e.g. ft6 or resnet20_plain)"
-        gr.Markdown(f"No {family_name.upper()} export is being served. Train and export {what}, then restart "
-                    "`toolkit serve` with its export folder.")
+        what = "an MNIST recipe" if family_name == MNIST_FAMILY else "a CIFAR recipe"
+        gr.Markdown(f"No {family_name.upper()} export is being served. Train and export {what} (`toolkit recipes` lists them), "
+                    "then restart `toolkit serve` with its export folder.")
         return
-    side = 28 if family_name == MNIST_FAMILY else 32
+    _, height, width = catalog.entries[keys[0]].manifest["input"]["shape"][1:]
     with gr.Row():
         with gr.Column():
             choice = gr.Dropdown(choices=[(catalog.entries[k].label, k) for k in keys], value=keys[0], label="Model / artifact")
@@ -91,7 +91,7 @@ def _tab(catalog: Catalog, family_name: str, classify, classify_sketch, examples
         with gr.Column():
             label = gr.Label(num_top_classes=top_k, label="Top classes", elem_id=f"{family_name}-label")
             info = gr.Markdown(elem_id=f"{family_name}-info")
-            seen = gr.Image(label=f"What the model sees ({side}x{side}, enlarged)", interactive=False, height=180)
+            seen = gr.Image(label=f"What the model sees ({width}x{height}, enlarged)", interactive=False, height=180)
     outputs = [label, info, seen]
     upload_button.click(classify, [upload, choice], outputs, api_visibility="private")
     upload.upload(classify, [upload, choice], outputs, api_visibility="private")

@@ -103,11 +103,12 @@ def serving_export(mnist_root, tmp_path_factory):
 
 def mnist_test_set(root: Path) -> tuple[np.ndarray, np.ndarray]:
     """The real MNIST test images (10000x28x28 uint8) and labels, read from the raw IDX files."""
-    from toolkit.serve import mnist_test_split
+    from toolkit.preprocess import read_test_split
 
-    split = mnist_test_split(root)
+    split = read_test_split("mnist", root)
     assert split is not None, f"no MNIST test files under {root}"
-    return split
+    images, labels, _ = split
+    return images[:, 0], labels
 
 
 def write_recipe_variant(folder: Path, edit) -> Path:

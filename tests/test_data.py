@@ -8,6 +8,7 @@ import torch
 from bench.cifar_files import CIFAR10_CLASSES
 from tests.conftest import RECIPES
 from toolkit import data as data_mod
+from toolkit.datasets import facts
 from toolkit.errors import ToolkitError
 from toolkit.files import resolve_data_dir
 from toolkit.recipes import load_recipe
@@ -79,7 +80,7 @@ def test_corrupted_cifar_file_is_a_clear_error(cifar_root):
 
 def test_albumentations_ft_pipeline(cifar_root):
     recipe = load_recipe(RECIPES / "ft6.toml")
-    spec = data_mod.SPECS["cifar10"]
+    spec = facts("cifar10")
     test_ds = data_mod.build_dataset(recipe, cifar_root, train=False, download=False)
     x, _ = test_ds[0]
     raw = torch.from_numpy(np.array(test_ds.base[0][0])).permute(2, 0, 1).float() / 255
@@ -98,7 +99,7 @@ def test_albumentations_ft_pipeline(cifar_root):
 def test_coarse_dropout_hole_is_16x16(cifar_root):
     from toolkit.recipes import Augment, CoarseDropout
 
-    spec = data_mod.SPECS["cifar10"]
+    spec = facts("cifar10")
     aug = Augment(library="albumentations", coarse_dropout=CoarseDropout(holes=1, size=16, p=1.0))
     pipe = data_mod.albumentations_pipeline(aug, spec, train=True)
     img = np.full((32, 32, 3), 200, dtype=np.uint8)
@@ -112,7 +113,7 @@ def test_coarse_dropout_hole_is_16x16(cifar_root):
 
 def test_resnet_recipes_use_crop_and_flip():
     aug = load_recipe(RECIPES / "resnet20_baseline.toml").data.augment
-    pipe = data_mod.torchvision_pipeline(aug, data_mod.SPECS["cifar10"], train=True)
+    pipe = data_mod.torchvision_pipeline(aug, facts("cifar10"), train=True)
     names = [type(t).__name__ for t in pipe.transforms]
     assert names == ["RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
     assert pipe.transforms[0].padding == 4

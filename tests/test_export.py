@@ -1,5 +1,6 @@
 """Export: ONNX and int8 artifacts, the manifest, TensorRT's clear refusal, and bad input leaving exports/ untouched."""
 
+import ast
 import errno
 import json
 import os
@@ -450,3 +451,35 @@ def test_export_pad_channels_is_exact_recorded_and_kept(fine4_run, mnist_root, t
     assert next(a for a in load_manifest(entry["export_dir"])["artifacts"] if a["file"] == "model.fp32.onnx")["pad_channels"] == 16
     with pytest.raises(ToolkitError, match="--pad-channels must be 0"):
         export(fine4_run.run_dir, out=tmp_path / "padded", pad_channels=-8, console=quiet())
+
+
+def test_uint8_input_export_runs_on_raw_pixels_in_plain_onnx_runtime(fine4_run, fine4_export, mnist_root, tmp_path):
+    """`--input uint8`: a graph that takes raw uint8 NCHW pixels and normalizes them itself. Fed the
+    full MNIST test set as raw arrays in plain ONNX Runtime (no toolkit code), it gives the float
+    export's labels on the normalized test set for every image; the file says what it takes."""
+    import onnxruntime as ort
+
+    from tests.conftest import mnist_test_set
+    from toolkit.preprocess import normalize
+    from toolkit.verify import verify
+
+    entry = export(fine4_run.run_dir, out=tmp_path, input_dtype="uint8", console=quiet())
+    export_dir = Path(entry["export_dir"])
+    assert export_dir.name == f"{fine4_run.run_dir.name}-uint8"
+    images, labels = mnist_test_set(mnist_root)
+    raw = ort.InferenceSession(str(export_dir / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
+    assert raw.get_inputs()[0].type == "tensor(uint8)"
+    got = raw.run(None, {raw.get_inputs()[0].name: images[:, None]})[0]
+    manifest = load_manifest(fine4_export)
+    flt = ort.InferenceSession(str(fine4_export / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
+    want = flt.run(None, {flt.get_inputs()[0].name: normalize(images[:, None], manifest["normalization"])})[0]
+    assert np.array_equal(got.argmax(1), want.argmax(1)) and np.abs(got - want).max() < 1e-4
+    meta = read_metadata(export_dir / "model.fp32.onnx")
+    assert ast.literal_eval(meta["names"]) == {i: str(i) for i in range(10)}  # the plain dict literal other tools write
+    assert json.loads(meta["toolkit.input"])["dtype"] == "uint8" and load_manifest(export_dir)["input"]["dtype"] == "uint8"
+    # fp16 and int8 derive from it and keep the uint8 input; verify proves them on both paths
+    export(fine4_run.run_dir, out=tmp_path, precision="fp16", input_dtype="uint8", console=quiet())
+    export(fine4_run.run_dir, out=tmp_path, precision="int8", input_dtype="uint8", data_dir=mnist_root, download=False, console=quiet())
+    report = verify(export_dir, data_dir=mnist_root, download=False, console=quiet())
+    assert report["passed"] and report["pipeline_input_max_abs_diff"] == 0.0
+    assert {r["artifact"] for r in report["results"]} == {"model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx"}

@@ -6,6 +6,7 @@ from torchvision import transforms
 
 from tests.conftest import RECIPES
 from toolkit import data as data_mod
+from toolkit.datasets import facts
 from toolkit.fastdata import TensorLoader, apply_batch, sample_params
 from toolkit.recipes import Augment, CoarseDropout, ShiftScaleRotate, load_recipe
 
@@ -60,9 +61,9 @@ def test_random_crop_offsets_match_torchvision():
 
 
 def _albumentations(aug: Augment, images: np.ndarray, seed: int = 0) -> np.ndarray:
-    pipe = data_mod.albumentations_pipeline(aug, data_mod.SPECS["cifar10"], train=True)
+    pipe = data_mod.albumentations_pipeline(aug, facts("cifar10"), train=True)
     pipe.set_random_seed(seed)
-    spec = data_mod.SPECS["cifar10"]
+    spec = facts("cifar10")
     out = np.stack([pipe(image=img)["image"].numpy() for img in images])
     return out * np.array(spec.std)[:, None, None] + np.array(spec.mean)[:, None, None]  # back to [0, 1]
 
@@ -122,7 +123,7 @@ def test_flip_rate():
 def test_tensor_loader_matches_the_torchvision_test_pipeline(mnist_root):
     recipe = load_recipe(RECIPES / "fine4.toml")
     x, y, classes = data_mod.split_arrays("mnist", mnist_root, train=False, download=False)
-    spec = data_mod.SPECS["mnist"]
+    spec = facts("mnist")
     loader = TensorLoader(x[:100], y[:100], 64, normalization={"mean": spec.mean, "std": spec.std}, generator=None, shuffle=False)
     xb, yb = next(iter(loader))
     reference = data_mod.build_dataset(recipe, mnist_root, train=False, download=False)

@@ -87,7 +87,7 @@ def test_confined_takes_plain_names_only(tmp_path):
 
 @pytest.mark.parametrize("kind", ["absolute", "dotdot", "nested-dotdot", "symlink-out"])
 def test_artifact_paths_outside_the_export_are_refused_by_every_reader_and_writer(world, kind, mnist_root):
-    from toolkit.serve import Catalog
+    from toolkit.catalog import Catalog
 
     root, run, export_dir, victim = world
     if kind == "symlink-out":  # a plain name, but a link to a file elsewhere with the right sha256
@@ -443,7 +443,7 @@ def test_exif_orientation_is_applied(tmp_path, mnist_root):
     """A phone stores a portrait photo's pixels sideways plus an EXIF tag saying how to turn them."""
     from PIL import Image
 
-    from toolkit.serve import open_image
+    from toolkit.preprocess import open_image
 
     images, _ = mnist_test_set(mnist_root)
     upright = Image.fromarray(np.kron(images[0], np.ones((4, 6), np.uint8)))  # 112x168: not square, so a turn shows
@@ -455,7 +455,7 @@ def test_exif_orientation_is_applied(tmp_path, mnist_root):
 
 
 def test_echoed_names_are_cut_short(serving_export):
-    from toolkit.serve import Catalog
+    from toolkit.catalog import Catalog
 
     catalog = Catalog.from_dirs([serving_export])
     with pytest.raises(ToolkitError, match="unknown artifact") as err:

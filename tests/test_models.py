@@ -48,7 +48,7 @@ def test_resnet44v2_readings():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_forward_shape(name):
     model = create_model(name).eval()
-    shape = (3, 1, 28, 28) if name.startswith("mnist") else (3, 3, 32, 32)
+    shape = (3, MODELS[name].channels, 28, 28) if MODELS[name].channels == 1 else (3, 3, 32, 32)
     with torch.no_grad():
         out = model(torch.randn(shape))
     assert out.shape == (3, 100 if name == "resnet44v2" else 10)

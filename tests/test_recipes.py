@@ -8,6 +8,7 @@ import pytest
 from tests.conftest import RECIPES, write_recipe_variant
 from toolkit.errors import ToolkitError
 from toolkit.models import count_params
+from toolkit.datasets import facts
 from toolkit.recipes import load_recipe
 from toolkit.report import recipe_rows
 
@@ -25,7 +26,7 @@ def test_one_recipe_per_documented_experiment():
 def test_recipe_parses_and_matches_seed_params(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
-    model = recipe.build_model(100 if recipe.data.dataset == "cifar100" else 10)
+    model = recipe.build_model(facts(recipe.data.dataset).num_classes)
     sr = recipe.seed_results
     if sr and sr.params:
         # resnet44v2's "~2.7M" is a rounded figure; the rest are exact or within 1%

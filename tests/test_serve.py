@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw
 
 from tests.conftest import free_port, mnist_test_set
 from toolkit.errors import ToolkitError
-from toolkit.serve import Catalog, cifar_image, find_exports, mnist_digit, open_image, preprocess, to_input
+from toolkit.catalog import Catalog, find_exports
+from toolkit.preprocess import mnist_digit, model_pixels, open_image, resized_image, to_input
 
 
 def _png(width: int, height: int) -> bytes:
@@ -126,19 +127,24 @@ def test_cifar_tab_takes_any_size_and_mode(mode, tmp_path):
     im = rgb.convert(mode) if mode != "P" else rgb.quantize(4)
     path = tmp_path / f"x.{'tif' if mode == 'CMYK' else 'png'}"
     im.save(path)
-    pixels = cifar_image(open_image(str(path)))
+    pixels = resized_image(open_image(str(path)), 32, 3)
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
     if mode in ("RGBA", "P", "RGB", "CMYK"):
         assert np.abs(pixels.reshape(-1, 3).mean(0) - (200, 30, 40)).max() < 3  # the colour survives
     transparent = Image.new("RGBA", (50, 50), (0, 0, 0, 0))
-    assert cifar_image(transparent).min() == 255  # transparency is white, not black
+    assert resized_image(transparent, 32, 3).min() == 255  # transparency is white, not black
 
 
 def test_normalization_comes_from_the_manifest():
-    manifest = {"input": {"shape": ["batch", 3, 32, 32]}, "normalization": {"scale": 1 / 255, "mean": [0.5, 0.25, 0.0], "std": [0.5, 0.25, 1.0]}}
+    manifest = {"input": {"shape": ["batch", 3, 32, 32], "dtype": "float32"},
+                "normalization": {"scale": 1 / 255, "mean": [0.5, 0.25, 0.0], "std": [0.5, 0.25, 1.0]}}
     x = to_input(np.full((32, 32, 3), 255, np.uint8), manifest)
     assert x.shape == (1, 3, 32, 32) and x.dtype == np.float32
     assert np.allclose(x[0, :, 0, 0], [1.0, 3.0, 1.0])
+    # an export whose graph takes uint8 pixels gets them as they are (it normalizes inside)
+    pixels = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
+    raw = to_input(pixels, {**manifest, "input": {**manifest["input"], "dtype": "uint8"}})
+    assert raw.dtype == np.uint8 and np.array_equal(raw[0], pixels.transpose(2, 0, 1))
     with pytest.raises(ToolkitError, match="takes"):
         to_input(np.zeros((28, 28), np.uint8), manifest)
 
@@ -277,12 +283,13 @@ def test_server_binds_localhost_only_and_makes_no_share_link(server):
         socket.create_connection((outward, port), timeout=5).close()
 
 
-def test_preprocess_picks_the_pipeline_from_the_manifest(serving_export):
+def test_the_preparation_comes_from_the_manifest(serving_export):
     from toolkit.manifest import load_manifest
 
     manifest = load_manifest(serving_export)
-    assert preprocess(draw_digit("7"), manifest).shape == (28, 28)
-    assert preprocess(Image.new("RGB", (40, 90), "red"), {**manifest, "dataset": "cifar10"}).shape == (32, 32, 3)
+    assert model_pixels(draw_digit("7"), manifest).shape == (28, 28)
+    cifar = {**manifest, "dataset": "cifar10", "input": {**manifest["input"], "shape": ["batch", 3, 32, 32]}}
+    assert model_pixels(Image.new("RGB", (40, 90), "red"), cifar).shape == (32, 32, 3)
 
 
 def test_serve_cli_refuses_a_missing_folder_in_one_line(tmp_path):
@@ -318,7 +325,7 @@ def test_cifar_export_is_served_beside_mnist(cifar_root, serving_export, tmp_pat
     photo = tmp_path / "photo.png"  # RGBA, odd size: resized to 32x32 RGB on white
     rgba = np.random.default_rng(3).integers(0, 256, (90, 150, 4), dtype=np.uint8)
     Image.fromarray(rgba, "RGBA").save(photo)
-    x = to_input(cifar_image(open_image(str(photo))), catalog.entries[cifar_key].manifest)
+    x = to_input(resized_image(open_image(str(photo)), 32, 3), catalog.entries[cifar_key].manifest)
     direct = CIFAR10_CLASSES[int(ort_runner(cifar_export / "model.fp32.onnx", "ort-cpu")(x).argmax())]
 
     demo, url = serve([serving_export, cifar_export], port=free_port(), examples=0, block=False, console=None)

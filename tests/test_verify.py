@@ -11,7 +11,8 @@ from toolkit.export import export
 from toolkit.manifest import load_manifest
 from toolkit.recipes import load_recipe
 from toolkit.train import train
-from toolkit.verify import GATES, compare, verify
+from toolkit.parity import GATES, compare
+from toolkit.verify import verify
 
 import numpy as np
 
@@ -77,3 +78,35 @@ def test_cifar_models_export_with_fp32_parity(cifar_root, tmp_path, recipe_name)
     (row,) = report["results"]
     assert report["images"] == 50
     assert row["agreement"] == 100.0 and row["max_abs_logit_diff"] < 1e-3 and row["delta_pp"] == 0.0 and row["passed"]
+
+
+def test_verify_proves_the_deployed_pipeline(fine4_export, mnist_root):
+    """fine4 trains with the fast pipeline: the deployed normalization gives its test inputs bit for
+    bit, the PNG-file path too, and every artifact answers the same on both paths."""
+    report = verify(fine4_export, data_dir=mnist_root, download=False, console=quiet())
+    assert report["input_max_abs_diff"] == 0.0 and report["pipeline_input_max_abs_diff"] == 0.0
+    for row in report["results"]:
+        assert row["pipeline_agreement"] == row["agreement"] and row["pipeline_accuracy"] == row["accuracy"] and row["pipeline_passed"]
+    assert "| pipeline agreement |" in (fine4_export / "parity.md").read_text()
+
+
+def test_a_wrong_normalization_in_the_manifest_fails_verify(fine4_export, mnist_root, tmp_path):
+    """The manifest is what deployments read: a wrong mean there (artifacts untouched, so every sha256
+    still matches) must fail verify, with an error line naming the artifacts and the report."""
+    import shutil
+
+    from tests.conftest import run_cli
+    from toolkit.manifest import save_manifest
+
+    bad = tmp_path / fine4_export.name
+    shutil.copytree(fine4_export, bad)
+    manifest = load_manifest(bad)
+    manifest["normalization"]["mean"] = [0.5]
+    save_manifest(manifest, bad)
+    proc = run_cli("verify", bad, "--data-dir", mnist_root)
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads((bad / "parity.json").read_text())
+    fp32 = next(r for r in report["results"] if r["artifact"] == "model.fp32.onnx")
+    assert not fp32["passed"] and fp32["agreement"] < 99.9 and report["input_max_abs_diff"] > 1
+    error = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "model.fp32.onnx on ort-cpu" in error[0] and str(bad / "parity.md") in error[0]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,11 +17,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from toolkit.environment import cpu_info, cpu_line
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write
 from toolkit.manifest import latest_export, load_manifest
+from toolkit.checkpoint import model_from_checkpoint, source_checkpoint
 from toolkit.runtime import make_runner, runtimes_for, torch_runner
-from toolkit.verify import reference_model
 
 MAX_BATCH_BYTES = 1 << 30  # one input batch; the runtimes' activations take several times more
 
@@ -37,20 +37,6 @@ def time_calls(run, x: np.ndarray, warmup: int, min_iters: int, min_seconds: flo
         run(x)
         times.append((time.perf_counter_ns() - t0) / 1e3)  # microseconds
     return times
-
-
-def machine() -> str:
-    import os
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores"
 
 
 def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: int = 10, min_iters: int = 20, min_seconds: float = 1.0,
@@ -70,10 +56,11 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
 
     targets = []
     if include_torch:
-        targets.append(("checkpoint", "fp32", "pytorch-eager", torch_runner(reference_model(manifest)), {}))
+        targets.append(("checkpoint", "fp32", "pytorch-eager", torch_runner(model_from_checkpoint(source_checkpoint(manifest))), {}, "float32"))
     for art in manifest["artifacts"]:
         for runtime in runtimes_for(art):
-            targets.append((art["file"], art["precision"], runtime, make_runner(export_dir, art, runtime, threads), art.get("parity", {}).get(runtime, {})))
+            targets.append((art["file"], art["precision"], runtime, make_runner(export_dir, art, runtime, threads), art.get("parity", {}).get(runtime, {}),
+                            manifest["input"]["dtype"]))
 
     torch_threads = None
     if threads and include_torch:
@@ -86,7 +73,7 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
     finally:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
-    report = {"export_dir": str(export_dir), "machine": machine(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    report = {"export_dir": str(export_dir), "machine": cpu_line(), "cpu": cpu_info(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "warmup": warmup, "threads": threads or "default", "results": rows}
     with atomic_write(export_dir / "bench.json", "w") as f:
         json.dump(report, f, indent=2)
@@ -99,9 +86,10 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
 def _time_targets(targets, batches, shape, warmup, min_iters, min_seconds, max_iters, console) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
-    for name, precision, runtime, run, parity in targets:
+    for name, precision, runtime, run, parity, dtype in targets:
         for batch in batches:
-            x = rng.standard_normal((batch, *shape), dtype=np.float32)
+            # random pixels; a float input takes them as they are (the values do not change the timing)
+            x = rng.integers(0, 256, (batch, *shape), dtype=np.uint8).astype(dtype)
             t = np.array(time_calls(run, x, warmup, min_iters, min_seconds, max_iters))
             rows.append({
                 "artifact": name, "precision": precision, "runtime": runtime, "batch": batch, "iterations": int(len(t)),

@@ -38,17 +38,27 @@ Exports = Annotated[Path, typer.Option("--exports", help="Where to look for the 
 RunRef = Annotated[Optional[Path], typer.Argument(help="Run directory or checkpoint (default: the latest run under --runs).")]
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from toolkit import __version__
+
+        sys.stdout.write(f"toolkit {__version__}\n")
+        raise typer.Exit()
+
+
 @app.callback()
 def _global_options(
     debug: bool = typer.Option(False, DEBUG_FLAG, help="On an error, show the full traceback instead of one line (for bug reports; "
                                "also TOOLKIT_DEBUG=1). Accepted after any command too."),
+    version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True, help="Print the toolkit's version and exit."),
 ) -> None:
     # main() reads --debug from the command line before Typer parses it; this only documents it
     pass
 
 
 def _console(as_json: bool) -> Console:
-    return Console(stderr=True) if as_json else Console()
+    # soft_wrap: a message is one line however narrow the terminal (or a log file's default 80 columns)
+    return Console(stderr=True, soft_wrap=True) if as_json else Console(soft_wrap=True)
 
 
 def _emit(obj) -> None:
@@ -153,6 +163,9 @@ def export(
     int8_activations: str = typer.Option("int8", "--int8-activations", help="int8: symmetric, runs on ONNX Runtime and builds TensorRT engines | uint8: asymmetric, faster on ONNX Runtime's x86 CPU kernels, no TensorRT."),
     max_batch: int = typer.Option(256, "--max-batch", min=1, help="TensorRT: largest batch of the optimization profile; Triton: max_batch_size."),
     pad_channels: Optional[int] = typer.Option(None, "--pad-channels", min=0, help="Zero-pad conv channels to this multiple where outputs stay exactly the same (16: ONNX Runtime's AVX-512 block, 8: AVX2): faster batch-1 latency on ONNX Runtime CPU for models with odd channel counts. 0: off. Default: as the existing export, else off. Changing it re-exports the fp32 ONNX and drops the artifacts derived from it."),
+    input_dtype: str = typer.Option("float32", "--input", help="float32: the graph takes normalized float tensors. uint8: it takes raw "
+                                    "uint8 NCHW pixels and normalizes them itself (no preprocessing code needed in C++, C#, JavaScript ...); "
+                                    "written as its own export, exports/<run>-uint8/."),
     as_json: AsJson = False,
 ) -> None:
     """Export a trained run to exports/<run>/ (ONNX, int8 QDQ ONNX, TensorRT, a Triton repository) and record it in manifest.json."""
@@ -160,7 +173,7 @@ def export(
 
     entry = run_export(run, fmt=fmt, precision=precision, out=out, runs=runs, data_dir=data_dir, calib_size=calib_size,
                        calib_method=calib_method, auto_fallback=auto_fallback, int8_activations=int8_activations, max_batch=max_batch,
-                       pad_channels=pad_channels, console=_console(as_json))
+                       pad_channels=pad_channels, input_dtype=input_dtype, console=_console(as_json))
     if as_json:
         _emit(entry)
 
@@ -212,6 +225,54 @@ def bench(
 
 
 @app.command()
+def predict(
+    paths: list[str] = typer.Argument(..., help="[EXPORT_OR_RUN] then image files, folders (searched recursively) and glob patterns "
+                                      "(quote them). The first path is the model when it is an export directory, a run directory "
+                                      "or a .pt checkpoint; without one, the latest export under --exports."),
+    exports: Exports = Path("exports"),
+    artifact: Optional[str] = typer.Option(None, "--artifact", help="Which artifact of the export, as the demo names it: "
+                                           "<export>/<file>, e.g. fine4-20261123-101500/model.int8.onnx (default: its fp32 model)."),
+    top_k: int = typer.Option(1, "--top-k", min=1, help="Classes reported per image."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Images per model run (1 runs exactly as the demo does)."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the rows to this CSV file."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for the model (default: one per core)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout (JSON Lines) instead of a table."),
+) -> None:
+    """Classify image files with an export (torch-free, the demo's own code path) or a run's checkpoint (PyTorch).
+    A file that cannot be read is an error row; exit 1 if any image failed."""
+    from toolkit.predict import is_model_ref, predict as run_predict, rows_table, write_csv
+
+    model = Path(paths[0]) if is_model_ref(paths[0]) else None
+    inputs = paths[1:] if model is not None else paths
+    console = Console(stderr=True, soft_wrap=True)
+    rows = run_predict(model, inputs, artifact=artifact, top_k=top_k, batch=batch, exports=exports, threads=threads, console=console)
+    if csv_path is not None:
+        write_csv(rows, csv_path, top_k)
+        console.print(f"predict: wrote {csv_path}", markup=False)
+    if as_json:
+        for row in rows:
+            _emit(row)
+    else:
+        Console(soft_wrap=True).print(rows_table(rows))
+    failed = sum(1 for r in rows if r["error"])
+    if failed:
+        console.print(f"[bold red]error:[/] {failed} of {len(rows)} image(s) could not be classified (see the error rows)")
+        raise typer.Exit(1)
+
+
+@app.command("env")
+def env_command(as_json: AsJson = False) -> None:
+    """Versions of the toolkit, Python, torch, ONNX Runtime (and its providers), TensorRT, CUDA and the GPU, and the CPU: for bug reports."""
+    from toolkit.environment import describe, env_table
+
+    info = describe()
+    if as_json:
+        _emit(info)
+    else:
+        Console(soft_wrap=True).print(env_table(info))
+
+
+@app.command()
 def serve(
     export_dirs: Optional[list[Path]] = typer.Argument(None, help="Export folders, or folders of them (default: every export under ./exports)."),
     host: str = typer.Option("127.0.0.1", "--host", envvar="TOOLKIT_HOST", help="Interface to bind; 0.0.0.0 serves other machines (the Docker image does)."),
@@ -226,7 +287,7 @@ def serve(
     from toolkit.serve import serve as run_serve
 
     run_serve(export_dirs or [Path("exports")], host=host, port=port, data_dir=data_dir, top_k=top_k,
-              examples=examples, max_upload=max_upload, share=share, console=Console(stderr=True))
+              examples=examples, max_upload=max_upload, share=share, console=Console(stderr=True, soft_wrap=True))
 
 
 # the extra a command's missing import belongs to, for a one-line hint instead of a traceback

@@ -8,7 +8,6 @@ error names the folder the files must go into.
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,41 +15,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
+from toolkit.datasets import DatasetFacts, facts
 from toolkit.errors import ToolkitError
 from toolkit.recipes import Augment, Recipe
 
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    channels: int
-    size: int
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    folder: str  # where torchvision expects the raw files, under the data root
-    files: tuple[str, ...]
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.size, self.size)
-
-
-SPECS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(
-        "mnist", 1, 28, 10, (0.1307,), (0.3081,), "MNIST/raw",
-        ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-    ),
-    "cifar10": DatasetSpec(
-        "cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cifar-10-batches-py",
-        ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch", "batches.meta"),
-    ),
-    # CIFAR-100 mean/std as seed 004 gives them
-    "cifar100": DatasetSpec(
-        "cifar100", 3, 32, 100, (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761), "cifar-100-python",
-        ("train", "test", "meta"),
-    ),
-}
 
 _TORCHVISION = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
 
@@ -80,7 +48,7 @@ class AlbumentationsDataset(Dataset):
         self.pipeline.set_random_seed(seed)
 
 
-def albumentations_pipeline(aug: Augment, spec: DatasetSpec, train: bool):
+def albumentations_pipeline(aug: Augment, spec: DatasetFacts, train: bool):
     import albumentations as A
     from albumentations.pytorch import ToTensorV2
 
@@ -112,7 +80,7 @@ def albumentations_pipeline(aug: Augment, spec: DatasetSpec, train: bool):
     return A.Compose(steps)
 
 
-def torchvision_pipeline(aug: Augment, spec: DatasetSpec, train: bool):
+def torchvision_pipeline(aug: Augment, spec: DatasetFacts, train: bool):
     steps = []
     if train:
         if aug.rotation:
@@ -125,13 +93,13 @@ def torchvision_pipeline(aug: Augment, spec: DatasetSpec, train: bool):
     return transforms.Compose(steps)
 
 
-def _missing_files(spec: DatasetSpec, root: Path) -> list[str]:
+def _missing_files(spec: DatasetFacts, root: Path) -> list[str]:
     return [f for f in spec.files if not (root / spec.folder / f).exists()]
 
 
 def load_split(dataset: str, root: Path, train: bool, transform=None, download: bool = True) -> Dataset:
     """torchvision's dataset for one split; download only when files are missing."""
-    spec = SPECS[dataset]
+    spec = facts(dataset)
     cls = _TORCHVISION[dataset]
     missing = _missing_files(spec, root)
     if missing:
@@ -152,14 +120,15 @@ def load_split(dataset: str, root: Path, train: bool, transform=None, download: 
 
 
 def class_names(dataset: str, split: Dataset) -> list[str]:
-    if dataset == "mnist":
-        return [str(i) for i in range(10)]
+    """The dataset's class names: its facts where they are fixed, else read from its files by torchvision."""
+    if facts(dataset).classes is not None:
+        return list(facts(dataset).classes)
     base = getattr(split, "base", split)
     return list(base.classes)
 
 
 def build_dataset(recipe: Recipe, root: Path, train: bool, download: bool = True) -> Dataset:
-    spec = SPECS[recipe.data.dataset]
+    spec = facts(recipe.data.dataset)
     aug = recipe.data.augment
     if aug.library == "albumentations":
         base = load_split(spec.name, root, train, transform=None, download=download)
@@ -201,8 +170,22 @@ def split_arrays(dataset: str, root: Path, train: bool, download: bool = True) -
     return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), class_names(dataset, ds)
 
 
-def normalize(x: torch.Tensor, normalization: dict) -> np.ndarray:
-    """uint8 NCHW -> float32 NCHW, as the manifest's normalization says: ((x * scale) - mean) / std."""
-    mean = torch.tensor(normalization["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(normalization["std"], dtype=torch.float32).view(1, -1, 1, 1)
-    return ((x.float() * normalization.get("scale", 1 / 255) - mean) / std).numpy()
+
+def test_inputs(recipe: Recipe, root: Path, *, limit: int | None = None, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The test split as training evaluated it: the recipe's own pipeline and test transform
+    (normalization only), as float32 NCHW inputs and int64 labels. verify holds the deployed
+    preprocessing (toolkit.preprocess) against this."""
+    spec = facts(recipe.data.dataset)
+    if recipe.data.pipeline == "fast":
+        from toolkit.fastdata import TensorLoader
+
+        x, y, _ = split_arrays(spec.name, root, train=False, download=download)
+        loader = TensorLoader(x[:limit], y[:limit], 1000, normalization={"mean": spec.mean, "std": spec.std},
+                              generator=None, shuffle=False)
+    else:
+        ds = build_dataset(recipe, root, train=False, download=download)
+        if limit:
+            ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
+        loader = make_loader(ds, 1000, shuffle=False, generator=None, workers=0, pin=False)
+    xs, ys = zip(*((xb.numpy(), yb.numpy()) for xb, yb in loader))
+    return np.concatenate(xs).astype(np.float32, copy=False), np.concatenate(ys).astype(np.int64, copy=False)

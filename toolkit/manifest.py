@@ -47,7 +47,8 @@ PlainName = Annotated[str, AfterValidator(_plain)]  # a name that becomes a path
 class InputSpec(_Schema):
     name: str = Field(min_length=1, max_length=200)
     shape: list[Any] = Field(min_length=4, max_length=4)
-    dtype: Literal["float32"]
+    # uint8: the graph takes raw pixels and normalizes them itself (`toolkit export --input uint8`)
+    dtype: Literal["float32", "uint8"]
     layout: Literal["NCHW"]
 
     @field_validator("shape")
@@ -142,7 +143,7 @@ def _format_error(path: Path, exc: ValidationError) -> str:
     return f"{path}: {loc or 'manifest'}: {err['msg'].removeprefix('Value error, ')}"
 
 
-def new_manifest(ckpt: dict, name: str) -> dict:
+def new_manifest(ckpt: dict, name: str, input_dtype: str = "float32") -> dict:
     meta = ckpt["meta"]
     recipe = ckpt["recipe"]
     return {
@@ -150,7 +151,7 @@ def new_manifest(ckpt: dict, name: str) -> dict:
         "name": name,
         "model": recipe["model"]["name"],
         "dataset": meta["dataset"],
-        "input": {"name": "input", "shape": ["batch", *meta["input_shape"]], "dtype": "float32", "layout": "NCHW"},
+        "input": {"name": "input", "shape": ["batch", *meta["input_shape"]], "dtype": input_dtype, "layout": "NCHW"},
         "output": {"name": "logits", "shape": ["batch", len(meta["classes"])]},
         # a uint8 image x becomes ((x / 255) - mean) / std, per channel
         "normalization": {"scale": 1 / 255, "mean": meta["mean"], "std": meta["std"]},

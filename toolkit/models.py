@@ -388,6 +388,7 @@ class ModelEntry:
     documented_params: int
     exact: bool  # the write-up pins the layers, so the count must match exactly
     source: str
+    channels: int  # of the input images it was written for (toolkit.datasets gives each dataset's)
 
     def build(self, **options) -> nn.Module:
         return self.builder(**{**self.defaults, **options})
@@ -396,17 +397,17 @@ class ModelEntry:
 def _entries() -> dict[str, ModelEntry]:
     ft = DilatedDepthwiseNet
     rows = [
-        ModelEntry("mnist_opt", MnistOptNet, {"dropout": 0.0}, 6_132, True, "seeds/002 Opt-1/Opt-2"),
-        ModelEntry("mnist_gap", MnistGapNet, {"dropout": 0.05}, 7_974, True, "seeds/001 Fine-1..4"),
-        ModelEntry("cifar_ft1", ft, {"layout": "ft1"}, 177_302, False, "seeds/000 FT-1"),
-        ModelEntry("cifar_ft2", ft, {"layout": "ft2"}, 179_318, False, "seeds/000 FT-2"),
-        ModelEntry("cifar_ft3", ft, {"layout": "ft3"}, 144_426, False, "seeds/000 FT-3/FT-4"),
-        ModelEntry("cifar_ft5", ft, {"layout": "ft3", "dilate_block3": True}, 144_426, False, "seeds/000 FT-5"),
-        ModelEntry("cifar_ft6", ft, {"layout": "ft3", "dilate_block3": True, "dropout_after": "pool"}, 144_426, False, "seeds/000 FT-6"),
-        ModelEntry("resnet20", ResNet20, {"head": "plain"}, 270_410, True, "seeds/003 experiments 1, 5"),
-        ModelEntry("resnet20_dropout", ResNet20, {"head": "dropout"}, 270_410, True, "seeds/003 experiment 4"),
-        ModelEntry("resnet20_dense", ResNet20, {"head": "dense"}, 274_698, True, "seeds/003 experiments 2, 3 (width chosen here)"),
-        ModelEntry("resnet44v2", ResNetV2, {}, 2_700_000, False, "seeds/004 (~2.7M)"),
+        ModelEntry("mnist_opt", MnistOptNet, {"dropout": 0.0}, 6_132, True, "seeds/002 Opt-1/Opt-2", 1),
+        ModelEntry("mnist_gap", MnistGapNet, {"dropout": 0.05}, 7_974, True, "seeds/001 Fine-1..4", 1),
+        ModelEntry("cifar_ft1", ft, {"layout": "ft1"}, 177_302, False, "seeds/000 FT-1", 3),
+        ModelEntry("cifar_ft2", ft, {"layout": "ft2"}, 179_318, False, "seeds/000 FT-2", 3),
+        ModelEntry("cifar_ft3", ft, {"layout": "ft3"}, 144_426, False, "seeds/000 FT-3/FT-4", 3),
+        ModelEntry("cifar_ft5", ft, {"layout": "ft3", "dilate_block3": True}, 144_426, False, "seeds/000 FT-5", 3),
+        ModelEntry("cifar_ft6", ft, {"layout": "ft3", "dilate_block3": True, "dropout_after": "pool"}, 144_426, False, "seeds/000 FT-6", 3),
+        ModelEntry("resnet20", ResNet20, {"head": "plain"}, 270_410, True, "seeds/003 experiments 1, 5", 3),
+        ModelEntry("resnet20_dropout", ResNet20, {"head": "dropout"}, 270_410, True, "seeds/003 experiment 4", 3),
+        ModelEntry("resnet20_dense", ResNet20, {"head": "dense"}, 274_698, True, "seeds/003 experiments 2, 3 (width chosen here)", 3),
+        ModelEntry("resnet44v2", ResNetV2, {}, 2_700_000, False, "seeds/004 (~2.7M)", 3),
     ]
     return {row.name: row for row in rows}
 

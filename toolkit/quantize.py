@@ -22,6 +22,7 @@ from toolkit import data as data_mod
 from toolkit.errors import ToolkitError, check_choice
 from toolkit.files import atomic_write, resolve_data_dir
 from toolkit.onnx_io import load_onnx
+from toolkit.preprocess import model_input
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
@@ -42,8 +43,8 @@ def training_slices(manifest: dict, data_dir, calib_size: int, holdout: int = HO
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     calib = order[:calib_size]
     held = order[calib_size : calib_size + holdout]
-    norm = manifest["normalization"]
-    return data_mod.normalize(x[calib], norm), data_mod.normalize(x[held], norm), y[held].numpy()
+    # what the deployed model is fed (toolkit.preprocess): normalized floats, or pixels for a uint8-input graph
+    return model_input(x[calib].numpy(), manifest), model_input(x[held].numpy(), manifest), y[held].numpy()
 
 
 def _reader(images: np.ndarray, input_name: str, batch: int = 64):

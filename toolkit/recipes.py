@@ -14,6 +14,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from toolkit.datasets import facts
 from toolkit.errors import ToolkitError, first_line
 from toolkit.files import name_problem, read_text_limited, reading
 from toolkit.models import MODELS, create_model, resolved_options
@@ -180,8 +181,8 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _model_fits_dataset(self) -> "Recipe":
-        wants_gray = self.model.name.startswith("mnist")
-        if wants_gray != (self.data.dataset == "mnist"):
+        entry = MODELS.get(self.model.name)
+        if entry is not None and entry.channels != facts(self.data.dataset).channels:
             raise ValueError(f"model {self.model.name!r} does not take {self.data.dataset} images")
         return self
 
@@ -239,7 +240,7 @@ def load_recipe(ref: str | Path) -> Recipe:
     # catch bad model options at load time, not at the first epoch
     with reading(path, "recipe"):
         try:
-            recipe.build_model(num_classes=100 if recipe.data.dataset == "cifar100" else 10)
+            recipe.build_model(num_classes=facts(recipe.data.dataset).num_classes)
         except Exception as exc:  # noqa: BLE001 - whatever the options make the builder do, it is the recipe's fault
             raise ToolkitError(f"{path}: model.options: {first_line(exc)}") from None
     return recipe

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from toolkit.datasets import facts
 from toolkit.files import atomic_write
 from toolkit.models import count_params
 from toolkit.recipes import list_recipes
@@ -14,7 +15,7 @@ from toolkit.recipes import list_recipes
 def recipe_rows(directory: Path) -> list[dict]:
     rows = []
     for path, recipe in list_recipes(directory):
-        num_classes = 100 if recipe.data.dataset == "cifar100" else 10
+        num_classes = facts(recipe.data.dataset).num_classes
         sr = recipe.seed_results
         rows.append(
             {

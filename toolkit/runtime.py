@@ -110,10 +110,11 @@ def ort_runner(path: Path, runtime: str, threads: int | None = None) -> Runner:
     except Exception as exc:  # ORT raises its own Fail / InvalidGraph types
         raise ToolkitError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)})") from None
     name = session.get_inputs()[0].name
+    dtype = np.uint8 if session.get_inputs()[0].type == "tensor(uint8)" else np.float32  # `export --input uint8`
 
     def run(x: np.ndarray) -> np.ndarray:
         try:
-            return session.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})[0].astype(np.float32)
+            return session.run(None, {name: np.ascontiguousarray(x, dtype=dtype)})[0].astype(np.float32)
         except Exception as exc:  # noqa: BLE001 - a graph that does not take the manifest's input, whatever ORT calls it
             raise ToolkitError(f"{path}: ONNX Runtime failed on a batch of shape {tuple(x.shape)} ({first_line(exc)})") from None
 
@@ -175,8 +176,10 @@ def trt_runner(engine_path: Path) -> Runner:
             buffers[name] = (ptr, size)
         return ptr
 
+    in_dtype = trt.nptype(engine.get_tensor_dtype(inputs[0]))  # float32, or uint8 for `export --input uint8`
+
     def run(x: np.ndarray) -> np.ndarray:
-        host_in = np.ascontiguousarray(x, dtype=np.float32)
+        host_in = np.ascontiguousarray(x, dtype=in_dtype)
         context.set_input_shape(inputs[0], tuple(host_in.shape))
         host_out = np.empty(tuple(context.get_tensor_shape(outputs[0])), dtype=np.float32)
         d_in, d_out = device_buffer(inputs[0], host_in.nbytes), device_buffer(outputs[0], host_out.nbytes)

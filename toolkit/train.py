@@ -27,6 +27,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import Subset
 
 from toolkit import data as data_mod
+from toolkit.datasets import facts
 from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, non_finite, save_checkpoint
 from toolkit.errors import ToolkitError, check_choice
 from toolkit.files import atomic_write, locked, make_dir, plain_name, reading, remove_stale_temps, resolve_data_dir, write_error
@@ -134,7 +135,7 @@ def evaluate(model, loader, device, *, autocast: bool = False, progress: Progres
 def build_loaders(recipe: Recipe, root: Path, dev: torch.device, loader_rng: torch.Generator, *, workers: int = 0,
                   train_limit: int | None = None, test_limit: int | None = None, download: bool = True, shard: tuple[int, int] = (0, 1)):
     """Train and test loaders for the recipe's pipeline, and the class names; ``shard=(rank, world)`` splits both across processes."""
-    spec = data_mod.SPECS[recipe.data.dataset]
+    spec = facts(recipe.data.dataset)
     if recipe.data.pipeline == "fast":
         from toolkit.fastdata import TensorLoader
 
@@ -325,7 +326,7 @@ def train(
 
     # ---- data
     root = resolve_data_dir(data_dir)
-    spec = data_mod.SPECS[recipe.data.dataset]
+    spec = facts(recipe.data.dataset)
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed + rank)  # dropout differs per rank; the shared shuffle comes from loader_rng
     loader_rng = torch.Generator().manual_seed(recipe.seed)

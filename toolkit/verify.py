@@ -1,9 +1,13 @@
-"""`toolkit verify`: prove that every exported artifact gives the trained model's answers.
+"""`toolkit verify`: prove that every exported artifact gives the trained model's answers, and that
+what is deployed (image file -> preprocessing -> artifact) does too.
 
-The full test set goes through the PyTorch reference (the source checkpoint, whose sha256
-the manifest pins) and through every artifact on every runtime present. Per artifact and
-runtime: accuracy, its delta to the reference in percentage points, top-1 agreement with the
-reference, the largest |logit difference|, and pass/fail against the precision's gate.
+The reference is the source checkpoint (whose sha256 the manifest pins) in PyTorch, fed the
+test set through the training recipe's own pipeline and test transform. Every artifact on
+every runtime present is fed the test set twice (see toolkit.parity): as tensors normalized by
+the deployed preprocessing from the manifest's normalization, and as image files (each test
+image a PNG in memory) through the whole deployed preprocessing. Per artifact and runtime:
+accuracy, delta to the reference, top-1 agreement, largest |logit difference|, the pipeline
+path's agreement, and pass/fail against the precision's gates.
 """
 
 from __future__ import annotations
@@ -16,57 +20,37 @@ from rich.console import Console
 from rich.table import Table
 
 from toolkit import data as data_mod
-from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
+from toolkit import preprocess
+from toolkit.checkpoint import model_from_checkpoint, source_checkpoint
 from toolkit.errors import ToolkitError
-from toolkit.files import atomic_write, locked, resolve_data_dir, sha256_file
+from toolkit.files import atomic_write, locked, resolve_data_dir
 from toolkit.manifest import latest_export, load_manifest, save_manifest
+from toolkit.parity import GATES, PARITY_FIELDS, accuracy, compare
+from toolkit.recipes import Recipe
 from toolkit.runtime import make_runner, runtimes_for, torch_runner, trt_missing_reason
 
-# |delta| in percentage points, and the least top-1 agreement with the reference (percent)
-GATES: dict[str, dict[str, float]] = {
-    "fp32": {"delta_pp": 0.02, "agreement": 99.9},
-    "fp16": {"delta_pp": 0.1, "agreement": 0.0},
-    "int8": {"delta_pp": 0.5, "agreement": 0.0},
-}
 BATCH = 500
-PARITY_FIELDS = ("accuracy", "delta_pp", "agreement", "max_abs_logit_diff", "passed")  # recorded per artifact and runtime
 
 
 def batched(run, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
     return np.concatenate([run(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
-def reference_model(manifest: dict):
-    src = manifest["source"]
-    path = Path(src["checkpoint"])
-    if not path.is_file():
-        raise ToolkitError(f"the source checkpoint {path} is gone; parity needs it as the reference")
-    if sha256_file(path) != src["sha256"]:
-        raise ToolkitError(f"{path} changed since the export (sha256 differs); export again")
-    return model_from_checkpoint(load_checkpoint(path))
-
-
-def test_set(manifest: dict, data_dir, download: bool = True, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    x, y, _ = data_mod.split_arrays(manifest["dataset"], resolve_data_dir(data_dir), train=False, download=download)
-    if limit:
-        x, y = x[:limit], y[:limit]
-    return data_mod.normalize(x, manifest["normalization"]), y.numpy()
-
-
-def compare(logits: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray, ref_acc: float, precision: str, gates=GATES) -> dict:
-    acc = 100.0 * float((logits.argmax(1) == labels).mean())
-    delta = acc - ref_acc
-    agreement = 100.0 * float((logits.argmax(1) == ref_logits.argmax(1)).mean())
-    gate = gates[precision]
-    return {
-        "accuracy": round(acc, 4),
-        "delta_pp": round(delta, 4),
-        "agreement": round(agreement, 4),
-        "max_abs_logit_diff": float(np.abs(logits - ref_logits).max()),
-        "gate": gate,
-        # a hair of slack for the float rounding of the percentages themselves
-        "passed": abs(delta) <= gate["delta_pp"] + 1e-9 and agreement >= gate["agreement"] - 1e-9,
-    }
+def deployed_inputs(manifest: dict, root: Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The test split read by the deployed code, without torch: (its pixels normalized by the
+    manifest's normalization, the tensor-path inputs, the pipeline-path inputs, labels). The model
+    inputs are normalized floats, or the pixels themselves for a uint8-input export. The pipeline
+    path writes each image as a PNG file in memory and reads it back as `toolkit predict` and the
+    demo read a user's file."""
+    split = preprocess.read_test_split(manifest["dataset"], root)
+    if split is None:
+        raise ToolkitError(f"no {manifest['dataset']} test split under {root} that the deployed preprocessing can read")
+    images, labels, _ = split
+    images, labels = images[:limit], labels[:limit]
+    normalized = preprocess.normalize(images, manifest["normalization"])
+    tensors = preprocess.model_input(images, manifest)
+    files = np.concatenate([preprocess.to_input(preprocess.model_pixels(preprocess.png_bytes(img), manifest), manifest) for img in images])
+    return normalized, tensors, files, labels
 
 
 def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, limit: int | None = None, download: bool = True, console: Console | None = None) -> dict:
@@ -76,9 +60,17 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
     manifest = load_manifest(export_dir)
     if not manifest["artifacts"]:
         raise ToolkitError(f"{export_dir}: the manifest lists no artifacts")
-    x, labels = test_set(manifest, data_dir, download=download, limit=limit)
-    ref_logits = batched(torch_runner(reference_model(manifest)), x)
-    ref_acc = 100.0 * float((ref_logits.argmax(1) == labels).mean())
+    root = resolve_data_dir(data_dir)
+    ckpt = source_checkpoint(manifest)
+    recipe = Recipe.model_validate(ckpt["recipe"])
+    console.print(f"verify: reading the {manifest['dataset']} test split through the training pipeline and through the deployed preprocessing")
+    x_train, labels = data_mod.test_inputs(recipe, root, limit=limit, download=download)
+    x_normalized, x_tensor, x_files, deployed_labels = deployed_inputs(manifest, root, limit)
+    if not np.array_equal(labels, deployed_labels):
+        raise ToolkitError(f"{root}: the {manifest['dataset']} test split reads differently through torchvision and through the deployed readers")
+    console.print(f"verify: the reference, {recipe.name} in PyTorch, on {len(labels):,} test images")
+    ref_logits = batched(torch_runner(model_from_checkpoint(ckpt)), x_train)
+    ref_acc = accuracy(ref_logits, labels)
 
     results, skipped = [], []
     for art in manifest["artifacts"]:
@@ -88,19 +80,26 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
             skipped.append({"artifact": art["file"], "reason": why})
             continue
         for runtime in found:
-            logits = batched(make_runner(export_dir, art, runtime), x)
+            console.print(f"verify: {art['file']} on {runtime}")
+            run = make_runner(export_dir, art, runtime)
+            logits = batched(run, x_tensor)
             if logits.shape != ref_logits.shape:
                 raise ToolkitError(f"{export_dir / art['file']}: gives outputs of shape {logits.shape}, the trained model "
                                    f"{ref_logits.shape}: it is not an export of this model")
-            row = compare(logits, ref_logits, labels, ref_acc, art["precision"], gates)
+            row = compare(logits, ref_logits, labels, ref_acc, art["precision"], gates, pipeline_logits=batched(run, x_files))
             results.append({"artifact": art["file"], "format": art["format"], "precision": art["precision"], "runtime": runtime,
                             "sha256": art["sha256"], **row})
     report = {
         "export_dir": str(export_dir),
         "dataset": manifest["dataset"],
         "images": int(len(labels)),
-        "reference": "pytorch-eager (cpu)",
-        "reference_acc": round(ref_acc, 4),
+        "reference": f"pytorch-eager (cpu), {recipe.data.pipeline} pipeline's test transform",
+        "reference_acc": ref_acc,
+        # the deployed normalization against the training transform, on the same pixels: 0 means bit for bit
+        "input_max_abs_diff": float(np.abs(x_normalized - x_train).max()),
+        # the image-file path's model inputs against the tensor path's (pixels, for a uint8-input export)
+        "pipeline_input_max_abs_diff": float(np.abs(x_files.astype(np.float64) - x_tensor.astype(np.float64)).max()),
+        "pipeline": "each test image as a PNG file in memory -> toolkit.preprocess (decode, prepare, normalize)",
         "results": results,
         "skipped": skipped,
         "passed": bool(results) and all(r["passed"] for r in results),
@@ -122,32 +121,59 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
     console.print(parity_table(report))
     for s in skipped:
         console.print(f"[yellow]skipped {s['artifact']}: {s['reason']}[/]")
+    console.print(f"verify: wrote {export_dir / 'parity.md'} and parity.json; parity recorded in the manifest")
+    if not report["passed"] and results:
+        console.print(f"[red]error:[/] {failure_line(report)}")
     return report
+
+
+def _percent(value) -> str:
+    return "—" if value is None else f"{value:.2f}%"
 
 
 def parity_markdown(report: dict) -> str:
     lines = [
         f"Reference: {report['reference']}, {report['reference_acc']:.2f}% on {report['images']:,} {report['dataset']} test images.",
+        f"Tensor path: the test pixels normalized by the deployed preprocessing (largest difference to the training "
+        f"transform's inputs: {report['input_max_abs_diff']:.3g}). Pipeline path: {report['pipeline']} "
+        f"(largest difference to the tensor path's inputs: {report['pipeline_input_max_abs_diff']:.3g}).",
         "",
-        "| artifact | runtime | accuracy | Δ pp | agreement | max abs logit diff | gate | result |",
-        "|---|---|---:|---:|---:|---:|---|---|",
+        "| artifact | runtime | accuracy | Δ pp | agreement | max abs logit diff | pipeline agreement | gate | result |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in report["results"]:
         gate = f"abs Δ ≤ {r['gate']['delta_pp']} pp" + (f", agreement ≥ {r['gate']['agreement']}%" if r["gate"]["agreement"] else "")
         lines.append(
             f"| {r['artifact']} | {r['runtime']} | {r['accuracy']:.2f}% | {r['delta_pp']:+.2f} | {r['agreement']:.2f}% | "
-            f"{r['max_abs_logit_diff']:.2e} | {gate} | {'pass' if r['passed'] else 'FAIL'} |"
+            f"{r['max_abs_logit_diff']:.2e} | {_percent(r.get('pipeline_agreement'))} | {gate} | {'pass' if r['passed'] else 'FAIL'} |"
         )
     for s in report["skipped"]:
-        lines.append(f"| {s['artifact']} | — | — | — | — | — | — | not run: {s['reason']} |")
+        lines.append(f"| {s['artifact']} | — | — | — | — | — | — | — | not run: {s['reason']} |")
     return "\n".join(lines) + "\n"
 
 
 def parity_table(report: dict) -> Table:
     table = Table(title=f"parity vs. PyTorch ({report['reference_acc']:.2f}% on {report['images']:,} test images)")
-    for col in ("artifact", "runtime", "accuracy", "Δ pp", "agreement", "max |Δlogit|", "result"):
+    for col in ("artifact", "runtime", "accuracy", "Δ pp", "agreement", "max |Δlogit|", "pipeline agr.", "result"):
         table.add_column(col, justify="left" if col in ("artifact", "runtime", "result") else "right")
     for r in report["results"]:
         table.add_row(r["artifact"], r["runtime"], f"{r['accuracy']:.2f}%", f"{r['delta_pp']:+.2f}", f"{r['agreement']:.2f}%",
-                      f"{r['max_abs_logit_diff']:.2e}", "[green]pass[/]" if r["passed"] else "[red]FAIL[/]")
+                      f"{r['max_abs_logit_diff']:.2e}", _percent(r.get("pipeline_agreement")), "[green]pass[/]" if r["passed"] else "[red]FAIL[/]")
     return table
+
+
+def failure_line(report: dict) -> str:
+    """One line for a failed verify: which artifacts missed which gate, and what to try."""
+    parts, hints = [], set()
+    for r in report["results"]:
+        if r["passed"]:
+            continue
+        missed = [] if r["tensor_passed"] else [f"Δ {r['delta_pp']:+.2f} pp, agreement {r['agreement']:.2f}%"]
+        if not r.get("pipeline_passed", True):
+            missed.append(f"pipeline agreement {r['pipeline_agreement']:.2f}%")
+            hints.add("the deployed preprocessing disagrees with training: check the manifest's normalization and input")
+        if r["precision"] == "int8" and not r["tensor_passed"]:
+            hints.add("for int8 try `toolkit export --precision int8 --auto-fallback` or another --calib-method")
+        parts.append(f"{r['artifact']} on {r['runtime']} ({'; '.join(missed)})")
+    where = Path(report["export_dir"]) / "parity.md"
+    return f"parity FAILED for {', '.join(parts)}; see {where}" + (f"; {'; '.join(sorted(hints))}" if hints else "")

@@ -61,13 +61,15 @@ def staged(export_dir: Path) -> Iterator[Path]:
         raise
 
 
-def export_name(ckpt: dict) -> str:
-    """The export directory's name: the run directory's, which must be a plain name."""
-    return plain_name(Path(ckpt["path"]).resolve().parent.name, f"{ckpt['path']}: run directory name")
+def export_name(ckpt: dict, input_dtype: str = "float32") -> str:
+    """The export directory's name: the run directory's, which must be a plain name; an export whose
+    graphs take uint8 pixels is a separate export, ``<run>-uint8`` (one input spec per manifest)."""
+    name = plain_name(Path(ckpt["path"]).resolve().parent.name, f"{ckpt['path']}: run directory name")
+    return name if input_dtype == "float32" else plain_name(f"{name}-{input_dtype}", "export name")
 
 
-def _manifest_for(stage: Path, ckpt: dict, name: str, console: Console) -> dict:
-    fresh = new_manifest(ckpt, name)
+def _manifest_for(stage: Path, ckpt: dict, name: str, console: Console, input_dtype: str = "float32") -> dict:
+    fresh = new_manifest(ckpt, name, input_dtype)
     if not (stage / MANIFEST_NAME).is_file():
         return fresh
     current = load_manifest(stage)
@@ -128,6 +130,7 @@ def export(
     gate_pp: float | None = None,
     max_batch: int = 256,
     pad_channels: int | None = None,
+    input_dtype: str = "float32",
     download: bool = True,
     console: Console | None = None,
 ) -> dict:
@@ -139,6 +142,7 @@ def export(
     check_choice("format", fmt, FORMATS)
     check_choice("precision", precision, PRECISIONS)
     check_choice("int8 activation type", int8_activations, ("int8", "uint8"))
+    check_choice("input type", input_dtype, ("float32", "uint8"))
     if pad_channels is not None and pad_channels < 0:
         raise ToolkitError(f"--pad-channels must be 0 (off) or a positive multiple, not {pad_channels}")
     if auto_fallback and precision != "int8":
@@ -152,11 +156,12 @@ def export(
         if reason:  # say so before any work, and leave exports/ untouched
             raise ToolkitError(f"cannot build a TensorRT engine here: {reason}")
     ckpt = load_checkpoint(ref if ref is not None else latest_run(runs))
-    export_dir = Path(out) / export_name(ckpt)
+    export_dir = Path(out) / export_name(ckpt, input_dtype)
     if (export_dir / MANIFEST_NAME).exists() or (export_dir / MANIFEST_NAME).is_symlink():
         load_manifest(export_dir)  # refuse a broken or hostile export before touching anything
     options = dict(data_dir=data_dir, calib_size=calib_size, calib_method=calib_method, auto_fallback=auto_fallback,
-                   int8_activations=int8_activations, gate_pp=gate_pp, pad_channels=pad_channels, download=download, max_batch=max_batch)
+                   int8_activations=int8_activations, gate_pp=gate_pp, pad_channels=pad_channels, download=download, max_batch=max_batch,
+                   input_dtype=input_dtype)
     with locked(export_dir, say=console.print):
         _remove_leftovers(export_dir, console)
         if fmt == "triton":
@@ -179,10 +184,10 @@ def _remove_leftovers(export_dir: Path, console: Console) -> None:
 def _export_artifact(ckpt: dict, export_dir: Path, fmt: str, precision: str, options: dict, console: Console) -> dict:
     """One artifact of ``fmt`` and ``precision`` (and the fp32 ONNX it derives from) into ``export_dir``,
     staged; returns its manifest entry. The caller holds the export's lock."""
-    from toolkit.verify import GATES
+    from toolkit.parity import GATES
 
     with staged(export_dir) as stage:
-        manifest = _manifest_for(stage, ckpt, export_dir.name, console)
+        manifest = _manifest_for(stage, ckpt, export_dir.name, console, options["input_dtype"])
         fp32_onnx = _ensure_fp32_onnx(stage, manifest, ckpt, options["pad_channels"], console)
         path = stage / artifact_file(fmt, precision)
         extra: dict = {}

@@ -18,16 +18,34 @@ OPSET = 18
 MAX_BATCH = 4096
 
 
+class RawPixels(torch.nn.Module):
+    """The model behind its own normalization: takes uint8 NCHW pixels, normalizes them exactly as
+    training did (x / 255, - mean, / std, in float32), so a consumer needs no preprocessing code."""
+
+    def __init__(self, model: torch.nn.Module, normalization: dict):
+        super().__init__()
+        self.model = model
+        self.divisor = 1.0 / normalization["scale"]
+        self.register_buffer("mean", torch.tensor(normalization["mean"], dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(normalization["std"], dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model((pixels.to(torch.float32) / self.divisor - self.mean) / self.std)
+
+
 def export_onnx(model: torch.nn.Module, manifest: dict, path: Path, pad_channels: int = 0) -> dict:
     """Write ``model`` to ``path`` as fp32 ONNX; returns the manifest fields for this artifact.
 
     ``pad_channels`` > 0 zero-pads conv channels to that multiple where the outputs stay exactly
-    the same (``pad_channels.pad_conv_channels``): faster on ONNX Runtime's CPU kernels at small batches."""
+    the same (``pad_channels.pad_conv_channels``): faster on ONNX Runtime's CPU kernels at small batches.
+    A manifest whose input dtype is uint8 gets a graph that takes raw pixels (``RawPixels``)."""
     import onnxslim
 
     model = model.cpu().eval()
     shape = manifest["input"]["shape"][1:]
     example = torch.zeros(2, *shape)
+    if manifest["input"]["dtype"] == "uint8":
+        model, example = RawPixels(model, manifest["normalization"]).eval(), example.to(torch.uint8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -60,8 +78,13 @@ def export_onnx(model: torch.nn.Module, manifest: dict, path: Path, pad_channels
 
 
 def add_metadata(proto: onnx.ModelProto, manifest: dict) -> None:
-    """Record what a reader needs to use the file on its own: classes, normalization, input shape."""
+    """Record what a reader needs to use the file on its own: classes (also as ``names``, the
+    key other tools write: {0: 'name', ...}), normalization, the input spec, the toolkit's version."""
+    from toolkit import __version__
+
     fields = {
+        "names": str(dict(enumerate(manifest["classes"]))),
+        "toolkit.input": json.dumps(manifest["input"]),
         "toolkit.model": manifest["model"],
         "toolkit.recipe": manifest["source"]["recipe"],
         "toolkit.dataset": manifest["dataset"],
@@ -74,6 +97,7 @@ def add_metadata(proto: onnx.ModelProto, manifest: dict) -> None:
     for key, value in fields.items():
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name = "toolkit"
+    proto.producer_version = __version__
 
 
 def convert_fp16(src: Path, dst: Path) -> dict:

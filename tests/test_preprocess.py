@@ -1,0 +1,126 @@
+"""The deployed preprocessing (toolkit.preprocess) against the training pipeline, on real MNIST and on
+CIFAR files in the real format: the same pixels, the same normalized inputs, safe readers."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import RECIPES
+from toolkit import data as data_mod
+from toolkit import preprocess
+from toolkit.datasets import DATASETS, facts
+from toolkit.errors import ToolkitError
+from toolkit.recipes import load_recipe
+
+
+def _with(recipe, **data_fields):
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update=data_fields)})
+
+
+def test_the_deployed_readers_give_torchvisions_test_split(mnist_root):
+    images, labels, classes = preprocess.read_test_split("mnist", mnist_root)
+    x, y, tv_classes = data_mod.split_arrays("mnist", mnist_root, train=False, download=False)
+    assert images.shape == (10_000, 1, 28, 28) and images.dtype == np.uint8
+    assert np.array_equal(images, x.numpy()) and np.array_equal(labels, y.numpy()) and classes == tv_classes
+
+
+@pytest.mark.parametrize("pipeline", ["fast", "dataloader"])
+def test_deployed_normalization_is_the_training_test_transform_bit_for_bit(mnist_root, pipeline):
+    """fine4's test transform (torchvision's ToTensor + Normalize, or the fast pipeline's) on the full
+    MNIST test set, against preprocess.normalize with the normalization an export records."""
+    recipe = _with(load_recipe(RECIPES / "fine4.toml"), pipeline=pipeline)
+    x_train, labels = data_mod.test_inputs(recipe, mnist_root, download=False)
+    images, deployed_labels, _ = preprocess.read_test_split("mnist", mnist_root)
+    spec = facts("mnist")
+    x = preprocess.normalize(images, {"scale": 1 / 255, "mean": list(spec.mean), "std": list(spec.std)})
+    assert x.dtype == np.float32 and x.shape == x_train.shape == (10_000, 1, 28, 28)
+    assert np.array_equal(deployed_labels, labels)
+    assert np.array_equal(x, x_train)  # every one of the 7,840,000 values, bit for bit
+
+
+def test_albumentations_normalization_agrees_within_one_float32_rounding(mnist_root):
+    """albumentations normalizes as (x - mean * 255) / (std * 255), another order of float32 operations:
+    it differs from the deployed path by at most one unit in the last place of values below 4."""
+    recipe = load_recipe(RECIPES / "fine4.toml")
+    recipe = _with(recipe, pipeline="dataloader", augment=recipe.data.augment.model_copy(update={"library": "albumentations"}))
+    x_train, _ = data_mod.test_inputs(recipe, mnist_root, download=False)
+    images, _, _ = preprocess.read_test_split("mnist", mnist_root)
+    spec = facts("mnist")
+    x = preprocess.normalize(images, {"scale": 1 / 255, "mean": list(spec.mean), "std": list(spec.std)})
+    diff = np.abs(x - x_train)
+    assert np.abs(x).max() < 4 and diff.max() <= 2.0**-22  # one ulp of a float32 in [2, 4)
+
+
+def test_png_files_of_the_test_set_decode_to_the_same_pixels(mnist_root):
+    """The pipeline path verify uses: each real MNIST test image written as a PNG file and read back
+    through the deployed preparation gives the dataset's pixels (all 10,000)."""
+    images, _, _ = preprocess.read_test_split("mnist", mnist_root)
+    manifest = {"dataset": "mnist", "input": {"shape": ["batch", 1, 28, 28]}}
+    back = np.stack([preprocess.model_pixels(preprocess.png_bytes(img), manifest) for img in images])
+    assert np.array_equal(back, images[:, 0])
+
+
+def test_cifar_test_split_readers_on_real_format_files(cifar_root):
+    for dataset in ("cifar10", "cifar100"):
+        images, labels, classes = preprocess.read_test_split(dataset, cifar_root)
+        x, y, tv_classes = data_mod.split_arrays(dataset, cifar_root, train=False, download=False)
+        assert images.shape[1:] == (3, 32, 32) and np.array_equal(images, x.numpy()) and np.array_equal(labels, y.numpy())
+        assert classes == tv_classes and len(classes) == facts(dataset).num_classes
+        manifest = {"dataset": dataset, "input": {"shape": ["batch", 3, 32, 32]}}
+        back = np.stack([preprocess.model_pixels(preprocess.png_bytes(img), manifest) for img in images[:20]])
+        assert np.array_equal(back.transpose(0, 3, 1, 2), images[:20])  # 32x32 RGB: no resize, no conversion loss
+
+
+class _Boom:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_cifar_pickle_that_would_run_code_is_refused(cifar_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    batch = cifar_root / "cifar-10-batches-py" / "test_batch"
+    batch.write_bytes(pickle.dumps({"data": _Boom(), "labels": []}))
+    with pytest.raises(ToolkitError) as err:
+        preprocess.read_test_split("cifar10", cifar_root)
+    assert "\n" not in str(err.value) and "refused posix.system" in str(err.value) and not (tmp_path / "PWNED").exists()
+
+
+def test_missing_and_malformed_test_files(tmp_path):
+    assert preprocess.read_test_split("mnist", tmp_path) is None
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + (2).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\0" * 100)
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(b"not an idx file")
+    with pytest.raises(ToolkitError) as err:
+        preprocess.read_test_split("mnist", tmp_path)
+    assert "\n" not in str(err.value) and "t10k-" in str(err.value)
+
+
+def test_every_dataset_names_its_classes_once():
+    for name, spec in DATASETS.items():
+        assert spec.input_shape == (spec.channels, spec.size, spec.size) and len(spec.mean) == len(spec.std) == spec.channels
+        assert spec.classes is None or len(spec.classes) == spec.num_classes
+        assert set(spec.test_files) <= set(spec.files)
+    with pytest.raises(ToolkitError, match="unknown dataset"):
+        facts("imagenet")
+
+
+def test_normalize_refuses_a_single_image():
+    with pytest.raises(ToolkitError, match="NCHW"):
+        preprocess.normalize(np.zeros((28, 28), np.uint8), {"scale": 1 / 255, "mean": [0.0], "std": [1.0]})
+
+
+def test_model_pixels_take_files_bytes_and_arrays_alike(mnist_root, tmp_path):
+    images, _, _ = preprocess.read_test_split("mnist", mnist_root)
+    manifest = {"dataset": "mnist", "input": {"shape": ["batch", 1, 28, 28]}}
+    path = Path(tmp_path) / "d.png"
+    path.write_bytes(preprocess.png_bytes(images[7]))
+    from_file = preprocess.model_pixels(str(path), manifest)
+    assert np.array_equal(from_file, preprocess.model_pixels(path.read_bytes(), manifest))
+    assert np.array_equal(from_file, preprocess.model_pixels(images[7, 0], manifest))

@@ -1,0 +1,90 @@
+"""What this machine is, for reports and bug reports: the CPU and the features that change integer
+kernels, and the versions of everything the toolkit runs on. Nothing here needs torch; each
+package is looked up only if it is installed."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import platform
+import sys
+from pathlib import Path
+
+# CPU flags (as /proc/cpuinfo names them) that decide which integer and float kernels run
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "f16c")
+
+
+def cpu_info() -> dict:
+    """Vendor, model, logical cores and the kernel-relevant instruction-set features present."""
+    info = {"vendor": "", "model": platform.processor() or platform.machine(), "cores": os.cpu_count(), "features": []}
+    try:
+        flags: set[str] = set()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "vendor_id" and not info["vendor"]:
+                info["vendor"] = value
+            elif key == "model name" and value:
+                info["model"] = value
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+        info["features"] = [f for f in CPU_FEATURES if f in flags]
+    except OSError:  # not Linux: the model name from platform, features unknown
+        pass
+    return info
+
+
+def cpu_line(info: dict | None = None) -> str:
+    """e.g. "AMD EPYC, 2 cores, avx2 fma f16c (no VNNI)"."""
+    info = info or cpu_info()
+    vnni = any("vnni" in f for f in info["features"])
+    return f"{info['model']}, {info['cores']} cores, {' '.join(info['features']) or 'features unknown'}" + ("" if vnni else " (no VNNI)")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def describe() -> dict:
+    from toolkit import __version__
+
+    info: dict = {"toolkit": __version__, "python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu_info()}
+    info["torch"] = _version("torch")
+    if info["torch"]:
+        import torch
+
+        info["torch_cuda"] = torch.version.cuda
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    info["onnx"] = _version("onnx")
+    info["onnxruntime"] = _version("onnxruntime-gpu") or _version("onnxruntime")
+    if info["onnxruntime"]:
+        import onnxruntime
+
+        info["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    try:
+        info["tensorrt"] = importlib.import_module("tensorrt").__version__
+    except ImportError:
+        info["tensorrt"] = None
+    info["gradio"] = _version("gradio")
+    return info
+
+
+def env_table(info: dict):
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="toolkit env")
+    table.add_column("what")
+    table.add_column("version / value")
+    for key, value in info.items():
+        if key == "cpu":
+            value = cpu_line(value)
+        elif isinstance(value, list):
+            value = ", ".join(value)
+        table.add_row(key, escape("not installed" if value is None and key in ("torch", "onnx", "onnxruntime", "tensorrt", "gradio")
+                                  else str(value)))
+    return table

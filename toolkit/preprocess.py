@@ -1,0 +1,288 @@
+"""The deployed preprocessing: an image file (or the test split's own files) to the model's input.
+
+One torch-free path, used by everything that feeds an exported model: the demo and its API,
+`toolkit predict`, `toolkit verify` (which proves this path against the training pipeline's
+own test transform) and int8 calibration. It needs NumPy and Pillow only, so the ``[serve]``
+install has it.
+
+    decode   open_image: any file Pillow reads, limits checked before pixels are decoded,
+             EXIF orientation applied, transparency composited onto white
+    prepare  model_pixels: the model's uint8 input, HxW or HxWxC, by the dataset's named
+             preparation (datasets.Preparation): "digit" (mnist_digit) or "resize"
+    normalize  uint8 NCHW -> float32 NCHW exactly as training normalizes: (x / 255 - mean) / std
+               (model_input: skipped for a graph that takes uint8 and normalizes inside)
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from toolkit.datasets import facts, preparation_for
+from toolkit.errors import ToolkitError, first_line, shown
+from toolkit.files import reading
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+MAX_SIDE = 4096  # pixels a side; larger images are refused before decoding
+# modes with an unambiguous 8-bit reading; 16-bit / float / exotic colour spaces are refused
+SUPPORTED_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pnm")
+
+
+# ----------------------------------------------------------------------------- decode
+
+def open_image(source) -> "Image.Image":
+    """A fully decoded, upright Pillow image from a path, encoded bytes, a Pillow image or an array;
+    anything that is not a usable image is one ToolkitError line."""
+    from PIL import Image
+
+    if source is None or (isinstance(source, str) and not source.strip()):
+        raise ToolkitError("no image given: upload an image or draw a digit")
+    if isinstance(source, np.ndarray):
+        if source.size == 0:
+            raise ToolkitError("the image is empty (0 pixels)")
+        source = Image.fromarray(np.ascontiguousarray(source))
+    if isinstance(source, Image.Image):
+        im = source
+    else:
+        if isinstance(source, (bytes, bytearray)):
+            name, stream = "the image", io.BytesIO(source)
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise ToolkitError(f"no such image file: {shown(path.name)}")
+            name, stream = shown(path.name), path
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im = Image.open(stream)  # reads the header only
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ToolkitError(f"the image is too large: at most {MAX_SIDE}x{MAX_SIDE} pixels") from None
+        except Exception:  # noqa: BLE001 - whatever a decoder raises on a file it cannot read
+            raise ToolkitError(f"{name} is not an image Pillow can read (PNG, JPEG, GIF, BMP, WebP, TIFF ...)") from None
+    w, h = im.size
+    if w == 0 or h == 0:
+        raise ToolkitError(f"the image is empty ({w}x{h} pixels)")
+    if w > MAX_SIDE or h > MAX_SIDE:
+        raise ToolkitError(f"the image is {w}x{h} pixels: at most {MAX_SIDE}x{MAX_SIDE}")
+    if im.mode not in SUPPORTED_MODES:
+        raise ToolkitError(f"unsupported image mode {im.mode!r}: use 8-bit grayscale, palette, RGB or RGBA")
+    try:
+        im.load()
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
+        raise ToolkitError(f"the image could not be decoded ({type(exc).__name__}: {first_line(exc)})") from None
+    return upright(im)
+
+
+def upright(im) -> "Image.Image":
+    """The image as it is meant to be seen: a phone's JPEG stores its pixels sideways and says so in
+    the EXIF orientation tag. A tag that cannot be applied is ignored, as viewers do."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block leaves the pixels as stored
+        return im
+
+
+def on_white(im) -> "Image.Image":
+    """RGB, with any transparency composited onto white (a sketchpad's empty canvas is transparent)."""
+    from PIL import Image
+
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im).convert("RGB")
+    return im.convert("RGB")
+
+
+# ----------------------------------------------------------------------------- prepare
+
+def mnist_digit(im) -> np.ndarray:
+    """A (28, 28) uint8 digit as MNIST has them: white on black, the stroke scaled into a 20x20 box
+    and centred by its centre of mass in the 28x28 frame (LeCun et al.'s own recipe).
+
+    A 28x28 image that is already light-on-dark is taken as an MNIST digit and left alone.
+    """
+    from PIL import Image
+
+    gray = np.asarray(on_white(im).convert("L"), dtype=np.float32)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    if background > 127:  # dark ink on light paper: MNIST is light on dark
+        gray, background = 255.0 - gray, 255.0 - background
+    if gray.shape == (28, 28):
+        return np.clip(gray, 0, 255).astype(np.uint8)
+    ink = np.clip(gray - background, 0, None)
+    peak = float(ink.max())
+    if peak < 32:
+        raise ToolkitError("no digit found: the image is blank (draw or upload a digit)")
+    ink = ink * (255.0 / peak)
+    rows, cols = np.nonzero(ink > 255 * 0.15)
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    crop = ink[top:bottom, left:right]
+    h, w = crop.shape
+    scale = 20.0 / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    small = np.asarray(Image.fromarray(crop.astype(np.uint8)).resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+    small = np.clip(small, 0, 255)
+    total = small.sum()
+    ys, xs = np.indices(small.shape)
+    cy, cx = (ys * small).sum() / total, (xs * small).sum() / total
+    # put the centre of mass on the frame's centre, keeping the whole box inside the frame
+    y0 = int(np.clip(round(14 - cy), 0, 28 - small.shape[0]))
+    x0 = int(np.clip(round(14 - cx), 0, 28 - small.shape[1]))
+    frame = np.zeros((28, 28), dtype=np.float32)
+    frame[y0:y0 + small.shape[0], x0:x0 + small.shape[1]] = small
+    return np.clip(frame, 0, 255).astype(np.uint8)
+
+
+def resized_image(im, size: int, channels: int) -> np.ndarray:
+    """The whole picture as (size, size, 3) RGB or (size, size) grayscale uint8; an image already
+    that size is passed through unchanged."""
+    from PIL import Image
+
+    im = on_white(im)
+    if channels == 1:
+        im = im.convert("L")
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def model_pixels(image, manifest: Mapping[str, Any]) -> np.ndarray:
+    """Any image, as the manifest's model saw its training data: uint8 HxW (one channel) or HxWxC."""
+    im = open_image(image)
+    channels, height, width = manifest["input"]["shape"][1:]
+    if preparation_for(manifest["dataset"], channels) == "digit":
+        return mnist_digit(im)
+    if height != width:
+        raise ToolkitError(f"this model takes {height}x{width} images: only square inputs are prepared here")
+    return resized_image(im, height, channels)
+
+
+# ----------------------------------------------------------------------------- normalize
+
+def normalize(pixels: np.ndarray, normalization: Mapping[str, Any]) -> np.ndarray:
+    """uint8 NCHW -> float32 NCHW as the manifest's normalization says, in the order and precision
+    training uses (torchvision's ToTensor + Normalize, and the fast pipeline): x / (1 / scale),
+    then - mean, then / std, each rounded to float32. So this gives the training pipeline's
+    test inputs bit for bit."""
+    if pixels.ndim != 4:
+        raise ToolkitError(f"expected a batch of NCHW images, got an array of shape {pixels.shape}")
+    mean = np.asarray(normalization["mean"], dtype=np.float32)[None, :, None, None]
+    std = np.asarray(normalization["std"], dtype=np.float32)[None, :, None, None]
+    x = pixels.astype(np.float32) / np.float32(1.0 / normalization["scale"])
+    return (x - mean) / std
+
+
+def model_input(pixels: np.ndarray, manifest: Mapping[str, Any]) -> np.ndarray:
+    """uint8 NCHW images -> what the manifest's model takes: float32 normalized here, or the uint8
+    pixels themselves for a graph that normalizes them inside (``input.dtype`` "uint8")."""
+    if manifest["input"]["dtype"] == "uint8":
+        return np.ascontiguousarray(pixels, dtype=np.uint8)
+    return normalize(pixels, manifest["normalization"])
+
+
+def to_input(pixels: np.ndarray, manifest: Mapping[str, Any]) -> np.ndarray:
+    """One image's uint8 HxW or HxWxC pixels -> the NCHW batch of one the manifest's model takes."""
+    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    expected = tuple(manifest["input"]["shape"][1:])
+    if chw.shape != expected:
+        raise ToolkitError(f"this model takes {expected} images, the preprocessed image is {chw.shape}")
+    return model_input(chw[None], manifest)
+
+
+def as_image(chw: np.ndarray) -> np.ndarray:
+    """One uint8 CHW image from a test split -> HxW or HxWxC, as an image file holds it."""
+    return chw[0] if chw.shape[0] == 1 else chw.transpose(1, 2, 0)
+
+
+def png_bytes(chw: np.ndarray) -> bytes:
+    """One uint8 CHW image encoded as a PNG file in memory (lossless: decoding gives the pixels back)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(as_image(chw))).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- test splits
+
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR's files are pickles, and a pickle can run any code: this one builds NumPy arrays,
+    lists, dicts and strings, and refuses everything else."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: a CIFAR file holds arrays and lists only")
+        return super().find_class(module, name)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with reading(path, "IDX file"):
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            data = f.read()
+        if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
+            raise ToolkitError(f"{path}: not an IDX file of unsigned bytes")
+        ndim = data[3]
+        dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _read_cifar_pickle(path: Path) -> dict:
+    with reading(path, "CIFAR file"):
+        with open(path, "rb") as f:
+            obj = _ArraysOnly(f, encoding="latin1").load()
+        if not isinstance(obj, dict):
+            raise ToolkitError(f"{path}: not a CIFAR batch (no dictionary)")
+        return obj
+
+
+def _find(folder: Path, name: str) -> Path | None:
+    for path in (folder / name, folder / f"{name}.gz"):
+        if path.is_file():
+            return path
+    return None
+
+
+def read_test_split(dataset: str, root: Path) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+    """A built-in dataset's test split straight from its files in torchvision's layout, without
+    torch: uint8 NCHW images, int64 labels and the class names; None when the files are not there."""
+    spec = facts(dataset)
+    folder = Path(root) / spec.folder
+    paths = [_find(folder, name) for name in spec.test_files]
+    if any(p is None for p in paths):
+        return None
+    if spec.folder.startswith("MNIST"):
+        images, labels = (_read_idx(p) for p in paths)
+        if images.ndim != 3 or labels.shape != images.shape[:1]:
+            raise ToolkitError(f"{folder}: the test files do not fit together (images {images.shape}, labels {labels.shape})")
+        return images[:, None].copy(), labels.astype(np.int64), list(spec.classes)
+    batch = _read_cifar_pickle(paths[0])
+    data, labels = batch.get("data"), batch.get("labels", batch.get("fine_labels"))
+    if not isinstance(data, np.ndarray) or not isinstance(labels, list):
+        raise ToolkitError(f"{paths[0]}: not a {dataset} test batch (no 'data' array and label list)")
+    labels = np.asarray(labels, dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * spec.size * spec.size or labels.shape != data.shape[:1]:
+        raise ToolkitError(f"{paths[0]}: not a {dataset} test batch (data {data.shape} {data.dtype}, labels {labels.shape})")
+    classes = spec.classes
+    if classes is None:
+        meta = _read_cifar_pickle(folder / "meta")
+        classes = tuple(meta.get("fine_label_names", ()))
+        if len(classes) != spec.num_classes:
+            raise ToolkitError(f"{folder / 'meta'}: {len(classes)} class names, {dataset} has {spec.num_classes}")
+    return data.reshape(-1, 3, spec.size, spec.size), labels, list(classes)
