@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 MAX_SIDE = 4096  # pixels a side; larger images are refused before decoding
 # modes with an unambiguous 8-bit reading; 16-bit / float / exotic colour spaces are refused
 SUPPORTED_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK"}
+WORK_SIDE = 256  # pixels: a digit is prepared at most this large, a phone photo costs what a sketch does
+MNIST_STROKE = 2.4  # stroke width of the median MNIST test digit in its 20x20 box (2 x area / perimeter)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pnm")
 
 
@@ -108,38 +110,113 @@ def on_white(im) -> "Image.Image":
 
 # ----------------------------------------------------------------------------- prepare
 
+def _otsu(values: np.ndarray) -> float:
+    hist = np.bincount(np.clip(values, 0, 255).astype(np.int64).ravel(), minlength=256).astype(np.float64)
+    total = hist.sum()
+    if total == 0:
+        return 0.0
+    levels = np.arange(256)
+    w0 = np.cumsum(hist)
+    m0 = np.cumsum(hist * levels)
+    w1 = total - w0
+    mean_all = m0[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mean_all * w0 / total - m0) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = 0
+    return float(np.argmax(between))
+
+
+def _rank(a: np.ndarray, size: int, op) -> np.ndarray:
+    """A square minimum or maximum filter (``op``: np.minimum or np.maximum) of odd ``size``, edges
+    replicated: separable, each pass the element-wise op over the ``size`` shifted copies."""
+    r = size // 2
+    padded = np.pad(a, r, mode="edge")
+    h, w = a.shape
+    rows = padded[0:h]
+    for i in range(1, size):
+        rows = op(rows, padded[i:i + h])
+    out = rows[:, 0:w]
+    for j in range(1, size):
+        out = op(out, rows[:, j:j + w])
+    return out
+
+
 def mnist_digit(im) -> np.ndarray:
-    """A (28, 28) uint8 digit as MNIST has them: white on black, the stroke scaled into a 20x20 box
-    and centred by its centre of mass in the 28x28 frame (LeCun et al.'s own recipe).
+    """A (28, 28) uint8 digit as MNIST has them: a light stroke on black, fitted into a 20x20 box
+    (aspect kept) and centred by its centre of mass in the 28x28 frame (LeCun et al.'s recipe),
+    from a drawing or a photo of one digit on paper of any shade.
 
-    A 28x28 image that is already light-on-dark is taken as an MNIST digit and left alone.
+    The paper is estimated and subtracted (a wide minimum filter on a small copy: uneven light and
+    texture go), the ink is thresholded (Otsu's method, and never below a fifth of the peak; a lone
+    noisy pixel is not ink), strokes are stretched to full white, and a stroke much thicker or
+    thinner than MNIST's is eroded or dilated towards it. A 28x28 image is taken as an MNIST digit
+    and left alone (inverted if it is dark on light).
     """
-    from PIL import Image
+    from PIL import Image, ImageFilter
 
-    gray = np.asarray(on_white(im).convert("L"), dtype=np.float32)
+    gray_im = on_white(im).convert("L")
+    gray = np.asarray(gray_im, dtype=np.float32)
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    background = float(np.median(border))
-    if background > 127:  # dark ink on light paper: MNIST is light on dark
-        gray, background = 255.0 - gray, 255.0 - background
-    if gray.shape == (28, 28):
-        return np.clip(gray, 0, 255).astype(np.uint8)
-    ink = np.clip(gray - background, 0, None)
-    peak = float(ink.max())
-    if peak < 32:
+    light_paper = float(np.median(border)) > 127
+    if gray.shape == (28, 28):  # already an MNIST digit (inverted if dark on light)
+        return np.clip(255.0 - gray if light_paper else gray, 0, 255).astype(np.uint8)
+    # work at a bounded size: a phone photo and a sketchpad canvas cost the same
+    scale = min(1.0, WORK_SIDE / max(gray_im.size))
+    if scale < 1.0:
+        size = (max(1, round(gray_im.width * scale)), max(1, round(gray_im.height * scale)))
+        gray = np.asarray(gray_im.resize(size, Image.Resampling.BOX), dtype=np.float32)
+    if light_paper:
+        gray = 255.0 - gray  # ink light on dark, as MNIST
+    h, w = gray.shape
+    # the paper, without the ink: a minimum filter wider than a stroke, then smoothed (uneven light, texture)
+    # (on a 32-pixel copy, where a 9-pixel window spans over a quarter of the image: wider than any stroke)
+    small_scale = 32.0 / max(h, w)
+    coarse = Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8))
+    if small_scale < 1.0:
+        coarse = coarse.resize((max(1, round(w * small_scale)), max(1, round(h * small_scale))), Image.Resampling.BOX)
+    opened = _rank(_rank(np.asarray(coarse), 9, np.minimum), 9, np.maximum)
+    paper = Image.fromarray(opened).filter(ImageFilter.GaussianBlur(2)).resize((w, h), Image.Resampling.BILINEAR)
+    ink = np.clip(gray - np.asarray(paper, dtype=np.float32), 0, None)
+    peak = float(np.percentile(ink, 99.9))
+    if peak < 24:
         raise ToolkitError("no digit found: the image is blank (draw or upload a digit)")
-    ink = ink * (255.0 / peak)
-    rows, cols = np.nonzero(ink > 255 * 0.15)
+    # ink or paper: Otsu's threshold on the ink signal, never below a fifth of its peak
+    threshold = max(_otsu(ink * (255.0 / peak)) * peak / 255.0, 0.2 * peak)
+    # ink where the 3x3 neighbourhood has ink too: a lone noisy pixel is not a stroke, a 2-pixel line is
+    box = np.pad(ink, 1, mode="edge")
+    local = sum(box[i:i + ink.shape[0], j:j + ink.shape[1]] for i in range(3) for j in range(3)) / 9.0
+    mask = (ink > threshold) & (local > 0.6 * threshold)
+    if not mask.any():
+        raise ToolkitError("no digit found: the image is blank (draw or upload a digit)")
+    # ink as MNIST draws it: full white inside strokes, soft edges, nothing on the paper
+    strokes = np.clip((ink - 0.5 * threshold) / max(1e-6, (np.percentile(ink[mask], 90) - 0.5 * threshold)), 0, 1) * 255.0
+    strokes *= _rank(mask, 3, np.maximum)
+    rows, cols = np.nonzero(mask)
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    crop = ink[top:bottom, left:right]
+    crop = strokes[top:bottom, left:right]
+    cmask = mask[top:bottom, left:right]
+    long_side = max(crop.shape)
+    # stroke width: twice the area over the perimeter of the ink
+    edge = (mask & ~_rank(mask, 3, np.minimum))[top:bottom, left:right]  # on the whole mask: the crop touches its ink
+    width = 2.0 * cmask.sum() / max(1, edge.sum())
+    target = MNIST_STROKE * long_side / 20.0
+    limit = max(1, long_side // 12)  # never more than a sliver of the digit's size
+    if width > 1.5 * target and round((width - target) / 2) >= 1:  # thinner: erode the ink
+        crop = _rank(crop, 2 * min(limit, int(round((width - target) / 2))) + 1, np.minimum)
+    elif width < 0.6 * target and round((target - width) / 2) >= 1:  # thicker: dilate it
+        crop = _rank(np.pad(crop, limit), 2 * min(limit, int(round((target - width) / 2))) + 1, np.maximum)
+        rows, cols = np.nonzero(crop > 0.15 * 255)  # the dilated digit, without the margin added for it
+        if rows.size:
+            crop = crop[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     h, w = crop.shape
-    scale = 20.0 / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    small = np.asarray(Image.fromarray(crop.astype(np.uint8)).resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
-    small = np.clip(small, 0, 255)
+    s = 20.0 / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    small = np.clip(np.asarray(Image.fromarray(crop.astype(np.uint8)).resize(size, Image.Resampling.LANCZOS), dtype=np.float32), 0, 255)
     total = small.sum()
+    if total <= 0:
+        raise ToolkitError("no digit found: the image is blank (draw or upload a digit)")
     ys, xs = np.indices(small.shape)
     cy, cx = (ys * small).sum() / total, (xs * small).sum() / total
-    # put the centre of mass on the frame's centre, keeping the whole box inside the frame
     y0 = int(np.clip(round(14 - cy), 0, 28 - small.shape[0]))
     x0 = int(np.clip(round(14 - cx), 0, 28 - small.shape[1]))
     frame = np.zeros((28, 28), dtype=np.float32)
