@@ -36,12 +36,11 @@ def export_module(model, name: str, shape: list[int], path: Path) -> None:
     """Any ``nn.Module`` taking ``shape`` (without the batch dimension) as fp32 ONNX at ``path``,
     through ``toolkit export``'s own ONNX step."""
     from toolkit.export.to_onnx import export_onnx
+    from toolkit.manifest import InputSpec, Normalization
 
-    manifest = {  # what export_onnx reads: names, shape, and the metadata it embeds
-        "model": name, "dataset": "-", "classes": [], "normalization": {}, "input": {"name": "input", "shape": ["batch", *shape], "dtype": "float32"},
-        "output": {"name": "logits"}, "source": {"recipe": "-", "sha256": "-"},
-    }
-    export_onnx(model.eval(), manifest, path)
+    channels = shape[0]
+    export_onnx(model.eval(), path, InputSpec(name="input", shape=["batch", *shape], dtype="float32", layout="NCHW"), "logits",
+                Normalization(scale=1 / 255, mean=[0.0] * channels, std=[1.0] * channels), {"toolkit.model": name})
 
 
 def main() -> None:

@@ -72,7 +72,7 @@ def _tab(catalog: Catalog, family_name: str, classify, classify_sketch, examples
         gr.Markdown(f"No {family_name.upper()} export is being served. Train and export {what} (`toolkit recipes` lists them), "
                     "then restart `toolkit serve` with its export folder.")
         return
-    _, height, width = catalog.entries[keys[0]].manifest["input"]["shape"][1:]
+    _, height, width = catalog.entries[keys[0]].manifest.chw
     with gr.Row():
         with gr.Column():
             choice = gr.Dropdown(choices=[(catalog.entries[k].label, k) for k in keys], value=keys[0], label="Model / artifact")

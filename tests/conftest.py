@@ -145,3 +145,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def manifest_for(dataset: str = "mnist", chw=(1, 28, 28), dtype: str = "float32", layout: str = "NCHW", mean=None, std=None, classes=None):
+    """A valid typed manifest with no artifacts, for tests of what reads a manifest."""
+    from toolkit.manifest import FORMAT, InputSpec, Manifest, Normalization, OutputSpec, Source
+
+    c, h, w = chw
+    classes = classes or [str(i) for i in range(10)]
+    return Manifest(
+        format=FORMAT, name="t", model="m", dataset=dataset,
+        input=InputSpec(name="input", shape=["batch", *((c, h, w) if layout == "NCHW" else (h, w, c))], dtype=dtype, layout=layout),
+        output=OutputSpec(name="logits", shape=["batch", len(classes)]),
+        normalization=Normalization(scale=1 / 255, mean=list(mean or [0.0] * c), std=list(std or [1.0] * c)),
+        classes=classes, source=Source(checkpoint="/nowhere/best.pt", sha256="0" * 64, recipe="r", params=1), artifacts=[],
+    )

@@ -18,7 +18,7 @@ from toolkit.errors import ToolkitError
 from toolkit.export import export
 from toolkit.export.to_onnx import read_metadata
 from toolkit.files import sha256_file
-from toolkit.manifest import load_manifest
+from toolkit.manifest import Manifest
 from toolkit.runtime import ort_runner, trt_missing_reason
 
 
@@ -29,7 +29,7 @@ def snapshot(root: Path) -> dict:
 
 
 def test_onnx_artifact(fine4_export, fine4_run):
-    load_manifest(fine4_export)  # every artifact's sha256 checks out
+    Manifest.load(fine4_export)  # every artifact's sha256 checks out
     fp32 = fine4_export / "model.fp32.onnx"
     proto = onnx.load(str(fp32))
     onnx.checker.check_model(proto, full_check=True)
@@ -64,15 +64,19 @@ def test_int8_artifact_is_qdq(fine4_export):
 
 
 def test_manifest_integrity(fine4_export, fine4_run):
-    manifest = load_manifest(fine4_export)
-    assert manifest["source"]["sha256"] == sha256_file(fine4_run.run_dir / "best.pt")
-    assert manifest["input"]["shape"] == ["batch", 1, 28, 28] and manifest["classes"] == [str(i) for i in range(10)]
-    assert manifest["normalization"] == {"scale": 1 / 255, "mean": [0.1307], "std": [0.3081]}
-    by_file = {a["file"]: a for a in manifest["artifacts"]}
+    manifest = Manifest.load(fine4_export)
+    assert manifest.source.sha256 == sha256_file(fine4_run.run_dir / "best.pt")
+    assert manifest.input.shape == ["batch", 1, 28, 28] and manifest.classes == [str(i) for i in range(10)]
+    assert manifest.normalization.model_dump() == {"scale": 1 / 255, "mean": [0.1307], "std": [0.3081]}
+    by_file = {a.file: a for a in manifest.artifacts}
     assert set(by_file) == {"model.fp32.onnx", "model.int8.onnx"}
     for name, art in by_file.items():
-        assert art["sha256"] == sha256_file(fine4_export / name) and art["bytes"] == (fine4_export / name).stat().st_size
-    assert by_file["model.int8.onnx"]["calibration"] == {"images": 512, "method": "minmax", "split": "train"}
+        assert art.sha256 == sha256_file(fine4_export / name) and art.bytes == (fine4_export / name).stat().st_size
+    assert by_file["model.int8.onnx"].get("calibration") == {"images": 512, "method": "minmax", "split": "train"}
+    # what each artifact was made from (the export's plan), by its bytes
+    assert by_file["model.int8.onnx"].get("source_sha256") == by_file["model.fp32.onnx"].sha256
+    card = (fine4_export / "MODEL_CARD.md").read_text()
+    assert "7,974 parameters" in card and "| model.int8.onnx | onnx | int8 |" in card and f"toolkit predict {fine4_export}" in card
 
 
 def test_manifest_detects_a_changed_artifact(fine4_export, tmp_path):
@@ -84,7 +88,7 @@ def test_manifest_detects_a_changed_artifact(fine4_export, tmp_path):
     data[-1] ^= 0xFF
     (copy / "model.fp32.onnx").write_bytes(bytes(data))
     with pytest.raises(ToolkitError, match="sha256 does not match"):
-        load_manifest(copy)
+        Manifest.load(copy)
 
 
 def test_reexport_after_retraining_drops_stale_artifacts(fine4_run, tmp_path):
@@ -98,9 +102,9 @@ def test_reexport_after_retraining_drops_stale_artifacts(fine4_run, tmp_path):
     ckpt["model"]["classifier.3.bias"] += 1.0  # "retrained": different weights, same run
     torch.save(ckpt, run / "best.pt")
     export(run, out=out, console=quiet())
-    manifest = load_manifest(out / "run")
-    assert manifest["source"]["sha256"] == sha256_file(run / "best.pt")
-    assert [a["file"] for a in manifest["artifacts"]] == ["model.fp32.onnx"]
+    manifest = Manifest.load(out / "run")
+    assert manifest.source.sha256 == sha256_file(run / "best.pt")
+    assert [a.file for a in manifest.artifacts] == ["model.fp32.onnx"]
 
 
 @pytest.mark.skipif(trt_missing_reason() is None, reason="TensorRT and a GPU are present: the refusal path does not apply")
@@ -240,14 +244,12 @@ def test_int8_auto_fallback_keeps_sensitive_layers_in_float(fine4_run, mnist_roo
     this fixture's model: 94.2% fp32 -> 93.7% int8 on the 1,000 held-out images; with 256
     calibration images int8 matched fp32 and there was nothing to fall back)."""
     from toolkit import quantize
-    from toolkit.manifest import new_manifest
+    from toolkit.export.to_onnx import export_onnx, onnx_metadata
 
     fp32 = tmp_path / "model.fp32.onnx"
-    from toolkit.export.to_onnx import export_onnx
-
     ckpt = load_checkpoint(fine4_run.run_dir)
-    manifest = new_manifest(ckpt, "t")
-    export_onnx(model_from_checkpoint(ckpt), manifest, fp32)
+    manifest = Manifest.new(ckpt, "t")
+    export_onnx(model_from_checkpoint(ckpt), fp32, manifest.input, manifest.output.name, manifest.normalization, onnx_metadata(manifest))
     calib, held_x, held_y = quantize.training_slices(manifest, mnist_root, 256, holdout=1000, download=False)
     fields = quantize.auto_fallback(fp32, tmp_path / "model.int8.onnx", calib[:2], held_x, held_y, gate_pp=0.0, method="minmax", console=quiet())
     report = fields["auto_fallback"]
@@ -350,14 +352,14 @@ def test_triton_repository_parses_with_tritons_schema_and_names_real_shapes(fine
     int8 = export(fine4_run.run_dir, fmt="triton", precision="int8", out=tmp_path, data_dir=mnist_root, download=False, console=quiet())
     repo = Path(fp32["repository"])
     assert fp32["models"] == ["fine4_fp32"] and int8["models"] == ["fine4_int8"] and repo == Path(int8["repository"])
-    manifest = load_manifest(fp32["export_dir"])
-    assert set(manifest["triton"]["models"]) == {"fine4_fp32", "fine4_int8"}
+    manifest = Manifest.load(fp32["export_dir"])
+    assert set(manifest.triton.models) == {"fine4_fp32", "fine4_int8"}
     for name, artifact in (("fine4_fp32", "model.fp32.onnx"), ("fine4_int8", "model.int8.onnx")):
         config = text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
         assert config.name == name and config.platform == "onnxruntime_onnx" and config.max_batch_size == 256
         assert config.HasField("dynamic_batching") and config.dynamic_batching.max_queue_delay_microseconds == 100
         model = repo / name / "1" / "model.onnx"
-        assert sha256_file(model) == next(a["sha256"] for a in manifest["artifacts"] if a["file"] == artifact)  # the verified bytes
+        assert sha256_file(model) == manifest.artifact(artifact).sha256  # the verified bytes
         session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         (real_in,), (real_out,) = session.get_inputs(), session.get_outputs()
         (cfg_in,), (cfg_out,) = config.input, config.output
@@ -367,7 +369,7 @@ def test_triton_repository_parses_with_tritons_schema_and_names_real_shapes(fine
         logits = session.run(None, {real_in.name: np.zeros((3, *cfg_in.dims), np.float32)})[0]
         assert logits.shape == (3, *cfg_out.dims) == (3, 10)  # Triton's batch axis + the configured dims
         assert cfg_out.label_filename == "labels.txt"
-        assert (repo / name / "labels.txt").read_text().split() == manifest["classes"]
+        assert (repo / name / "labels.txt").read_text().split() == manifest.classes
     with pytest.raises(text_format.ParseError):  # the schema is real: a field Triton does not have is refused
         text_format.Parse('name: "x"\nmax_batch: 4\n', model_config_pb2.ModelConfig())
 
@@ -439,16 +441,16 @@ def test_export_pad_channels_is_exact_recorded_and_kept(fine4_run, mnist_root, t
     np.testing.assert_allclose(ort_runner(fp32, "ort-cpu")(x), ort_runner(Path(plain["export_dir"]) / "model.fp32.onnx", "ort-cpu")(x), atol=1e-4, rtol=0)
     sha = sha256_file(fp32)
     export(fine4_run.run_dir, precision="int8", out=tmp_path / "padded", data_dir=mnist_root, download=False, console=quiet())
-    manifest = load_manifest(entry["export_dir"])
-    assert sha256_file(fp32) == sha and [a["file"] for a in manifest["artifacts"]] == ["model.fp32.onnx", "model.int8.onnx"]
+    manifest = Manifest.load(entry["export_dir"])
+    assert sha256_file(fp32) == sha and [a.file for a in manifest.artifacts] == ["model.fp32.onnx", "model.int8.onnx"]
     again = export(fine4_run.run_dir, out=tmp_path / "padded", pad_channels=0, console=quiet())
-    manifest = load_manifest(entry["export_dir"])
-    assert [a["file"] for a in manifest["artifacts"]] == ["model.fp32.onnx"] and "pad_channels" not in again
+    manifest = Manifest.load(entry["export_dir"])
+    assert [a.file for a in manifest.artifacts] == ["model.fp32.onnx"] and "pad_channels" not in again
     assert _conv_channels(fp32) == [12, 12, 12, 10, 10, 16, 8] and not (Path(entry["export_dir"]) / "model.int8.onnx").exists()
     # a Triton export asked for padding re-exports the fp32 file it serves
     triton = export(fine4_run.run_dir, fmt="triton", out=tmp_path / "padded", pad_channels=16, console=quiet())
     assert triton["models"] and _conv_channels(fp32) == [16] * 7
-    assert next(a for a in load_manifest(entry["export_dir"])["artifacts"] if a["file"] == "model.fp32.onnx")["pad_channels"] == 16
+    assert Manifest.load(entry["export_dir"]).artifact("model.fp32.onnx").get("pad_channels") == 16
     with pytest.raises(ToolkitError, match="--pad-channels must be 0"):
         export(fine4_run.run_dir, out=tmp_path / "padded", pad_channels=-8, console=quiet())
 
@@ -470,16 +472,60 @@ def test_uint8_input_export_runs_on_raw_pixels_in_plain_onnx_runtime(fine4_run, 
     raw = ort.InferenceSession(str(export_dir / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
     assert raw.get_inputs()[0].type == "tensor(uint8)"
     got = raw.run(None, {raw.get_inputs()[0].name: images[:, None]})[0]
-    manifest = load_manifest(fine4_export)
+    manifest = Manifest.load(fine4_export)
     flt = ort.InferenceSession(str(fine4_export / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
-    want = flt.run(None, {flt.get_inputs()[0].name: normalize(images[:, None], manifest["normalization"])})[0]
+    want = flt.run(None, {flt.get_inputs()[0].name: normalize(images[:, None], manifest.normalization)})[0]
     assert np.array_equal(got.argmax(1), want.argmax(1)) and np.abs(got - want).max() < 1e-4
     meta = read_metadata(export_dir / "model.fp32.onnx")
     assert ast.literal_eval(meta["names"]) == {i: str(i) for i in range(10)}  # the plain dict literal other tools write
-    assert json.loads(meta["toolkit.input"])["dtype"] == "uint8" and load_manifest(export_dir)["input"]["dtype"] == "uint8"
+    assert json.loads(meta["toolkit.input"])["dtype"] == "uint8" and Manifest.load(export_dir).input.dtype == "uint8"
     # fp16 and int8 derive from it and keep the uint8 input; verify proves them on both paths
     export(fine4_run.run_dir, out=tmp_path, precision="fp16", input_dtype="uint8", console=quiet())
     export(fine4_run.run_dir, out=tmp_path, precision="int8", input_dtype="uint8", data_dir=mnist_root, download=False, console=quiet())
     report = verify(export_dir, data_dir=mnist_root, download=False, console=quiet())
     assert report["passed"] and report["pipeline_input_max_abs_diff"] == 0.0
     assert {r["artifact"] for r in report["results"]} == {"model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx"}
+    card = (export_dir / "MODEL_CARD.md").read_text()
+    assert "raw pixels" in card and "| model.int8.onnx | ort-cpu |" in card and "Verified on:" in card
+
+
+def test_nhwc_uint8_export_takes_decoded_images_as_they_are(fine4_run, fine4_export, mnist_root, tmp_path):
+    """`--input uint8 --layout NHWC`: the graph takes (batch, height, width, channels) uint8 arrays,
+    the layout a decoded image has; plain ONNX Runtime on the full test set gives the float export's labels."""
+    import onnxruntime as ort
+
+    from tests.conftest import mnist_test_set
+    from toolkit.preprocess import normalize
+
+    entry = export(fine4_run.run_dir, out=tmp_path, input_dtype="uint8", layout="nhwc", console=quiet())
+    export_dir = Path(entry["export_dir"])
+    assert export_dir.name == f"{fine4_run.run_dir.name}-uint8-nhwc"
+    manifest = Manifest.load(export_dir)
+    assert manifest.input.layout == "NHWC" and manifest.input.shape == ["batch", 28, 28, 1] and manifest.chw == (1, 28, 28)
+    images, _ = mnist_test_set(mnist_root)
+    raw = ort.InferenceSession(str(export_dir / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
+    got = raw.run(None, {"input": images[:, :, :, None]})[0]
+    flt = ort.InferenceSession(str(fine4_export / "model.fp32.onnx"), providers=["CPUExecutionProvider"])
+    want = flt.run(None, {"input": normalize(images[:, None], manifest.normalization)})[0]
+    assert np.array_equal(got.argmax(1), want.argmax(1)) and np.abs(got - want).max() < 1e-4
+    with pytest.raises(ToolkitError, match="input layout"):
+        export(fine4_run.run_dir, out=tmp_path, layout="CHWN", console=quiet())
+
+
+def test_a_changed_artifact_drops_what_was_made_from_it(fine4_run, mnist_root, tmp_path):
+    """The export plan: int8 quantized again with another calibration has other bytes, so the Triton
+    model copied from the old int8 file goes; fp16 (made from the unchanged fp32 file) stays.
+    A Triton export that needs an ONNX file makes it in the same staged transaction."""
+    out = tmp_path / "exports"
+    export(fine4_run.run_dir, precision="fp16", out=out, console=quiet())
+    triton = export(fine4_run.run_dir, fmt="triton", precision="int8", out=out, data_dir=mnist_root, download=False, console=quiet())
+    export_dir = Path(triton["export_dir"])
+    manifest = Manifest.load(export_dir)
+    assert [a.file for a in manifest.artifacts] == ["model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx"]
+    assert set(manifest.triton.models) == {"fine4_int8"} and (export_dir / "triton" / "fine4_int8").is_dir()
+    export(fine4_run.run_dir, precision="int8", calib_size=64, out=out, data_dir=mnist_root, download=False, console=quiet())
+    manifest = Manifest.load(export_dir)
+    assert [a.file for a in manifest.artifacts] == ["model.fp32.onnx", "model.fp16.onnx", "model.int8.onnx"]
+    assert manifest.artifact("model.int8.onnx").get("calibration")["images"] == 64
+    assert manifest.triton is None and not (export_dir / "triton").exists()
+    assert not list(out.glob(".*"))  # no staging copies left

@@ -168,10 +168,10 @@ def test_simultaneous_exports_lose_nothing(fine4_run, mnist_root, tmp_path):
             _, err = proc.communicate(timeout=600)
             assert proc.returncode == 0, err
             assert "Traceback" not in err
-        from toolkit.manifest import load_manifest
+        from toolkit.manifest import Manifest
 
-        manifest = load_manifest(out / fine4_run.run_dir.name)  # every listed artifact is there with its sha256
-        assert sorted(a["file"] for a in manifest["artifacts"]) == ["model.fp16.onnx", "model.fp32.onnx", "model.int8.onnx"]
+        manifest = Manifest.load(out / fine4_run.run_dir.name)  # every listed artifact is there with its sha256
+        assert sorted(a.file for a in manifest.artifacts) == ["model.fp16.onnx", "model.fp32.onnx", "model.int8.onnx"]
         assert sorted(p.name for p in out.iterdir()) == [fine4_run.run_dir.name]  # no lock, staging or old copies left
 
 

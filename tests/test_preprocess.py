@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import RECIPES
+from tests.conftest import RECIPES, manifest_for
 from toolkit import data as data_mod
 from toolkit import preprocess
 from toolkit.datasets import DATASETS, facts
 from toolkit.errors import ToolkitError
+from toolkit.manifest import Normalization
 from toolkit.recipes import load_recipe
 
 
@@ -36,7 +37,7 @@ def test_deployed_normalization_is_the_training_test_transform_bit_for_bit(mnist
     x_train, labels = data_mod.test_inputs(recipe, mnist_root, download=False)
     images, deployed_labels, _ = preprocess.read_test_split("mnist", mnist_root)
     spec = facts("mnist")
-    x = preprocess.normalize(images, {"scale": 1 / 255, "mean": list(spec.mean), "std": list(spec.std)})
+    x = preprocess.normalize(images, Normalization(scale=1 / 255, mean=list(spec.mean), std=list(spec.std)))
     assert x.dtype == np.float32 and x.shape == x_train.shape == (10_000, 1, 28, 28)
     assert np.array_equal(deployed_labels, labels)
     assert np.array_equal(x, x_train)  # every one of the 7,840,000 values, bit for bit
@@ -50,7 +51,7 @@ def test_albumentations_normalization_agrees_within_one_float32_rounding(mnist_r
     x_train, _ = data_mod.test_inputs(recipe, mnist_root, download=False)
     images, _, _ = preprocess.read_test_split("mnist", mnist_root)
     spec = facts("mnist")
-    x = preprocess.normalize(images, {"scale": 1 / 255, "mean": list(spec.mean), "std": list(spec.std)})
+    x = preprocess.normalize(images, Normalization(scale=1 / 255, mean=list(spec.mean), std=list(spec.std)))
     diff = np.abs(x - x_train)
     assert np.abs(x).max() < 4 and diff.max() <= 2.0**-22  # one ulp of a float32 in [2, 4)
 
@@ -59,7 +60,7 @@ def test_png_files_of_the_test_set_decode_to_the_same_pixels(mnist_root):
     """The pipeline path verify uses: each real MNIST test image written as a PNG file and read back
     through the deployed preparation gives the dataset's pixels (all 10,000)."""
     images, _, _ = preprocess.read_test_split("mnist", mnist_root)
-    manifest = {"dataset": "mnist", "input": {"shape": ["batch", 1, 28, 28]}}
+    manifest = manifest_for("mnist")
     back = np.stack([preprocess.model_pixels(preprocess.png_bytes(img), manifest) for img in images])
     assert np.array_equal(back, images[:, 0])
 
@@ -70,7 +71,7 @@ def test_cifar_test_split_readers_on_real_format_files(cifar_root):
         x, y, tv_classes = data_mod.split_arrays(dataset, cifar_root, train=False, download=False)
         assert images.shape[1:] == (3, 32, 32) and np.array_equal(images, x.numpy()) and np.array_equal(labels, y.numpy())
         assert classes == tv_classes and len(classes) == facts(dataset).num_classes
-        manifest = {"dataset": dataset, "input": {"shape": ["batch", 3, 32, 32]}}
+        manifest = manifest_for(dataset, (3, 32, 32), classes=[str(i) for i in range(100 if dataset == "cifar100" else 10)])
         back = np.stack([preprocess.model_pixels(preprocess.png_bytes(img), manifest) for img in images[:20]])
         assert np.array_equal(back.transpose(0, 3, 1, 2), images[:20])  # 32x32 RGB: no resize, no conversion loss
 
@@ -113,12 +114,12 @@ def test_every_dataset_names_its_classes_once():
 
 def test_normalize_refuses_a_single_image():
     with pytest.raises(ToolkitError, match="NCHW"):
-        preprocess.normalize(np.zeros((28, 28), np.uint8), {"scale": 1 / 255, "mean": [0.0], "std": [1.0]})
+        preprocess.normalize(np.zeros((28, 28), np.uint8), Normalization(scale=1 / 255, mean=[0.0], std=[1.0]))
 
 
 def test_model_pixels_take_files_bytes_and_arrays_alike(mnist_root, tmp_path):
     images, _, _ = preprocess.read_test_split("mnist", mnist_root)
-    manifest = {"dataset": "mnist", "input": {"shape": ["batch", 1, 28, 28]}}
+    manifest = manifest_for("mnist")
     path = Path(tmp_path) / "d.png"
     path.write_bytes(preprocess.png_bytes(images[7]))
     from_file = preprocess.model_pixels(str(path), manifest)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.conftest import free_port, mnist_test_set
+from tests.conftest import free_port, manifest_for, mnist_test_set
 from toolkit.errors import ToolkitError
 from toolkit.catalog import Catalog, find_exports
 from toolkit.preprocess import mnist_digit, model_pixels, open_image, resized_image, to_input
@@ -136,15 +136,19 @@ def test_cifar_tab_takes_any_size_and_mode(mode, tmp_path):
 
 
 def test_normalization_comes_from_the_manifest():
-    manifest = {"input": {"shape": ["batch", 3, 32, 32], "dtype": "float32"},
-                "normalization": {"scale": 1 / 255, "mean": [0.5, 0.25, 0.0], "std": [0.5, 0.25, 1.0]}}
+    manifest = manifest_for("cifar10", (3, 32, 32), mean=[0.5, 0.25, 0.0], std=[0.5, 0.25, 1.0])
     x = to_input(np.full((32, 32, 3), 255, np.uint8), manifest)
     assert x.shape == (1, 3, 32, 32) and x.dtype == np.float32
     assert np.allclose(x[0, :, 0, 0], [1.0, 3.0, 1.0])
     # an export whose graph takes uint8 pixels gets them as they are (it normalizes inside)
     pixels = np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3)
-    raw = to_input(pixels, {**manifest, "input": {**manifest["input"], "dtype": "uint8"}})
+    raw = to_input(pixels, manifest_for("cifar10", (3, 32, 32), dtype="uint8"))
     assert raw.dtype == np.uint8 and np.array_equal(raw[0], pixels.transpose(2, 0, 1))
+    # channels last: the image array as it is
+    nhwc = to_input(pixels, manifest_for("cifar10", (3, 32, 32), dtype="uint8", layout="NHWC"))
+    assert nhwc.shape == (1, 32, 32, 3) and np.array_equal(nhwc[0], pixels)
+    floats = to_input(np.full((32, 32, 3), 255, np.uint8), manifest_for("cifar10", (3, 32, 32), layout="NHWC", mean=[0.5, 0.25, 0.0], std=[0.5, 0.25, 1.0]))
+    assert floats.shape == (1, 32, 32, 3) and np.array_equal(floats[0, 0, 0], x[0, :, 0, 0])
     with pytest.raises(ToolkitError, match="takes"):
         to_input(np.zeros((28, 28), np.uint8), manifest)
 
@@ -284,11 +288,11 @@ def test_server_binds_localhost_only_and_makes_no_share_link(server):
 
 
 def test_the_preparation_comes_from_the_manifest(serving_export):
-    from toolkit.manifest import load_manifest
+    from toolkit.manifest import Manifest
 
-    manifest = load_manifest(serving_export)
+    manifest = Manifest.load(serving_export)
     assert model_pixels(draw_digit("7"), manifest).shape == (28, 28)
-    cifar = {**manifest, "dataset": "cifar10", "input": {**manifest["input"], "shape": ["batch", 3, 32, 32]}}
+    cifar = manifest_for("cifar10", (3, 32, 32))
     assert model_pixels(Image.new("RGB", (40, 90), "red"), cifar).shape == (32, 32, 3)
 
 

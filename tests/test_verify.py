@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import RECIPES, quiet
 from toolkit.export import export
-from toolkit.manifest import load_manifest
+from toolkit.manifest import Manifest
 from toolkit.recipes import load_recipe
 from toolkit.train import train
 from toolkit.parity import GATES, compare
@@ -31,8 +31,12 @@ def test_fine4_parity_on_full_mnist_test_set(fine4_export, mnist_root):
     saved = json.loads((fine4_export / "parity.json").read_text())
     assert saved["reference_acc"] == report["reference_acc"]
     assert "| model.fp32.onnx | ort-cpu |" in (fine4_export / "parity.md").read_text()
-    manifest = load_manifest(fine4_export)
-    assert {a["file"]: a["parity"]["ort-cpu"]["passed"] for a in manifest["artifacts"]} == {"model.fp32.onnx": True, "model.int8.onnx": True}
+    manifest = Manifest.load(fine4_export)
+    assert {a.file: a.parity["ort-cpu"].passed for a in manifest.artifacts} == {"model.fp32.onnx": True, "model.int8.onnx": True}
+    # where it holds: the CPU (with the features that change integer kernels) and the runtime version
+    assert manifest.parity.machine == report["verified_on"]["machine"] and "cores" in manifest.parity.machine
+    assert manifest.parity.onnxruntime and isinstance(manifest.parity.cpu_features, list)
+    assert "Verified on:" in (fine4_export / "MODEL_CARD.md").read_text()
 
 
 def test_verify_cli_json(fine4_export, mnist_root):
@@ -96,13 +100,12 @@ def test_a_wrong_normalization_in_the_manifest_fails_verify(fine4_export, mnist_
     import shutil
 
     from tests.conftest import run_cli
-    from toolkit.manifest import save_manifest
 
     bad = tmp_path / fine4_export.name
     shutil.copytree(fine4_export, bad)
-    manifest = load_manifest(bad)
-    manifest["normalization"]["mean"] = [0.5]
-    save_manifest(manifest, bad)
+    manifest = Manifest.load(bad)
+    manifest.normalization.mean = [0.5]
+    manifest.save(bad)
     proc = run_cli("verify", bad, "--data-dir", mnist_root)
     assert proc.returncode == 1, proc.stderr
     report = json.loads((bad / "parity.json").read_text())

@@ -20,7 +20,8 @@ from rich.table import Table
 from toolkit.environment import cpu_info, cpu_line
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write
-from toolkit.manifest import latest_export, load_manifest
+from toolkit.manifest import Manifest, latest_export
+from toolkit.model_card import write_model_card
 from toolkit.checkpoint import model_from_checkpoint, source_checkpoint
 from toolkit.runtime import make_runner, runtimes_for, torch_runner
 
@@ -45,8 +46,8 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
     on a small model at batch 1, or a host shared with other work, fewer threads can be faster."""
     console = console or Console(stderr=True)
     export_dir = Path(export_dir) if export_dir else latest_export(exports)
-    manifest = load_manifest(export_dir)
-    shape = manifest["input"]["shape"][1:]
+    manifest = Manifest.load(export_dir)
+    shape = manifest.input.shape[1:]
     image_bytes = 4 * math.prod(shape)
     too_big = [b for b in batches if b * image_bytes > MAX_BATCH_BYTES]
     if too_big:
@@ -57,10 +58,11 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
     targets = []
     if include_torch:
         targets.append(("checkpoint", "fp32", "pytorch-eager", torch_runner(model_from_checkpoint(source_checkpoint(manifest))), {}, "float32"))
-    for art in manifest["artifacts"]:
+    for art in manifest.artifacts:
         for runtime in runtimes_for(art):
-            targets.append((art["file"], art["precision"], runtime, make_runner(export_dir, art, runtime, threads), art.get("parity", {}).get(runtime, {}),
-                            manifest["input"]["dtype"]))
+            parity = art.parity.get(runtime)
+            targets.append((art.file, art.precision, runtime, make_runner(export_dir, art, runtime, threads),
+                            parity.model_dump() if parity else {}, manifest.input.dtype))
 
     torch_threads = None
     if threads and include_torch:
@@ -79,7 +81,9 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
         json.dump(report, f, indent=2)
     with atomic_write(export_dir / "bench.md", "w") as f:
         f.write(bench_markdown(report))
+    write_model_card(export_dir, manifest)
     console.print(bench_table(report))
+    console.print(f"bench: wrote {export_dir / 'bench.md'}, bench.json and MODEL_CARD.md")
     return report
 
 
@@ -96,6 +100,7 @@ def _time_targets(targets, batches, shape, warmup, min_iters, min_seconds, max_i
                 "p50_us": round(float(np.percentile(t, 50)), 1), "p90_us": round(float(np.percentile(t, 90)), 1),
                 "p99_us": round(float(np.percentile(t, 99)), 1), "images_per_s": round(batch * 1e6 / float(t.mean()), 1),
                 "accuracy": parity.get("accuracy"), "delta_pp": parity.get("delta_pp"), "agreement": parity.get("agreement"),
+                "passed": parity.get("passed"),
             })
             console.print(f"{name} on {runtime}, batch {batch}: p50 {rows[-1]['p50_us']:.0f} µs, {rows[-1]['images_per_s']:,.0f} img/s ({len(t)} iterations)")
     return rows
@@ -103,8 +108,9 @@ def _time_targets(targets, batches, shape, warmup, min_iters, min_seconds, max_i
 
 def _fmt_parity(r: dict) -> tuple[str, str, str]:
     if r["accuracy"] is None:
-        return ("reference" if r["runtime"] == "pytorch-eager" else "—", "", "")
-    return (f"{r['accuracy']:.2f}%", f"{r['delta_pp']:+.2f}", f"{r['agreement']:.2f}%")
+        return ("reference" if r["runtime"] == "pytorch-eager" else "not verified", "", "")
+    failed = " FAILED its gate" if r.get("passed") is False else ""
+    return (f"{r['accuracy']:.2f}%{failed}", f"{r['delta_pp']:+.2f}", f"{r['agreement']:.2f}%")
 
 
 def bench_markdown(report: dict) -> str:

@@ -18,7 +18,7 @@ import numpy as np
 from toolkit.datasets import preparation_for
 from toolkit.errors import ToolkitError, shown
 from toolkit.manifest import NAME as MANIFEST_NAME
-from toolkit.manifest import load_manifest
+from toolkit.manifest import Artifact, Manifest
 from toolkit.preprocess import model_pixels, to_input
 from toolkit.runtime import Runner, check_engine_compatible, make_runner, runtimes_for, trt_missing_reason
 
@@ -27,26 +27,26 @@ RUNTIME_PREFERENCE = ("tensorrt", "ort-cuda", "ort-cpu")
 MNIST_FAMILY, CIFAR_FAMILY = "mnist", "cifar"
 
 
-def family(manifest: dict) -> str:
-    return MNIST_FAMILY if preparation_for(manifest["dataset"], manifest["input"]["shape"][1]) == "digit" else CIFAR_FAMILY
+def family(manifest: Manifest) -> str:
+    return MNIST_FAMILY if preparation_for(manifest.dataset, manifest.chw[0]) == "digit" else CIFAR_FAMILY
 
 
 @dataclass
 class Entry:
     key: str  # "<export name>/<artifact file>": what a client passes to choose it
     export_dir: Path
-    manifest: dict
-    artifact: dict
+    manifest: Manifest
+    artifact: Artifact
     runtime: str
 
     @property
     def label(self) -> str:
         art = self.artifact
-        parity = art.get("parity", {}).get(self.runtime) or next(iter(art.get("parity", {}).values()), None)
-        checked = f", parity {parity['accuracy']:.2f}% (Δ {parity['delta_pp']:+.2f})" if parity else ", parity not checked"
-        if parity and not parity.get("passed", True):
+        parity = art.parity.get(self.runtime) or next(iter(art.parity.values()), None)
+        checked = f", parity {parity.accuracy:.2f}% (Δ {parity.delta_pp:+.2f})" if parity else ", parity not checked"
+        if parity and not parity.passed:
             checked += ", FAILED its parity gate"
-        return f"{self.key} [{art['format']} {art['precision']} on {self.runtime}{checked}]"
+        return f"{self.key} [{art.format} {art.precision} on {self.runtime}{checked}]"
 
 
 @dataclass
@@ -63,20 +63,20 @@ class Catalog:
         catalog = cls()
         for export_dir in find_exports(dirs):
             try:
-                manifest = load_manifest(export_dir)  # the schema, confined artifact names, every artifact's sha256
+                manifest = Manifest.load(export_dir)  # the schema, confined artifact names, every artifact's sha256
             except ToolkitError as exc:  # one broken or hostile export does not take the others down
                 catalog.skipped.append(f"{export_dir}: {exc}")
                 continue
-            for art in manifest["artifacts"]:
-                key = f"{manifest['name']}/{art['file']}"
+            for art in manifest.artifacts:
+                key = f"{manifest.name}/{art.file}"
                 runtimes = runtimes_for(art)
                 if not runtimes:
-                    why = trt_missing_reason() if art["format"] == "trt" else f"no runtime for format {art['format']!r}"
+                    why = trt_missing_reason() if art.format == "trt" else f"no runtime for format {art.format!r}"
                     catalog.skipped.append(f"{key}: {why}")
                     continue
-                if art["format"] == "trt":  # an engine runs only on the TensorRT version and GPU it was built for
+                if art.format == "trt":  # an engine runs only on the TensorRT version and GPU it was built for
                     try:
-                        check_engine_compatible(export_dir / art["file"])
+                        check_engine_compatible(Manifest.path(export_dir, art))
                     except ToolkitError as exc:
                         catalog.skipped.append(f"{key}: {exc}")
                         continue
@@ -85,8 +85,8 @@ class Catalog:
         # serving order, fixed once: newest export first, fp32 before lower precisions
         rank = {"fp32": 0, "fp16": 1, "int8": 2}
         newest = {d: -(d / MANIFEST_NAME).stat().st_mtime for d in {e.export_dir for e in catalog.entries.values()}}
-        ordered = sorted(catalog.entries.values(), key=lambda e: (newest[e.export_dir], e.manifest["name"],
-                                                                  rank.get(e.artifact["precision"], 9), e.artifact["file"]))
+        ordered = sorted(catalog.entries.values(), key=lambda e: (newest[e.export_dir], e.manifest.name,
+                                                                  rank.get(e.artifact.precision, 9), e.artifact.file))
         catalog.entries = {e.key: e for e in ordered}
         if not catalog.entries:
             where = ", ".join(str(d) for d in dirs)
@@ -129,7 +129,7 @@ class Catalog:
         classified. ``done(n)`` is called as images are finished (progress)."""
         entry = self.entry(key)
         run = self.runner(entry)
-        classes = entry.manifest["classes"]
+        classes = entry.manifest.classes
         results: list[Prediction | ToolkitError | None] = [None] * len(images)
         for start in range(0, len(images), batch):
             t0 = time.perf_counter()

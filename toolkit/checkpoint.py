@@ -110,16 +110,16 @@ def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
     return model.eval()
 
 
-def source_checkpoint(manifest: dict) -> dict:
+def source_checkpoint(manifest) -> dict:
     """The checkpoint an export was made from, as the manifest pins it (path and sha256): the
     reference that verify and bench hold every artifact against."""
     from toolkit.files import sha256_file
 
-    src = manifest["source"]
-    path = Path(src["checkpoint"])
+    src = manifest.source
+    path = Path(src.checkpoint)
     if not path.is_file():
         raise ToolkitError(f"the source checkpoint {path} is gone; parity needs it as the reference")
-    if sha256_file(path) != src["sha256"]:
+    if sha256_file(path) != src.sha256:
         raise ToolkitError(f"{path} changed since the export (sha256 differs); export again")
     return load_checkpoint(path)
 

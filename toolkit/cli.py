@@ -166,6 +166,9 @@ def export(
     input_dtype: str = typer.Option("float32", "--input", help="float32: the graph takes normalized float tensors. uint8: it takes raw "
                                     "uint8 NCHW pixels and normalizes them itself (no preprocessing code needed in C++, C#, JavaScript ...); "
                                     "written as its own export, exports/<run>-uint8/."),
+    layout: str = typer.Option("NCHW", "--layout", help="NCHW: channels first, as PyTorch. NHWC: channels last, as image arrays "
+                               "are laid out (height, width, channel), e.g. with --input uint8 for a graph that takes decoded images as "
+                               "they are; written as its own export, exports/<run>[-uint8]-nhwc/."),
     as_json: AsJson = False,
 ) -> None:
     """Export a trained run to exports/<run>/ (ONNX, int8 QDQ ONNX, TensorRT, a Triton repository) and record it in manifest.json."""
@@ -173,7 +176,7 @@ def export(
 
     entry = run_export(run, fmt=fmt, precision=precision, out=out, runs=runs, data_dir=data_dir, calib_size=calib_size,
                        calib_method=calib_method, auto_fallback=auto_fallback, int8_activations=int8_activations, max_batch=max_batch,
-                       pad_channels=pad_channels, input_dtype=input_dtype, console=_console(as_json))
+                       pad_channels=pad_channels, input_dtype=input_dtype, layout=layout, console=_console(as_json))
     if as_json:
         _emit(entry)
 

@@ -69,13 +69,14 @@ def collect_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
 def _checkpoint_catalog(ref: Path) -> Catalog:
     """A catalog of one entry: the checkpoint in PyTorch (torch needed only here)."""
     from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
-    from toolkit.manifest import new_manifest
+    from toolkit.manifest import Artifact, Manifest
     from toolkit.runtime import torch_runner
 
     ckpt = load_checkpoint(ref)
     path = Path(ckpt["path"])
-    manifest = new_manifest(ckpt, path.parent.name)
-    artifact = {"file": path.name, "format": "pytorch", "precision": "fp32"}
+    manifest = Manifest.new(ckpt, path.parent.name)
+    # not an export's artifact (no schema format for it): the checkpoint itself, described in memory
+    artifact = Artifact.model_construct(file=path.name, format="pytorch", precision="fp32", parity={})
     catalog = Catalog()
     catalog.add(Entry(f"{path.parent.name}/{path.name}", path.parent, manifest, artifact, "pytorch-eager"),
                 torch_runner(model_from_checkpoint(ckpt)))

@@ -20,7 +20,7 @@ import io
 import pickle
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +30,8 @@ from toolkit.files import reading
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from toolkit.manifest import Manifest, Normalization
 
 MAX_SIDE = 4096  # pixels a side; larger images are refused before decoding
 # modes with an unambiguous 8-bit reading; 16-bit / float / exotic colour spaces are refused
@@ -237,11 +239,11 @@ def resized_image(im, size: int, channels: int) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def model_pixels(image, manifest: Mapping[str, Any]) -> np.ndarray:
+def model_pixels(image, manifest: Manifest) -> np.ndarray:
     """Any image, as the manifest's model saw its training data: uint8 HxW (one channel) or HxWxC."""
     im = open_image(image)
-    channels, height, width = manifest["input"]["shape"][1:]
-    if preparation_for(manifest["dataset"], channels) == "digit":
+    channels, height, width = manifest.chw
+    if preparation_for(manifest.dataset, channels) == "digit":
         return mnist_digit(im)
     if height != width:
         raise ToolkitError(f"this model takes {height}x{width} images: only square inputs are prepared here")
@@ -250,33 +252,37 @@ def model_pixels(image, manifest: Mapping[str, Any]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- normalize
 
-def normalize(pixels: np.ndarray, normalization: Mapping[str, Any]) -> np.ndarray:
+def normalize(pixels: np.ndarray, normalization: Normalization) -> np.ndarray:
     """uint8 NCHW -> float32 NCHW as the manifest's normalization says, in the order and precision
     training uses (torchvision's ToTensor + Normalize, and the fast pipeline): x / (1 / scale),
     then - mean, then / std, each rounded to float32. So this gives the training pipeline's
     test inputs bit for bit."""
     if pixels.ndim != 4:
         raise ToolkitError(f"expected a batch of NCHW images, got an array of shape {pixels.shape}")
-    mean = np.asarray(normalization["mean"], dtype=np.float32)[None, :, None, None]
-    std = np.asarray(normalization["std"], dtype=np.float32)[None, :, None, None]
-    x = pixels.astype(np.float32) / np.float32(1.0 / normalization["scale"])
+    mean = np.asarray(normalization.mean, dtype=np.float32)[None, :, None, None]
+    std = np.asarray(normalization.std, dtype=np.float32)[None, :, None, None]
+    x = pixels.astype(np.float32) / np.float32(1.0 / normalization.scale)
     return (x - mean) / std
 
 
-def model_input(pixels: np.ndarray, manifest: Mapping[str, Any]) -> np.ndarray:
+def model_input(pixels: np.ndarray, manifest: Manifest) -> np.ndarray:
     """uint8 NCHW images -> what the manifest's model takes: float32 normalized here, or the uint8
-    pixels themselves for a graph that normalizes them inside (``input.dtype`` "uint8")."""
-    if manifest["input"]["dtype"] == "uint8":
-        return np.ascontiguousarray(pixels, dtype=np.uint8)
-    return normalize(pixels, manifest["normalization"])
+    pixels themselves for a graph that normalizes them inside (``input.dtype`` "uint8"); NHWC
+    for a graph that takes its input channels last (``input.layout``)."""
+    if manifest.input.dtype == "uint8":
+        x = np.asarray(pixels, dtype=np.uint8)
+    else:
+        x = normalize(pixels, manifest.normalization)
+    if manifest.input.layout == "NHWC":
+        x = x.transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(x)
 
 
-def to_input(pixels: np.ndarray, manifest: Mapping[str, Any]) -> np.ndarray:
-    """One image's uint8 HxW or HxWxC pixels -> the NCHW batch of one the manifest's model takes."""
+def to_input(pixels: np.ndarray, manifest: Manifest) -> np.ndarray:
+    """One image's uint8 HxW or HxWxC pixels -> the batch of one the manifest's model takes."""
     chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    expected = tuple(manifest["input"]["shape"][1:])
-    if chw.shape != expected:
-        raise ToolkitError(f"this model takes {expected} images, the preprocessed image is {chw.shape}")
+    if chw.shape != manifest.chw:
+        raise ToolkitError(f"this model takes {manifest.chw} (CHW) images, the preprocessed image is {chw.shape}")
     return model_input(chw[None], manifest)
 
 

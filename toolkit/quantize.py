@@ -21,6 +21,7 @@ from rich.console import Console
 from toolkit import data as data_mod
 from toolkit.errors import ToolkitError, check_choice
 from toolkit.files import atomic_write, resolve_data_dir
+from toolkit.manifest import Manifest
 from toolkit.onnx_io import load_onnx
 from toolkit.preprocess import model_input
 
@@ -35,9 +36,9 @@ CPU_QUANTIZED_OPS = (*QUANTIZED_OPS, "Add", "Relu", "Slice", "Pad")
 HOLDOUT_SIZE = 2000
 
 
-def training_slices(manifest: dict, data_dir, calib_size: int, holdout: int = HOLDOUT_SIZE, seed: int = 0, download: bool = True):
+def training_slices(manifest: Manifest, data_dir, calib_size: int, holdout: int = HOLDOUT_SIZE, seed: int = 0, download: bool = True):
     """Disjoint random slices of the training split: calibration images, and a held-out set with labels."""
-    x, y, _ = data_mod.split_arrays(manifest["dataset"], resolve_data_dir(data_dir), train=True, download=download)
+    x, y, _ = data_mod.split_arrays(manifest.dataset, resolve_data_dir(data_dir), train=True, download=download)
     import torch
 
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))

@@ -14,7 +14,7 @@ import numpy as np
 
 from toolkit.errors import ToolkitError, first_line
 from toolkit.files import confined, read_text_limited, reading
-from toolkit.manifest import artifact_path
+from toolkit.manifest import Artifact, Manifest
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -69,15 +69,15 @@ def trt_missing_reason() -> str | None:
     return None
 
 
-def runtimes_for(artifact: dict) -> list[str]:
+def runtimes_for(artifact: Artifact) -> list[str]:
     """The runtimes present on this machine that can run this artifact."""
-    if artifact["format"] == "onnx":
+    if artifact.format == "onnx":
         providers = ort_providers()
         found = ["ort-cpu"]
         if "CUDAExecutionProvider" in providers:
             found.append("ort-cuda")
         return found
-    if artifact["format"] == "trt":
+    if artifact.format == "trt":
         return [] if trt_missing_reason() else ["tensorrt"]
     return []
 
@@ -195,9 +195,9 @@ def trt_runner(engine_path: Path) -> Runner:
     return run
 
 
-def make_runner(export_dir: Path, artifact: dict, runtime: str, threads: int | None = None) -> Runner:
+def make_runner(export_dir: Path, artifact: Artifact, runtime: str, threads: int | None = None) -> Runner:
     """``threads``: ONNX Runtime's intra-op threads (default: one per core)."""
-    path = artifact_path(export_dir, artifact)
+    path = Manifest.path(export_dir, artifact)
     if runtime.startswith("ort-"):
         return ort_runner(path, runtime, threads)
     if runtime == "tensorrt":

@@ -24,7 +24,9 @@ from toolkit import preprocess
 from toolkit.checkpoint import model_from_checkpoint, source_checkpoint
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write, locked, resolve_data_dir
-from toolkit.manifest import latest_export, load_manifest, save_manifest
+from toolkit.environment import cpu_info, cpu_line
+from toolkit.manifest import Manifest, Parity, Verified, latest_export
+from toolkit.model_card import write_model_card
 from toolkit.parity import GATES, PARITY_FIELDS, accuracy, compare
 from toolkit.recipes import Recipe
 from toolkit.runtime import make_runner, runtimes_for, torch_runner, trt_missing_reason
@@ -36,65 +38,75 @@ def batched(run, x: np.ndarray, batch: int = BATCH) -> np.ndarray:
     return np.concatenate([run(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
-def deployed_inputs(manifest: dict, root: Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def deployed_inputs(manifest: Manifest, root: Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The test split read by the deployed code, without torch: (its pixels normalized by the
     manifest's normalization, the tensor-path inputs, the pipeline-path inputs, labels). The model
     inputs are normalized floats, or the pixels themselves for a uint8-input export. The pipeline
     path writes each image as a PNG file in memory and reads it back as `toolkit predict` and the
     demo read a user's file."""
-    split = preprocess.read_test_split(manifest["dataset"], root)
+    split = preprocess.read_test_split(manifest.dataset, root)
     if split is None:
-        raise ToolkitError(f"no {manifest['dataset']} test split under {root} that the deployed preprocessing can read")
+        raise ToolkitError(f"no {manifest.dataset} test split under {root} that the deployed preprocessing can read")
     images, labels, _ = split
     images, labels = images[:limit], labels[:limit]
-    normalized = preprocess.normalize(images, manifest["normalization"])
+    normalized = preprocess.normalize(images, manifest.normalization)
     tensors = preprocess.model_input(images, manifest)
     files = np.concatenate([preprocess.to_input(preprocess.model_pixels(preprocess.png_bytes(img), manifest), manifest) for img in images])
     return normalized, tensors, files, labels
+
+
+def _verified_on(images: int, reference_acc: float) -> dict:
+    """The machine the results hold on: int8 kernels differ between CPUs (VNNI or not, AVX-512, AMX)."""
+    import onnxruntime
+
+    info = cpu_info()
+    return {"images": int(images), "reference_acc": reference_acc, "machine": cpu_line(info), "cpu_features": info["features"],
+            "onnxruntime": onnxruntime.__version__}
 
 
 def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, limit: int | None = None, download: bool = True, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     gates = {**GATES, **(gates or {})}
     export_dir = Path(export_dir) if export_dir else latest_export(exports)
-    manifest = load_manifest(export_dir)
-    if not manifest["artifacts"]:
+    manifest = Manifest.load(export_dir)
+    if not manifest.artifacts:
         raise ToolkitError(f"{export_dir}: the manifest lists no artifacts")
     root = resolve_data_dir(data_dir)
     ckpt = source_checkpoint(manifest)
     recipe = Recipe.model_validate(ckpt["recipe"])
-    console.print(f"verify: reading the {manifest['dataset']} test split through the training pipeline and through the deployed preprocessing")
+    console.print(f"verify: reading the {manifest.dataset} test split through the training pipeline and through the deployed preprocessing")
     x_train, labels = data_mod.test_inputs(recipe, root, limit=limit, download=download)
     x_normalized, x_tensor, x_files, deployed_labels = deployed_inputs(manifest, root, limit)
     if not np.array_equal(labels, deployed_labels):
-        raise ToolkitError(f"{root}: the {manifest['dataset']} test split reads differently through torchvision and through the deployed readers")
+        raise ToolkitError(f"{root}: the {manifest.dataset} test split reads differently through torchvision and through the deployed readers")
     console.print(f"verify: the reference, {recipe.name} in PyTorch, on {len(labels):,} test images")
     ref_logits = batched(torch_runner(model_from_checkpoint(ckpt)), x_train)
     ref_acc = accuracy(ref_logits, labels)
 
     results, skipped = [], []
-    for art in manifest["artifacts"]:
+    for art in manifest.artifacts:
         found = runtimes_for(art)
         if not found:
-            why = trt_missing_reason() if art["format"] == "trt" else f"no runtime here runs {art['format']} artifacts"
-            skipped.append({"artifact": art["file"], "reason": why})
+            why = trt_missing_reason() if art.format == "trt" else f"no runtime here runs {art.format} artifacts"
+            skipped.append({"artifact": art.file, "reason": why})
             continue
         for runtime in found:
-            console.print(f"verify: {art['file']} on {runtime}")
+            console.print(f"verify: {art.file} on {runtime}")
             run = make_runner(export_dir, art, runtime)
             logits = batched(run, x_tensor)
             if logits.shape != ref_logits.shape:
-                raise ToolkitError(f"{export_dir / art['file']}: gives outputs of shape {logits.shape}, the trained model "
+                raise ToolkitError(f"{export_dir / art.file}: gives outputs of shape {logits.shape}, the trained model "
                                    f"{ref_logits.shape}: it is not an export of this model")
-            row = compare(logits, ref_logits, labels, ref_acc, art["precision"], gates, pipeline_logits=batched(run, x_files))
-            results.append({"artifact": art["file"], "format": art["format"], "precision": art["precision"], "runtime": runtime,
-                            "sha256": art["sha256"], **row})
+            row = compare(logits, ref_logits, labels, ref_acc, art.precision, gates, pipeline_logits=batched(run, x_files))
+            results.append({"artifact": art.file, "format": art.format, "precision": art.precision, "runtime": runtime,
+                            "sha256": art.sha256, **row})
     report = {
         "export_dir": str(export_dir),
-        "dataset": manifest["dataset"],
+        "dataset": manifest.dataset,
         "images": int(len(labels)),
         "reference": f"pytorch-eager (cpu), {recipe.data.pipeline} pipeline's test transform",
         "reference_acc": ref_acc,
+        "verified_on": _verified_on(len(labels), ref_acc),
         # the deployed normalization against the training transform, on the same pixels: 0 means bit for bit
         "input_max_abs_diff": float(np.abs(x_normalized - x_train).max()),
         # the image-file path's model inputs against the tensor path's (pixels, for a uint8-input export)
@@ -107,21 +119,22 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
     # the results go into the manifest as it is now: an export may have run meanwhile (it waited for
     # nobody, verify held no lock while it computed), so only artifacts with the sha256 verified get them
     with locked(export_dir, say=console.print):
-        current = load_manifest(export_dir, verify_files=False)
-        for art in current["artifacts"]:
-            rows = [r for r in results if r["artifact"] == art["file"] and r["sha256"] == art["sha256"]]
+        current = Manifest.load(export_dir, verify_files=False)
+        for art in current.artifacts:
+            rows = [r for r in results if r["artifact"] == art.file and r["sha256"] == art.sha256]
             if rows:
-                art["parity"] = {r["runtime"]: {k: r[k] for k in PARITY_FIELDS} for r in rows}
-        current["parity"] = {"images": report["images"], "reference_acc": report["reference_acc"]}
+                art.parity = {r["runtime"]: Parity(**{k: r[k] for k in PARITY_FIELDS}) for r in rows}
+        current.parity = Verified(**report["verified_on"])
         with atomic_write(export_dir / "parity.json", "w") as f:
             json.dump(report, f, indent=2)
         with atomic_write(export_dir / "parity.md", "w") as f:
             f.write(parity_markdown(report))
-        save_manifest(current, export_dir)
+        current.save(export_dir)
+        write_model_card(export_dir, current)
     console.print(parity_table(report))
     for s in skipped:
         console.print(f"[yellow]skipped {s['artifact']}: {s['reason']}[/]")
-    console.print(f"verify: wrote {export_dir / 'parity.md'} and parity.json; parity recorded in the manifest")
+    console.print(f"verify: wrote {export_dir / 'parity.md'}, parity.json and MODEL_CARD.md; parity recorded in the manifest")
     if not report["passed"] and results:
         console.print(f"[red]error:[/] {failure_line(report)}")
     return report

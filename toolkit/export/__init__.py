@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -20,15 +21,12 @@ from toolkit.checkpoint import latest_run, load_checkpoint, model_from_checkpoin
 from toolkit.errors import ToolkitError, check_choice
 from toolkit.files import confined, locked, plain_name, remove_stale_dirs, remove_stale_temps, umask_mode, write_error
 from toolkit.manifest import NAME as MANIFEST_NAME
-from toolkit.manifest import artifact_entry, artifact_path, load_manifest, new_manifest, save_manifest, upsert_artifact
+from toolkit.manifest import Artifact, Manifest, TritonModel
+from toolkit.model_card import write_model_card
 
 FORMATS = ("onnx", "trt", "triton")
 STAGING, OLD = ".staging-", ".old-"  # sibling work directories: .<export>.staging-*, .<export>.old-<pid>
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-def artifact_file(fmt: str, precision: str) -> str:
-    return {"onnx": f"model.{precision}.onnx", "trt": f"model.{precision}.engine"}[fmt]
 
 
 @contextlib.contextmanager
@@ -61,58 +59,106 @@ def staged(export_dir: Path) -> Iterator[Path]:
         raise
 
 
-def export_name(ckpt: dict, input_dtype: str = "float32") -> str:
-    """The export directory's name: the run directory's, which must be a plain name; an export whose
-    graphs take uint8 pixels is a separate export, ``<run>-uint8`` (one input spec per manifest)."""
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass(frozen=True)
+class Step:
+    """One artifact an export can hold and the one it derives from (None: the checkpoint)."""
+
+    file: str
+    format: str
+    precision: str
+    source: str | None
+
+
+# What every artifact is made from. A rewritten artifact whose bytes changed drops everything
+# derived from it (transitively, Triton models included): see ``_drop_stale``.
+PLAN = {s.file: s for s in (
+    Step("model.fp32.onnx", "onnx", "fp32", None),
+    Step("model.fp16.onnx", "onnx", "fp16", "model.fp32.onnx"),
+    Step("model.int8.onnx", "onnx", "int8", "model.fp32.onnx"),
+    Step("model.fp32.engine", "trt", "fp32", "model.fp32.onnx"),
+    Step("model.fp16.engine", "trt", "fp16", "model.fp32.onnx"),
+    Step("model.int8.engine", "trt", "int8", "model.int8.onnx"),
+)}
+
+
+def artifact_file(fmt: str, precision: str) -> str:
+    return next(s.file for s in PLAN.values() if s.format == fmt and s.precision == precision)
+
+
+def chain(file: str) -> list[Step]:
+    """The steps that make ``file``, its sources first."""
+    steps = []
+    while file is not None:
+        steps.insert(0, PLAN[file])
+        file = PLAN[file].source
+    return steps
+
+
+def export_name(ckpt: dict, input_dtype: str = "float32", layout: str = "NCHW") -> str:
+    """The export directory's name: the run directory's, which must be a plain name. An export
+    whose graphs take another input is a separate export (one input spec per manifest):
+    ``<run>-uint8``, ``<run>-nhwc``, ``<run>-uint8-nhwc``."""
     name = plain_name(Path(ckpt["path"]).resolve().parent.name, f"{ckpt['path']}: run directory name")
-    return name if input_dtype == "float32" else plain_name(f"{name}-{input_dtype}", "export name")
+    suffix = ("-uint8" if input_dtype == "uint8" else "") + ("-nhwc" if layout == "NHWC" else "")
+    return plain_name(name + suffix, "export name")
 
 
-def _manifest_for(stage: Path, ckpt: dict, name: str, console: Console, input_dtype: str = "float32") -> dict:
-    fresh = new_manifest(ckpt, name, input_dtype)
+def _manifest_for(stage: Path, ckpt: dict, name: str, console: Console, input_dtype: str, layout: str) -> Manifest:
+    fresh = Manifest.new(ckpt, name, input_dtype, layout)
     if not (stage / MANIFEST_NAME).is_file():
         return fresh
-    current = load_manifest(stage)
-    if current["source"]["sha256"] != fresh["source"]["sha256"]:
+    current = Manifest.load(stage)
+    if current.source.sha256 != fresh.source.sha256:
         console.print(f"[yellow]the checkpoint changed since the last export of {name}: earlier artifacts are dropped[/]")
-        _drop_artifacts(stage, current)
+        for art in current.artifacts:
+            Manifest.path(stage, art).unlink(missing_ok=True)
+        _remove_triton(stage)
         return fresh
     return current
 
 
-def _drop_artifacts(stage: Path, manifest: dict) -> None:
-    for art in manifest["artifacts"]:
-        artifact_path(stage, art).unlink(missing_ok=True)
-    manifest["artifacts"] = []
-    manifest.pop("triton", None)
-    triton = stage / "triton"  # its models are copies of those artifacts
-    if triton.is_symlink():
-        triton.unlink()  # a link, never what it points to
+def _remove_triton(stage: Path, model: str | None = None) -> None:
+    """The Triton repository (or one model of it): copies of artifacts. A link is removed, never followed."""
+    target = confined(stage, "triton", str(stage)) if model is None else confined(stage / "triton", model, str(stage / "triton"))
+    if target.is_symlink() or target.is_file():
+        target.unlink()
     else:
-        shutil.rmtree(triton, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
 
 
-def _repads(fp32_entry: dict | None, pad_channels: int | None) -> bool:
-    """Whether exporting with ``pad_channels`` must write the existing fp32 ONNX again (None keeps it)."""
-    return fp32_entry is not None and pad_channels is not None and fp32_entry.get("pad_channels", 0) != pad_channels
-
-
-def _ensure_fp32_onnx(stage: Path, manifest: dict, ckpt: dict, pad_channels: int | None, console: Console) -> Path:
-    """The fp32 ONNX every other artifact derives from. ``pad_channels`` None keeps the existing
-    file's padding; a different value exports it again and drops what was derived from it."""
-    from toolkit.export.to_onnx import export_onnx
-
-    path = stage / artifact_file("onnx", "fp32")
-    existing = next((a for a in manifest["artifacts"] if a["file"] == path.name), None)
-    if _repads(existing, pad_channels):
-        console.print(f"[yellow]{path.name} had --pad-channels {existing.get('pad_channels', 0)}; exporting it with {pad_channels} "
-                      "drops the artifacts derived from it[/]")
-        _drop_artifacts(stage, manifest)
-        existing = None
-    if existing is None:
-        extra = export_onnx(model_from_checkpoint(ckpt), manifest, path, pad_channels=pad_channels or 0)
-        upsert_artifact(manifest, artifact_entry(path, "onnx", "fp32", **extra))
-    return path
+def _drop_stale(stage: Path, manifest: Manifest, console: Console, changed: set[str] = frozenset()) -> None:
+    """Drop every artifact whose source (``PLAN``) is gone or has changed since it was made, then
+    every Triton model whose artifact is gone or changed; repeated until nothing more goes.
+    ``changed``: files just rewritten with other bytes (for entries that predate ``source_sha256``)."""
+    while True:
+        stale = []
+        for art in manifest.artifacts:
+            step = PLAN.get(art.file)
+            if step is None or step.source is None:
+                continue
+            source, made_from = manifest.artifact(step.source), art.get("source_sha256")
+            if source is None or (made_from != source.sha256 if made_from is not None else step.source in changed):
+                stale.append(art)
+        if not stale:
+            break
+        for art in stale:
+            console.print(f"[yellow]{art.file} was made from an earlier {PLAN[art.file].source}: dropped (export it again)[/]")
+            Manifest.path(stage, art).unlink(missing_ok=True)
+            manifest.artifacts.remove(art)
+    if manifest.triton is None:
+        return
+    for name, model in list(manifest.triton.models.items()):
+        art = manifest.artifact(model.source)
+        copied = (model.model_extra or {}).get("sha256")  # of the copy, the artifact's bytes
+        if art is None or (copied is not None and copied != art.sha256):
+            console.print(f"[yellow]Triton model {name} was a copy of an earlier {model.source}: dropped[/]")
+            _remove_triton(stage, name)
+            del manifest.triton.models[name]
+    if not manifest.triton.models:
+        manifest.triton = None
+        _remove_triton(stage)
 
 
 def export(
@@ -131,18 +177,22 @@ def export(
     max_batch: int = 256,
     pad_channels: int | None = None,
     input_dtype: str = "float32",
+    layout: str = "NCHW",
     download: bool = True,
     console: Console | None = None,
 ) -> dict:
-    """Export one artifact (and the fp32 ONNX it derives from); returns its manifest entry.
+    """Export one artifact (and what it derives from, ``PLAN``), or a Triton model repository of a
+    precision's artifacts; returns its manifest entry. One staged transaction per call.
 
-    ``pad_channels``: see ``_ensure_fp32_onnx``; 0 turns padding off. One export at a time per
-    export directory: a second one waits for the first (``files.locked``), so none is ever lost."""
+    ``pad_channels``: None keeps the existing fp32 ONNX's padding, 0 turns padding off. One export at a
+    time per export directory: a second one waits for the first (``files.locked``), so none is ever lost."""
     console = console or Console(stderr=True)
     check_choice("format", fmt, FORMATS)
     check_choice("precision", precision, PRECISIONS)
     check_choice("int8 activation type", int8_activations, ("int8", "uint8"))
     check_choice("input type", input_dtype, ("float32", "uint8"))
+    layout = layout.upper()
+    check_choice("input layout", layout, ("NCHW", "NHWC"))
     if pad_channels is not None and pad_channels < 0:
         raise ToolkitError(f"--pad-channels must be 0 (off) or a positive multiple, not {pad_channels}")
     if auto_fallback and precision != "int8":
@@ -156,19 +206,26 @@ def export(
         if reason:  # say so before any work, and leave exports/ untouched
             raise ToolkitError(f"cannot build a TensorRT engine here: {reason}")
     ckpt = load_checkpoint(ref if ref is not None else latest_run(runs))
-    export_dir = Path(out) / export_name(ckpt, input_dtype)
+    export_dir = Path(out) / export_name(ckpt, input_dtype, layout)
     if (export_dir / MANIFEST_NAME).exists() or (export_dir / MANIFEST_NAME).is_symlink():
-        load_manifest(export_dir)  # refuse a broken or hostile export before touching anything
+        Manifest.load(export_dir)  # refuse a broken or hostile export before touching anything
     options = dict(data_dir=data_dir, calib_size=calib_size, calib_method=calib_method, auto_fallback=auto_fallback,
-                   int8_activations=int8_activations, gate_pp=gate_pp, pad_channels=pad_channels, download=download, max_batch=max_batch,
-                   input_dtype=input_dtype)
+                   int8_activations=int8_activations, gate_pp=gate_pp, pad_channels=pad_channels, download=download, max_batch=max_batch)
     with locked(export_dir, say=console.print):
         _remove_leftovers(export_dir, console)
-        if fmt == "triton":
-            return _export_triton(ckpt, export_dir, precision, options, console)
-        entry = _export_artifact(ckpt, export_dir, fmt, precision, options, console)
-    console.print(f"exported {entry['file']} ({entry['bytes']:,} bytes) -> {export_dir}")
-    return {**entry, "export_dir": str(export_dir)}
+        with staged(export_dir) as stage:
+            manifest = _manifest_for(stage, ckpt, export_dir.name, console, input_dtype, layout)
+            if fmt == "triton":
+                result = _triton(stage, export_dir, manifest, ckpt, precision, options, console)
+            else:
+                art = _make(stage, export_dir, manifest, ckpt, artifact_file(fmt, precision), options, console, target=True)
+                result = {**art.model_dump(mode="json", exclude_none=True), "export_dir": str(export_dir)}
+            _drop_stale(stage, manifest, console)
+            manifest.save(stage)
+            write_model_card(stage, manifest, shown_as=export_dir)
+    if fmt != "triton":
+        console.print(f"exported {result['file']} ({result['bytes']:,} bytes) -> {export_dir}")
+    return result
 
 
 def _remove_leftovers(export_dir: Path, console: Console) -> None:
@@ -181,76 +238,88 @@ def _remove_leftovers(export_dir: Path, console: Console) -> None:
         console.print(f"removed {len(stale)} temporary file(s) an interrupted run left in {export_dir}")
 
 
-def _export_artifact(ckpt: dict, export_dir: Path, fmt: str, precision: str, options: dict, console: Console) -> dict:
-    """One artifact of ``fmt`` and ``precision`` (and the fp32 ONNX it derives from) into ``export_dir``,
-    staged; returns its manifest entry. The caller holds the export's lock."""
-    from toolkit.parity import GATES
-
-    with staged(export_dir) as stage:
-        manifest = _manifest_for(stage, ckpt, export_dir.name, console, options["input_dtype"])
-        fp32_onnx = _ensure_fp32_onnx(stage, manifest, ckpt, options["pad_channels"], console)
-        path = stage / artifact_file(fmt, precision)
-        extra: dict = {}
-        if fmt == "onnx" and precision == "fp16":
-            from toolkit.export.to_onnx import convert_fp16
-
-            extra = convert_fp16(fp32_onnx, path)
-        elif precision == "int8":
-            int8_onnx = stage / artifact_file("onnx", "int8")
-            existing = next((a for a in manifest["artifacts"] if a["file"] == int8_onnx.name), None)
-            if fmt == "trt" and existing and existing.get("activations", "int8") != "int8":
-                raise ToolkitError(f"{int8_onnx.name} has uint8 activations, which TensorRT cannot build from; export --precision int8 again first")
-            if fmt == "onnx" or not int8_onnx.is_file():
-                from toolkit import quantize
-
-                activations, method = options["int8_activations"], options["calib_method"]
-                calib, held_x, held_y = quantize.training_slices(manifest, options["data_dir"], options["calib_size"], download=options["download"])
-                if options["auto_fallback"]:
-                    gate = options["gate_pp"] if options["gate_pp"] is not None else GATES["int8"]["delta_pp"]
-                    fields = quantize.auto_fallback(fp32_onnx, int8_onnx, calib, held_x, held_y, gate, method, console, activations=activations)
-                else:
-                    fields = quantize.quantize_int8(fp32_onnx, int8_onnx, calib, method, activations=activations)
-                upsert_artifact(manifest, artifact_entry(int8_onnx, "onnx", "int8", **fields))
-            extra = {}
-            if fmt == "trt":
-                from toolkit.export.to_trt import build_trt_engine
-
-                extra = build_trt_engine(int8_onnx, path, "int8", manifest, options["max_batch"], confined(stage, "timing.cache", str(export_dir)))
-        elif fmt == "trt":
-            from toolkit.export.to_trt import build_trt_engine
-
-            extra = build_trt_engine(fp32_onnx, path, precision, manifest, options["max_batch"], confined(stage, "timing.cache", str(export_dir)))
-        if not (fmt == "onnx" and precision in ("fp32", "int8")):
-            upsert_artifact(manifest, artifact_entry(path, fmt, precision, **extra))
-        save_manifest(manifest, stage)
-        entry = next(a for a in manifest["artifacts"] if a["file"] == path.name)
-    return entry
+def _make(stage: Path, export_dir: Path, manifest: Manifest, ckpt: dict, file: str, options: dict, console: Console,
+          target: bool) -> Artifact:
+    """``file`` in ``stage`` with what it derives from (``chain``): a source is made only when it is
+    missing (the fp32 ONNX also when ``pad_channels`` asks for another padding); the ``target`` file
+    is always made again. Returns its manifest entry."""
+    for step in chain(file):
+        existing = manifest.artifact(step.file)
+        is_target = target and step.file == file
+        if step.source is None:
+            wanted = options["pad_channels"]
+            repad = existing is not None and wanted is not None and existing.get("pad_channels", 0) != wanted
+            if existing is not None and not repad:
+                continue
+            if repad:
+                console.print(f"[yellow]{step.file} had --pad-channels {existing.get('pad_channels', 0)}, exporting it with {wanted}: "
+                              "the artifacts derived from it are dropped[/]")
+        elif existing is not None and not is_target:
+            continue
+        _check_trt_source(manifest, step)
+        console.print(f"export: {step.file} ({step.format} {step.precision}"
+                      + (f", from {step.source})" if step.source else f", from {Path(ckpt['path']).name})"))
+        path = stage / step.file
+        fields = _build(step, path, stage, export_dir, manifest, ckpt, options, console)
+        if step.source is not None:
+            fields["source_sha256"] = manifest.artifact(step.source).sha256
+        made = manifest.upsert(Artifact.of(path, step.format, step.precision, **fields))
+        _drop_stale(stage, manifest, console, changed={step.file} if existing is not None and existing.sha256 != made.sha256 else set())
+    return manifest.artifact(file)
 
 
-def _export_triton(ckpt: dict, export_dir: Path, precision: str, options: dict, console: Console) -> dict:
-    """Add the ONNX artifact of ``precision`` (exported first if the export lacks it) and any TensorRT
-    engine of that precision to the export's Triton model repository, ``<export>/triton/``.
-    The caller holds the export's lock."""
+def _check_trt_source(manifest: Manifest, step: Step) -> None:
+    if step.format == "trt" and step.precision == "int8":
+        source = manifest.artifact(step.source)
+        if source is not None and source.get("activations", "int8") != "int8":
+            raise ToolkitError(f"{step.source} has uint8 activations, which TensorRT cannot build from; export --precision int8 again first")
+
+
+def _build(step: Step, path: Path, stage: Path, export_dir: Path, manifest: Manifest, ckpt: dict, options: dict, console: Console) -> dict:
+    """Write one artifact of the plan to ``path``; returns the stage's fields for its manifest entry."""
+    source = stage / step.source if step.source else None
+    if step.source is None:
+        from toolkit.export.to_onnx import export_onnx, onnx_metadata
+
+        return export_onnx(model_from_checkpoint(ckpt), path, manifest.input, manifest.output.name, manifest.normalization,
+                           onnx_metadata(manifest), pad_channels=options["pad_channels"] or 0)
+    if step.format == "onnx" and step.precision == "fp16":
+        from toolkit.export.to_onnx import convert_fp16
+
+        return convert_fp16(source, path)
+    if step.format == "onnx" and step.precision == "int8":
+        from toolkit import quantize
+        from toolkit.parity import GATES
+
+        method, activations = options["calib_method"], options["int8_activations"]
+        calib, held_x, held_y = quantize.training_slices(manifest, options["data_dir"], options["calib_size"], download=options["download"])
+        if options["auto_fallback"]:
+            gate = options["gate_pp"] if options["gate_pp"] is not None else GATES["int8"]["delta_pp"]
+            return quantize.auto_fallback(source, path, calib, held_x, held_y, gate, method, console, activations=activations)
+        return quantize.quantize_int8(source, path, calib, method, activations=activations)
+    from toolkit.export.to_trt import build_trt_engine
+
+    return build_trt_engine(source, path, step.precision, manifest.input.name, tuple(manifest.input.shape[1:]), options["max_batch"],
+                            confined(stage, "timing.cache", str(export_dir)))
+
+
+def _triton(stage: Path, export_dir: Path, manifest: Manifest, ckpt: dict, precision: str, options: dict, console: Console) -> dict:
+    """Add the ONNX artifact of ``precision`` (made first if the export lacks it) and any TensorRT
+    engine of that precision to the export's Triton model repository, ``<export>/triton/``."""
     from toolkit.export.to_triton import REPOSITORY, write_triton_model
-    from toolkit.files import sha256_file
+    from toolkit.manifest import Triton
 
     source = artifact_file("onnx", precision)
-    current = load_manifest(export_dir) if (export_dir / MANIFEST_NAME).is_file() else None
-    fresh = current is not None and current["source"]["sha256"] == sha256_file(Path(ckpt["path"]))
-    files = {a["file"]: a for a in current["artifacts"]} if fresh else {}
-    if source not in files or _repads(files.get(artifact_file("onnx", "fp32")), options["pad_channels"]):
-        entry = _export_artifact(ckpt, export_dir, "onnx", precision, options, console)
-        console.print(f"exported {entry['file']} ({entry['bytes']:,} bytes) -> {export_dir}")
-    with staged(export_dir) as stage:
-        manifest = load_manifest(stage)
-        graph_source = stage / artifact_file("onnx", "int8" if precision == "int8" else "fp32")
-        served = [a for a in manifest["artifacts"] if a["precision"] == precision and a["format"] in ("onnx", "trt")]
-        models = manifest.setdefault("triton", {"repository": REPOSITORY, "models": {}})["models"]
-        names = []
-        for art in served:
-            record = write_triton_model(stage, manifest, art, stage / source if art["format"] == "onnx" else graph_source, options["max_batch"])
-            models[record["name"]] = record
-            names.append(record["name"])
-        save_manifest(manifest, stage)
+    _make(stage, export_dir, manifest, ckpt, source, options, console, target=manifest.artifact(source) is None)
+    graph_source = stage / artifact_file("onnx", "int8" if precision == "int8" else "fp32")
+    served = [a for a in manifest.artifacts if a.precision == precision]
+    if manifest.triton is None:
+        manifest.triton = Triton(repository=REPOSITORY, models={})
+    names = []
+    for art in served:
+        record = write_triton_model(stage, manifest.source.recipe, manifest.classes, art,
+                                    stage / source if art.format == "onnx" else graph_source, options["max_batch"])
+        manifest.triton.models[record["name"]] = TritonModel(**record)
+        names.append(record["name"])
     console.print(f"Triton model{'s' if len(names) > 1 else ''} {', '.join(names)} -> {export_dir / REPOSITORY}")
     return {"format": "triton", "precision": precision, "repository": str(export_dir / REPOSITORY), "models": names, "export_dir": str(export_dir)}

@@ -15,7 +15,7 @@ import onnx
 
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write, confined, sha256_file
-from toolkit.manifest import artifact_path
+from toolkit.manifest import Artifact, Manifest
 from toolkit.onnx_io import load_onnx
 
 REPOSITORY = "triton"
@@ -49,10 +49,10 @@ def graph_io(onnx_path: Path) -> tuple[dict, dict]:
     return spec(inputs[0]), spec(graph.output[0])
 
 
-def model_name(manifest: dict, artifact: dict) -> str:
+def model_name(recipe: str, artifact: Artifact) -> str:
     """``<recipe>_<precision>[_trt]``; the recipe name is a plain name (the manifest's schema checks it)."""
-    suffix = "_trt" if artifact["format"] == "trt" else ""
-    return f"{manifest['source']['recipe']}_{artifact['precision']}{suffix}".replace("-", "_")
+    suffix = "_trt" if artifact.format == "trt" else ""
+    return f"{recipe}_{artifact.precision}{suffix}".replace("-", "_")
 
 
 def config_pbtxt(name: str, platform: str, max_batch: int, inp: dict, out: dict, gpu_only: bool) -> str:
@@ -90,13 +90,13 @@ instance_group [
 """
 
 
-def write_triton_model(export_dir: Path, manifest: dict, artifact: dict, onnx_source: Path, max_batch: int) -> dict:
+def write_triton_model(export_dir: Path, recipe: str, classes: list[str], artifact: Artifact, onnx_source: Path, max_batch: int) -> dict:
     """Add one artifact to ``export_dir/triton/`` and return its record for the manifest.
 
     ``onnx_source`` is the ONNX graph whose input/output the model has (for an engine: the ONNX
     it was built from)."""
-    name = model_name(manifest, artifact)
-    is_plan = artifact["format"] == "trt"
+    name = model_name(recipe, artifact)
+    is_plan = artifact.format == "trt"
     platform, file = ("tensorrt_plan", "model.plan") if is_plan else ("onnxruntime_onnx", "model.onnx")
     inp, out = graph_io(onnx_source)
     where = f"{export_dir.name}/{REPOSITORY}: model name"
@@ -108,10 +108,10 @@ def write_triton_model(export_dir: Path, manifest: dict, artifact: dict, onnx_so
     elif model_dir.exists():
         shutil.rmtree(model_dir)
     (model_dir / "1").mkdir(parents=True)
-    shutil.copyfile(artifact_path(export_dir, artifact), model_dir / "1" / file)
+    shutil.copyfile(Manifest.path(export_dir, artifact), model_dir / "1" / file)
     with atomic_write(model_dir / "labels.txt", "w") as f:
-        f.write("".join(f"{c}\n" for c in manifest["classes"]))
+        f.write("".join(f"{c}\n" for c in classes))
     with atomic_write(model_dir / "config.pbtxt", "w") as f:
         f.write(config_pbtxt(name, platform, max_batch, inp, out, gpu_only=is_plan))
-    return {"name": name, "platform": platform, "source": artifact["file"], "sha256": sha256_file(model_dir / "1" / file),
+    return {"name": name, "platform": platform, "source": artifact.file, "sha256": sha256_file(model_dir / "1" / file),
             "max_batch_size": max_batch, "input": inp, "output": out}

@@ -19,7 +19,9 @@ from toolkit.runtime import current_gpu, engine_sidecar, trt_missing_reason
 WORKSPACE_BYTES = 1 << 30
 
 
-def build_trt_engine(onnx_path: Path, engine_path: Path, precision: str, manifest: dict, max_batch: int, timing_cache: Path) -> dict:
+def build_trt_engine(onnx_path: Path, engine_path: Path, precision: str, input_name: str, input_shape: tuple[int, ...], max_batch: int,
+                     timing_cache: Path) -> dict:
+    """``input_shape``: one image's shape in the graph's layout (CHW or HWC); the profile spans batch 1..max_batch."""
     reason = trt_missing_reason()
     if reason:
         raise ToolkitError(reason)
@@ -43,10 +45,10 @@ def build_trt_engine(onnx_path: Path, engine_path: Path, precision: str, manifes
         config.set_flag(trt.BuilderFlag.INT8)
         config.set_flag(trt.BuilderFlag.FP16)
 
-    shape = tuple(manifest["input"]["shape"][1:])
+    shape = tuple(input_shape)
     opt_batch = min(32, max_batch)
     profile = builder.create_optimization_profile()
-    profile.set_shape(manifest["input"]["name"], (1, *shape), (opt_batch, *shape), (max_batch, *shape))
+    profile.set_shape(input_name, (1, *shape), (opt_batch, *shape), (max_batch, *shape))
     config.add_optimization_profile(profile)
 
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
