@@ -56,7 +56,7 @@ def seed_pipeline(recipe_ref: str, epochs: int, data_dir: str, device: str, work
     from toolkit import data as data_mod
     from toolkit.datasets import facts
     from toolkit.recipes import load_recipe
-    from toolkit.train import build_optimizer, build_scheduler
+    from toolkit.loop import build_optimizer, build_scheduler
 
     recipe = load_recipe(recipe_ref)
     torch.manual_seed(recipe.seed)

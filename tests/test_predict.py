@@ -126,3 +126,34 @@ def test_batching_does_not_change_the_answers(serving_export, digit_folder):
     many = catalog.classify_many(files, batch=64)
     assert [p.best for p in one] == [p.best for p in many]
     assert max(abs(p.top[p.best] - q.top[q.best]) for p, q in zip(one, many)) < 1e-5
+
+
+def test_int8_verified_on_another_kind_of_cpu_is_a_warning(fine4_export, digit_folder, mnist_root, tmp_path):
+    """int8 kernels differ between CPUs (VNNI, AVX-512, AMX): an export whose int8 artifact was verified
+    on a CPU with other integer-kernel features says so when predict or bench runs it here."""
+    import shutil
+
+    from rich.console import Console
+
+    from toolkit.catalog import int8_warning
+    from toolkit.environment import cpu_info
+    from toolkit.manifest import Manifest, Verified
+    from toolkit.verify import verify
+
+    export_dir = tmp_path / fine4_export.name
+    shutil.copytree(fine4_export, export_dir)
+    verify(export_dir, data_dir=mnist_root, limit=500, download=False, console=Console(quiet=True))
+    manifest = Manifest.load(export_dir)
+    here = cpu_info()
+    assert manifest.parity.cpu_features == here["features"] and int8_warning(manifest) is None  # verified here: nothing to say
+    other = sorted({"avx512_vnni", "amx_int8"} ^ set(here["features"]))
+    manifest.parity = Verified(**{**manifest.parity.model_dump(), "machine": "Other CPU, 64 cores, " + " ".join(other), "cpu_features": other})
+    manifest.save(export_dir)
+    warning = int8_warning(Manifest.load(export_dir))
+    assert warning.startswith("warning:") and "Other CPU" in warning and "run `toolkit verify` here" in warning
+    console = Console(record=True, width=300)
+    predict(export_dir, [str(digit_folder / "part0")], artifact=f"{export_dir.name}/model.int8.onnx", console=console)
+    assert warning in console.export_text()
+    console = Console(record=True, width=300)
+    predict(export_dir, [str(digit_folder / "part0")], artifact=f"{export_dir.name}/model.fp32.onnx", console=console)
+    assert "warning:" not in console.export_text()  # fp32 kernels do not depend on those features

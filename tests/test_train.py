@@ -236,3 +236,30 @@ def test_gpu_training_learns(mnist_root, tmp_path, mode):
                 download=False, console=quiet(), compile=mode)
     assert run.final_test_acc >= 93.0, run.final_test_acc
     assert load_checkpoint(run.run_dir)["model"]["features.0.weight"].device.type == "cpu"  # checkpoints load anywhere
+
+
+def test_the_summary_compares_with_the_seed_only_when_the_run_follows_the_recipe(tmp_path):
+    """A run with other epochs, a data limit or given weights is not "the seed's run": no seed column,
+    one line saying why; a run that follows the recipe gets the seed beside it. "1 epoch", not "1 epochs"."""
+    from rich.console import Console
+
+    from toolkit.loop import RunResult
+    from toolkit.train import differences, print_summary
+
+    recipe = load_recipe(RECIPES / "fine4.toml")
+    result = RunResult(run_dir=tmp_path, checkpoint=tmp_path / "best.pt", best_test_acc=97.5, final_test_acc=97.25, epochs=1,
+                       seconds=3.0, params=7974)
+
+    def summary(departs):
+        console = Console(record=True, width=200)
+        print_summary(recipe, result, console, departs)
+        return console.export_text()
+
+    departs = differences(recipe, {"epochs": 1, "train_limit": 10_000})
+    assert departs == ["--epochs 1 (the recipe has 20)", "--train-limit 10,000"]
+    text = summary(departs)
+    assert "seed" not in text.split("not compared")[0] and "99.53%" not in text
+    assert "not compared with the seed's write-up" in text and "(1 epoch, " in text
+    assert differences(recipe, {"epochs": 20}) == [] and differences(recipe, {}) == []
+    full = summary([])
+    assert "seed vs. this run" in full and "99.53%" in full and "7,974" in full

@@ -20,6 +20,7 @@ from rich.table import Table
 from toolkit.environment import cpu_info, cpu_line
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write
+from toolkit.catalog import int8_warning
 from toolkit.manifest import Manifest, latest_export
 from toolkit.model_card import write_model_card
 from toolkit.checkpoint import model_from_checkpoint, source_checkpoint
@@ -47,6 +48,9 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
     console = console or Console(stderr=True)
     export_dir = Path(export_dir) if export_dir else latest_export(exports)
     manifest = Manifest.load(export_dir)
+    warning = int8_warning(manifest)
+    if warning:
+        console.print(warning, soft_wrap=True, markup=False)
     shape = manifest.input.shape[1:]
     image_bytes = 4 * math.prod(shape)
     too_big = [b for b in batches if b * image_bytes > MAX_BATCH_BYTES]

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from toolkit.datasets import preparation_for
+from toolkit.environment import cpu_info, cpu_line
 from toolkit.errors import ToolkitError, shown
 from toolkit.manifest import NAME as MANIFEST_NAME
 from toolkit.manifest import Artifact, Manifest
@@ -25,6 +26,21 @@ from toolkit.runtime import Runner, check_engine_compatible, make_runner, runtim
 RUNTIME_PREFERENCE = ("tensorrt", "ort-cuda", "ort-cpu")
 # the demo's tabs: drawings of digits, and pictures
 MNIST_FAMILY, CIFAR_FAMILY = "mnist", "cifar"
+
+
+def int8_warning(manifest: Manifest, here: dict | None = None) -> str | None:
+    """A warning line when the export's int8 artifacts were verified on a CPU whose integer-kernel
+    features (VNNI, AVX-512, AMX, ...) differ from this one's: ONNX Runtime picks other int8 kernels
+    there, and accuracy can differ (seen: 2 pp between an AMD CPU without VNNI and others)."""
+    verified = manifest.parity
+    int8 = [a.file for a in manifest.artifacts if a.precision == "int8" and a.parity]
+    if not int8 or verified is None or verified.cpu_features is None:
+        return None
+    here = here or cpu_info()
+    if set(verified.cpu_features) == set(here["features"]):
+        return None
+    return (f"warning: {manifest.name}/{', '.join(int8)} was verified on {verified.machine}; this CPU is {cpu_line(here)}: int8 "
+            f"kernels differ between them, run `toolkit verify` here to know its accuracy on this machine")
 
 
 def family(manifest: Manifest) -> str:
@@ -55,6 +71,7 @@ class Catalog:
 
     entries: dict[str, Entry] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # "<key>: why it is not served here"
+    warnings: list[str] = field(default_factory=list)  # e.g. int8 verified on another kind of CPU
     threads: int | None = None  # ONNX Runtime's intra-op threads (None: one per core)
     _runners: dict[str, Runner] = field(default_factory=dict, repr=False)
 
@@ -67,6 +84,9 @@ class Catalog:
             except ToolkitError as exc:  # one broken or hostile export does not take the others down
                 catalog.skipped.append(f"{export_dir}: {exc}")
                 continue
+            warning = int8_warning(manifest)
+            if warning:
+                catalog.warnings.append(warning)
             for art in manifest.artifacts:
                 key = f"{manifest.name}/{art.file}"
                 runtimes = runtimes_for(art)

@@ -13,7 +13,7 @@ from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
 from toolkit.files import resolve_data_dir
 from toolkit.recipes import Recipe
 from toolkit.report import pyplot, save_png
-from toolkit.train import evaluate, make_loader_for_eval, pick_device, progress_bar
+from toolkit.loop import evaluate, make_loader_for_eval, pick_device, progress_bar
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

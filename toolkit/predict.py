@@ -138,6 +138,9 @@ def predict(model: Path | None, inputs: list[str], *, artifact: str | None = Non
         raise ToolkitError("no images given: pass image files, folders or glob patterns")
     catalog = load_catalog(model, exports, threads)
     entry = catalog.entry(artifact)
+    if entry.artifact.precision == "int8":
+        for line in catalog.warnings:
+            console.print(line, soft_wrap=True, markup=False)
     items = collect_inputs(inputs)
     readable = [path for path, why in items if why is None]
     console.print(f"predict: {len(readable):,} image(s) with {entry.label}", soft_wrap=True, markup=False)

@@ -24,7 +24,7 @@ from toolkit.errors import ToolkitError, check_choice
 from toolkit.files import resolve_data_dir
 from toolkit.models import count_params
 from toolkit.recipes import Recipe
-from toolkit.train import checkpoint_dict, evaluate, make_loader_for_eval, new_run_dir, pick_device, train
+from toolkit.loop import checkpoint_dict, evaluate, fit, make_loader_for_eval, new_run_dir, pick_device
 
 METHODS = ("l1-unstructured", "channel")
 
@@ -130,7 +130,7 @@ def prune(
     info = {"pruned": {"from": ckpt["path"], "method": method, "amount": amount, "finetune_epochs": finetune_epochs}}
     runs_out = Path(out) if out else Path(ckpt["path"]).parent.parent
     if finetune_epochs:
-        result = train(recipe.model_copy(update={"epochs": finetune_epochs}), device=device, data_dir=data_dir, out=runs_out,
+        result = fit(recipe.model_copy(update={"epochs": finetune_epochs}), device=device, data_dir=data_dir, out=runs_out,
                        train_limit=train_limit, test_limit=test_limit, download=download, console=console, model=model,
                        run_name=name, after_step=after_step, extra_meta=info)
         run_dir = result.run_dir

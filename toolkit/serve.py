@@ -100,6 +100,8 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
     say = console.print if console is not None else print
     for line in catalog.skipped:
         say(f"not served: {line}")
+    for line in catalog.warnings:
+        say(line)
     root = resolve_data_dir(data_dir)
     example_paths: list[str] = []
     allowed: list[str] = []

@@ -1,0 +1,515 @@
+"""The training loop (layer 2): data, model, optimizer, scheduler, loop, checkpoint — top to bottom.
+`toolkit train` (toolkit.train) runs it on a recipe; `toolkit prune` fine-tunes with it; `toolkit
+eval` uses its evaluation and loaders.
+
+A run directory ``runs/<recipe>-<timestamp>/`` holds ``best.pt`` and ``last.pt`` (weights,
+the recipe, metrics, class names, normalization, input shape), ``metrics.csv`` and
+``curves.png``. ``last.pt`` also carries optimizer, scheduler and RNG state, so ``--resume``
+ends where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.data import Subset
+
+from toolkit import data as data_mod
+from toolkit.datasets import facts
+from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, non_finite, save_checkpoint
+from toolkit.errors import ToolkitError, check_choice
+from toolkit.files import atomic_write, locked, make_dir, plain_name, reading, remove_stale_temps, resolve_data_dir, write_error
+from toolkit.models import count_params, layer_widths
+from toolkit.recipes import Recipe
+
+# torch.compile modes; "reduce-overhead" also captures the step in CUDA graphs on a GPU
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
+
+
+class PiecewiseConstantLR(LRScheduler):
+    """Learning rate ``values[i]`` from step ``boundaries[i-1]`` on (Keras PiecewiseConstantDecay)."""
+
+    def __init__(self, optimizer, boundaries: list[int], values: list[float], last_epoch: int = -1):
+        self.boundaries, self.values = list(boundaries), list(values)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        i = sum(self.last_epoch >= b for b in self.boundaries)
+        return [self.values[i] for _ in self.optimizer.param_groups]
+
+
+def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = recipe.optimizer
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+
+
+def build_scheduler(recipe: Recipe, optimizer) -> tuple[object | None, str]:
+    """The scheduler and when it steps: 'epoch', 'plateau' (epoch, on test loss) or 'step'."""
+    s = recipe.scheduler
+    if s.name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, s.step_size, s.gamma), "epoch"
+    if s.name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=s.mode, factor=s.factor, patience=s.patience), "plateau"
+    if s.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.t_max, eta_min=s.eta_min), "epoch"
+    if s.name == "piecewise":
+        for group in optimizer.param_groups:
+            group["lr"] = s.values[0]
+        return PiecewiseConstantLR(optimizer, s.boundaries, s.values), "step"
+    return None, "none"
+
+
+def _init_distributed(dev: torch.device) -> tuple[int, int]:
+    """(rank, world size): joins the process group that torchrun describes in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ToolkitError("--device cuda: no CUDA GPU is visible to PyTorch (use --device cpu or auto)")
+    if choice not in ("cpu", "cuda"):
+        raise ToolkitError(f"--device must be auto, cpu or cuda, not {choice!r}")
+    return torch.device(choice)
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, *, autocast: bool = False, progress: Progress | None = None, label: str = "test") -> tuple[float, float, torch.Tensor, torch.Tensor]:
+    """Mean loss, accuracy (%), all predictions and all labels."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    preds, labels = [], []
+    task = progress.add_task(label, total=len(loader)) if progress else None
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+        preds.append(out.argmax(1))
+        labels.append(y)
+        if progress:
+            progress.advance(task)
+    if progress:
+        progress.remove_task(task)
+    preds_t, labels_t = torch.cat(preds).cpu(), torch.cat(labels).cpu()
+    totals = torch.stack([loss_sum.float().cpu(), (preds_t == labels_t).sum().float(), torch.tensor(float(len(labels_t)))])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)  # each rank scored its own shard of the test set
+    loss, correct, n = totals.tolist()
+    return loss / n, 100.0 * correct / n, preds_t, labels_t
+
+
+def build_loaders(recipe: Recipe, root: Path, dev: torch.device, loader_rng: torch.Generator, *, workers: int = 0,
+                  train_limit: int | None = None, test_limit: int | None = None, download: bool = True, shard: tuple[int, int] = (0, 1)):
+    """Train and test loaders for the recipe's pipeline, and the class names; ``shard=(rank, world)`` splits both across processes."""
+    spec = facts(recipe.data.dataset)
+    if recipe.data.pipeline == "fast":
+        from toolkit.fastdata import TensorLoader
+
+        x, y, classes = data_mod.split_arrays(spec.name, root, train=True, download=download)
+        xt, yt, _ = data_mod.split_arrays(spec.name, root, train=False, download=download)
+        x, y, xt, yt = x[:train_limit], y[:train_limit], xt[:test_limit], yt[:test_limit]
+        norm = {"mean": spec.mean, "std": spec.std}
+        train_loader = TensorLoader(x, y, recipe.data.batch_size, normalization=norm, generator=loader_rng, shuffle=True,
+                                    augment=recipe.data.augment, device=dev, shard=shard)
+        test_loader = TensorLoader(xt, yt, recipe.data.test_batch_size, normalization=norm, generator=None, shuffle=False, device=dev, shard=shard)
+        return train_loader, test_loader, classes
+    train_ds = data_mod.build_dataset(recipe, root, train=True, download=download)
+    test_ds = data_mod.build_dataset(recipe, root, train=False, download=download)
+    classes = data_mod.class_names(recipe.data.dataset, train_ds)
+    if train_limit:
+        train_ds = Subset(train_ds, range(min(train_limit, len(train_ds))))
+    if test_limit:
+        test_ds = Subset(test_ds, range(min(test_limit, len(test_ds))))
+    rank, world = shard
+    if world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=recipe.seed, drop_last=True)
+        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=recipe.data.batch_size, sampler=sampler, num_workers=workers,
+                                                   worker_init_fn=data_mod._seed_worker if workers else None, pin_memory=dev.type == "cuda")
+        test_ds = Subset(test_ds, range(rank, len(test_ds), world))
+    else:
+        train_loader = data_mod.make_loader(train_ds, recipe.data.batch_size, shuffle=True, generator=loader_rng, workers=workers, pin=dev.type == "cuda")
+    return train_loader, make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev, workers=workers), classes
+
+
+def _num_samples(loader) -> int:
+    return loader.num_samples() if hasattr(loader, "num_samples") else len(loader.sampler if hasattr(loader.sampler, "num_replicas") else loader.dataset)
+
+
+def make_loader_for_eval(ds, batch_size: int, dev: torch.device, workers: int = 0):
+    return data_mod.make_loader(ds, batch_size, shuffle=False, generator=None, workers=workers, pin=dev.type == "cuda")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint: Path
+    best_test_acc: float
+    final_test_acc: float
+    epochs: int
+    seconds: float
+    params: int
+    stopped_early: bool = False
+    metrics: list[dict] = field(default_factory=list)
+    main_process: bool = True
+    recipe: Recipe | None = None  # as the run ran it (overrides applied)
+
+    def as_json(self) -> dict:
+        return {
+            "run_dir": str(self.run_dir),
+            "checkpoint": str(self.checkpoint),
+            "best_test_acc": round(self.best_test_acc, 4),
+            "final_test_acc": round(self.final_test_acc, 4),
+            "epochs": self.epochs,
+            "seconds": round(self.seconds, 2),
+            "params": self.params,
+            "stopped_early": self.stopped_early,
+        }
+
+
+def new_run_dir(out: Path, name: str) -> Path:
+    """A new, empty ``out/<name>-<timestamp>[-n]``: ``name`` must be a plain name, and two runs
+    started in the same second get different directories (mkdir is the arbiter, not a check before it)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = plain_name(f"{name}-{stamp}", "run name")
+    make_dir(Path(out), "runs folder")
+    for n in range(1, 10_000):
+        run_dir = Path(out) / (base if n == 1 else f"{base}-{n}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise write_error(exc, run_dir) from None
+    raise ToolkitError(f"cannot find a free run directory name {base}-N under {out}")
+
+
+def checkpoint_dict(recipe: Recipe, model: torch.nn.Module, meta: dict, rows: list[dict]) -> dict:
+    """What best.pt / last.pt hold: weights, layer widths, the recipe, metadata and metrics (plain values only)."""
+    return {
+        "format": FORMAT,
+        "recipe": recipe.model_dump(mode="json"),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "layers": layer_widths(model),
+        "meta": meta,
+        "metrics": rows,
+    }
+
+
+def write_metrics_csv(rows: list[dict], path: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(path, "w") as f:
+        f.write(buf.getvalue())
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    from toolkit.report import pyplot, save_png
+
+    plt = pyplot()
+    epochs = [r["epoch"] for r in rows]
+    marker = "o" if len(rows) < 20 else None  # a one-epoch run is a point, not an empty plot
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for key, label in (("train_loss", "train"), ("test_loss", "test")):
+        axes[0].plot(epochs, [r[key] for r in rows], label=label, marker=marker)
+    for key, label in (("train_acc", "train"), ("test_acc", "test")):
+        axes[1].plot(epochs, [r[key] for r in rows], label=label, marker=marker)
+    axes[2].plot(epochs, [r["lr"] for r in rows], marker=marker)
+    axes[2].set_yscale("log")
+    for ax, title in zip(axes, ("loss", "accuracy (%)", "learning rate")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if title != "learning rate":
+            ax.legend()
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def _early_stop(recipe: Recipe, rows: list[dict]) -> bool:
+    rule = recipe.early_stopping
+    if rule is None or len(rows) < rule.patience:
+        return False
+    if rule.monitor == "gap":
+        return all(r["train_acc"] - r["test_acc"] > rule.max_gap for r in rows[-rule.patience :])
+    best_before = min(r["test_loss"] for r in rows[: -rule.patience]) if len(rows) > rule.patience else float("inf")
+    return min(r["test_loss"] for r in rows[-rule.patience :]) >= best_before
+
+
+def fit(
+    recipe: Recipe | None = None,
+    *,
+    device: str = "auto",
+    data_dir: str | Path | None = None,
+    out: str | Path = "runs",
+    epochs: int | None = None,
+    seed: int | None = None,
+    resume: str | Path | None = None,
+    workers: int = 0,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    download: bool = True,
+    console: Console | None = None,
+    pipeline: str | None = None,
+    model: torch.nn.Module | None = None,
+    run_name: str | None = None,
+    after_step=None,
+    extra_meta: dict | None = None,
+    compile: str = "none",
+) -> RunResult:
+    """Train ``recipe`` (or continue ``resume``). ``model`` starts from given weights instead of the
+    recipe's fresh model (pruning fine-tunes this way), ``after_step(model)`` runs after every
+    optimizer step, and ``extra_meta`` is stored in the checkpoints. ``compile`` runs the training
+    forward/backward through ``torch.compile`` in that mode (one of ``COMPILE_MODES``); checkpoints
+    and evaluation keep the plain module, so the saved weights are the same either way."""
+    console = console or Console(stderr=True)
+    state = None
+    if resume is not None:
+        run_dir = Path(resume)
+        state = load_checkpoint(run_dir / "last.pt" if run_dir.is_dir() else run_dir)
+        if not isinstance(state.get("train_state"), dict):
+            raise ToolkitError(f"{state['path']}: holds no training state to resume from (resume from a run directory or its last.pt)")
+        run_dir = Path(state["path"]).parent
+        recipe = Recipe.model_validate(state["recipe"])
+        train_limit, test_limit = state["meta"].get("train_limit"), state["meta"].get("test_limit")
+    if recipe is None:
+        raise ToolkitError("give a recipe, or --resume RUN_DIR")
+    updates = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
+    if pipeline is not None:
+        updates["data"] = recipe.data.model_copy(update={"pipeline": check_choice("pipeline", pipeline, ("fast", "dataloader"))})
+    recipe = recipe.model_copy(update=updates).resolved()
+    check_choice("compile mode", compile, COMPILE_MODES)
+    dev = pick_device(device)
+    rank, world = _init_distributed(dev)
+    if world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    main_process = rank == 0
+    if not main_process:
+        console = Console(file=io.StringIO())  # only rank 0 talks
+    on_gpu = dev.type == "cuda"
+
+    # ---- data
+    root = resolve_data_dir(data_dir)
+    spec = facts(recipe.data.dataset)
+    random.seed(recipe.seed)
+    torch.manual_seed(recipe.seed + rank)  # dropout differs per rank; the shared shuffle comes from loader_rng
+    loader_rng = torch.Generator().manual_seed(recipe.seed)
+    train_loader, test_loader, classes = build_loaders(recipe, root, dev, loader_rng, workers=workers, train_limit=train_limit,
+                                                       test_limit=test_limit, download=download, shard=(rank, world))
+    n_train, n_test = _num_samples(train_loader), _num_samples(test_loader)
+    # the albumentations dataset keeps its own RNG; reach it through a Subset too
+    train_ds = getattr(train_loader, "dataset", None)
+    train_ds = getattr(train_ds, "dataset", train_ds)
+
+    # ---- model, optimizer, scheduler
+    if state is not None:
+        model = model_from_checkpoint(state)
+        extra_meta = {k: v for k, v in state["meta"].items() if k in ("pruned",)}
+    elif model is None:
+        model = recipe.build_model(spec.num_classes)
+    model = model.to(dev)
+    if on_gpu:
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    params = count_params(model)
+    optimizer = build_optimizer(recipe, model)
+    scheduler, sched_when = build_scheduler(recipe, optimizer)
+
+    rows: list[dict] = []
+    best_acc, start_epoch = -1.0, 0
+    if state is not None:
+        with reading(state["path"], "checkpoint to resume from"):
+            ts = state["train_state"]
+            optimizer.load_state_dict(ts["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(ts["scheduler"])
+            torch.set_rng_state(ts["torch_rng"])
+            loader_rng.set_state(ts["loader_rng"])
+            random.setstate(ts["python_rng"])
+            if on_gpu and ts.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(ts["cuda_rng"])
+            rows, best_acc, start_epoch = list(state["metrics"]), float(ts["best_acc"]), int(ts["epoch"])
+    else:
+        run_dir = new_run_dir(Path(out), run_name or recipe.name) if main_process else None
+        if world > 1:  # every rank needs the path rank 0 made
+            holder = [str(run_dir) if main_process else None]
+            torch.distributed.broadcast_object_list(holder, src=0)
+            run_dir = Path(holder[0])
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dev.index] if on_gpu else None)  # averages gradients
+    if compile != "none":
+        # the first steps pay the compilation (tens of seconds); worth it only for long runs, so opt-in
+        net = torch.compile(net, mode=None if compile == "default" else compile)
+
+    meta = {
+        "dataset": recipe.data.dataset,
+        "classes": classes,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "input_shape": list(spec.input_shape),
+        "params": params,
+        "train_limit": train_limit,
+        "test_limit": test_limit,
+        **(extra_meta or {}),
+    }
+    console.print(
+        f"[bold]{recipe.name}[/]: {recipe.model.name} ({params:,} params) on {recipe.data.dataset} "
+        f"[{n_train:,} train / {n_test:,} test per process, {recipe.data.pipeline} pipeline], {recipe.epochs} epochs, device {dev.type}"
+        + (f" x {world} processes" if world > 1 else "") + (f", torch.compile {compile}" if compile != "none" else "") + f" -> {run_dir}"
+    )
+    if start_epoch >= recipe.epochs:
+        console.print(f"nothing to do: the run already has {start_epoch} epochs")
+
+    started = time.perf_counter()
+    stopped_early = False
+    # one writer per run directory: a second `train --resume` of a running run is refused at once
+    with locked(run_dir, wait=False) if main_process else contextlib.nullcontext(), progress_bar(console) as progress:
+        if state is not None and main_process:
+            stale = remove_stale_temps(run_dir)
+            if stale:
+                console.print(f"removed {len(stale)} temporary file(s) an interrupted run left in {run_dir}")
+        for epoch in range(start_epoch, recipe.epochs):
+            t0 = time.perf_counter()
+            if hasattr(train_ds, "reseed") and not workers:
+                train_ds.reseed(int(torch.randint(2**31 - 1, (1,), generator=loader_rng)))
+            lr = optimizer.param_groups[0]["lr"]
+            sampler = getattr(train_loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
+                sampler.set_epoch(epoch)
+            model.train()
+            loss_sum = torch.zeros((), device=dev)
+            correct = torch.zeros((), device=dev, dtype=torch.long)
+            seen = 0
+            task = progress.add_task(f"epoch {epoch + 1}/{recipe.epochs}", total=len(train_loader))
+            for x, y in train_loader:
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                if on_gpu:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
+                    out = net(x)
+                    loss = F.cross_entropy(out, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if after_step is not None:
+                    after_step(model)
+                if sched_when == "step":
+                    scheduler.step()
+                # accumulate on the device: no host synchronisation per step
+                loss_sum += loss.detach() * len(y)
+                correct += (out.argmax(1) == y).sum()
+                seen += len(y)
+                progress.advance(task)
+            progress.remove_task(task)
+            test_loss, test_acc, _, _ = evaluate(model, test_loader, dev, autocast=on_gpu, progress=progress)
+            if world > 1:  # one synchronisation per epoch: sum the ranks' training metrics
+                totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=dev)])
+                torch.distributed.all_reduce(totals)
+                loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
+            train_loss = loss_sum.item() / seen
+            if not (math.isfinite(train_loss) and math.isfinite(test_loss)) or non_finite(model.state_dict()):
+                kept = f"the last good checkpoint is {run_dir / 'last.pt'}" if rows else "no checkpoint was written"
+                raise ToolkitError(f"training diverged in epoch {epoch + 1}: the loss or the weights became NaN or infinite; "
+                                   f"{kept} (try a lower learning rate or weight decay)")
+            if sched_when == "epoch":
+                scheduler.step()
+            elif sched_when == "plateau":
+                scheduler.step(test_loss)
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": round(train_loss, 6),
+                "train_acc": round(100.0 * correct.item() / seen, 4),
+                "test_loss": round(test_loss, 6),
+                "test_acc": round(test_acc, 4),
+                "lr": lr,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            rows.append(row)
+            console.print(
+                f"epoch {row['epoch']:>3}/{recipe.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
+                f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  lr {lr:.3g}  {row['seconds']:.1f}s"
+            )
+            ckpt = checkpoint_dict(recipe, model, {**meta, "epoch": epoch + 1, "test_acc": test_acc}, rows)
+            if test_acc > best_acc:
+                best_acc = test_acc
+                if main_process:
+                    save_checkpoint(ckpt, run_dir / "best.pt")
+            ckpt["train_state"] = {
+                "epoch": epoch + 1,
+                "best_acc": best_acc,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if on_gpu else None,
+                "loader_rng": loader_rng.get_state(),
+                "python_rng": random.getstate(),
+            }
+            if main_process:
+                save_checkpoint(ckpt, run_dir / "last.pt")
+                write_metrics_csv(rows, run_dir / "metrics.csv")
+            if _early_stop(recipe, rows):
+                console.print(f"early stopping after epoch {epoch + 1} ({recipe.early_stopping.monitor} rule)")
+                stopped_early = True
+                break
+    seconds = time.perf_counter() - started
+    if rows and main_process:
+        plot_curves(rows, run_dir / "curves.png")
+    if world > 1:
+        torch.distributed.barrier()  # rank 0's files are complete before anyone returns
+    result = RunResult(
+        run_dir=run_dir,
+        checkpoint=run_dir / "best.pt",
+        best_test_acc=max((r["test_acc"] for r in rows), default=0.0),
+        final_test_acc=rows[-1]["test_acc"] if rows else 0.0,
+        epochs=len(rows),
+        seconds=seconds,
+        params=params,
+        stopped_early=stopped_early,
+        metrics=rows,
+        main_process=main_process,
+        recipe=recipe,
+    )
+    return result
