@@ -20,7 +20,7 @@ from toolkit.errors import ToolkitError
 from toolkit.recipes import Augment, Recipe
 
 
-_TORCHVISION = {"mnist": datasets.MNIST, "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
+_TORCHVISION = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
 
 
 class _GrayToArray:

@@ -16,9 +16,12 @@ from toolkit.errors import ToolkitError
 # how a user's image becomes the model's uint8 input (toolkit.preprocess):
 #   "digit":  a drawing or photo of one digit, turned into an MNIST digit (light stroke on black,
 #             fitted into a 20x20 box and centred by its centre of mass in the 28x28 frame)
+#   "garment": a photo of one object, as Fashion-MNIST made its images: grey, light object on
+#             black (inverted when the background is light), trimmed, its longest side fitted to the frame
 #   "resize": the whole picture, converted to the model's channels and resized to its input size
-Preparation = Literal["digit", "resize"]
+Preparation = Literal["digit", "garment", "resize"]
 
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -47,6 +50,13 @@ DATASETS: dict[str, DatasetFacts] = {
         ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
         ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
         tuple(str(i) for i in range(10)),
+    ),
+    # Zalando's Fashion-MNIST: MNIST's format and layout; mean/std measured on its 60,000 training images
+    "fashion_mnist": DatasetFacts(
+        "fashion_mnist", 1, 28, 10, (0.2860,), (0.3530,), "garment", "FashionMNIST/raw",
+        ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+        ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+        FASHION_MNIST_CLASSES,
     ),
     "cifar10": DatasetFacts(
         "cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "resize", "cifar-10-batches-py",

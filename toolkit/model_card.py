@@ -17,6 +17,8 @@ NAME = "MODEL_CARD.md"
 PREPARATION = {
     "digit": "MNIST-style: the paper estimated and removed, ink thresholded, strokes brought to MNIST's width, "
              "the digit fitted into 20x20 and centred by its centre of mass in 28x28 (`toolkit.preprocess.mnist_digit`)",
+    "garment": "as Fashion-MNIST made its images: grey, the object light on black (inverted on a light background), "
+               "trimmed and its longest side fitted to the frame (`toolkit.preprocess.garment`)",
     "resize": "converted to the model's channels and resized to its side (`toolkit.preprocess.resized_image`)",
 }
 

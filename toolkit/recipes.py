@@ -71,7 +71,7 @@ class Augment(Strict):
 
 
 class Data(Strict):
-    dataset: Literal["mnist", "cifar10", "cifar100"]
+    dataset: Literal["mnist", "fashion_mnist", "cifar10", "cifar100"]
     batch_size: int = Field(ge=1, le=65536)
     test_batch_size: int = Field(default=1000, ge=1, le=65536)
     augment: Augment = Field(default_factory=Augment)
