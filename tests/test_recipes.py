@@ -1,5 +1,6 @@
 """Every recipe parses; every kind of bad recipe is a one-line error naming the file and the key."""
 
+import re
 import subprocess
 import sys
 
@@ -16,10 +17,24 @@ ALL = sorted(RECIPES.glob("*.toml"))
 DOCUMENTED = ["opt1", "opt2", "fine1", "fine2", "fine3", "fine4", "ft1", "ft2", "ft3", "ft4", "ft5", "ft6",
               "resnet20_baseline", "resnet20_dense_es", "resnet20_dense", "resnet20_dropout", "resnet20_smooth_lr",
               "resnet44v2_cifar100"]
+BEYOND_THE_SEEDS = ["fashion_gap", "fashion_resnet20"]  # no write-up ran them: no seed figures
 
 
 def test_one_recipe_per_documented_experiment():
-    assert sorted(p.stem for p in ALL) == sorted(DOCUMENTED)
+    assert sorted(p.stem for p in ALL) == sorted(DOCUMENTED + BEYOND_THE_SEEDS)
+    assert all(load_recipe(RECIPES / f"{name}.toml").seed_results is None for name in BEYOND_THE_SEEDS)
+
+
+def test_the_zoo_adapts_to_grey_images():
+    """ResNet20 (seed 003, written for 3-channel CIFAR) takes one 28x28 channel with in_channels = 1."""
+    import torch
+
+    recipe = load_recipe(RECIPES / "fashion_resnet20.toml")
+    model = recipe.build_model(10).eval()
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert count_params(model) == 270_410 - 2 * 16 * 9  # the stem's conv sees 1 channel instead of 3
+    with pytest.raises(ToolkitError, match="does not take fashion_mnist images"):
+        load_recipe(RECIPES / "resnet20_baseline.toml", ["data.dataset=fashion_mnist"])
 
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.stem)
@@ -68,7 +83,7 @@ def test_recipe_listing_has_the_documented_fields():
         (lambda d: d["model"].update(name="mnist_huge"), "model.name: unknown model 'mnist_huge'"),
         (lambda d: d.update(epochs="twenty"), "epochs: Input should be a valid integer"),
         (lambda d: d["scheduler"].update(step_size=0), "scheduler.step_size: Input should be greater than or equal to 1"),
-        (lambda d: d["data"].update(dataset="imagenet"), "data.dataset: Input should be 'mnist', 'cifar10' or 'cifar100'"),
+        (lambda d: d["data"].update(dataset="imagenet"), "data.dataset: Input should be 'mnist', 'fashion_mnist', 'cifar10' or 'cifar100'"),
         (lambda d: d["model"].update(options={"dropuot": 0.1}), "model.options: model 'mnist_gap' has no option 'dropuot'"),
     ],
     ids=["unknown-key", "unknown-nested-key", "negative-lr", "unknown-model", "wrong-type", "out-of-range", "bad-dataset", "bad-model-option"],
@@ -101,3 +116,54 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "optimizer.lr" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_set_overrides_any_recipe_key_and_is_checked_like_the_file():
+    from toolkit.recipes import load_recipe
+
+    recipe = load_recipe("fine4", ["optimizer.lr=0.02", "data.batch_size=256", "data.augment.hflip=0.5", "model.options.dropout=0.1",
+                                   "scheduler.name=cosine", "scheduler.t_max=20", "description=my run"])
+    assert recipe.name == "fine4" and recipe.optimizer.lr == 0.02 and recipe.data.batch_size == 256
+    assert recipe.data.augment.hflip == 0.5 and recipe.data.augment.rotation == 7.0  # the rest of the table stays
+    assert recipe.model.options["dropout"] == 0.1 and recipe.scheduler.name == "cosine" and recipe.description == "my run"
+    for overrides, expected in (
+        (["optimizer.lr=-1"], "fine4.toml: optimizer.lr: Input should be greater than 0"),
+        (["optimizer.lrr=1"], "fine4.toml: optimizer.lrr: unknown key"),
+        (["data.batch_size=big"], "fine4.toml: data.batch_size: "),
+        (["lr"], "--set 'lr': give KEY=VALUE"),
+        (["optimizer.lr.x=1"], "optimizer.lr is a value"),
+        (["model.options.widths=3"], "fine4.toml: model.options: "),
+    ):
+        with pytest.raises(ToolkitError, match=re.escape(expected)):
+            load_recipe("fine4", overrides)
+
+
+def test_a_runs_recipe_toml_trains_the_same_run_again(mnist_root, tmp_path):
+    """`toolkit train fine4 --set ...` writes the resolved recipe into the run; training that file
+    again (with the limits its header names) gives the same weights bit for bit and the same metrics.
+    The run departs from the recipe, so its summary and recipe.toml do not claim the seed's figures."""
+    import tomllib
+
+    import torch
+
+    from tests.conftest import run_cli
+
+    limits = ["--epochs", "1", "--train-limit", "1000", "--test-limit", "500", "--data-dir", str(mnist_root)]
+    first = run_cli("train", "fine4", "--set", "optimizer.lr=0.02", "--set", "data.batch_size=32", *limits, "--out", tmp_path / "a")
+    assert first.returncode == 0, first.stderr
+    said = first.stdout + first.stderr
+    assert "not compared with the seed's write-up" in said and "--set optimizer.lr=0.02" in said
+    (run_a,) = (tmp_path / "a").iterdir()
+    text = (run_a / "recipe.toml").read_text()
+    assert "# it also ran with: --train-limit 1000 --test-limit 500" in text
+    data = tomllib.loads(text)
+    assert data["optimizer"]["lr"] == 0.02 and data["data"]["batch_size"] == 32 and data["epochs"] == 1 and "seed_results" not in data
+    again = run_cli("train", run_a / "recipe.toml", "--train-limit", "1000", "--test-limit", "500", "--data-dir", str(mnist_root),
+                    "--out", tmp_path / "b")
+    assert again.returncode == 0, again.stderr
+    (run_b,) = (tmp_path / "b").iterdir()
+    assert run_b.name.startswith("fine4-") and (run_b / "recipe.toml").read_text() == text
+    a, b = (torch.load(r / "best.pt", weights_only=True) for r in (run_a, run_b))
+    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(a["metrics"]) == strip(b["metrics"]) and a["recipe"] == b["recipe"]

@@ -78,19 +78,25 @@ def train(
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes (dataloader pipeline)."),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", min=1, help="Use only the first N training images (smoke runs)."),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", min=1, help="Use only the first N test images (smoke runs)."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Change one recipe setting, "
+                                                  "e.g. --set optimizer.lr=0.02 --set data.batch_size=256 (any dotted recipe key; "
+                                                  "repeat for more). Checked like the recipe file. The run's recipe.toml records the result."),
     compile_mode: str = typer.Option("none", "--compile", help="torch.compile the training step: none | default | reduce-overhead (adds CUDA graphs on a GPU) | max-autotune. Compiling costs tens of seconds up front."),
     as_json: AsJson = False,
 ) -> None:
-    """Train a recipe; writes runs/<recipe>-<timestamp>/ with best.pt, last.pt, metrics.csv, curves.png."""
+    """Train a recipe (a file, a built-in name such as fine4, or a run's recipe.toml); writes runs/<recipe>-<timestamp>/ with best.pt, last.pt, recipe.toml (the resolved recipe), metrics.csv, curves.png."""
     from toolkit.recipes import load_recipe
     from toolkit.train import train as run_training
 
     if recipe is None and resume is None:
         raise ToolkitError("give a recipe (e.g. recipes/fine4.toml) or --resume RUN_DIR")
+    if resume is not None and overrides:
+        raise ToolkitError("--set changes a recipe; a resumed run keeps the recipe it started with")
     result = run_training(
-        load_recipe(recipe) if recipe and resume is None else None,
+        load_recipe(recipe, overrides) if recipe and resume is None else None,
         device=device, data_dir=data_dir, out=out, epochs=epochs, seed=seed, resume=resume,
         pipeline=pipeline, workers=workers, train_limit=train_limit, test_limit=test_limit, console=_console(as_json), compile=compile_mode,
+        overrides=overrides,
     )
     if as_json and result.main_process:
         _emit(result.as_json())

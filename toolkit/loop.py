@@ -222,6 +222,23 @@ def new_run_dir(out: Path, name: str) -> Path:
     raise ToolkitError(f"cannot find a free run directory name {base}-N under {out}")
 
 
+RECIPE_TOML = "recipe.toml"
+
+
+def write_recipe_toml(recipe: Recipe, path: Path, **cli) -> None:
+    """The run's recipe as it ran, every value spelled out (overrides applied, model options resolved):
+    ``toolkit train RUN/recipe.toml`` trains the same run again. Options that are not recipe keys
+    (``--train-limit`` ...) are written as a comment, to be given again."""
+    import tomli_w
+
+    given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cli.items() if v is not None)
+    header = "# the resolved recipe of this run (toolkit train RUN_DIR/recipe.toml trains it again)\n"
+    if given:
+        header += f"# it also ran with: {given}\n"
+    with atomic_write(path, "w") as f:
+        f.write(header + tomli_w.dumps(recipe.model_dump(mode="json", exclude_none=True)))
+
+
 def checkpoint_dict(recipe: Recipe, model: torch.nn.Module, meta: dict, rows: list[dict]) -> dict:
     """What best.pt / last.pt hold: weights, layer widths, the recipe, metadata and metrics (plain values only)."""
     return {
@@ -371,6 +388,8 @@ def fit(
             rows, best_acc, start_epoch = list(state["metrics"]), float(ts["best_acc"]), int(ts["epoch"])
     else:
         run_dir = new_run_dir(Path(out), run_name or recipe.name) if main_process else None
+        if main_process:
+            write_recipe_toml(recipe, run_dir / RECIPE_TOML, train_limit=train_limit, test_limit=test_limit)
         if world > 1:  # every rank needs the path rank 0 made
             holder = [str(run_dir) if main_process else None]
             torch.distributed.broadcast_object_list(holder, src=0)

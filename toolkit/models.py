@@ -288,11 +288,15 @@ class ResNet20(nn.Module):
       -> Dropout(p) -> Dense(10). The seed gives no width or count; ``hidden`` defaults to 64.
     """
 
-    def __init__(self, head: str = "plain", dropout: float = 0.5, hidden: int = 64, num_classes: int = 10):
+    def __init__(self, head: str = "plain", dropout: float = 0.5, hidden: int = 64, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         if head not in ("plain", "dropout", "dense"):
             raise ToolkitError(f"ResNet20 head must be 'plain', 'dropout' or 'dense', not {head!r}")
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=True), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        if not 1 <= in_channels <= 4:
+            raise ToolkitError(f"ResNet20 in_channels must be 1 to 4, not {in_channels!r}")
+        # in_channels: 3 for the seeds' CIFAR images; 1 adapts it to grey images (Fashion-MNIST's 28x28:
+        # the global average pool takes any side)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=True), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
         blocks: list[nn.Module] = []
         cin = 16
         for cout, stride in ((16, 1), (32, 2), (64, 2)):

@@ -15,7 +15,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from toolkit.datasets import facts
-from toolkit.errors import ToolkitError, first_line
+from toolkit.errors import ToolkitError, first_line, shown
 from toolkit.files import name_problem, read_text_limited, reading
 from toolkit.models import MODELS, create_model, resolved_options
 
@@ -182,7 +182,8 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _model_fits_dataset(self) -> "Recipe":
         entry = MODELS.get(self.model.name)
-        if entry is not None and entry.channels != facts(self.data.dataset).channels:
+        channels = self.model.options.get("in_channels", entry.channels) if entry is not None else None
+        if entry is not None and channels != facts(self.data.dataset).channels:
             raise ValueError(f"model {self.model.name!r} does not take {self.data.dataset} images")
         return self
 
@@ -229,13 +230,46 @@ def parse_recipe(data: dict, path: Path) -> Recipe:
         raise ToolkitError(format_validation_error(path, exc)) from None
 
 
-def load_recipe(ref: str | Path) -> Recipe:
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """``KEY=VALUE`` settings (``optimizer.lr=0.02``, ``data.augment.hflip=0.5``, ``model.options.dropout=0.1``)
+    applied to a recipe's data. A value is read as a TOML value (numbers, true/false, [lists],
+    "strings"); anything else is taken as a plain string (``scheduler.name=cosine``)."""
+    data = dict(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(p.strip() for p in parts):
+            raise ToolkitError(f"--set {shown(item)}: give KEY=VALUE with a dotted recipe key, e.g. --set optimizer.lr=0.02")
+        try:
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part, {})
+            if not isinstance(child, dict):
+                raise ToolkitError(f"--set {shown(item)}: {'.'.join(parts[: i + 1])} is a value, not a table of keys")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """A recipe file or built-in name, with ``overrides`` (``apply_overrides``) applied before it is
+    checked: an override is validated like the file, with the same one-line errors."""
     path = resolve_recipe_path(ref)
     with reading(path, "TOML recipe"):
         try:
             data = tomllib.loads(read_text_limited(path, "recipe", MAX_BYTES))
         except tomllib.TOMLDecodeError as exc:
             raise ToolkitError(f"{path}: not valid TOML ({first_line(exc)})") from None
+    if overrides:
+        data = apply_overrides(data, overrides)
+        if data.get("scheduler", {}).get("name") and any(o.startswith("scheduler.name=") for o in overrides):
+            # another scheduler kind takes other keys: keep only what was set for it
+            set_keys = {o.partition("=")[0].split(".", 1)[1] for o in overrides if o.startswith("scheduler.")}
+            data["scheduler"] = {k: v for k, v in data["scheduler"].items() if k in set_keys}
     recipe = parse_recipe(data, path)
     # catch bad model options at load time, not at the first epoch
     with reading(path, "recipe"):

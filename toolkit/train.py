@@ -15,19 +15,23 @@ from toolkit.recipes import Recipe
 __all__ = ["COMPILE_MODES", "RunResult", "train", "print_summary", "differences"]
 
 
-def train(recipe: Recipe | None = None, *, console: Console | None = None, **options) -> RunResult:
-    """Train ``recipe`` (or continue ``resume=RUN_DIR``); ``options`` are ``toolkit.loop.fit``'s.
-    Prints the closing summary on the main process."""
+def train(recipe: Recipe | None = None, *, console: Console | None = None, overrides: list[str] | None = None, **options) -> RunResult:
+    """Train ``recipe`` (or continue ``resume=RUN_DIR``); ``options`` are ``toolkit.loop.fit``'s;
+    ``overrides``: the ``--set`` settings already applied to ``recipe`` (for the summary).
+    A run that departs from its recipe does not carry the seed's figures into its checkpoint and
+    recipe.toml: they describe the recipe as written. Prints the closing summary on the main process."""
     console = console or Console(stderr=True)
-    result = fit(recipe, console=console, **options)
+    departs = differences(recipe, {**options, "overrides": overrides})
+    as_run = recipe.model_copy(update={"seed_results": None}) if recipe is not None and departs else recipe
+    result = fit(as_run, console=console, **options)
     if result.main_process and result.recipe is not None:
-        print_summary(result.recipe, result, console, differences(recipe, options))
+        print_summary(recipe or result.recipe, result, console, departs)
     return result
 
 
 def differences(recipe: Recipe | None, options: dict) -> list[str]:
     """How a run departs from its recipe in ways that change what the seed's numbers mean."""
-    found = []
+    found = [f"--set {o}" for o in options.get("overrides") or []]
     epochs = options.get("epochs")
     if recipe is not None and epochs is not None and epochs != recipe.epochs:
         found.append(f"--epochs {epochs} (the recipe has {recipe.epochs})")
