@@ -22,11 +22,33 @@ def _with(recipe, **data_fields):
     return recipe.model_copy(update={"data": recipe.data.model_copy(update=data_fields)})
 
 
-def test_the_deployed_readers_give_torchvisions_test_split(mnist_root):
-    images, labels, classes = preprocess.read_test_split("mnist", mnist_root)
-    x, y, tv_classes = data_mod.split_arrays("mnist", mnist_root, train=False, download=False)
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
+def test_the_deployed_readers_give_torchvisions_test_split(mnist_root, dataset):
+    images, labels, classes = preprocess.read_test_split(dataset, mnist_root)
+    x, y, tv_classes = data_mod.split_arrays(dataset, mnist_root, train=False, download=False)
     assert images.shape == (10_000, 1, 28, 28) and images.dtype == np.uint8
-    assert np.array_equal(images, x.numpy()) and np.array_equal(labels, y.numpy()) and classes == tv_classes
+    assert np.array_equal(images, x.numpy()) and np.array_equal(labels, y.numpy()) and classes == tv_classes == list(facts(dataset).classes)
+
+
+def test_fashion_mnist_facts_are_measured_and_its_images_pass_the_garment_preparation_unchanged(mnist_root):
+    """The recorded mean/std are the training split's, to the 4 decimals written; the test images go
+    through decode -> 'garment' preparation unchanged (they are already light on black, 28x28);
+    a product photo (dark object on white, any size) is turned into that form."""
+    from PIL import Image
+
+    x, _, _ = data_mod.split_arrays("fashion_mnist", mnist_root, train=True, download=False)
+    pixels = x.numpy().astype(np.float64) / 255
+    spec = facts("fashion_mnist")
+    assert abs(pixels.mean() - spec.mean[0]) < 5e-5 and abs(pixels.std() - spec.std[0]) < 5e-5
+    images, _, _ = preprocess.read_test_split("fashion_mnist", mnist_root)
+    manifest = manifest_for("fashion_mnist", classes=list(spec.classes))
+    back = np.stack([preprocess.model_pixels(preprocess.png_bytes(img), manifest) for img in images[:500]])
+    assert np.array_equal(back, images[:500, 0])
+    photo = Image.new("RGB", (300, 200), "white")
+    photo.paste((40, 40, 60), (120, 20, 180, 180))  # a dark, tall object on white
+    garment = preprocess.model_pixels(photo, manifest)
+    assert garment.shape == (28, 28) and garment[14, 14] > 200 and garment[0, 0] == 0 and garment[14, 2] == 0
+    assert (garment > 128).any(axis=1).sum() == 28  # the object's longest side fills the frame
 
 
 @pytest.mark.parametrize("pipeline", ["fast", "dataloader"])

@@ -241,18 +241,21 @@ def resized_image(im, size: int, channels: int) -> np.ndarray:
 
 def garment(im, side: int = 28) -> np.ndarray:
     """A (side, side) uint8 image as Fashion-MNIST made its own: grey, the object light on black
-    (inverted when the border is lighter than the middle, as with a product photo on white),
+    (inverted when the border is light, as with a product photo on white),
     trimmed to the object and its longest side fitted to the frame, centred. An image already
     ``side`` x ``side`` is only turned light-on-dark, so the dataset's own images pass unchanged."""
     from PIL import Image
 
     gray = np.asarray(im.convert("L"), dtype=np.uint8)
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    if np.median(border) > np.median(gray):
+
+    def border() -> np.ndarray:
+        return np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+
+    if np.median(border()) > 127:  # a light background: the object becomes light on black
         gray = 255 - gray
     if gray.shape == (side, side):
         return gray.copy()
-    ink = gray > max(int(np.median(border if np.median(border) < 128 else 255 - border)) + 24, 24)
+    ink = gray > int(np.median(border())) + 24  # the object: clearly above the background
     if ink.any():
         rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
         gray = gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
