@@ -1,4 +1,5 @@
-"""The Gradio demo: draw or upload a digit (MNIST tab) or upload any picture (CIFAR tab), pick an
+"""The Gradio demo: draw or upload a digit (MNIST tab) or upload any picture (Pictures tab: CIFAR,
+Fashion-MNIST or any other dataset's export, with its own preparation and class names), pick an
 exported artifact, see the top classes, the runtime and the latency.
 
 Started by `toolkit serve [EXPORT_DIR ...]`; installed as ``toolkit.demo.app``, so it also runs
@@ -23,7 +24,8 @@ from toolkit.catalog import CIFAR_FAMILY, MNIST_FAMILY, Catalog
 INTRO = """# toolkit demo
 Models exported by `toolkit export`, run by ONNX Runtime (or TensorRT where it runs), with the
 accuracy parity each artifact proved against its trained model. Drawings are turned into MNIST's
-format (white on black, scaled to 20 px, centred by mass in 28x28) before the model sees them."""
+format (white on black, scaled to 20 px, centred by mass in 28x28) before the model sees them; pictures
+are prepared as each model's dataset was (resized, or for Fashion-MNIST grey, light on black, fitted)."""
 
 
 def build_demo(catalog: Catalog, examples: list[str], top_k: int = 3) -> gr.Blocks:
@@ -51,7 +53,7 @@ def build_demo(catalog: Catalog, examples: list[str], top_k: int = 3) -> gr.Bloc
         gr.Markdown(INTRO)
         with gr.Tab("MNIST"):
             _tab(catalog, MNIST_FAMILY, classify, classify_sketch, examples, top_k)
-        with gr.Tab("CIFAR"):
+        with gr.Tab("Pictures"):
             _tab(catalog, CIFAR_FAMILY, classify, None, [], top_k)
         # the API endpoint: its own hidden components, so that the file reaches toolkit's decoder
         # untouched (size, mode and decompression limits are checked there) and errors come back
@@ -68,8 +70,8 @@ def build_demo(catalog: Catalog, examples: list[str], top_k: int = 3) -> gr.Bloc
 def _tab(catalog: Catalog, family_name: str, classify, classify_sketch, examples: list[str], top_k: int) -> None:
     keys = catalog.keys(family_name)
     if not keys:
-        what = "an MNIST recipe" if family_name == MNIST_FAMILY else "a CIFAR recipe"
-        gr.Markdown(f"No {family_name.upper()} export is being served. Train and export {what} (`toolkit recipes` lists them), "
+        what = "an MNIST recipe" if family_name == MNIST_FAMILY else "a CIFAR or Fashion-MNIST recipe"
+        gr.Markdown(f"No {'MNIST' if family_name == MNIST_FAMILY else 'picture'} export is being served. Train and export {what} (`toolkit recipes` lists them), "
                     "then restart `toolkit serve` with its export folder.")
         return
     _, height, width = catalog.entries[keys[0]].manifest.chw

@@ -263,3 +263,20 @@ def test_the_summary_compares_with_the_seed_only_when_the_run_follows_the_recipe
     assert differences(recipe, {"epochs": 20}) == [] and differences(recipe, {}) == []
     full = summary([])
     assert "seed vs. this run" in full and "99.53%" in full and "7,974" in full
+
+
+def test_tensorboard_event_files_hold_every_epochs_metrics(mnist_root, tmp_path):
+    """With the tensorboard extra installed, each run writes per-epoch scalars beside metrics.csv;
+    they are the same numbers."""
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install 'toolkit[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(load_recipe(RECIPES / "fine4.toml"), epochs=2, train_limit=600, test_limit=300, data_dir=mnist_root, out=tmp_path,
+                   download=False, console=quiet())
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    assert {"loss/train", "loss/test", "accuracy/train", "accuracy/test", "lr", "seconds_per_epoch"} <= set(events.Tags()["scalars"])
+    for tag, key in (("accuracy/test", "test_acc"), ("loss/train", "train_loss"), ("lr", "lr")):
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in got] == [1, 2]
+        assert all(abs(v - row[key]) <= 1e-6 * max(1.0, abs(row[key])) for (_, v), row in zip(got, result.metrics))  # stored as float32

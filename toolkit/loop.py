@@ -223,6 +223,25 @@ def new_run_dir(out: Path, name: str) -> Path:
 
 
 RECIPE_TOML = "recipe.toml"
+TENSORBOARD = "tensorboard"  # the run's TensorBoard event files: tensorboard --logdir runs/
+
+
+def tensorboard_writer(run_dir: Path, first_epoch: int):
+    """A TensorBoard writer into ``run_dir/tensorboard/``, or None when the ``tensorboard`` package is
+    not installed (the ``toolkit[tensorboard]`` extra). A resumed run continues the same curves."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(run_dir / TENSORBOARD), purge_step=first_epoch + 1 if first_epoch else None)
+
+
+def _board_epoch(board, row: dict) -> None:
+    step = row["epoch"]
+    for key, tag in (("train_loss", "loss/train"), ("test_loss", "loss/test"), ("train_acc", "accuracy/train"),
+                     ("test_acc", "accuracy/test"), ("lr", "lr"), ("seconds", "seconds_per_epoch")):
+        board.add_scalar(tag, row[key], step)
+    board.flush()
 
 
 def write_recipe_toml(recipe: Recipe, path: Path, **cli) -> None:
@@ -424,12 +443,15 @@ def fit(
 
     started = time.perf_counter()
     stopped_early = False
+    board = None
     # one writer per run directory: a second `train --resume` of a running run is refused at once
     with locked(run_dir, wait=False) if main_process else contextlib.nullcontext(), progress_bar(console) as progress:
         if state is not None and main_process:
             stale = remove_stale_temps(run_dir)
             if stale:
                 console.print(f"removed {len(stale)} temporary file(s) an interrupted run left in {run_dir}")
+        if main_process and start_epoch < recipe.epochs:
+            board = tensorboard_writer(run_dir, start_epoch)
         for epoch in range(start_epoch, recipe.epochs):
             t0 = time.perf_counter()
             if hasattr(train_ds, "reseed") and not workers:
@@ -487,6 +509,8 @@ def fit(
                 "seconds": round(time.perf_counter() - t0, 3),
             }
             rows.append(row)
+            if board is not None:
+                _board_epoch(board, row)
             console.print(
                 f"epoch {row['epoch']:>3}/{recipe.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
                 f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  lr {lr:.3g}  {row['seconds']:.1f}s"
@@ -514,6 +538,8 @@ def fit(
                 stopped_early = True
                 break
     seconds = time.perf_counter() - started
+    if board is not None:
+        board.close()
     if rows and main_process:
         plot_curves(rows, run_dir / "curves.png")
     if world > 1:
