@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import Subset
 
@@ -34,6 +33,7 @@ from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, n
 from toolkit.errors import ToolkitError, check_choice
 from toolkit.files import atomic_write, locked, make_dir, plain_name, reading, remove_stale_temps, resolve_data_dir, write_error
 from toolkit.models import count_params, layer_widths
+from toolkit.progress import Progress
 from toolkit.recipes import Recipe
 
 # torch.compile modes; "reduce-overhead" also captures the step in CUDA graphs on a GPU
@@ -97,15 +97,8 @@ def pick_device(choice: str) -> torch.device:
 
 
 def progress_bar(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
+    """A bar on a terminal, plain lines in a log (``toolkit.progress``)."""
+    return Progress(console, unit="batches")
 
 
 @torch.no_grad()

@@ -12,7 +12,6 @@ import csv
 import glob
 import io
 import os
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -25,7 +24,6 @@ from toolkit.manifest import latest_export
 from toolkit.preprocess import IMAGE_SUFFIXES
 
 CHECKPOINT_NAMES = ("best.pt", "last.pt")
-PROGRESS_EVERY_S = 30.0
 
 
 def is_model_ref(path: str | Path) -> bool:
@@ -100,35 +98,6 @@ def load_catalog(model: Path | None, exports: Path = Path("exports"), threads: i
     raise ToolkitError(f"{model}: neither an export directory (with {MANIFEST_NAME}) nor a run directory or checkpoint")
 
 
-class _Progress:
-    """A progress bar on a terminal; elsewhere (a log, CI) a plain line every 10% or 30 s."""
-
-    def __init__(self, console: Console, total: int):
-        self.console, self.total, self.done = console, total, 0
-        self.bar = None
-        self.last_line, self.last_tenth = time.monotonic(), 0
-        if total > 1 and console.is_terminal:
-            from rich.progress import Progress
-
-            self.bar = Progress(console=console, transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task("predicting", total=total)
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(self.task, completed=self.done)
-            return
-        tenth = 10 * self.done // max(1, self.total)
-        if self.total > 1 and self.done < self.total and (tenth > self.last_tenth or time.monotonic() - self.last_line >= PROGRESS_EVERY_S):
-            self.console.print(f"predict: {self.done:,} of {self.total:,} images", soft_wrap=True)
-            self.last_tenth, self.last_line = tenth, time.monotonic()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
 def predict(model: Path | None, inputs: list[str], *, artifact: str | None = None, top_k: int = 1, batch: int = 1,
             exports: Path = Path("exports"), threads: int | None = None, console: Console | None = None) -> list[dict]:
     """One row per input image: file, label, probability, the top-k classes, and the artifact that
@@ -144,11 +113,9 @@ def predict(model: Path | None, inputs: list[str], *, artifact: str | None = Non
     items = collect_inputs(inputs)
     readable = [path for path, why in items if why is None]
     console.print(f"predict: {len(readable):,} image(s) with {entry.label}", soft_wrap=True, markup=False)
-    progress = _Progress(console, len(readable))
-    try:
-        results = iter(catalog.classify_many(readable, entry.key, top_k=top_k, batch=batch, done=progress))
-    finally:
-        progress.close()
+    with Progress(console, unit="images") as progress:
+        task = progress.add_task("predict", total=len(readable))
+        results = iter(catalog.classify_many(readable, entry.key, top_k=top_k, batch=batch, done=lambda n: progress.advance(task, n)))
     rows = []
     for path, why in items:
         result = ToolkitError(why) if why is not None else next(results)
