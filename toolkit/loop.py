@@ -428,11 +428,11 @@ def fit(
     }
     console.print(
         f"[bold]{recipe.name}[/]: {recipe.model.name} ({params:,} params) on {recipe.data.dataset} "
-        f"[{n_train:,} train / {n_test:,} test per process, {recipe.data.pipeline} pipeline], {recipe.epochs} epochs, device {dev.type}"
+        f"[{n_train:,} train / {n_test:,} test per process, {recipe.data.pipeline} pipeline], {recipe.epochs} epoch{'s' if recipe.epochs != 1 else ''}, device {dev.type}"
         + (f" x {world} processes" if world > 1 else "") + (f", torch.compile {compile}" if compile != "none" else "") + f" -> {run_dir}"
     )
     if start_epoch >= recipe.epochs:
-        console.print(f"nothing to do: the run already has {start_epoch} epochs")
+        console.print(f"nothing to do: the run already has {start_epoch} epoch{'s' if start_epoch != 1 else ''}")
 
     started = time.perf_counter()
     stopped_early = False
