@@ -2,6 +2,8 @@
 
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,7 +25,8 @@ def test_data_dir_precedence(monkeypatch, tmp_path):
     assert resolve_data_dir(None) == tmp_path / "cache" / "toolkit" / "data"
 
 
-@pytest.mark.parametrize("dataset, folder", [("mnist", "MNIST/raw"), ("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
+@pytest.mark.parametrize("dataset, folder", [("mnist", "MNIST/raw"), ("fashion_mnist", "FashionMNIST/raw"), ("cifar10", "cifar-10-batches-py"),
+                                             ("cifar100", "cifar-100-python")])
 def test_missing_data_says_where_files_go(tmp_path, dataset, folder):
     with pytest.raises(ToolkitError) as err:
         data_mod.load_split(dataset, tmp_path, train=True, download=False)
@@ -117,3 +120,32 @@ def test_resnet_recipes_use_crop_and_flip():
     names = [type(t).__name__ for t in pipe.transforms]
     assert names == ["RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
     assert pipe.transforms[0].padding == 4
+
+
+def test_a_missing_dataset_without_network_fails_fast_and_leaves_nothing(tmp_path, monkeypatch):
+    """Where the download host cannot be reached the error comes at once (no minute of retries), in one
+    clean line that names the host; nothing is left under the data root."""
+    monkeypatch.setattr(data_mod, "_reachable", lambda host, timeout=3.0: False)
+    root = tmp_path / "data"
+    with pytest.raises(ToolkitError) as err:
+        data_mod.load_split("fashion_mnist", root, train=True, download=True)
+    msg = str(err.value)
+    assert "no network: fashion-mnist.s3-website.eu-central-1.amazonaws.com cannot be reached" in msg and "\n" not in msg
+    assert not msg.endswith(":)") and not root.exists()
+
+
+def test_a_failed_download_removes_the_folders_it_made(tmp_path, monkeypatch):
+    from torchvision import datasets
+
+    def fail(root, *args, **kwargs):
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True)  # as torchvision does before fetching
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://mirror/, got: refused")
+
+    monkeypatch.setattr(data_mod, "_reachable", lambda host, timeout=3.0: True)
+    monkeypatch.setitem(data_mod._TORCHVISION, "mnist", fail)
+    root = tmp_path / "data"
+    with pytest.raises(ToolkitError) as err:
+        data_mod.load_split("mnist", root, train=True, download=True)
+    assert "download failed: RuntimeError: Error downloading train-images-idx3-ubyte.gz)" in str(err.value)
+    assert not root.exists()
+    assert datasets.MNIST.mirrors  # the host is read from torchvision's own list

@@ -7,6 +7,8 @@ error names the folder the files must go into.
 
 from __future__ import annotations
 
+import contextlib
+
 import signal
 from pathlib import Path
 
@@ -97,6 +99,24 @@ def _missing_files(spec: DatasetFacts, root: Path) -> list[str]:
     return [f for f in spec.files if not (root / spec.folder / f).exists()]
 
 
+def _download_host(cls) -> str | None:
+    """The host torchvision would download the dataset from."""
+    from urllib.parse import urlparse
+
+    url = (getattr(cls, "mirrors", None) or [getattr(cls, "url", None) or getattr(cls, "base_folder", "")])[0]
+    return urlparse(url).hostname
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def load_split(dataset: str, root: Path, train: bool, transform=None, download: bool = True) -> Dataset:
     """torchvision's dataset for one split; download only when files are missing."""
     spec = facts(dataset)
@@ -105,10 +125,19 @@ def load_split(dataset: str, root: Path, train: bool, transform=None, download: 
     if missing:
         reason = "download disabled"
         if download:
-            try:
-                return cls(str(root), train=train, transform=transform, download=True)
-            except Exception as exc:  # no network, partial files, bad checksum: all end the same way for a user
-                reason = f"download failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            host = _download_host(cls)
+            if host and not _reachable(host):  # fail in seconds, not after a minute of retries
+                reason = f"no network: {host} cannot be reached to download it"
+            else:
+                created = [d for d in (root, *(root / spec.folder).parents, root / spec.folder) if not d.exists()]
+                try:
+                    return cls(str(root), train=train, transform=transform, download=True)
+                except Exception as exc:  # no network, partial files, bad checksum: all end the same way for a user
+                    detail = next((line.strip().rstrip(":") for line in str(exc).splitlines() if line.strip()), "")
+                    reason = f"download failed: {type(exc).__name__}: {detail}"
+                    for d in sorted(created, key=lambda d: len(d.parts), reverse=True):  # leave no empty folders behind
+                        with contextlib.suppress(OSError):
+                            d.rmdir()
         raise ToolkitError(
             f"{dataset} not found: put {', '.join(missing)} into {root / spec.folder} "
             f"(set the root with --data-dir or TOOLKIT_DATA_DIR; {reason})"
