@@ -280,3 +280,22 @@ def test_tensorboard_event_files_hold_every_epochs_metrics(mnist_root, tmp_path)
         got = [(e.step, e.value) for e in events.Scalars(tag)]
         assert [s for s, _ in got] == [1, 2]
         assert all(abs(v - row[key]) <= 1e-6 * max(1.0, abs(row[key])) for (_, v), row in zip(got, result.metrics))  # stored as float32
+
+
+def test_later_stages_default_to_the_data_folder_training_used(mnist_root, tmp_path, monkeypatch):
+    """The checkpoint records the data root; eval, and an export's manifest (for int8 calibration and
+    verify), use it when neither --data-dir nor TOOLKIT_DATA_DIR is given."""
+    from toolkit.files import resolve_data_dir
+    from toolkit.manifest import Manifest
+
+    result = train(load_recipe(RECIPES / "fine4.toml"), epochs=1, train_limit=500, test_limit=300, data_dir=mnist_root, out=tmp_path,
+                   download=False, console=quiet())
+    ckpt = load_checkpoint(result.run_dir)
+    assert ckpt["meta"]["data_dir"] == str(mnist_root.resolve())
+    monkeypatch.delenv("TOOLKIT_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the fallback has no data
+    assert evaluate_checkpoint(result.run_dir, download=False, console=quiet())["test_acc"] > 0
+    manifest = Manifest.new(ckpt, "t")
+    assert resolve_data_dir(None, manifest.source.data_dir) == mnist_root.resolve()
+    assert resolve_data_dir(tmp_path / "given", manifest.source.data_dir) == tmp_path / "given"  # an option still wins
+    assert resolve_data_dir(None, tmp_path / "gone") == tmp_path / "cache" / "toolkit" / "data"  # a recorded folder that is gone

@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DATA_DIR_HELP = "Dataset root (default: $TOOLKIT_DATA_DIR, else ~/.cache/toolkit/data)."
+DATA_DIR_HELP = "Dataset root (default: $TOOLKIT_DATA_DIR, else the folder the run was trained from, else ~/.cache/toolkit/data)."
 JSON_HELP = "Print one JSON object last on stdout (progress goes to stderr)."
 DEBUG_FLAG = "--debug"
 

@@ -46,7 +46,7 @@ def evaluate_checkpoint(ref, *, data_dir=None, device: str = "auto", console: Co
     recipe = Recipe.model_validate(ckpt["recipe"])
     dev = pick_device(device)
     model = model_from_checkpoint(ckpt).to(dev)
-    test_ds = data_mod.build_dataset(recipe, resolve_data_dir(data_dir), train=False, download=download)
+    test_ds = data_mod.build_dataset(recipe, resolve_data_dir(data_dir, ckpt["meta"].get("data_dir")), train=False, download=download)
     loader = make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev)
     with progress_bar(console) as progress:
         loss, acc, preds, labels = evaluate(model, loader, dev, progress=progress)

@@ -252,11 +252,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_data_dir(option: str | Path | None = None) -> Path:
-    """--data-dir, else $TOOLKIT_DATA_DIR, else ~/.cache/toolkit/data."""
+def resolve_data_dir(option: str | Path | None = None, recorded: str | Path | None = None) -> Path:
+    """--data-dir, else $TOOLKIT_DATA_DIR, else ``recorded`` (the folder the run was trained from, as
+    its checkpoint or manifest records it) if it is still there, else ~/.cache/toolkit/data."""
     if option:
         return Path(option).expanduser()
     if os.environ.get("TOOLKIT_DATA_DIR"):
         return Path(os.environ["TOOLKIT_DATA_DIR"]).expanduser()
+    if recorded and Path(recorded).is_dir():
+        return Path(recorded)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return cache / "toolkit" / "data"

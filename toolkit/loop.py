@@ -424,6 +424,7 @@ def fit(
         "params": params,
         "train_limit": train_limit,
         "test_limit": test_limit,
+        "data_dir": str(root.resolve()),  # later stages (export's int8, verify, eval, prune) default to it
         **(extra_meta or {}),
     }
     console.print(

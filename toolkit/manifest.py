@@ -94,6 +94,7 @@ class Source(_Schema):
     description: Optional[str] = Field(default=None, max_length=2000)
     epochs: Optional[int] = Field(default=None, ge=0)
     seed_results: Optional[dict[str, Any]] = None  # what the recipe's write-up reports (recipes.SeedResults)
+    data_dir: Optional[str] = Field(default=None, max_length=4096)  # the data root training read (a default for later stages)
 
 
 class Parity(_Schema):
@@ -214,7 +215,8 @@ class Manifest(_Schema):
             classes=list(meta["classes"]),
             source=Source(checkpoint=str(Path(ckpt["path"]).resolve()), sha256=sha256_file(Path(ckpt["path"])), recipe=recipe["name"],
                           params=meta["params"], test_acc=meta.get("test_acc"), description=recipe.get("description") or None,
-                          epochs=meta.get("epochs", recipe.get("epochs")), seed_results=recipe.get("seed_results")),
+                          epochs=meta.get("epochs", recipe.get("epochs")), seed_results=recipe.get("seed_results"),
+                          data_dir=meta.get("data_dir")),
             artifacts=[],
         )
 

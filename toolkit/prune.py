@@ -107,7 +107,8 @@ def prune(
     model = model_from_checkpoint(ckpt)
     dev = pick_device(device)
 
-    test_ds = data_mod.build_dataset(recipe, resolve_data_dir(data_dir), train=False, download=download)
+    data_dir = resolve_data_dir(data_dir, ckpt["meta"].get("data_dir"))
+    test_ds = data_mod.build_dataset(recipe, data_dir, train=False, download=download)
     if test_limit:
         test_ds = torch.utils.data.Subset(test_ds, range(min(test_limit, len(test_ds))))
     loader = make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev)

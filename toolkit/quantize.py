@@ -38,7 +38,7 @@ HOLDOUT_SIZE = 2000
 
 def training_slices(manifest: Manifest, data_dir, calib_size: int, holdout: int = HOLDOUT_SIZE, seed: int = 0, download: bool = True):
     """Disjoint random slices of the training split: calibration images, and a held-out set with labels."""
-    x, y, _ = data_mod.split_arrays(manifest.dataset, resolve_data_dir(data_dir), train=True, download=download)
+    x, y, _ = data_mod.split_arrays(manifest.dataset, resolve_data_dir(data_dir, manifest.source.data_dir), train=True, download=download)
     import torch
 
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))

@@ -102,7 +102,8 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
         say(f"not served: {line}")
     for line in catalog.warnings:
         say(line)
-    root = resolve_data_dir(data_dir)
+    recorded = next((e.manifest.source.data_dir for e in catalog.entries.values() if e.manifest.source.data_dir), None)
+    root = resolve_data_dir(data_dir, recorded)
     example_paths: list[str] = []
     allowed: list[str] = []
     example_dir = None

@@ -71,7 +71,7 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
     manifest = Manifest.load(export_dir)
     if not manifest.artifacts:
         raise ToolkitError(f"{export_dir}: the manifest lists no artifacts")
-    root = resolve_data_dir(data_dir)
+    root = resolve_data_dir(data_dir, manifest.source.data_dir)
     ckpt = source_checkpoint(manifest)
     recipe = Recipe.model_validate(ckpt["recipe"])
     console.print(f"verify: reading the {manifest.dataset} test split through the training pipeline and through the deployed preprocessing")
