@@ -36,3 +36,27 @@ def test_bench_threads_are_recorded_and_torch_threads_restored(fine4_export):
     assert report["threads"] == 1 and torch.get_num_threads() == before
     assert len(report["results"]) == 3 and all(r["iterations"] >= 3 for r in report["results"])
     assert "intra-op threads: 1;" in (fine4_export / "bench.md").read_text()
+
+
+def test_threads_reach_pytorch_and_every_onnx_runtime_session(fine4_export, monkeypatch):
+    """--threads N (toolkit.environment.apply_threads): PyTorch's pool and sessions made afterwards use N;
+    without it, $TOOLKIT_THREADS, else the cores this process may run on."""
+    import os
+
+    import torch
+
+    from toolkit.environment import THREADS_ENV, apply_threads, default_threads
+    from toolkit.runtime import ort_runner
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    try:
+        assert apply_threads(1) == 1 and torch.get_num_threads() == 1 and os.environ[THREADS_ENV] == "1"
+        run = ort_runner(fine4_export / "model.fp32.onnx", "ort-cpu")
+        assert run.session.get_session_options().intra_op_num_threads == 1
+        monkeypatch.setenv(THREADS_ENV, "2")
+        assert apply_threads(None) == 2 and torch.get_num_threads() == 2
+        monkeypatch.delenv(THREADS_ENV)
+        assert apply_threads(None) == default_threads() == len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(before)

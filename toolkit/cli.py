@@ -35,6 +35,9 @@ Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
 AsJson = Annotated[bool, typer.Option("--json", help=JSON_HELP)]
 Runs = Annotated[Path, typer.Option("--runs", help="Where to look for the latest run.")]
 Exports = Annotated[Path, typer.Option("--exports", help="Where to look for the latest export.")]
+Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help="Compute threads (PyTorch and ONNX Runtime; default: "
+                                                "$TOOLKIT_THREADS, else the cores this process may use). Lower it when "
+                                                "several jobs share the machine; 1 is often fastest for batch 1.")]
 RunRef = Annotated[Optional[Path], typer.Argument(help="Run directory or checkpoint (default: the latest run under --runs).")]
 
 
@@ -54,6 +57,12 @@ def _global_options(
 ) -> None:
     # main() reads --debug from the command line before Typer parses it; this only documents it
     pass
+
+
+def _threads(threads: int | None) -> None:
+    from toolkit.environment import apply_threads
+
+    apply_threads(threads)
 
 
 def _console(as_json: bool) -> Console:
@@ -82,9 +91,11 @@ def train(
                                                   "e.g. --set optimizer.lr=0.02 --set data.batch_size=256 (any dotted recipe key; "
                                                   "repeat for more). Checked like the recipe file. The run's recipe.toml records the result."),
     compile_mode: str = typer.Option("none", "--compile", help="torch.compile the training step: none | default | reduce-overhead (adds CUDA graphs on a GPU) | max-autotune. Compiling costs tens of seconds up front."),
+    threads: Threads = None,
     as_json: AsJson = False,
 ) -> None:
     """Train a recipe (a file, a built-in name such as fine4, or a run's recipe.toml); writes runs/<recipe>-<timestamp>/ with best.pt, last.pt, recipe.toml (the resolved recipe), metrics.csv, curves.png."""
+    _threads(threads)
     from toolkit.recipes import load_recipe
     from toolkit.train import train as run_training
 
@@ -124,9 +135,11 @@ def evaluate(
     data_dir: DataDir = None,
     device: Device = "auto",
     runs: Runs = Path("runs"),
+    threads: Threads = None,
     as_json: AsJson = False,
 ) -> None:
     """Test accuracy, per-class accuracy and a confusion-matrix PNG for a trained model."""
+    _threads(threads)
     from toolkit.checkpoint import latest_run
     from toolkit.evaluate import evaluate_checkpoint
 
@@ -144,9 +157,11 @@ def prune(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the latest run; the pruned run is written beside its source."),
     data_dir: DataDir = None,
     device: Device = "auto",
+    threads: Threads = None,
     as_json: AsJson = False,
 ) -> None:
     """Prune a trained model, fine-tune it into a new run, and report params, MACs, sparsity and accuracy before and after."""
+    _threads(threads)
     from toolkit.prune import prune as run_prune
 
     report = run_prune(run, method=method, amount=amount, finetune_epochs=finetune_epochs, runs=runs, data_dir=data_dir,
@@ -175,9 +190,11 @@ def export(
     layout: str = typer.Option("NCHW", "--layout", help="NCHW: channels first, as PyTorch. NHWC: channels last, as image arrays "
                                "are laid out (height, width, channel), e.g. with --input uint8 for a graph that takes decoded images as "
                                "they are; written as its own export, exports/<run>[-uint8]-nhwc/."),
+    threads: Threads = None,
     as_json: AsJson = False,
 ) -> None:
     """Export a trained run to exports/<run>/ (ONNX, int8 QDQ ONNX, TensorRT, a Triton repository) and record it in manifest.json."""
+    _threads(threads)
     from toolkit.export import export as run_export
 
     entry = run_export(run, fmt=fmt, precision=precision, out=out, runs=runs, data_dir=data_dir, calib_size=calib_size,
@@ -196,9 +213,11 @@ def verify(
     fp32_agreement: float = typer.Option(99.9, "--fp32-agreement", min=0, max=100, help="fp32 gate: least top-1 agreement (%)."),
     fp16_delta: float = typer.Option(0.1, "--fp16-delta", min=0, help="fp16 gate: largest |accuracy delta| in points."),
     int8_delta: float = typer.Option(0.5, "--int8-delta", min=0, help="int8 gate: largest |accuracy delta| in points."),
+    threads: Threads = None,
     as_json: AsJson = False,
 ) -> None:
     """Run the full test set through PyTorch and every artifact on every runtime present; exit 1 if any misses its gate."""
+    _threads(threads)
     from toolkit.verify import verify as run_verify
 
     gates = {"fp32": {"delta_pp": fp32_delta, "agreement": fp32_agreement}, "fp16": {"delta_pp": fp16_delta, "agreement": 0.0},
@@ -216,10 +235,11 @@ def bench(
     exports: Exports = Path("exports"),
     batch: str = typer.Option("1,32,256", "--batch", help="Comma-separated batch sizes."),
     min_seconds: float = typer.Option(1.0, "--min-seconds", min=0, help="Time each case at least this long."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Intra-op threads for every runtime (default: one per core); 1 is often fastest for batch 1."),
+    threads: Threads = None,
     as_json: AsJson = False,
 ) -> None:
     """Latency p50/p90/p99 and images/s per artifact and runtime (PyTorch eager included), beside the parity results."""
+    _threads(threads)
     from toolkit.bench import bench as run_bench
 
     try:
@@ -244,11 +264,12 @@ def predict(
     top_k: int = typer.Option(1, "--top-k", min=1, help="Classes reported per image."),
     batch: int = typer.Option(1, "--batch", min=1, help="Images per model run (1 runs exactly as the demo does)."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the rows to this CSV file."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for the model (default: one per core)."),
+    threads: Threads = None,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per image on stdout (JSON Lines) instead of a table."),
 ) -> None:
     """Classify image files with an export (torch-free, the demo's own code path) or a run's checkpoint (PyTorch).
     A file that cannot be read is an error row; exit 1 if any image failed."""
+    _threads(threads)
     from toolkit.predict import is_model_ref, predict as run_predict, rows_table, write_csv
 
     model = Path(paths[0]) if is_model_ref(paths[0]) else None
@@ -291,8 +312,10 @@ def serve(
     examples: int = typer.Option(8, "--examples", min=0, help="Real MNIST test digits offered as examples (sampled at start-up, when the data is there)."),
     max_upload: str = typer.Option("10mb", "--max-upload", help="Largest upload Gradio accepts (e.g. 10mb)."),
     share: bool = typer.Option(False, "--share", help="Also open a public gradio.live link (off by default; needs the internet)."),
+    threads: Threads = None,
 ) -> None:
     """Serve the exported models in the Gradio demo, with the API endpoint /predict (needs only toolkit\\[serve], no torch)."""
+    _threads(threads)
     from toolkit.serve import serve as run_serve
 
     run_serve(export_dirs or [Path("exports")], host=host, port=port, data_dir=data_dir, top_k=top_k,

@@ -15,6 +15,32 @@ from pathlib import Path
 CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "f16c")
 
 
+THREADS_ENV = "TOOLKIT_THREADS"
+
+
+def default_threads() -> int:
+    """The cores this process may run on (its CPU affinity: taskset, a container's cpuset), not the
+    machine's: processes that share a machine through affinity do not oversubscribe it."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def apply_threads(threads: int | None) -> int:
+    """Use ``threads`` compute threads in this process (PyTorch's intra-op pool and every ONNX Runtime
+    session made afterwards); None: $TOOLKIT_THREADS, else ``default_threads()``. Returns the number."""
+    import sys
+
+    n = threads or int(os.environ.get(THREADS_ENV) or 0) or default_threads()
+    os.environ[THREADS_ENV] = str(n)  # runtime.ort_runner reads it
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(n)  # PyTorch sizes its pool from it when imported
+    return n
+
+
 def cpu_info() -> dict:
     """Vendor, model, logical cores and the kernel-relevant instruction-set features present."""
     info = {"vendor": "", "model": platform.processor() or platform.machine(), "cores": os.cpu_count(), "features": []}

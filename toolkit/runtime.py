@@ -6,6 +6,8 @@ artifact can run on is decided here, from the manifest entry and what this machi
 
 from __future__ import annotations
 
+import os
+
 import json
 from pathlib import Path
 from typing import Callable
@@ -14,6 +16,7 @@ import numpy as np
 
 from toolkit.errors import ToolkitError, first_line
 from toolkit.files import confined, read_text_limited, reading
+from toolkit.environment import THREADS_ENV
 from toolkit.manifest import Artifact, Manifest
 
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -102,6 +105,7 @@ def ort_runner(path: Path, runtime: str, threads: int | None = None) -> Runner:
         raise ToolkitError(f"{runtime}: ONNX Runtime here has no {provider}")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    threads = threads or int(os.environ.get(THREADS_ENV) or 0)  # toolkit.environment.apply_threads, or ORT's own default
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
@@ -118,6 +122,7 @@ def ort_runner(path: Path, runtime: str, threads: int | None = None) -> Runner:
         except Exception as exc:  # noqa: BLE001 - a graph that does not take the manifest's input, whatever ORT calls it
             raise ToolkitError(f"{path}: ONNX Runtime failed on a batch of shape {tuple(x.shape)} ({first_line(exc)})") from None
 
+    run.session = session  # for callers that inspect it (its options, inputs)
     return run
 
 
