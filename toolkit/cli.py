@@ -65,9 +65,20 @@ def _threads(threads: int | None) -> None:
     apply_threads(threads)
 
 
+LOG_WIDTH = 200  # columns for tables written to a log file, CI or a pipe (rich assumes 80 there)
+
+
+def _out(stderr: bool = False) -> Console:
+    """A console whose messages are one line however narrow the terminal (soft wrap), and whose
+    tables are not cut to 80 columns when the output is a log file, CI or a pipe."""
+    console = Console(stderr=stderr, soft_wrap=True)
+    if not console.is_terminal:
+        console.width = LOG_WIDTH
+    return console
+
+
 def _console(as_json: bool) -> Console:
-    # soft_wrap: a message is one line however narrow the terminal (or a log file's default 80 columns)
-    return Console(stderr=True, soft_wrap=True) if as_json else Console(soft_wrap=True)
+    return _out(stderr=as_json)
 
 
 def _emit(obj) -> None:
@@ -126,7 +137,7 @@ def recipes(
     if as_json:
         _emit(rows)
     else:
-        Console().print(recipes_table(rows))
+        _out().print(recipes_table(rows))
 
 
 @app.command("eval")
@@ -274,7 +285,7 @@ def predict(
 
     model = Path(paths[0]) if is_model_ref(paths[0]) else None
     inputs = paths[1:] if model is not None else paths
-    console = Console(stderr=True, soft_wrap=True)
+    console = _out(stderr=True)
     rows = run_predict(model, inputs, artifact=artifact, top_k=top_k, batch=batch, exports=exports, threads=threads, console=console)
     if csv_path is not None:
         write_csv(rows, csv_path, top_k)
@@ -283,7 +294,7 @@ def predict(
         for row in rows:
             _emit(row)
     else:
-        Console(soft_wrap=True).print(rows_table(rows))
+        _out().print(rows_table(rows))
     failed = sum(1 for r in rows if r["error"])
     if failed:
         console.print(f"[bold red]error:[/] {failed} of {len(rows)} image(s) could not be classified (see the error rows)")
@@ -299,7 +310,7 @@ def env_command(as_json: AsJson = False) -> None:
     if as_json:
         _emit(info)
     else:
-        Console(soft_wrap=True).print(env_table(info))
+        _out().print(env_table(info))
 
 
 @app.command()
@@ -319,7 +330,7 @@ def serve(
     from toolkit.serve import serve as run_serve
 
     run_serve(export_dirs or [Path("exports")], host=host, port=port, data_dir=data_dir, top_k=top_k,
-              examples=examples, max_upload=max_upload, share=share, console=Console(stderr=True, soft_wrap=True))
+              examples=examples, max_upload=max_upload, share=share, console=_out(stderr=True))
 
 
 # the extra a command's missing import belongs to, for a one-line hint instead of a traceback
