@@ -79,6 +79,25 @@ def test_manifest_integrity(fine4_export, fine4_run):
     assert "7,974 parameters" in card and "| model.int8.onnx | onnx | int8 |" in card and f"toolkit predict {fine4_export}" in card
 
 
+def test_the_model_cards_python_snippet_runs_and_gives_the_models_answer(fine4_export, mnist_root):
+    """The card's plain ONNX Runtime example, executed as written on real test digits, gives exactly
+    the logits of the deployed path (toolkit.preprocess + the same file)."""
+    import re as re_mod
+
+    from tests.conftest import mnist_test_set
+    from toolkit.preprocess import model_input
+
+    card = (fine4_export / "MODEL_CARD.md").read_text()
+    (snippet,) = re_mod.findall(r"```python\n(.*?)```", card, re_mod.S)
+    manifest = Manifest.load(fine4_export)
+    images, labels = mnist_test_set(mnist_root)
+    for i in range(20):
+        scope = {"pixels": images[i]}
+        exec(snippet, scope)  # noqa: S102 - the card's own example, run as a user would
+        want = ort_runner(fine4_export / "model.fp32.onnx", "ort-cpu")(model_input(images[i : i + 1, None], manifest))
+        assert np.array_equal(scope["logits"], want) and scope["label"] == int(want.argmax())
+
+
 def test_manifest_detects_a_changed_artifact(fine4_export, tmp_path):
     import shutil
 

@@ -18,7 +18,10 @@ def test_without_a_terminal_a_line_every_tenth_and_every_30_seconds(monkeypatch)
     assert not console.is_terminal
     with Progress(console, unit="batches") as progress:
         task = progress.add_task("epoch 1/20 of a very long description that must not be wrapped at eighty columns", total=1000)
-        for _ in range(250):
+        for _ in range(50):
+            progress.advance(task)  # within its first 5 s a task is quiet
+        clock[0] += 6
+        for _ in range(200):
             progress.advance(task)
         clock[0] += 31  # half a minute without reaching the next tenth
         progress.advance(task)
@@ -27,6 +30,15 @@ def test_without_a_terminal_a_line_every_tenth_and_every_30_seconds(monkeypatch)
     lines = out.getvalue().splitlines()
     assert [line.rsplit(": ", 1)[1] for line in lines] == ["100 of 1,000 batches (10%)", "200 of 1,000 batches (20%)", "251 of 1,000 batches (25%)"]
     assert all(line.startswith("epoch 1/20 of a very long description that must not be wrapped at eighty columns: ") for line in lines)
+
+
+def test_a_short_task_prints_no_plain_lines():
+    out = io.StringIO()
+    with Progress(Console(file=out, width=80)) as progress:
+        task = progress.add_task("test", total=10)
+        for _ in range(10):
+            progress.advance(task)
+    assert out.getvalue() == ""
 
 
 def test_on_a_terminal_it_is_a_bar_and_prints_no_lines():

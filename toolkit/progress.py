@@ -1,6 +1,7 @@
 """Progress for long work, visible wherever the output goes: a bar on a terminal; in a log file,
 CI or under ``nohup`` (where a bar would print nothing until the end) a plain line every 10% of
-a task or every 30 seconds, whichever comes first.
+a task or every 30 seconds, whichever comes first, once the task has run 5 seconds (a short
+evaluation says nothing until its result).
 
 The interface is the part of ``rich.progress.Progress`` the toolkit uses: ``add_task``,
 ``advance``, ``update(completed=)``, ``remove_task``, as a context manager.
@@ -15,6 +16,7 @@ from rich.console import Console
 
 EVERY_S = 30.0  # seconds between plain lines at most
 STEPS = 10  # and a line at every tenth of a task
+QUIET_S = 5.0  # a task done sooner than this prints no plain lines (its closing line is enough)
 
 
 @dataclass
@@ -23,7 +25,8 @@ class _Task:
     total: int
     done: int = 0
     last_step: int = 0
-    last_line: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=lambda: time.monotonic())
+    last_line: float = field(default_factory=lambda: time.monotonic())
 
 
 class Progress:
@@ -78,6 +81,8 @@ class Progress:
             return  # the work's own closing line says it is done
         step = STEPS * done // t.total
         now = time.monotonic()
+        if now - t.started < QUIET_S:
+            return
         if step > t.last_step or now - t.last_line >= EVERY_S:
             unit = f" {self.unit}" if self.unit else ""
             self.console.print(f"{t.description}: {done:,} of {t.total:,}{unit} ({100 * done // t.total}%)", soft_wrap=True, markup=False)
