@@ -184,9 +184,10 @@ def main() -> None:
         toolkit_best, toolkit_final = toolkit_accuracy(Path(tmp) / "runs")
     result = {
         "recipe": args.recipe, "epochs": args.epochs, "images": "real" if recipe.data.dataset == "mnist" else f"generated, {n_train // args.epochs} per epoch", "device": args.device, "pipeline": args.pipeline, "compile": args.compile, "dataset": facts(recipe.data.dataset).name,
-        "seeds_seconds": round(seeds, 2), "toolkit_seconds": round(toolkit, 2),
-        "seeds_images_per_s": round(n_train / seeds, 1), "toolkit_images_per_s": round(n_train / toolkit, 1),
-        "ratio_toolkit_over_seeds": round(toolkit / seeds, 3),
+        # unrounded: a reader (or a test) recomputes one from the other exactly; the line below rounds for people
+        "train_images": n_train, "seeds_seconds": seeds, "toolkit_seconds": toolkit,
+        "seeds_images_per_s": n_train / seeds, "toolkit_images_per_s": n_train / toolkit,
+        "ratio_toolkit_over_seeds": toolkit / seeds,
         "seeds_final_test_acc": seeds_final_accuracy(seeds_out), "toolkit_best_test_acc": toolkit_best, "toolkit_final_test_acc": toolkit_final,
         "machine": machine_name(args.device), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import tomllib
 import subprocess
 import sys
 import time
@@ -366,7 +367,9 @@ def test_disk_full_while_training_is_one_line_and_leaves_nothing_half_written(sm
     line = one_line_error(proc)
     assert "no space left on the device writing" in line and proc.returncode == 2
     (run,) = (small_disk / "runs").iterdir()
-    assert [p.name for p in run.iterdir()] == []  # no torn best.pt, no temporary file
+    # no torn best.pt, no temporary file, no event file: only the resolved recipe, written whole before training
+    assert [p.name for p in run.iterdir()] == ["recipe.toml"]
+    assert tomllib.loads((run / "recipe.toml").read_text())["name"] == "fine4"
 
 
 def test_disk_full_while_verifying_is_one_line_and_keeps_the_export(world, small_disk, mnist_root):

@@ -444,8 +444,6 @@ def fit(
             stale = remove_stale_temps(run_dir)
             if stale:
                 console.print(f"removed {len(stale)} temporary file(s) an interrupted run left in {run_dir}")
-        if main_process and start_epoch < recipe.epochs:
-            board = tensorboard_writer(run_dir, start_epoch)
         for epoch in range(start_epoch, recipe.epochs):
             t0 = time.perf_counter()
             if hasattr(train_ds, "reseed") and not workers:
@@ -503,8 +501,6 @@ def fit(
                 "seconds": round(time.perf_counter() - t0, 3),
             }
             rows.append(row)
-            if board is not None:
-                _board_epoch(board, row)
             console.print(
                 f"epoch {row['epoch']:>3}/{recipe.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
                 f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  lr {lr:.3g}  {row['seconds']:.1f}s"
@@ -527,6 +523,11 @@ def fit(
             if main_process:
                 save_checkpoint(ckpt, run_dir / "last.pt")
                 write_metrics_csv(rows, run_dir / "metrics.csv")
+                # after the checkpoints: a run that cannot save them (a full disk) starts no event file either
+                if board is None:
+                    board = tensorboard_writer(run_dir, start_epoch)
+                if board is not None:
+                    _board_epoch(board, row)
             if _early_stop(recipe, rows):
                 console.print(f"early stopping after epoch {epoch + 1} ({recipe.early_stopping.monitor} rule)")
                 stopped_early = True

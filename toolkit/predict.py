@@ -22,6 +22,7 @@ from toolkit.files import atomic_write
 from toolkit.manifest import NAME as MANIFEST_NAME
 from toolkit.manifest import latest_export
 from toolkit.preprocess import IMAGE_SUFFIXES
+from toolkit.progress import Progress
 
 CHECKPOINT_NAMES = ("best.pt", "last.pt")
 
