@@ -28,6 +28,11 @@ format (white on black, scaled to 20 px, centred by mass in 28x28) before the mo
 are prepared as each model's dataset was (resized, or for Fashion-MNIST grey, light on black, fitted)."""
 
 
+BLANK_DRAWING = ("nothing was drawn: pick the brush (the pen button above the canvas) first, then draw the digit "
+                 "large and dark, and press Classify drawing")
+SKETCH_HINT = "Pick the brush (the pen button), then draw one digit"
+
+
 def build_demo(catalog: Catalog, examples: list[str], top_k: int = 3) -> gr.Blocks:
     def run(image, key):
         try:
@@ -43,7 +48,14 @@ def build_demo(catalog: Catalog, examples: list[str], top_k: int = 3) -> gr.Bloc
 
     def classify_sketch(editor, key):
         composite = editor.get("composite") if isinstance(editor, dict) else editor
-        return classify(composite, key)
+        if composite is None:
+            raise gr.Error(BLANK_DRAWING, print_exception=False)
+        try:
+            return classify(composite, key)
+        except gr.Error as exc:
+            if "blank" in str(exc.message):  # the usual cause: drawing before the brush was picked draws nothing
+                raise gr.Error(BLANK_DRAWING, print_exception=False) from None
+            raise
 
     def predict(image, artifact):
         """The public API: an image file and an optional artifact name -> the label output."""
@@ -81,7 +93,7 @@ def _tab(catalog: Catalog, family_name: str, classify, classify_sketch, examples
             if classify_sketch is not None:
                 with gr.Tab("Draw"):
                     sketch = gr.Sketchpad(
-                        type="numpy", image_mode="RGBA", canvas_size=(300, 300), label="Draw a digit",
+                        type="numpy", image_mode="RGBA", canvas_size=(300, 300), label="Draw a digit", placeholder=SKETCH_HINT,
                         brush=gr.Brush(default_size=16, colors=["#000000"], color_mode="fixed"), elem_id=f"{family_name}-sketch",
                     )
                     sketch_button = gr.Button("Classify drawing", variant="primary", elem_id=f"{family_name}-classify-drawing")

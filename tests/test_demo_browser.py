@@ -72,6 +72,9 @@ def test_browser_drawing_on_the_sketchpad_is_recognized(demo_url):
             page.goto(demo_url, wait_until="domcontentloaded")
             canvas = page.locator("#mnist-sketch canvas").first
             expect(canvas).to_be_visible(timeout=30_000)
+            # classifying before anything is drawn (e.g. drawing before picking the brush draws nothing) says what to do
+            page.locator("#mnist-classify-drawing").click()
+            expect(page.get_by_text("pick the brush", exact=False).first).to_be_visible(timeout=30_000)
             page.locator("#mnist-sketch button[aria-label=Brush]").click()  # as a person would: pick the brush
             box = canvas.bounding_box()
             # the drawing area sits in the middle of the editor: draw within 80 px of its centre
