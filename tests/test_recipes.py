@@ -72,6 +72,17 @@ def test_recipe_listing_has_the_documented_fields():
     fine4 = next(r for r in rows if r["name"] == "fine4")
     assert fine4 == {**fine4, "dataset": "mnist", "model": "mnist_gap", "params": 7974, "epochs": 20, "seed_test_acc": 99.54}
     assert {"name", "path", "dataset", "model", "params", "epochs", "seed_test_acc"} <= set(fine4)
+    # a write-up that reports only a final figure is not shown as a "best" one
+    baseline = next(r for r in rows if r["name"] == "resnet20_baseline")
+    assert (baseline["seed_best_test_acc"], baseline["seed_final_test_acc"]) == (None, 89.63)
+    from rich.console import Console
+
+    from toolkit.report import recipes_table
+
+    console = Console(record=True, width=200)
+    console.print(recipes_table(rows))
+    text = console.export_text()
+    assert "— / 89.63%" in text and "99.54% / 99.53%" in text and "best / final" in text
 
 
 @pytest.mark.parametrize(
