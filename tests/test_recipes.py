@@ -93,7 +93,7 @@ def test_recipe_listing_has_the_documented_fields():
         (lambda d: d["model"].update(name="mnist_huge"), "model.name: unknown model 'mnist_huge'"),
         (lambda d: d.update(epochs="twenty"), "epochs: Input should be a valid integer"),
         (lambda d: d["scheduler"].update(step_size=0), "scheduler.step_size: Input should be greater than or equal to 1"),
-        (lambda d: d["data"].update(dataset="imagenet"), "data.dataset: Input should be 'mnist', 'fashion_mnist', 'cifar10' or 'cifar100'"),
+        (lambda d: d["data"].update(dataset="imagenet"), "data.dataset: Input should be 'mnist', 'fashion_mnist', 'cifar10', 'cifar100' or 'folder'"),
         (lambda d: d["model"].update(options={"dropuot": 0.1}), "model.options: model 'mnist_gap' has no option 'dropuot'"),
     ],
     ids=["unknown-key", "unknown-nested-key", "negative-lr", "unknown-model", "wrong-type", "out-of-range", "bad-dataset", "bad-model-option"],

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
+from toolkit import folder
 from toolkit.datasets import DatasetFacts, facts
 from toolkit.errors import ToolkitError
 from toolkit.recipes import Augment, Recipe
@@ -150,13 +151,43 @@ def load_split(dataset: str, root: Path, train: bool, transform=None, download: 
 
 def class_names(dataset: str, split: Dataset) -> list[str]:
     """The dataset's class names: its facts where they are fixed, else read from its files by torchvision."""
+    if dataset == "folder":
+        return list(split.classes)
     if facts(dataset).classes is not None:
         return list(facts(dataset).classes)
     base = getattr(split, "base", split)
     return list(base.classes)
 
 
+def folder_spec(recipe: Recipe) -> folder.FolderSpec:
+    d = recipe.data
+    return folder.FolderSpec(Path(d.root).expanduser().resolve(), int(d.size), int(d.channels), float(d.split), int(recipe.seed), bool(d.strict))
+
+
+def load_folder(recipe: Recipe, progress=None) -> tuple[folder.FolderData, DatasetFacts]:
+    """An image-folder recipe's splits (toolkit.folder) and its facts: the class folders, the
+    recipe's mean/std or those of the training images."""
+    spec = folder_spec(recipe)
+    data = folder.load(spec, progress=progress)
+    mean, std = data.mean_std()
+    mean, std = recipe.data.mean or mean, recipe.data.std or std
+    return data, DatasetFacts("folder", spec.channels, spec.size, len(data.classes), tuple(mean), tuple(std), "resize",
+                              str(spec.root), (), (), tuple(data.classes))
+
+
+def _normalized(x: torch.Tensor, spec: DatasetFacts) -> torch.Tensor:
+    mean = torch.tensor(spec.mean, dtype=torch.float32)[None, :, None, None]
+    std = torch.tensor(spec.std, dtype=torch.float32)[None, :, None, None]
+    return (x.float() / 255.0 - mean) / std
+
+
 def build_dataset(recipe: Recipe, root: Path, train: bool, download: bool = True) -> Dataset:
+    if recipe.data.dataset == "folder":  # evaluation and pruning read a folder's split as normalized tensors
+        data, spec = load_folder(recipe)
+        x, y = (data.x_train, data.y_train) if train else (data.x_test, data.y_test)
+        ds = torch.utils.data.TensorDataset(_normalized(torch.from_numpy(x), spec), torch.from_numpy(y))
+        ds.classes = list(data.classes)
+        return ds
     spec = facts(recipe.data.dataset)
     aug = recipe.data.augment
     if aug.library == "albumentations":
@@ -204,6 +235,10 @@ def test_inputs(recipe: Recipe, root: Path, *, limit: int | None = None, downloa
     """The test split as training evaluated it: the recipe's own pipeline and test transform
     (normalization only), as float32 NCHW inputs and int64 labels. verify holds the deployed
     preprocessing (toolkit.preprocess) against this."""
+    if recipe.data.dataset == "folder":
+        data, spec = load_folder(recipe)
+        x = _normalized(torch.from_numpy(data.x_test[:limit]), spec).numpy()
+        return x.astype(np.float32, copy=False), data.y_test[:limit].astype(np.int64, copy=False)
     spec = facts(recipe.data.dataset)
     if recipe.data.pipeline == "fast":
         from toolkit.fastdata import TensorLoader

@@ -128,20 +128,35 @@ def evaluate(model, loader, device, *, autocast: bool = False, progress: Progres
 
 
 def build_loaders(recipe: Recipe, root: Path, dev: torch.device, loader_rng: torch.Generator, *, workers: int = 0,
-                  train_limit: int | None = None, test_limit: int | None = None, download: bool = True, shard: tuple[int, int] = (0, 1)):
-    """Train and test loaders for the recipe's pipeline, and the class names; ``shard=(rank, world)`` splits both across processes."""
-    spec = facts(recipe.data.dataset)
-    if recipe.data.pipeline == "fast":
-        from toolkit.fastdata import TensorLoader
-
+                  train_limit: int | None = None, test_limit: int | None = None, download: bool = True, shard: tuple[int, int] = (0, 1),
+                  console: Console | None = None):
+    """Train and test loaders for the recipe's pipeline, the class names and the dataset's facts
+    (an image folder's are its own: class folders, size, channels, mean/std); ``shard=(rank, world)``
+    splits both across processes. ``console`` hears about an image folder's decoding and bad files."""
+    if recipe.data.dataset == "folder":
+        with (progress_bar(console) if console is not None else contextlib.nullcontext()) as progress:
+            found, spec = data_mod.load_folder(recipe, progress=progress)
+        if console is not None:
+            console.print(f"image folder {spec.folder}: {len(found.classes)} classes, {len(found.x_train):,} training / "
+                          f"{len(found.x_test):,} test images{' (cached)' if found.cached else ''}; mean {_floats(spec.mean)}, std {_floats(spec.std)}")
+            if found.bad:
+                console.print(f"[yellow]warning:[/] {found.bad_summary()}")
+        x, y, classes = torch.from_numpy(found.x_train), torch.from_numpy(found.y_train), list(found.classes)
+        xt, yt = torch.from_numpy(found.x_test), torch.from_numpy(found.y_test)
+    elif recipe.data.pipeline == "fast":
+        spec = facts(recipe.data.dataset)
         x, y, classes = data_mod.split_arrays(spec.name, root, train=True, download=download)
         xt, yt, _ = data_mod.split_arrays(spec.name, root, train=False, download=download)
+    if recipe.data.dataset == "folder" or recipe.data.pipeline == "fast":
+        from toolkit.fastdata import TensorLoader
+
         x, y, xt, yt = x[:train_limit], y[:train_limit], xt[:test_limit], yt[:test_limit]
         norm = {"mean": spec.mean, "std": spec.std}
         train_loader = TensorLoader(x, y, recipe.data.batch_size, normalization=norm, generator=loader_rng, shuffle=True,
                                     augment=recipe.data.augment, device=dev, shard=shard)
         test_loader = TensorLoader(xt, yt, recipe.data.test_batch_size, normalization=norm, generator=None, shuffle=False, device=dev, shard=shard)
-        return train_loader, test_loader, classes
+        return train_loader, test_loader, classes, spec
+    spec = facts(recipe.data.dataset)
     train_ds = data_mod.build_dataset(recipe, root, train=True, download=download)
     test_ds = data_mod.build_dataset(recipe, root, train=False, download=download)
     classes = data_mod.class_names(recipe.data.dataset, train_ds)
@@ -159,7 +174,11 @@ def build_loaders(recipe: Recipe, root: Path, dev: torch.device, loader_rng: tor
         test_ds = Subset(test_ds, range(rank, len(test_ds), world))
     else:
         train_loader = data_mod.make_loader(train_ds, recipe.data.batch_size, shuffle=True, generator=loader_rng, workers=workers, pin=dev.type == "cuda")
-    return train_loader, make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev, workers=workers), classes
+    return train_loader, make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev, workers=workers), classes, spec
+
+
+def _floats(values) -> str:
+    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
 
 
 def _num_samples(loader) -> int:
@@ -358,13 +377,16 @@ def fit(
     on_gpu = dev.type == "cuda"
 
     # ---- data
-    root = resolve_data_dir(data_dir)
-    spec = facts(recipe.data.dataset)
+    if recipe.data.dataset == "folder":  # the run records where its folder is, wherever it is reproduced from
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"root": str(Path(recipe.data.root).expanduser().resolve())})})
+        root = Path(recipe.data.root)
+    else:
+        root = resolve_data_dir(data_dir)
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed + rank)  # dropout differs per rank; the shared shuffle comes from loader_rng
     loader_rng = torch.Generator().manual_seed(recipe.seed)
-    train_loader, test_loader, classes = build_loaders(recipe, root, dev, loader_rng, workers=workers, train_limit=train_limit,
-                                                       test_limit=test_limit, download=download, shard=(rank, world))
+    train_loader, test_loader, classes, spec = build_loaders(recipe, root, dev, loader_rng, workers=workers, train_limit=train_limit,
+                                                             test_limit=test_limit, download=download, shard=(rank, world), console=console)
     n_train, n_test = _num_samples(train_loader), _num_samples(test_loader)
     # the albumentations dataset keeps its own RNG; reach it through a Subset too
     train_ds = getattr(train_loader, "dataset", None)
@@ -425,6 +447,8 @@ def fit(
         "train_limit": train_limit,
         "test_limit": test_limit,
         "data_dir": str(root.resolve()),  # later stages (export's int8, verify, eval, prune) default to it
+        # an image folder: where it is and how it was split (the size and channels are the input shape)
+        **({"folder": {"root": recipe.data.root, "split": recipe.data.split, "seed": recipe.seed}} if recipe.data.dataset == "folder" else {}),
         **(extra_meta or {}),
     }
     console.print(

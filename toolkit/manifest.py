@@ -85,6 +85,14 @@ class Normalization(_Schema):
         return std
 
 
+class FolderSource(_Schema):
+    """Where an image-folder run's images are and how its test split was drawn (toolkit.folder)."""
+
+    root: str = Field(min_length=1, max_length=4096)
+    split: float = Field(gt=0, lt=1)
+    seed: int = Field(ge=0)
+
+
 class Source(_Schema):
     checkpoint: str = Field(min_length=1, max_length=4096)
     sha256: str = Field(pattern=SHA256)
@@ -95,6 +103,9 @@ class Source(_Schema):
     epochs: Optional[int] = Field(default=None, ge=0)
     seed_results: Optional[dict[str, Any]] = None  # what the recipe's write-up reports (recipes.SeedResults)
     data_dir: Optional[str] = Field(default=None, max_length=4096)  # the data root training read (a default for later stages)
+    folder: Optional[FolderSource] = None  # an image-folder dataset (toolkit.folder): where its images are
+
+
 
 
 class Parity(_Schema):
@@ -216,7 +227,7 @@ class Manifest(_Schema):
             source=Source(checkpoint=str(Path(ckpt["path"]).resolve()), sha256=sha256_file(Path(ckpt["path"])), recipe=recipe["name"],
                           params=meta["params"], test_acc=meta.get("test_acc"), description=recipe.get("description") or None,
                           epochs=meta.get("epochs", recipe.get("epochs")), seed_results=recipe.get("seed_results"),
-                          data_dir=meta.get("data_dir")),
+                          data_dir=meta.get("data_dir"), folder=meta.get("folder")),
             artifacts=[],
         )
 

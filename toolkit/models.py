@@ -20,6 +20,11 @@ from torch import nn
 from toolkit.errors import ToolkitError
 
 
+def _check_channels(in_channels: int) -> None:
+    if not isinstance(in_channels, int) or not 1 <= in_channels <= 4:
+        raise ToolkitError(f"in_channels must be 1 to 4, not {in_channels!r}")
+
+
 def conv_bn_relu(cin: int, cout: int, *, padding: int = 0, dilation: int = 1, bias: bool = False) -> list[nn.Module]:
     return [
         nn.Conv2d(cin, cout, 3, padding=padding, dilation=dilation, bias=bias),
@@ -46,8 +51,9 @@ class MnistOptNet(nn.Module):
     Opt-2 adds Dropout(p) after every conv block but the first, as the seed's diagram marks.
     """
 
-    def __init__(self, dropout: float = 0.0, early_padding: int = 1, num_classes: int = 10):
+    def __init__(self, dropout: float = 0.0, early_padding: int = 1, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
+        _check_channels(in_channels)
         if early_padding not in (0, 1):
             raise ToolkitError(f"early_padding must be 0 or 1, not {early_padding!r}")
         early, late = early_padding, 1 - early_padding
@@ -57,7 +63,7 @@ class MnistOptNet(nn.Module):
             return layers + ([nn.Dropout(dropout)] if drop and dropout > 0 else [])
 
         self.features = nn.Sequential(
-            *block(1, 10, padding=early, drop=False),
+            *block(in_channels, 10, padding=early, drop=False),
             *block(10, 10, padding=early),
             *block(10, 10, padding=early),
             nn.MaxPool2d(2, 2),
@@ -96,8 +102,9 @@ class MnistGapNet(nn.Module):
     short of the seed's 99.53% / 99.54%, with a clearly higher test loss (0.0228 vs 0.0155).
     """
 
-    def __init__(self, dropout: float = 0.05, early_padding: int = 1, num_classes: int = 10):
+    def __init__(self, dropout: float = 0.05, early_padding: int = 1, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
+        _check_channels(in_channels)
         if early_padding not in (0, 1):
             raise ToolkitError(f"early_padding must be 0 or 1, not {early_padding!r}")
         early, late = early_padding, 1 - early_padding
@@ -107,7 +114,7 @@ class MnistGapNet(nn.Module):
             return layers + ([nn.Dropout(dropout)] if drop and dropout > 0 else [])
 
         self.features = nn.Sequential(
-            *block(1, 12, padding=early, drop=False),
+            *block(in_channels, 12, padding=early, drop=False),
             *block(12, 12, padding=early),
             *block(12, 12, padding=early),
             nn.MaxPool2d(2, 2),
@@ -471,6 +478,10 @@ def create_model(name: str, **options) -> nn.Module:
         return entry.build(**options)
     except (TypeError, ValueError) as exc:
         raise ToolkitError(f"model {name!r}: bad options ({exc})") from exc
+
+
+def takes_option(name: str, option: str) -> bool:
+    return option in inspect.signature(MODELS[name].builder).parameters
 
 
 def resolved_options(name: str, options: dict) -> dict:

@@ -19,6 +19,7 @@ import onnx
 from rich.console import Console
 
 from toolkit import data as data_mod
+from toolkit import folder
 from toolkit.errors import ToolkitError, check_choice
 from toolkit.files import atomic_write, resolve_data_dir
 from toolkit.manifest import Manifest
@@ -38,8 +39,13 @@ HOLDOUT_SIZE = 2000
 
 def training_slices(manifest: Manifest, data_dir, calib_size: int, holdout: int = HOLDOUT_SIZE, seed: int = 0, download: bool = True):
     """Disjoint random slices of the training split: calibration images, and a held-out set with labels."""
-    x, y, _ = data_mod.split_arrays(manifest.dataset, resolve_data_dir(data_dir, manifest.source.data_dir), train=True, download=download)
     import torch
+
+    if manifest.source.folder is not None:  # an image folder's training images, decoded as training decoded them
+        found = folder.load(folder.from_manifest(manifest))
+        x, y = torch.from_numpy(found.x_train), torch.from_numpy(found.y_train)
+    else:
+        x, y, _ = data_mod.split_arrays(manifest.dataset, resolve_data_dir(data_dir, manifest.source.data_dir), train=True, download=download)
 
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     calib = order[:calib_size]

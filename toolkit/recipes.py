@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from toolkit.datasets import facts
 from toolkit.errors import ToolkitError, first_line, shown
 from toolkit.files import name_problem, read_text_limited, reading
-from toolkit.models import MODELS, create_model, resolved_options
+from toolkit.models import MODELS, create_model, resolved_options, takes_option
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 MAX_BYTES = 1 << 20  # a recipe is a few hundred bytes
@@ -71,7 +71,16 @@ class Augment(Strict):
 
 
 class Data(Strict):
-    dataset: Literal["mnist", "fashion_mnist", "cifar10", "cifar100"]
+    # a built-in dataset, or "folder": the user's own images (toolkit.folder), which then needs
+    # root, size and channels
+    dataset: Literal["mnist", "fashion_mnist", "cifar10", "cifar100", "folder"]
+    root: Optional[str] = Field(default=None, min_length=1, max_length=4096)  # the image folder (relative: to the working directory)
+    size: Optional[int] = Field(default=None, ge=8, le=512)  # images are resized to size x size
+    channels: Optional[Literal[1, 3]] = None  # 1: grayscale, 3: RGB
+    split: float = Field(default=0.2, gt=0, lt=1)  # test fraction per class when root has no train/ and test/ folders
+    mean: Optional[list[float]] = None  # per channel, of pixels scaled to [0, 1]; computed from the training split when not given
+    std: Optional[list[float]] = None
+    strict: bool = False  # refuse an unreadable image file instead of skipping it with a warning
     batch_size: int = Field(ge=1, le=65536)
     test_batch_size: int = Field(default=1000, ge=1, le=65536)
     augment: Augment = Field(default_factory=Augment)
@@ -83,6 +92,29 @@ class Data(Strict):
     # for seeds 2, 3; dataloader 99.55, 99.34 for seeds 1, 2; docs/benchmarks.md): the seed moves
     # the result more than the pipeline does.
     pipeline: Literal["fast", "dataloader"] = "fast"
+
+    @model_validator(mode="after")
+    def _folder_keys(self) -> "Data":
+        folder_keys = [k for k in ("root", "size", "channels", "mean", "std") if getattr(self, k) is not None]
+        if self.dataset != "folder":
+            if folder_keys:
+                raise ValueError(f"{folder_keys[0]} is for dataset = 'folder' (an image folder), not for {self.dataset}")
+            return self
+        missing = [k for k in ("root", "size", "channels") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"dataset = 'folder' needs {', '.join(missing)} (the image folder, the side its images are resized to, 1 or 3 channels)")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and (len(value) != self.channels or any(v <= 0 and key == "std" for v in value)):
+                raise ValueError(f"{key} needs {self.channels} value(s), one per channel" + (", each above 0" if key == "std" else ""))
+        if self.pipeline != "fast":
+            raise ValueError("an image folder trains on the fast pipeline (its decoded images are cached in memory)")
+        return self
+
+    @property
+    def channels_in(self) -> int:
+        """The channels of the images this data section gives a model."""
+        return int(self.channels) if self.dataset == "folder" else facts(self.dataset).channels
 
 
 class Optimizer(Strict):
@@ -182,18 +214,28 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _model_fits_dataset(self) -> "Recipe":
         entry = MODELS.get(self.model.name)
-        channels = self.model.options.get("in_channels", entry.channels) if entry is not None else None
-        if entry is not None and channels != facts(self.data.dataset).channels:
-            raise ValueError(f"model {self.model.name!r} does not take {self.data.dataset} images")
+        channels = self._options().get("in_channels", entry.channels) if entry is not None else None
+        if entry is not None and channels != self.data.channels_in:
+            what = f"{self.data.channels_in}-channel folder" if self.data.dataset == "folder" else self.data.dataset
+            raise ValueError(f"model {self.model.name!r} does not take {what} images")
         return self
+
+    def _options(self) -> dict:
+        """The model options; for an image folder, the models that can adapt their input channels
+        get the folder's (the zoo's CIFAR nets on grey images, the MNIST nets on RGB)."""
+        options = dict(self.model.options)
+        entry = MODELS.get(self.model.name)
+        if self.data.dataset == "folder" and entry is not None and "in_channels" not in options and takes_option(self.model.name, "in_channels"):
+            options["in_channels"] = self.data.channels_in
+        return options
 
     def resolved(self) -> "Recipe":
         """This recipe with every model option spelled out, as checkpoints store it."""
-        options = resolved_options(self.model.name, dict(self.model.options))
+        options = resolved_options(self.model.name, self._options())
         return self.model_copy(update={"model": self.model.model_copy(update={"options": options})})
 
     def build_model(self, num_classes: int):
-        options = dict(self.model.options)
+        options = self._options()
         options.setdefault("num_classes", num_classes)
         return create_model(self.model.name, **options)
 
@@ -274,10 +316,35 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
     # catch bad model options at load time, not at the first epoch
     with reading(path, "recipe"):
         try:
-            recipe.build_model(num_classes=facts(recipe.data.dataset).num_classes)
+            model = recipe.build_model(num_classes=class_count(recipe))
         except Exception as exc:  # noqa: BLE001 - whatever the options make the builder do, it is the recipe's fault
             raise ToolkitError(f"{path}: model.options: {first_line(exc)}") from None
+        if recipe.data.dataset == "folder":  # a size the model's fixed pooling cannot take fails here, not in epoch 1
+            import torch
+
+            try:
+                with torch.no_grad():
+                    model.eval()(torch.zeros(1, recipe.data.channels_in, recipe.data.size, recipe.data.size))
+            except Exception as exc:  # noqa: BLE001
+                raise ToolkitError(f"{path}: model {recipe.model.name!r} does not take {recipe.data.size}x{recipe.data.size} images "
+                                   f"(data.size): {first_line(exc)}") from None
     return recipe
+
+
+def class_count(recipe: Recipe) -> int:
+    """The number of classes a recipe's model answers; for an image folder, its class folders (2
+    where the folder is not there yet: enough to check the model's options)."""
+    if recipe.data.dataset != "folder":
+        return facts(recipe.data.dataset).num_classes
+    root = Path(recipe.data.root).expanduser()
+    base = root / "train" if (root / "train").is_dir() and (root / "test").is_dir() else root
+    try:
+        found = [p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        found = []
+    if len(found) >= 2:
+        return len(found)
+    return 2
 
 
 def list_recipes(directory: Path = RECIPES_DIR) -> list[tuple[Path, Recipe]]:

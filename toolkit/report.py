@@ -6,16 +6,15 @@ from pathlib import Path
 
 from rich.table import Table
 
-from toolkit.datasets import facts
 from toolkit.files import atomic_write
 from toolkit.models import count_params
-from toolkit.recipes import list_recipes
+from toolkit.recipes import class_count, list_recipes
 
 
 def recipe_rows(directory: Path) -> list[dict]:
     rows = []
     for path, recipe in list_recipes(directory):
-        num_classes = facts(recipe.data.dataset).num_classes
+        num_classes = class_count(recipe)
         sr = recipe.seed_results
         rows.append(
             {

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from toolkit import data as data_mod
-from toolkit import preprocess
+from toolkit import folder, preprocess
 from toolkit.checkpoint import model_from_checkpoint, source_checkpoint
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write, locked, resolve_data_dir
@@ -44,14 +44,21 @@ def deployed_inputs(manifest: Manifest, root: Path, limit: int | None = None) ->
     inputs are normalized floats, or the pixels themselves for a uint8-input export. The pipeline
     path writes each image as a PNG file in memory and reads it back as `toolkit predict` and the
     demo read a user's file."""
-    split = preprocess.read_test_split(manifest.dataset, root)
-    if split is None:
-        raise ToolkitError(f"no {manifest.dataset} test split under {root} that the deployed preprocessing can read")
-    images, labels, _ = split
-    images, labels = images[:limit], labels[:limit]
+    if manifest.source.folder is not None:  # an image folder: its own test files, read as a user's files are
+        spec = folder.from_manifest(manifest)
+        found = folder.load(spec)
+        images, labels = found.x_test[:limit], found.y_test[:limit]
+        sources = [spec.root / name for name in found.test_files[:limit]]
+    else:
+        split = preprocess.read_test_split(manifest.dataset, root)
+        if split is None:
+            raise ToolkitError(f"no {manifest.dataset} test split under {root} that the deployed preprocessing can read")
+        images, labels, _ = split
+        images, labels = images[:limit], labels[:limit]
+        sources = [preprocess.png_bytes(img) for img in images]
     normalized = preprocess.normalize(images, manifest.normalization)
     tensors = preprocess.model_input(images, manifest)
-    files = np.concatenate([preprocess.to_input(preprocess.model_pixels(preprocess.png_bytes(img), manifest), manifest) for img in images])
+    files = np.concatenate([preprocess.to_input(preprocess.model_pixels(src, manifest), manifest) for src in sources])
     return normalized, tensors, files, labels
 
 
