@@ -41,7 +41,7 @@ def test_short_fine4_training_learns(fine4_run, mnist_root):
 
     ckpt = load_checkpoint(result.run_dir)
     # every model option is spelled out, so a later change of a default cannot change this model
-    assert ckpt["recipe"]["model"]["options"] == {"dropout": 0.05, "early_padding": 1}
+    assert ckpt["recipe"]["model"]["options"] == {"dropout": 0.05, "early_padding": 1, "in_channels": 1}
     assert ckpt["meta"]["classes"] == [str(i) for i in range(10)]
     assert ckpt["meta"]["mean"] == [0.1307] and ckpt["meta"]["input_shape"] == [1, 28, 28]
 
