@@ -82,7 +82,7 @@ def build_demo(catalog: Catalog, examples: list[str], top_k: int = 3) -> gr.Bloc
 def _tab(catalog: Catalog, family_name: str, classify, classify_sketch, examples: list[str], top_k: int) -> None:
     keys = catalog.keys(family_name)
     if not keys:
-        what = "an MNIST recipe" if family_name == MNIST_FAMILY else "a CIFAR or Fashion-MNIST recipe"
+        what = "an MNIST recipe" if family_name == MNIST_FAMILY else "a CIFAR or Fashion-MNIST recipe, or one of your own image folder"
         gr.Markdown(f"No {'MNIST' if family_name == MNIST_FAMILY else 'picture'} export is being served. Train and export {what} (`toolkit recipes` lists them), "
                     "then restart `toolkit serve` with its export folder.")
         return

@@ -187,3 +187,30 @@ def test_training_on_a_folder_matches_the_built_in_loader_and_deploys(fashion_fo
     x = (torch.from_numpy(pixels) - meta["mean"][0]) / meta["std"][0]
     expected = [FOLDERS[i] for i in model(x).argmax(1).tolist()]
     assert [r["label"] for r in rows] == expected
+
+
+def test_the_readme_folder_recipe_trains_on_rgb_pictures(tmp_path, cache):
+    """The README's pets.toml as written (only root and epochs changed), on an RGB folder without
+    train/ and test/: JPEG and PNG pictures of two colours, a CIFAR net of the zoo."""
+    import re
+
+    from toolkit.checkpoint import load_checkpoint
+    from toolkit.train import train
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    text = re.search(r"```toml\n(# pets\.toml\n.*?)```", readme, re.S).group(1)
+    (tmp_path / "pets.toml").write_text(text)
+    rng = np.random.default_rng(0)
+    for name, colour in (("cat", (200, 60, 40)), ("dog", (40, 80, 200))):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(20):
+            pixels = np.clip(rng.normal(colour, 30, (48, 40, 3)), 0, 255).astype(np.uint8)  # not square, not 32x32
+            Image.fromarray(pixels).save(tmp_path / "photos" / name / (f"{i}.jpg" if i % 2 else f"{i}.png"))
+    recipe = load_recipe(tmp_path / "pets.toml", ["epochs=2", f"data.root={tmp_path / 'photos'}", "data.batch_size=8"])
+    assert recipe.resolved().model.options["in_channels"] == 3
+    run = train(recipe, device="cpu", out=tmp_path / "runs", console=quiet())
+    meta = load_checkpoint(run.checkpoint)["meta"]
+    assert meta["classes"] == ["cat", "dog"] and meta["input_shape"] == [3, 32, 32] and len(meta["mean"]) == 3
+    assert run.epochs == 2 and len(run.metrics) == 2
+    # the default split: 20% of each class, 4 + 4 test images
+    assert folder.load(data_mod.folder_spec(recipe)).y_test.tolist() == [0] * 4 + [1] * 4
