@@ -1,5 +1,6 @@
 """The fast path's batch-wise augmentations: exact geometry, and the same distributions as torchvision / albumentations."""
 
+import pytest
 import numpy as np
 import torch
 from torchvision import transforms
@@ -130,3 +131,25 @@ def test_tensor_loader_matches_the_torchvision_test_pipeline(mnist_root):
     expected = torch.stack([reference[i][0] for i in range(64)])
     assert torch.allclose(xb, expected, atol=1e-6) and torch.equal(yb, y[:64])
     assert len(loader) == 2 and loader.num_samples() == 100 and classes == [str(i) for i in range(10)]
+
+
+@pytest.mark.parametrize("library", ["torchvision", "albumentations"])
+def test_a_flip_alone_is_a_reversal_with_the_resampling_s_pixels(library):
+    """Flip-only augmentation skips grid_sample; the pixels are those grid_sample gives."""
+    import torch.nn.functional as F
+
+    from toolkit.fastdata import affine_theta, apply_batch, sample_params
+    from toolkit.recipes import Augment
+
+    aug = Augment(library=library, hflip=0.5, random_crop_padding=4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 32, 32, generator=g)
+    params = sample_params(aug, 64, 32, torch.Generator().manual_seed(1))
+    assert 0 < int(params["flip"].sum()) < 64
+    fast = apply_batch(x, aug, params, nearest=library == "torchvision")
+    grid = F.affine_grid(affine_theta(params), list(x.shape), align_corners=False)
+    for mode in ("nearest", "bilinear"):
+        resampled = F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+        no_flip = {k: v for k, v in params.items() if k != "flip"} | {"flip": torch.zeros(64, dtype=torch.bool)}
+        expected = apply_batch(resampled, Augment(library=library, random_crop_padding=4), no_flip, nearest=True)
+        assert torch.equal(fast, expected)

@@ -80,8 +80,13 @@ def apply_batch(x: torch.Tensor, aug: Augment, params: dict[str, torch.Tensor], 
     """Augment a float batch in [0, 1] (n, c, h, w) on its device."""
     n, _, h, w = x.shape
     dev = x.device
-    geometric = bool(aug.rotation or aug.shift_scale_rotate or aug.hflip)
-    if geometric:
+    geometric = bool(aug.rotation or aug.shift_scale_rotate)
+    if aug.hflip and not geometric:
+        # a flip alone (the ResNet recipes' RandomCrop + flip) is an index reversal: grid_sample
+        # would give the same pixels (tests/test_fastdata.py) for a full resampling's cost
+        flip = params["flip"].to(dev, non_blocking=True).view(n, 1, 1, 1)
+        x = torch.where(flip, x.flip(-1), x)
+    elif geometric:
         theta = affine_theta(params).to(dev, non_blocking=True)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="nearest" if nearest else "bilinear", padding_mode="zeros", align_corners=False)
