@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from datetime import datetime
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from toolkit.errors import ToolkitError
-from toolkit.files import atomic_write, reading
+from toolkit.files import atomic_write, make_dir, plain_name, reading, write_error
 
 FORMAT = "toolkit-checkpoint/1"
 
@@ -130,3 +131,39 @@ def latest_run(runs_dir: str | Path = "runs") -> Path:
     if not runs:
         raise ToolkitError(f"no trained run under {runs_dir}/ (run `toolkit train RECIPE` first, or pass a run directory)")
     return max(runs, key=lambda p: (p / "best.pt").stat().st_mtime)
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+def new_run_dir(out: Path, name: str) -> Path:
+    """A new, empty ``out/<name>-<timestamp>[-n]``: ``name`` must be a plain name, and two runs
+    started in the same second get different directories (mkdir is the arbiter, not a check before it)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = plain_name(f"{name}-{stamp}", "run name")
+    make_dir(Path(out), "runs folder")
+    for n in range(1, 10_000):
+        run_dir = Path(out) / (base if n == 1 else f"{base}-{n}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise write_error(exc, run_dir) from None
+    raise ToolkitError(f"cannot find a free run directory name {base}-N under {out}")
+
+
+def checkpoint_dict(recipe, model: torch.nn.Module, meta: dict, rows: list[dict]) -> dict:
+    """What best.pt / last.pt hold: weights, layer widths, the recipe (a ``recipes.Recipe``),
+    metadata and metrics (plain values only)."""
+    from toolkit.models import layer_widths
+
+    return {
+        "format": FORMAT,
+        "recipe": recipe.model_dump(mode="json"),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "layers": layer_widths(model),
+        "meta": meta,
+        "metrics": rows,
+    }

@@ -18,7 +18,6 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -29,10 +28,10 @@ from torch.utils.data import Subset
 
 from toolkit import data as data_mod
 from toolkit.datasets import facts
-from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, non_finite, save_checkpoint
+from toolkit.checkpoint import checkpoint_dict, load_checkpoint, model_from_checkpoint, new_run_dir, non_finite, save_checkpoint
 from toolkit.errors import ToolkitError, check_choice
-from toolkit.files import atomic_write, locked, make_dir, plain_name, reading, remove_stale_temps, resolve_data_dir, write_error
-from toolkit.models import count_params, layer_widths
+from toolkit.files import atomic_write, locked, reading, remove_stale_temps, resolve_data_dir
+from toolkit.models import count_params
 from toolkit.progress import Progress
 from toolkit.recipes import Recipe
 
@@ -216,24 +215,6 @@ class RunResult:
         }
 
 
-def new_run_dir(out: Path, name: str) -> Path:
-    """A new, empty ``out/<name>-<timestamp>[-n]``: ``name`` must be a plain name, and two runs
-    started in the same second get different directories (mkdir is the arbiter, not a check before it)."""
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = plain_name(f"{name}-{stamp}", "run name")
-    make_dir(Path(out), "runs folder")
-    for n in range(1, 10_000):
-        run_dir = Path(out) / (base if n == 1 else f"{base}-{n}")
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise write_error(exc, run_dir) from None
-    raise ToolkitError(f"cannot find a free run directory name {base}-N under {out}")
-
-
 RECIPE_TOML = "recipe.toml"
 TENSORBOARD = "tensorboard"  # the run's TensorBoard event files: tensorboard --logdir runs/
 
@@ -268,18 +249,6 @@ def write_recipe_toml(recipe: Recipe, path: Path, **cli) -> None:
         header += f"# it also ran with: {given}\n"
     with atomic_write(path, "w") as f:
         f.write(header + tomli_w.dumps(recipe.model_dump(mode="json", exclude_none=True)))
-
-
-def checkpoint_dict(recipe: Recipe, model: torch.nn.Module, meta: dict, rows: list[dict]) -> dict:
-    """What best.pt / last.pt hold: weights, layer widths, the recipe, metadata and metrics (plain values only)."""
-    return {
-        "format": FORMAT,
-        "recipe": recipe.model_dump(mode="json"),
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "layers": layer_widths(model),
-        "meta": meta,
-        "metrics": rows,
-    }
 
 
 def write_metrics_csv(rows: list[dict], path: Path) -> None:
@@ -323,42 +292,82 @@ def _early_stop(recipe: Recipe, rows: list[dict]) -> bool:
     return min(r["test_loss"] for r in rows[-rule.patience :]) >= best_before
 
 
-def fit(
-    recipe: Recipe | None = None,
-    *,
-    device: str = "auto",
-    data_dir: str | Path | None = None,
-    out: str | Path = "runs",
-    epochs: int | None = None,
-    seed: int | None = None,
-    resume: str | Path | None = None,
-    workers: int = 0,
-    train_limit: int | None = None,
-    test_limit: int | None = None,
-    download: bool = True,
-    console: Console | None = None,
-    pipeline: str | None = None,
-    model: torch.nn.Module | None = None,
-    run_name: str | None = None,
-    after_step=None,
-    extra_meta: dict | None = None,
-    compile: str = "none",
-) -> RunResult:
-    """Train ``recipe`` (or continue ``resume``). ``model`` starts from given weights instead of the
-    recipe's fresh model (pruning fine-tunes this way), ``after_step(model)`` runs after every
-    optimizer step, and ``extra_meta`` is stored in the checkpoints. ``compile`` runs the training
-    forward/backward through ``torch.compile`` in that mode (one of ``COMPILE_MODES``); checkpoints
-    and evaluation keep the plain module, so the saved weights are the same either way."""
-    console = console or Console(stderr=True)
-    state = None
+@dataclass
+class TrainState:
+    """Where a run stands between epochs: saved into ``last.pt`` and restored from it symmetrically
+    (the epoch, the best test accuracy, the metric rows, the optimizer, the scheduler and every
+    random generator), so a resumed run continues bit for bit."""
+
+    epoch: int = 0
+    best_acc: float = -1.0
+    rows: list[dict] = field(default_factory=list)
+
+    def save(self, optimizer, scheduler, loader_rng: torch.Generator, on_gpu: bool) -> dict:
+        return {
+            "epoch": self.epoch,
+            "best_acc": self.best_acc,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if on_gpu else None,
+            "loader_rng": loader_rng.get_state(),
+            "python_rng": random.getstate(),
+        }
+
+    @classmethod
+    def restore(cls, ckpt: dict, optimizer, scheduler, loader_rng: torch.Generator, on_gpu: bool) -> "TrainState":
+        with reading(ckpt["path"], "checkpoint to resume from"):
+            ts = ckpt["train_state"]
+            optimizer.load_state_dict(ts["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(ts["scheduler"])
+            torch.set_rng_state(ts["torch_rng"])
+            loader_rng.set_state(ts["loader_rng"])
+            random.setstate(ts["python_rng"])
+            if on_gpu and ts.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(ts["cuda_rng"])
+            return cls(epoch=int(ts["epoch"]), best_acc=float(ts["best_acc"]), rows=list(ckpt["metrics"]))
+
+
+@dataclass
+class Session:
+    """Everything set-up gives the epoch loop."""
+
+    recipe: Recipe
+    dev: torch.device
+    world: int
+    main_process: bool
+    console: Console
+    run_dir: Path
+    train_loader: object
+    test_loader: object
+    model: torch.nn.Module
+    net: torch.nn.Module  # the module that trains: the model, wrapped for several processes or compiled
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    sched_when: str
+    loader_rng: torch.Generator
+    state: TrainState
+    meta: dict
+    params: int
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.dev.type == "cuda"
+
+
+def _set_up(recipe, *, device, data_dir, out, epochs, seed, resume, workers, train_limit, test_limit, download, console, pipeline,
+            model, run_name, extra_meta, compile) -> Session:
+    """Recipe (or resumed run) -> device, processes, data, model, optimizer, scheduler, training
+    state and run directory. The random generators are seeded and consumed in one fixed order."""
+    ckpt = None
     if resume is not None:
         run_dir = Path(resume)
-        state = load_checkpoint(run_dir / "last.pt" if run_dir.is_dir() else run_dir)
-        if not isinstance(state.get("train_state"), dict):
-            raise ToolkitError(f"{state['path']}: holds no training state to resume from (resume from a run directory or its last.pt)")
-        run_dir = Path(state["path"]).parent
-        recipe = Recipe.model_validate(state["recipe"])
-        train_limit, test_limit = state["meta"].get("train_limit"), state["meta"].get("test_limit")
+        ckpt = load_checkpoint(run_dir / "last.pt" if run_dir.is_dir() else run_dir)
+        if not isinstance(ckpt.get("train_state"), dict):
+            raise ToolkitError(f"{ckpt['path']}: holds no training state to resume from (resume from a run directory or its last.pt)")
+        recipe = Recipe.model_validate(ckpt["recipe"])
+        train_limit, test_limit = ckpt["meta"].get("train_limit"), ckpt["meta"].get("test_limit")
     if recipe is None:
         raise ToolkitError("give a recipe, or --resume RUN_DIR")
     updates = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
@@ -387,40 +396,24 @@ def fit(
     loader_rng = torch.Generator().manual_seed(recipe.seed)
     train_loader, test_loader, classes, spec = build_loaders(recipe, root, dev, loader_rng, workers=workers, train_limit=train_limit,
                                                              test_limit=test_limit, download=download, shard=(rank, world), console=console)
-    n_train, n_test = _num_samples(train_loader), _num_samples(test_loader)
-    # the albumentations dataset keeps its own RNG; reach it through a Subset too
-    train_ds = getattr(train_loader, "dataset", None)
-    train_ds = getattr(train_ds, "dataset", train_ds)
 
-    # ---- model, optimizer, scheduler
-    if state is not None:
-        model = model_from_checkpoint(state)
-        extra_meta = {k: v for k, v in state["meta"].items() if k in ("pruned",)}
+    # ---- model, optimizer, scheduler, state
+    if ckpt is not None:
+        model = model_from_checkpoint(ckpt)
+        extra_meta = {k: v for k, v in ckpt["meta"].items() if k in ("pruned",)}
     elif model is None:
         model = recipe.build_model(spec.num_classes)
     model = model.to(dev)
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    params = count_params(model)
     optimizer = build_optimizer(recipe, model)
     scheduler, sched_when = build_scheduler(recipe, optimizer)
-
-    rows: list[dict] = []
-    best_acc, start_epoch = -1.0, 0
-    if state is not None:
-        with reading(state["path"], "checkpoint to resume from"):
-            ts = state["train_state"]
-            optimizer.load_state_dict(ts["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(ts["scheduler"])
-            torch.set_rng_state(ts["torch_rng"])
-            loader_rng.set_state(ts["loader_rng"])
-            random.setstate(ts["python_rng"])
-            if on_gpu and ts.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(ts["cuda_rng"])
-            rows, best_acc, start_epoch = list(state["metrics"]), float(ts["best_acc"]), int(ts["epoch"])
+    if ckpt is not None:
+        state = TrainState.restore(ckpt, optimizer, scheduler, loader_rng, on_gpu)
+        run_dir = Path(ckpt["path"]).parent
     else:
+        state = TrainState()
         run_dir = new_run_dir(Path(out), run_name or recipe.name) if main_process else None
         if main_process:
             write_recipe_toml(recipe, run_dir / RECIPE_TOML, train_limit=train_limit, test_limit=test_limit)
@@ -436,7 +429,7 @@ def fit(
     if compile != "none":
         # the first steps pay the compilation (tens of seconds); worth it only for long runs, so opt-in
         net = torch.compile(net, mode=None if compile == "default" else compile)
-
+    params = count_params(model)
     meta = {
         "dataset": recipe.data.dataset,
         "classes": classes,
@@ -453,127 +446,160 @@ def fit(
     }
     console.print(
         f"[bold]{recipe.name}[/]: {recipe.model.name} ({params:,} params) on {recipe.data.dataset} "
-        f"[{n_train:,} train / {n_test:,} test per process, {recipe.data.pipeline} pipeline], {recipe.epochs} epoch{'s' if recipe.epochs != 1 else ''}, device {dev.type}"
+        f"[{_num_samples(train_loader):,} train / {_num_samples(test_loader):,} test per process, {recipe.data.pipeline} pipeline], "
+        f"{recipe.epochs} epoch{'s' if recipe.epochs != 1 else ''}, device {dev.type}"
         + (f" x {world} processes" if world > 1 else "") + (f", torch.compile {compile}" if compile != "none" else "") + f" -> {run_dir}"
     )
+    return Session(recipe, dev, world, main_process, console, run_dir, train_loader, test_loader, model, net, optimizer, scheduler,
+                   sched_when, loader_rng, state, meta, params)
+
+
+def train_one_epoch(s: Session, epoch: int, progress, after_step=None) -> tuple[float, float]:
+    """One pass over the training split; the mean training loss and accuracy (%) over every process."""
+    train_ds = getattr(s.train_loader, "dataset", None)
+    train_ds = getattr(train_ds, "dataset", train_ds)  # the albumentations dataset keeps its own RNG; reach it through a Subset
+    if hasattr(train_ds, "reseed") and not getattr(s.train_loader, "num_workers", 0):
+        train_ds.reseed(int(torch.randint(2**31 - 1, (1,), generator=s.loader_rng)))
+    sampler = getattr(s.train_loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
+        sampler.set_epoch(epoch)
+    s.model.train()
+    loss_sum = torch.zeros((), device=s.dev)
+    correct = torch.zeros((), device=s.dev, dtype=torch.long)
+    seen = 0
+    task = progress.add_task(f"epoch {epoch + 1}/{s.recipe.epochs}", total=len(s.train_loader))
+    for x, y in s.train_loader:
+        x, y = x.to(s.dev, non_blocking=True), y.to(s.dev, non_blocking=True)
+        if s.on_gpu:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(s.dev.type, dtype=torch.bfloat16, enabled=s.on_gpu):
+            out = s.net(x)
+            loss = F.cross_entropy(out, y)
+        s.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        s.optimizer.step()
+        if after_step is not None:
+            after_step(s.model)
+        if s.sched_when == "step":
+            s.scheduler.step()
+        # accumulate on the device: no host synchronisation per step
+        loss_sum += loss.detach() * len(y)
+        correct += (out.argmax(1) == y).sum()
+        seen += len(y)
+        progress.advance(task)
+    progress.remove_task(task)
+    if s.world > 1:  # one synchronisation per epoch: sum the ranks' training metrics
+        totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=s.dev)])
+        torch.distributed.all_reduce(totals)
+        loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
+    return loss_sum.item() / seen, 100.0 * correct.item() / seen
+
+
+def _end_epoch(s: Session, epoch: int, row: dict, test_acc: float, board):
+    """The epoch's checkpoints (best.pt when it is the best so far, last.pt with the training
+    state), metrics.csv and TensorBoard scalars; returns the TensorBoard writer."""
+    s.state.rows.append(row)
+    ckpt = checkpoint_dict(s.recipe, s.model, {**s.meta, "epoch": epoch + 1, "test_acc": test_acc}, s.state.rows)
+    if test_acc > s.state.best_acc:
+        s.state.best_acc = test_acc
+        if s.main_process:
+            save_checkpoint(ckpt, s.run_dir / "best.pt")
+    s.state.epoch = epoch + 1
+    ckpt["train_state"] = s.state.save(s.optimizer, s.scheduler, s.loader_rng, s.on_gpu)
+    if s.main_process:
+        save_checkpoint(ckpt, s.run_dir / "last.pt")
+        write_metrics_csv(s.state.rows, s.run_dir / "metrics.csv")
+        # after the checkpoints: a run that cannot save them (a full disk) starts no event file either
+        if board is None:
+            board = tensorboard_writer(s.run_dir, epoch)
+        if board is not None:
+            _board_epoch(board, row)
+    return board
+
+
+def fit(
+    recipe: Recipe | None = None,
+    *,
+    device: str = "auto",
+    data_dir: str | Path | None = None,
+    out: str | Path = "runs",
+    epochs: int | None = None,
+    seed: int | None = None,
+    resume: str | Path | None = None,
+    workers: int = 0,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    download: bool = True,
+    console: Console | None = None,
+    pipeline: str | None = None,
+    model: torch.nn.Module | None = None,
+    run_name: str | None = None,
+    after_step=None,
+    extra_meta: dict | None = None,
+    compile: str = "none",
+) -> RunResult:
+    """Train ``recipe`` (or continue ``resume``). ``model`` starts from given weights instead of the
+    recipe's fresh model (pruning fine-tunes this way), ``after_step(model)`` runs after every
+    optimizer step, and ``extra_meta`` is stored in the checkpoints. ``compile`` runs the training
+    forward/backward through ``torch.compile`` in that mode (one of ``COMPILE_MODES``); checkpoints
+    and evaluation keep the plain module, so the saved weights are the same either way."""
+    s = _set_up(recipe, device=device, data_dir=data_dir, out=out, epochs=epochs, seed=seed, resume=resume, workers=workers,
+                train_limit=train_limit, test_limit=test_limit, download=download, console=console or Console(stderr=True),
+                pipeline=pipeline, model=model, run_name=run_name, extra_meta=extra_meta, compile=compile)
+    recipe, console, start_epoch = s.recipe, s.console, s.state.epoch
     if start_epoch >= recipe.epochs:
         console.print(f"nothing to do: the run already has {start_epoch} epoch{'s' if start_epoch != 1 else ''}")
-
     started = time.perf_counter()
     stopped_early = False
     board = None
     # one writer per run directory: a second `train --resume` of a running run is refused at once
-    with locked(run_dir, wait=False) if main_process else contextlib.nullcontext(), progress_bar(console) as progress:
-        if state is not None and main_process:
-            stale = remove_stale_temps(run_dir)
+    with locked(s.run_dir, wait=False) if s.main_process else contextlib.nullcontext(), progress_bar(console) as progress:
+        if start_epoch and s.main_process:
+            stale = remove_stale_temps(s.run_dir)
             if stale:
-                console.print(f"removed {len(stale)} temporary file(s) an interrupted run left in {run_dir}")
+                console.print(f"removed {len(stale)} temporary file(s) an interrupted run left in {s.run_dir}")
         for epoch in range(start_epoch, recipe.epochs):
             t0 = time.perf_counter()
-            if hasattr(train_ds, "reseed") and not workers:
-                train_ds.reseed(int(torch.randint(2**31 - 1, (1,), generator=loader_rng)))
-            lr = optimizer.param_groups[0]["lr"]
-            sampler = getattr(train_loader, "sampler", None)
-            if hasattr(sampler, "set_epoch"):  # DistributedSampler: a new shuffle each epoch
-                sampler.set_epoch(epoch)
-            model.train()
-            loss_sum = torch.zeros((), device=dev)
-            correct = torch.zeros((), device=dev, dtype=torch.long)
-            seen = 0
-            task = progress.add_task(f"epoch {epoch + 1}/{recipe.epochs}", total=len(train_loader))
-            for x, y in train_loader:
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                if on_gpu:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
-                    out = net(x)
-                    loss = F.cross_entropy(out, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if after_step is not None:
-                    after_step(model)
-                if sched_when == "step":
-                    scheduler.step()
-                # accumulate on the device: no host synchronisation per step
-                loss_sum += loss.detach() * len(y)
-                correct += (out.argmax(1) == y).sum()
-                seen += len(y)
-                progress.advance(task)
-            progress.remove_task(task)
-            test_loss, test_acc, _, _ = evaluate(model, test_loader, dev, autocast=on_gpu, progress=progress)
-            if world > 1:  # one synchronisation per epoch: sum the ranks' training metrics
-                totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=dev)])
-                torch.distributed.all_reduce(totals)
-                loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
-            train_loss = loss_sum.item() / seen
-            if not (math.isfinite(train_loss) and math.isfinite(test_loss)) or non_finite(model.state_dict()):
-                kept = f"the last good checkpoint is {run_dir / 'last.pt'}" if rows else "no checkpoint was written"
+            lr = s.optimizer.param_groups[0]["lr"]
+            train_loss, train_acc = train_one_epoch(s, epoch, progress, after_step)
+            test_loss, test_acc, _, _ = evaluate(s.model, s.test_loader, s.dev, autocast=s.on_gpu, progress=progress)
+            if not (math.isfinite(train_loss) and math.isfinite(test_loss)) or non_finite(s.model.state_dict()):
+                kept = f"the last good checkpoint is {s.run_dir / 'last.pt'}" if s.state.rows else "no checkpoint was written"
                 raise ToolkitError(f"training diverged in epoch {epoch + 1}: the loss or the weights became NaN or infinite; "
                                    f"{kept} (try a lower learning rate or weight decay)")
-            if sched_when == "epoch":
-                scheduler.step()
-            elif sched_when == "plateau":
-                scheduler.step(test_loss)
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": round(train_loss, 6),
-                "train_acc": round(100.0 * correct.item() / seen, 4),
-                "test_loss": round(test_loss, 6),
-                "test_acc": round(test_acc, 4),
-                "lr": lr,
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
-            rows.append(row)
+            if s.sched_when == "epoch":
+                s.scheduler.step()
+            elif s.sched_when == "plateau":
+                s.scheduler.step(test_loss)
+            row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 4), "test_loss": round(test_loss, 6),
+                   "test_acc": round(test_acc, 4), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
             console.print(
                 f"epoch {row['epoch']:>3}/{recipe.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
                 f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  lr {lr:.3g}  {row['seconds']:.1f}s"
             )
-            ckpt = checkpoint_dict(recipe, model, {**meta, "epoch": epoch + 1, "test_acc": test_acc}, rows)
-            if test_acc > best_acc:
-                best_acc = test_acc
-                if main_process:
-                    save_checkpoint(ckpt, run_dir / "best.pt")
-            ckpt["train_state"] = {
-                "epoch": epoch + 1,
-                "best_acc": best_acc,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if on_gpu else None,
-                "loader_rng": loader_rng.get_state(),
-                "python_rng": random.getstate(),
-            }
-            if main_process:
-                save_checkpoint(ckpt, run_dir / "last.pt")
-                write_metrics_csv(rows, run_dir / "metrics.csv")
-                # after the checkpoints: a run that cannot save them (a full disk) starts no event file either
-                if board is None:
-                    board = tensorboard_writer(run_dir, start_epoch)
-                if board is not None:
-                    _board_epoch(board, row)
-            if _early_stop(recipe, rows):
+            board = _end_epoch(s, epoch, row, test_acc, board)
+            if _early_stop(recipe, s.state.rows):
                 console.print(f"early stopping after epoch {epoch + 1} ({recipe.early_stopping.monitor} rule)")
                 stopped_early = True
                 break
     seconds = time.perf_counter() - started
     if board is not None:
         board.close()
-    if rows and main_process:
-        plot_curves(rows, run_dir / "curves.png")
-    if world > 1:
+    rows = s.state.rows
+    if rows and s.main_process:
+        plot_curves(rows, s.run_dir / "curves.png")
+    if s.world > 1:
         torch.distributed.barrier()  # rank 0's files are complete before anyone returns
-    result = RunResult(
-        run_dir=run_dir,
-        checkpoint=run_dir / "best.pt",
+    return RunResult(
+        run_dir=s.run_dir,
+        checkpoint=s.run_dir / "best.pt",
         best_test_acc=max((r["test_acc"] for r in rows), default=0.0),
         final_test_acc=rows[-1]["test_acc"] if rows else 0.0,
         epochs=len(rows),
         seconds=seconds,
-        params=params,
+        params=s.params,
         stopped_early=stopped_early,
         metrics=rows,
-        main_process=main_process,
+        main_process=s.main_process,
         recipe=recipe,
     )
-    return result

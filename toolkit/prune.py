@@ -19,12 +19,12 @@ from rich.table import Table
 from torch import nn
 
 from toolkit import data as data_mod
-from toolkit.checkpoint import latest_run, load_checkpoint, model_from_checkpoint, save_checkpoint
+from toolkit.checkpoint import checkpoint_dict, latest_run, load_checkpoint, model_from_checkpoint, new_run_dir, save_checkpoint
 from toolkit.errors import ToolkitError, check_choice
 from toolkit.files import resolve_data_dir
 from toolkit.models import count_params
 from toolkit.recipes import Recipe
-from toolkit.loop import checkpoint_dict, evaluate, fit, make_loader_for_eval, new_run_dir, pick_device
+from toolkit.loop import evaluate, fit, make_loader_for_eval, pick_device
 
 METHODS = ("l1-unstructured", "channel")
 
