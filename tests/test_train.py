@@ -301,3 +301,45 @@ def test_later_stages_default_to_the_data_folder_training_used(mnist_root, tmp_p
     assert resolve_data_dir(None, manifest.source.data_dir) == mnist_root.resolve()
     assert resolve_data_dir(tmp_path / "given", manifest.source.data_dir) == tmp_path / "given"  # an option still wins
     assert resolve_data_dir(None, tmp_path / "gone") == tmp_path / "cache" / "toolkit" / "data"  # a recorded folder that is gone
+
+
+def test_a_validation_split_is_held_out_of_training_and_chooses_best_pt():
+    """data.validation: a seeded fraction of the training split, disjoint from what trains."""
+    from toolkit.loop import validation_split
+
+    recipe = load_recipe(RECIPES / "fine4.toml", ["data.validation=0.1"])
+    kept, held = validation_split(2000, recipe)
+    assert len(held) == 200 and len(kept) == 1800
+    assert sorted(set(kept.tolist()) | set(held.tolist())) == list(range(2000)) and not set(kept.tolist()) & set(held.tolist())
+    again, held_again = validation_split(2000, recipe)
+    assert torch.equal(held, held_again)
+    other = validation_split(2000, load_recipe(RECIPES / "fine4.toml", ["data.validation=0.1", "seed=2"]))[1]
+    assert not torch.equal(held, other)
+    assert validation_split(2000, load_recipe(RECIPES / "fine4.toml")) == (None, None)  # the seed recipes choose on the test set
+    with pytest.raises(ToolkitError, match="holds out 0 of 3 training images"):
+        validation_split(3, recipe)
+
+
+def test_early_stopping_and_the_plateau_rule_watch_the_validation_split():
+    from toolkit.loop import _early_stop
+
+    recipe = load_recipe(RECIPES / "fine4.toml", ["early_stopping.monitor=test_loss", "early_stopping.patience=2"])
+    rows = [{"train_acc": 90, "test_acc": 90, "test_loss": 1.0 - 0.1 * i, "val_acc": 90, "val_loss": 0.5} for i in range(4)]
+    assert _early_stop(recipe, rows)  # the test loss falls, the validation loss does not: it stops
+    assert not _early_stop(recipe, [{k: v for k, v in r.items() if not k.startswith("val")} for r in rows])
+
+
+@pytest.mark.parametrize("pipeline", ["fast", "dataloader"])
+def test_a_run_with_a_validation_split_records_it(mnist_root, tmp_path, pipeline):
+    import csv
+
+    recipe = load_recipe(RECIPES / "fine4.toml", ["data.validation=0.2", f"data.pipeline={pipeline}"])
+    result = train(recipe, device="cpu", data_dir=mnist_root, out=tmp_path / "runs", epochs=2, train_limit=1000, test_limit=500, console=quiet())
+    rows = list(csv.DictReader((result.run_dir / "metrics.csv").open()))
+    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "val_loss", "val_acc"]
+    best = load_checkpoint(result.checkpoint)
+    chosen = max(result.metrics, key=lambda r: (r["val_acc"], -r["epoch"]))
+    assert best["meta"]["epoch"] == chosen["epoch"] and best["meta"]["validation"] == 0.2
+    assert result.selected_test_acc == chosen["test_acc"]
+    # 800 images trained, 200 validated: the training accuracy is over 800 images (a multiple of 1/8 %)
+    assert all((float(r["train_acc"]) * 8) == round(float(r["train_acc"]) * 8) for r in rows)

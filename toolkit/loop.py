@@ -38,6 +38,7 @@ from toolkit.recipes import Recipe
 # torch.compile modes; "reduce-overhead" also captures the step in CUDA graphs on a GPU
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
+VAL_FIELDS = ("val_loss", "val_acc")  # with a validation split (data.validation)
 
 
 class PiecewiseConstantLR(LRScheduler):
@@ -150,11 +151,17 @@ def build_loaders(recipe: Recipe, root: Path, dev: torch.device, loader_rng: tor
         from toolkit.fastdata import TensorLoader
 
         x, y, xt, yt = x[:train_limit], y[:train_limit], xt[:test_limit], yt[:test_limit]
+        kept, held = validation_split(len(x), recipe)
         norm = {"mean": spec.mean, "std": spec.std}
+        val_loader = None
+        if held is not None:
+            val_loader = TensorLoader(x[held], y[held], recipe.data.test_batch_size, normalization=norm, generator=None, shuffle=False,
+                                      device=dev, shard=shard)
+            x, y = x[kept], y[kept]
         train_loader = TensorLoader(x, y, recipe.data.batch_size, normalization=norm, generator=loader_rng, shuffle=True,
                                     augment=recipe.data.augment, device=dev, shard=shard)
         test_loader = TensorLoader(xt, yt, recipe.data.test_batch_size, normalization=norm, generator=None, shuffle=False, device=dev, shard=shard)
-        return train_loader, test_loader, classes, spec
+        return train_loader, test_loader, val_loader, classes, spec
     spec = facts(recipe.data.dataset)
     train_ds = data_mod.build_dataset(recipe, root, train=True, download=download)
     test_ds = data_mod.build_dataset(recipe, root, train=False, download=download)
@@ -163,6 +170,13 @@ def build_loaders(recipe: Recipe, root: Path, dev: torch.device, loader_rng: tor
         train_ds = Subset(train_ds, range(min(train_limit, len(train_ds))))
     if test_limit:
         test_ds = Subset(test_ds, range(min(test_limit, len(test_ds))))
+    kept, held = validation_split(len(train_ds), recipe)
+    val_loader = None
+    if held is not None:
+        # the held-out images get the test transform (normalization only), not the training augmentations
+        val_ds = Subset(_test_view(recipe, root, download), held.tolist())
+        val_loader = make_loader_for_eval(val_ds, recipe.data.test_batch_size, dev, workers=workers)
+        train_ds = Subset(train_ds, kept.tolist())
     rank, world = shard
     if world > 1:
         from torch.utils.data.distributed import DistributedSampler
@@ -173,7 +187,26 @@ def build_loaders(recipe: Recipe, root: Path, dev: torch.device, loader_rng: tor
         test_ds = Subset(test_ds, range(rank, len(test_ds), world))
     else:
         train_loader = data_mod.make_loader(train_ds, recipe.data.batch_size, shuffle=True, generator=loader_rng, workers=workers, pin=dev.type == "cuda")
-    return train_loader, make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev, workers=workers), classes, spec
+    return train_loader, make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev, workers=workers), val_loader, classes, spec
+
+
+def validation_split(n: int, recipe: Recipe) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Indices of the training images kept for training and of those held out for validation
+    (``data.validation`` of them, drawn with the recipe's seed; sorted); (None, None) without one."""
+    fraction = recipe.data.validation_fraction
+    if not fraction:
+        return None, None
+    n_val = round(n * fraction)
+    if not 0 < n_val < n:
+        raise ToolkitError(f"data.validation = {fraction} holds out {n_val} of {n:,} training images: choose a fraction that leaves both sides some")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed))
+    return order[n_val:].sort().values, order[:n_val].sort().values
+
+
+def _test_view(recipe: Recipe, root: Path, download: bool):
+    """The training split with the test transform (normalization only): what validation images look like."""
+    plain = recipe.model_copy(update={"data": recipe.data.model_copy(update={"augment": type(recipe.data.augment)(library=recipe.data.augment.library)})})
+    return data_mod.build_dataset(plain, root, train=True, download=download)
 
 
 def _floats(values) -> str:
@@ -201,6 +234,7 @@ class RunResult:
     metrics: list[dict] = field(default_factory=list)
     main_process: bool = True
     recipe: Recipe | None = None  # as the run ran it (overrides applied)
+    selected_test_acc: float | None = None  # the test accuracy of best.pt's epoch, when a validation split chose it
 
     def as_json(self) -> dict:
         return {
@@ -212,6 +246,7 @@ class RunResult:
             "seconds": round(self.seconds, 2),
             "params": self.params,
             "stopped_early": self.stopped_early,
+            **({"selected_test_acc": round(self.selected_test_acc, 4)} if self.selected_test_acc is not None else {}),
         }
 
 
@@ -232,8 +267,10 @@ def tensorboard_writer(run_dir: Path, first_epoch: int):
 def _board_epoch(board, row: dict) -> None:
     step = row["epoch"]
     for key, tag in (("train_loss", "loss/train"), ("test_loss", "loss/test"), ("train_acc", "accuracy/train"),
-                     ("test_acc", "accuracy/test"), ("lr", "lr"), ("seconds", "seconds_per_epoch")):
-        board.add_scalar(tag, row[key], step)
+                     ("test_acc", "accuracy/test"), ("val_loss", "loss/validation"), ("val_acc", "accuracy/validation"),
+                     ("lr", "lr"), ("seconds", "seconds_per_epoch")):
+        if key in row:
+            board.add_scalar(tag, row[key], step)
     board.flush()
 
 
@@ -253,7 +290,7 @@ def write_recipe_toml(recipe: Recipe, path: Path, **cli) -> None:
 
 def write_metrics_csv(rows: list[dict], path: Path) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS + (VAL_FIELDS if rows and "val_loss" in rows[0] else ()))
     writer.writeheader()
     writer.writerows(rows)
     with atomic_write(path, "w") as f:
@@ -267,10 +304,10 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     epochs = [r["epoch"] for r in rows]
     marker = "o" if len(rows) < 20 else None  # a one-epoch run is a point, not an empty plot
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for key, label in (("train_loss", "train"), ("test_loss", "test")):
-        axes[0].plot(epochs, [r[key] for r in rows], label=label, marker=marker)
-    for key, label in (("train_acc", "train"), ("test_acc", "test")):
-        axes[1].plot(epochs, [r[key] for r in rows], label=label, marker=marker)
+    for axis, kind in ((0, "loss"), (1, "acc")):
+        for split in ("train", "val", "test"):
+            if f"{split}_{kind}" in rows[0]:
+                axes[axis].plot(epochs, [r[f"{split}_{kind}"] for r in rows], label={"val": "validation"}.get(split, split), marker=marker)
     axes[2].plot(epochs, [r["lr"] for r in rows], marker=marker)
     axes[2].set_yscale("log")
     for ax, title in zip(axes, ("loss", "accuracy (%)", "learning rate")):
@@ -286,10 +323,11 @@ def _early_stop(recipe: Recipe, rows: list[dict]) -> bool:
     rule = recipe.early_stopping
     if rule is None or len(rows) < rule.patience:
         return False
+    watch = "val" if "val_loss" in rows[-1] else "test"  # a validation split, when the run holds one out
     if rule.monitor == "gap":
-        return all(r["train_acc"] - r["test_acc"] > rule.max_gap for r in rows[-rule.patience :])
-    best_before = min(r["test_loss"] for r in rows[: -rule.patience]) if len(rows) > rule.patience else float("inf")
-    return min(r["test_loss"] for r in rows[-rule.patience :]) >= best_before
+        return all(r["train_acc"] - r[f"{watch}_acc"] > rule.max_gap for r in rows[-rule.patience :])
+    best_before = min(r[f"{watch}_loss"] for r in rows[: -rule.patience]) if len(rows) > rule.patience else float("inf")
+    return min(r[f"{watch}_loss"] for r in rows[-rule.patience :]) >= best_before
 
 
 @dataclass
@@ -350,6 +388,7 @@ class Session:
     state: TrainState
     meta: dict
     params: int
+    val_loader: object = None  # the held-out part of the training split (data.validation), or None
 
     @property
     def on_gpu(self) -> bool:
@@ -394,7 +433,7 @@ def _set_up(recipe, *, device, data_dir, out, epochs, seed, resume, workers, tra
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed + rank)  # dropout differs per rank; the shared shuffle comes from loader_rng
     loader_rng = torch.Generator().manual_seed(recipe.seed)
-    train_loader, test_loader, classes, spec = build_loaders(recipe, root, dev, loader_rng, workers=workers, train_limit=train_limit,
+    train_loader, test_loader, val_loader, classes, spec = build_loaders(recipe, root, dev, loader_rng, workers=workers, train_limit=train_limit,
                                                              test_limit=test_limit, download=download, shard=(rank, world), console=console)
 
     # ---- model, optimizer, scheduler, state
@@ -439,6 +478,7 @@ def _set_up(recipe, *, device, data_dir, out, epochs, seed, resume, workers, tra
         "params": params,
         "train_limit": train_limit,
         "test_limit": test_limit,
+        "validation": recipe.data.validation_fraction,  # best.pt chosen on held-out training images (0: on the test split)
         "data_dir": str(root.resolve()),  # later stages (export's int8, verify, eval, prune) default to it
         # an image folder: where it is and how it was split (the size and channels are the input shape)
         **({"folder": {"root": recipe.data.root, "split": recipe.data.split, "seed": recipe.seed}} if recipe.data.dataset == "folder" else {}),
@@ -446,12 +486,14 @@ def _set_up(recipe, *, device, data_dir, out, epochs, seed, resume, workers, tra
     }
     console.print(
         f"[bold]{recipe.name}[/]: {recipe.model.name} ({params:,} params) on {recipe.data.dataset} "
-        f"[{_num_samples(train_loader):,} train / {_num_samples(test_loader):,} test per process, {recipe.data.pipeline} pipeline], "
+        f"[{_num_samples(train_loader):,} train / "
+        + (f"{_num_samples(val_loader):,} validation (best.pt, early stopping and plateau chosen on it) / " if val_loader is not None else "")
+        + f"{_num_samples(test_loader):,} test per process, {recipe.data.pipeline} pipeline], "
         f"{recipe.epochs} epoch{'s' if recipe.epochs != 1 else ''}, device {dev.type}"
         + (f" x {world} processes" if world > 1 else "") + (f", torch.compile {compile}" if compile != "none" else "") + f" -> {run_dir}"
     )
     return Session(recipe, dev, world, main_process, console, run_dir, train_loader, test_loader, model, net, optimizer, scheduler,
-                   sched_when, loader_rng, state, meta, params)
+                   sched_when, loader_rng, state, meta, params, val_loader)
 
 
 def train_one_epoch(s: Session, epoch: int, progress, after_step=None) -> tuple[float, float]:
@@ -495,13 +537,14 @@ def train_one_epoch(s: Session, epoch: int, progress, after_step=None) -> tuple[
     return loss_sum.item() / seen, 100.0 * correct.item() / seen
 
 
-def _end_epoch(s: Session, epoch: int, row: dict, test_acc: float, board):
-    """The epoch's checkpoints (best.pt when it is the best so far, last.pt with the training
-    state), metrics.csv and TensorBoard scalars; returns the TensorBoard writer."""
+def _end_epoch(s: Session, epoch: int, row: dict, test_acc: float, watch_acc: float, board):
+    """The epoch's checkpoints (best.pt when ``watch_acc``, the validation accuracy or without a
+    validation split the test accuracy, is the best so far; last.pt with the training state),
+    metrics.csv and TensorBoard scalars; returns the TensorBoard writer."""
     s.state.rows.append(row)
     ckpt = checkpoint_dict(s.recipe, s.model, {**s.meta, "epoch": epoch + 1, "test_acc": test_acc}, s.state.rows)
-    if test_acc > s.state.best_acc:
-        s.state.best_acc = test_acc
+    if watch_acc > s.state.best_acc:
+        s.state.best_acc = watch_acc
         if s.main_process:
             save_checkpoint(ckpt, s.run_dir / "best.pt")
     s.state.epoch = epoch + 1
@@ -563,21 +606,28 @@ def fit(
             lr = s.optimizer.param_groups[0]["lr"]
             train_loss, train_acc = train_one_epoch(s, epoch, progress, after_step)
             test_loss, test_acc, _, _ = evaluate(s.model, s.test_loader, s.dev, autocast=s.on_gpu, progress=progress)
-            if not (math.isfinite(train_loss) and math.isfinite(test_loss)) or non_finite(s.model.state_dict()):
+            # what chooses best.pt and drives early stopping and the plateau scheduler
+            watch_loss, watch_acc = test_loss, test_acc
+            if s.val_loader is not None:
+                watch_loss, watch_acc, _, _ = evaluate(s.model, s.val_loader, s.dev, autocast=s.on_gpu, progress=progress, label="validation")
+            if not (math.isfinite(train_loss) and math.isfinite(watch_loss)) or non_finite(s.model.state_dict()):
                 kept = f"the last good checkpoint is {s.run_dir / 'last.pt'}" if s.state.rows else "no checkpoint was written"
                 raise ToolkitError(f"training diverged in epoch {epoch + 1}: the loss or the weights became NaN or infinite; "
                                    f"{kept} (try a lower learning rate or weight decay)")
             if s.sched_when == "epoch":
                 s.scheduler.step()
             elif s.sched_when == "plateau":
-                s.scheduler.step(test_loss)
+                s.scheduler.step(watch_loss)
             row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 4), "test_loss": round(test_loss, 6),
                    "test_acc": round(test_acc, 4), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
+            if s.val_loader is not None:
+                row.update(val_loss=round(watch_loss, 6), val_acc=round(watch_acc, 4))
             console.print(
                 f"epoch {row['epoch']:>3}/{recipe.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
-                f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  lr {lr:.3g}  {row['seconds']:.1f}s"
+                + (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}%  " if "val_acc" in row else "")
+                + f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  lr {lr:.3g}  {row['seconds']:.1f}s"
             )
-            board = _end_epoch(s, epoch, row, test_acc, board)
+            board = _end_epoch(s, epoch, row, test_acc, watch_acc, board)
             if _early_stop(recipe, s.state.rows):
                 console.print(f"early stopping after epoch {epoch + 1} ({recipe.early_stopping.monitor} rule)")
                 stopped_early = True
@@ -590,7 +640,11 @@ def fit(
         plot_curves(rows, s.run_dir / "curves.png")
     if s.world > 1:
         torch.distributed.barrier()  # rank 0's files are complete before anyone returns
+    selected = None
+    if rows and "val_acc" in rows[0]:  # best.pt is the first epoch with the highest validation accuracy
+        selected = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))["test_acc"]
     return RunResult(
+        selected_test_acc=selected,
         run_dir=s.run_dir,
         checkpoint=s.run_dir / "best.pt",
         best_test_acc=max((r["test_acc"] for r in rows), default=0.0),

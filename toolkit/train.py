@@ -60,6 +60,8 @@ def print_summary(recipe: Recipe, result: RunResult, console: Console, departs: 
     rows = [("params", sr.params if sr else None, result.params, False),
             ("best test acc", sr.best_test_acc if sr else None, result.best_test_acc, True),
             ("final test acc", sr.test_acc if sr else None, result.final_test_acc, True)]
+    if result.selected_test_acc is not None:  # a validation split chose best.pt: its test accuracy is the honest figure
+        rows.insert(1, ("test acc of best.pt (chosen on validation)", None, result.selected_test_acc, True))
     for label, seed, mine, pct in rows:
         table.add_row(label, *([fmt(seed, pct)] if sr else []), fmt(mine, pct))
     table.add_row("epochs", *([str(recipe.epochs)] if sr else []), str(result.epochs))
