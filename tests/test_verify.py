@@ -113,3 +113,35 @@ def test_a_wrong_normalization_in_the_manifest_fails_verify(fine4_export, mnist_
     assert not fp32["passed"] and fp32["agreement"] < 99.9 and report["input_max_abs_diff"] > 1
     error = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "model.fp32.onnx on ort-cpu" in error[0] and str(bad / "parity.md") in error[0]
+
+
+def test_a_failing_int8_artifact_is_diagnosed_layer_by_layer(fine4_export, mnist_root, tmp_path):
+    """A gate the int8 file cannot meet (agreement 100%): verify compares it with its fp32 twin
+    tensor by tensor (ONNX Runtime's qdq_loss_debug) and says where the signal is lost."""
+    import shutil
+
+    from toolkit import quantize
+    from toolkit.verify import verify
+
+    export_dir = tmp_path / fine4_export.name
+    shutil.copytree(fine4_export, export_dir)
+    report = verify(export_dir, data_dir=mnist_root, gates={"int8": {"delta_pp": 0.0, "agreement": 100.0}}, limit=500, console=quiet())
+    int8 = next(r for r in report["results"] if r["artifact"] == "model.int8.onnx")
+    assert not int8["passed"]
+    found = report["diagnosis"]["model.int8.onnx"]
+    assert found["images"] == 256 and found["tensors"] and found["weights"]
+    # every quantized conv and linear layer of the net is compared, in graph order, ending at the logits
+    ops = [r["op"] for r in found["tensors"]]
+    assert ops.count("Conv") == 7 and ops.count("Gemm") == 2
+    assert found["tensors"][-1]["tensor"] == "logits" and found["output_sqnr_db"] == found["tensors"][-1]["sqnr_db"]
+    # an int8 model of a trained net keeps most of the signal: tens of dB, finite
+    assert all(10 < r["sqnr_db"] < 200 for r in found["tensors"] if r["op"] != "Relu")
+    worst = found["worst"][0]
+    assert worst["local_sqnr_db"] == min(r["local_sqnr_db"] for r in found["tensors"])
+    md = (export_dir / "parity.md").read_text()
+    assert "## Why model.int8.onnx missed its gate" in md and f"| {worst['tensor']} | {worst['op']} |" in md
+    from toolkit.verify import failure_line
+
+    assert quantize.diagnosis_line(found) in failure_line(report)
+    # the fp32 file passes and is not diagnosed
+    assert set(report["diagnosis"]) == {"model.int8.onnx"}

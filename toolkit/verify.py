@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from toolkit import data as data_mod
-from toolkit import folder, preprocess
+from toolkit import folder, preprocess, quantize
 from toolkit.checkpoint import model_from_checkpoint, source_checkpoint
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write, locked, resolve_data_dir
@@ -91,6 +91,7 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
     ref_acc = accuracy(ref_logits, labels)
 
     results, skipped = [], []
+    diagnosis: dict[str, dict] = {}  # per failing int8 artifact: where it loses the float signal (quantize.layer_errors)
     for art in manifest.artifacts:
         found = runtimes_for(art)
         if not found:
@@ -107,6 +108,11 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
             row = compare(logits, ref_logits, labels, ref_acc, art.precision, gates, pipeline_logits=batched(run, x_files))
             results.append({"artifact": art.file, "format": art.format, "precision": art.precision, "runtime": runtime,
                             "sha256": art.sha256, **row})
+            if art.precision == "int8" and art.format == "onnx" and not row["tensor_passed"] and art.file not in diagnosis:
+                float_twin = export_dir / "model.fp32.onnx"
+                if float_twin.is_file():
+                    console.print(f"verify: {art.file} missed its gate; comparing it with model.fp32.onnx layer by layer")
+                    diagnosis[art.file] = quantize.layer_errors(float_twin, export_dir / art.file, x_tensor, manifest.input.name)
     report = {
         "export_dir": str(export_dir),
         "dataset": manifest.dataset,
@@ -122,6 +128,7 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
         "results": results,
         "skipped": skipped,
         "passed": bool(results) and all(r["passed"] for r in results),
+        **({"diagnosis": diagnosis} if diagnosis else {}),
     }
     # the results go into the manifest as it is now: an export may have run meanwhile (it waited for
     # nobody, verify held no lock while it computed), so only artifacts with the sha256 verified get them
@@ -169,6 +176,16 @@ def parity_markdown(report: dict) -> str:
         )
     for s in report["skipped"]:
         lines.append(f"| {s['artifact']} | — | — | — | — | — | — | — | not run: {s['reason']} |")
+    for file, found in report.get("diagnosis", {}).items():
+        lines += ["", f"## Why {file} missed its gate: layer by layer",
+                  "", f"{file} against model.fp32.onnx on {found['images']} test images, with ONNX Runtime's QDQ debugging tools "
+                  "(signal-to-quantization-noise ratio, dB: higher is better; 20 dB is about 10% noise). "
+                  f"Output: {found['output_sqnr_db']:.1f} dB. Where the most is lost (the tensor's own quantization step):",
+                  "", "| tensor | op | SQNR here (dB) | SQNR so far (dB) |", "|---|---|---:|---:|"]
+        lines += [f"| {r['tensor']} | {r['op']} | {r['local_sqnr_db']:.1f} | {r['sqnr_db']:.1f} |" for r in found["worst"]]
+        lines += ["", "| weight | SQNR (dB) |", "|---|---:|"] + [f"| {w['weight']} | {w['sqnr_db']:.1f} |" for w in found["weights"]]
+        lines += ["", "What to try: `toolkit export --precision int8 --auto-fallback` keeps the layers that cost the most in float; "
+                  "`--calib-method entropy` or `percentile` clips outliers that minmax keeps; more training often narrows value ranges."]
     return "\n".join(lines) + "\n"
 
 
@@ -193,6 +210,9 @@ def failure_line(report: dict) -> str:
             missed.append(f"pipeline agreement {r['pipeline_agreement']:.2f}%")
             hints.add("the deployed preprocessing disagrees with training: check the manifest's normalization and input")
         if r["precision"] == "int8" and not r["tensor_passed"]:
+            found = report.get("diagnosis", {}).get(r["artifact"])
+            if found:
+                hints.add(f"{r['artifact']}: {quantize.diagnosis_line(found)}")
             hints.add("for int8 try `toolkit export --precision int8 --auto-fallback` or another --calib-method")
         parts.append(f"{r['artifact']} on {r['runtime']} ({'; '.join(missed)})")
     where = Path(report["export_dir"]) / "parity.md"
