@@ -30,6 +30,8 @@ are prepared as each model's dataset was (resized, or for Fashion-MNIST grey, li
 
 BLANK_DRAWING = ("nothing was drawn: pick the brush (the pen button above the canvas) first, then draw the digit "
                  "large and dark, and press Classify drawing")
+# a small upload (a 28x28 digit) fills its box, enlarged pixel for pixel, instead of showing as a thumbnail
+CSS = ".toolkit-upload img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }"
 SKETCH_HINT = "Pick the brush (the pen button), then draw one digit"
 
 
@@ -98,17 +100,26 @@ def _tab(catalog: Catalog, family_name: str, classify, classify_sketch, examples
                     )
                     sketch_button = gr.Button("Classify drawing", variant="primary", elem_id=f"{family_name}-classify-drawing")
             with gr.Tab("Upload"):
-                upload = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], elem_id=f"{family_name}-upload")
+                upload = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], elem_id=f"{family_name}-upload",
+                                  elem_classes=["toolkit-upload"], height=300)
                 upload_button = gr.Button("Classify image", variant="primary", elem_id=f"{family_name}-classify")
-                if examples:
-                    gr.Examples(examples, inputs=upload, label="Real MNIST test digits")
+            if examples:  # below both tabs: visible while drawing too; a click classifies the example at once
+                with gr.Column(elem_id=f"{family_name}-examples"):
+                    gr.Examples(examples, inputs=upload, label="Real MNIST test digits (click one to classify it)")
         with gr.Column():
             label = gr.Label(num_top_classes=top_k, label="Top classes", elem_id=f"{family_name}-label")
             info = gr.Markdown(elem_id=f"{family_name}-info")
             seen = gr.Image(label=f"What the model sees ({width}x{height}, enlarged)", interactive=False, height=180)
     outputs = [label, info, seen]
     upload_button.click(classify, [upload, choice], outputs, api_visibility="private")
-    upload.upload(classify, [upload, choice], outputs, api_visibility="private")
+
+    def on_change(image, artifact):
+        # an upload or an example's click sets the image; clearing it classifies nothing
+        if not image:
+            return gr.skip(), gr.skip(), gr.skip()
+        return classify(image, artifact)
+
+    upload.change(on_change, [upload, choice], outputs, api_visibility="private")
     if classify_sketch is not None:
         sketch_button.click(classify_sketch, [sketch, choice], outputs, api_visibility="private")
 

@@ -56,14 +56,26 @@ def test_browser_upload_shows_the_right_digit(demo_url, mnist_root, tmp_path):
             assert predicted == str(labels[index]), predicted
             assert "ort-cpu" in info.inner_text() and "ms" in info.inner_text()
             page.screenshot(path=str(shot), full_page=True)
+            # a raw 28x28 test digit fills the upload box (enlarged pixel for pixel), not a 28-pixel thumbnail
+            small = tmp_path / "small.png"
+            Image.fromarray(images[1]).save(small)
+            page.locator("#mnist-upload input[type=file]").set_input_files(str(small))
+            expect(page.locator("#mnist-label .output-class")).to_have_text(str(labels[1]), timeout=60_000)
+            shown = page.locator("#mnist-upload img").first.bounding_box()
+            assert shown["width"] >= 200 and shown["height"] >= 200, shown
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000  # a rendered page, not an empty image
 
 
-def test_browser_drawing_on_the_sketchpad_is_recognized(demo_url):
-    """A 7 drawn with the mouse: the sketchpad's transparent canvas, the stroke, the preprocessing."""
+def test_browser_drawing_on_the_sketchpad_is_recognized(demo_url, mnist_root):
+    """A 7 drawn with the mouse: the sketchpad's transparent canvas, the stroke, the preprocessing.
+    Then the examples, which the Draw tab shows too: a click classifies one."""
     from playwright.sync_api import expect, sync_playwright
+
+    from toolkit.serve import mnist_test_digits
+
+    first_example = mnist_test_digits(mnist_root, 8)[0][1]  # the demo's first example (serve's default: 8 digits)
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
@@ -91,5 +103,10 @@ def test_browser_drawing_on_the_sketchpad_is_recognized(demo_url):
             page.locator("#mnist-classify-drawing").click()
             expect(page.locator("#mnist-info")).to_contain_text("runtime", timeout=60_000)
             assert page.locator("#mnist-label .output-class").inner_text().strip() == "7"
+            # the examples are there on the Draw tab too, and a click classifies one
+            examples = page.locator("#mnist-examples")
+            expect(examples).to_be_visible()
+            examples.locator("button").first.click()
+            expect(page.locator("#mnist-label .output-class")).to_have_text(str(first_example), timeout=60_000)
         finally:
             browser.close()

@@ -92,7 +92,7 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
     """Start the demo; returns (demo, url) when ``block`` is False (tests), else serves until SIGINT or
     SIGTERM (``docker stop``), then closes the server and returns."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a closed network
-    from toolkit.demo.app import build_demo
+    from toolkit.demo.app import CSS, build_demo
 
     max_upload = parse_size(max_upload)
     catalog = Catalog.from_dirs(export_dirs)
@@ -119,7 +119,7 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
     try:
         _, url, share_url = demo.launch(
             server_name=host, server_port=port, share=share, max_file_size=max_upload, show_error=True,
-            allowed_paths=allowed, ssr_mode=False, quiet=True, prevent_thread_lock=True,
+            allowed_paths=allowed, ssr_mode=False, quiet=True, prevent_thread_lock=True, css=CSS,
         )
     except OSError as exc:  # the port was taken between the check and the bind
         raise ToolkitError(f"cannot listen on {host}:{port}: {first_line(exc)}") from None
