@@ -105,7 +105,7 @@ def train(
     threads: Threads = None,
     as_json: AsJson = False,
 ) -> None:
-    """Train a recipe (a file, a built-in name such as fine4, or a run's recipe.toml); writes runs/<recipe>-<timestamp>/ with best.pt, last.pt, recipe.toml (the resolved recipe), metrics.csv, curves.png."""
+    """Train a recipe (a file, a built-in name such as fine4, or a run's recipe.toml); writes runs/<recipe>-<timestamp>/ with best.pt, last.pt, recipe.toml (the resolved recipe), metrics.csv, curves.png. A recipe with dataset = "folder" trains on a folder of your own images (one sub-folder per class; README, "Your own images")."""
     _threads(threads)
     from toolkit.recipes import load_recipe
     from toolkit.train import train as run_training
