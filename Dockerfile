@@ -1,11 +1,10 @@
-# syntax=docker/dockerfile:1
 # The inference image: the torch-free serving install (toolkit[serve]: ONNX Runtime, NumPy, Pillow,
 # Gradio), the contents of exports/, and `toolkit serve` on all interfaces, as a non-root user.
 #
-#   CPU:  docker build -t toolkit-demo . && docker run --rm -p 7860:7860 toolkit-demo
+#   CPU:  docker build -t toolkit-demo . && docker run --rm -p 127.0.0.1:7860:7860 toolkit-demo
 #   GPU (TensorRT + ONNX Runtime CUDA; base image with CUDA and Python 3.10+):
 #         docker build --build-arg BASE=nvcr.io/nvidia/tensorrt:24.12-py3 --build-arg GPU=1 -t toolkit-demo:gpu .
-#         docker run --rm --gpus all -p 7860:7860 toolkit-demo:gpu
+#         docker run --rm --gpus all -p 127.0.0.1:7860:7860 toolkit-demo:gpu
 #
 # No Docker engine runs on the machines this project is developed on, so this file is not built
 # there; tests/test_serve_install.py runs its install, entry command and health check outside Docker.
@@ -26,7 +25,9 @@ COPY pyproject.toml README.md ./
 COPY toolkit/ toolkit/
 COPY demo/ demo/
 # GPU=1 swaps ONNX Runtime for its CUDA build and adds TensorRT with cuda-python (toolkit[trt])
-RUN pip install ".[serve]" && if [ "$GPU" = "1" ]; then pip uninstall -y onnxruntime && pip install ".[trt]"; fi
+# (the build leaves build/ and an .egg-info folder in /app: removed in the same layer)
+RUN pip install ".[serve]" && if [ "$GPU" = "1" ]; then pip uninstall -y onnxruntime && pip install ".[trt]"; fi \
+    && rm -rf build ./*.egg-info
 
 COPY exports/ exports/
 RUN useradd --create-home --uid 10001 toolkit

@@ -64,6 +64,10 @@ def test_dockerfile_has_what_the_image_needs():
     assert spec["env"]["TOOLKIT_HOST"] == "0.0.0.0" and spec["cmd"][:2] == ["toolkit", "serve"]
     assert any('pip install ".[serve]"' in r for r in spec["runs"]) and "GPU" in spec["args"]
     assert (["exports/"], "exports/") in spec["copies"]
+    # no "# syntax=" line: under BuildKit it pulls a frontend image from Docker Hub, and nothing needs it
+    assert not re.search(r"^#\s*syntax=", text, re.M)
+    # examples publish the port on this machine only
+    assert "-p 7860:7860" not in text and "-p 127.0.0.1:7860:7860" in text
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {"runs", "data", ".git", "**/__pycache__"} <= set(ignored)
 
@@ -96,6 +100,8 @@ def image_venv(tmp_path_factory, serving_export):
 
 def test_inference_install_has_no_torch(image_venv):
     app, venv, env, _ = image_venv
+    # the install line leaves no build debris in /app
+    assert not (app / "build").exists() and not list(app.glob("*.egg-info"))
     python = str(venv / "bin" / "python")
     probe = subprocess.run([python, "-c", "import torch"], cwd=app, env=env, capture_output=True, text=True)
     assert probe.returncode != 0 and "No module named 'torch'" in probe.stderr
