@@ -176,6 +176,12 @@ def test_training_on_a_folder_matches_the_built_in_loader_and_deploys(fashion_fo
     fp32 = next(r for r in report["results"] if r["artifact"] == "model.fp32.onnx")
     assert report["images"] == N_TEST and fp32["passed"]
     assert fp32["pipeline_agreement"] == 100.0  # the folder's own PNG files, read as `toolkit predict` reads them
+    # bench runs on it like on any export (what it times is not checked: no test compares a speed)
+    from toolkit.bench import bench
+
+    timed = bench(export_dir, batches=(1,), warmup=1, min_iters=2, min_seconds=0.0, max_iters=2, console=quiet())
+    assert {(r["artifact"], r["batch"]) for r in timed["results"]} >= {("model.fp32.onnx", 1)}
+    assert next(r for r in timed["results"] if r["artifact"] == "model.fp32.onnx")["accuracy"] == fp32["accuracy"]
     # predict on files of the folder: the PyTorch model's answers
     files = sorted((fashion_folder / "test" / FOLDERS[9]).glob("*.png"))[:5]
     rows = predict(export_dir, [str(f) for f in files], console=quiet())
