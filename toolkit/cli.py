@@ -16,6 +16,16 @@ from rich.markup import escape
 from toolkit.errors import Interrupted, ToolkitError, first_line
 from toolkit.files import is_no_space
 
+
+def _flag_type(self, ctx):
+    """An on/off flag takes no value: show no type (Typer >= 0.2x prints `--json <bool>`, as if it took one)."""
+    return None if self.is_flag else _value_type(self, ctx)
+
+
+_value_type = getattr(typer.core.TyperOption, "display_type_rich", None)
+if _value_type is not None:  # older Typer shows no type for flags already
+    typer.core.TyperOption.display_type_rich = _flag_type
+
 app = typer.Typer(
     help="Train the seeds' small image classifiers from TOML recipes; prune, quantize and export them; "
     "prove accuracy parity of every artifact; benchmark them; serve them in a Gradio demo.",
