@@ -39,7 +39,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo, url = serve([args.export_dir], port=port, data_dir=args.data_dir, examples=0, block=False)
+    running, url = serve([args.export_dir], port=port, data_dir=args.data_dir, examples=0, block=False)
     client = Client(url, verbose=False)
     print(f"{len(digits)} random MNIST test digits (seed {args.seed}) -> {url}predict, one request at a time; "
           f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}")
@@ -63,7 +63,7 @@ def main() -> None:
                 same += result["label"] == catalog.classify(Image.fromarray(pixels), key).best
             print(f"| {key} | {correct}/{len(paths)} | {100 * correct / len(paths):.2f}% | {same}/{len(paths)} | "
                   f"{np.percentile(times, 50):.1f} | {np.percentile(times, 90):.1f} |")
-    demo.close()
+    running.close()
 
 
 if __name__ == "__main__":

@@ -30,9 +30,9 @@ if not Path(CHROMIUM).exists():
 def demo_url(serving_export, mnist_root):
     from toolkit.serve import serve
 
-    demo, url = serve([serving_export], port=free_port(), data_dir=mnist_root, block=False, console=None)
+    running, url = serve([serving_export], port=free_port(), data_dir=mnist_root, block=False, console=None)
     yield url
-    demo.close()
+    running.close()
 
 
 def test_browser_upload_shows_the_right_digit(demo_url, mnist_root, tmp_path):

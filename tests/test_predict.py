@@ -65,7 +65,7 @@ def test_predict_gives_the_demos_answers(serving_export, digit_folder, mnist_roo
     root, truth = digit_folder
     files = sorted(truth)[::250]
     rows = predict(serving_export, files, top_k=3)
-    demo, url = serve([serving_export], port=free_port(), examples=0, block=False, console=None)
+    running, url = serve([serving_export], port=free_port(), examples=0, block=False, console=None)
     try:
         client = Client(url, verbose=False)
         for path, row in zip(files, rows):
@@ -73,7 +73,7 @@ def test_predict_gives_the_demos_answers(serving_export, digit_folder, mnist_roo
             assert answer["label"] == row["label"]
             assert {c["label"]: c["confidence"] for c in answer["confidences"]} == pytest.approx(row["top"], rel=1e-6)
     finally:
-        demo.close()
+        running.close()
 
 
 def test_predict_with_a_run_uses_its_checkpoint(fine4_run, mnist_root, tmp_path):

@@ -211,9 +211,9 @@ def server(serving_export, mnist_root):
     """The demo served in this process on a free localhost port, with a 1 MB upload limit."""
     from toolkit.serve import serve
 
-    demo, url = serve([serving_export], port=free_port(), data_dir=mnist_root, max_upload="1mb", block=False, console=None)
-    yield demo, url
-    demo.close()
+    running, url = serve([serving_export], port=free_port(), data_dir=mnist_root, max_upload="1mb", block=False, console=None)
+    yield running, url
+    running.close()
 
 
 def test_api_predicts_real_digits_and_names_the_artifact(server, serving_export, mnist_root, tmp_path):
@@ -275,9 +275,9 @@ def test_server_binds_localhost_only_and_makes_no_share_link(server):
     import socket
     from urllib.parse import urlparse
 
-    demo, url = server
+    running, url = server
     port = urlparse(url).port
-    assert not demo.share and demo.share_url is None
+    assert not running.demo.share and running.demo.share_url is None
     with socket.create_connection(("127.0.0.1", port), timeout=5):
         pass
     outward = _outward_address()
@@ -332,9 +332,9 @@ def test_cifar_export_is_served_beside_mnist(cifar_root, serving_export, tmp_pat
     x = to_input(resized_image(open_image(str(photo)), 32, 3), catalog.entries[cifar_key].manifest)
     direct = CIFAR10_CLASSES[int(ort_runner(cifar_export / "model.fp32.onnx", "ort-cpu")(x).argmax())]
 
-    demo, url = serve([serving_export, cifar_export], port=free_port(), examples=0, block=False, console=None)
+    running, url = serve([serving_export, cifar_export], port=free_port(), examples=0, block=False, console=None)
     try:
         result = Client(url, verbose=False).predict(handle_file(str(photo)), cifar_key, api_name="/predict")
     finally:
-        demo.close()
+        running.close()
     assert result["label"] == direct and {c["label"] for c in result["confidences"]} <= set(CIFAR10_CLASSES)

@@ -333,19 +333,23 @@ def serve(
     examples: int = typer.Option(8, "--examples", min=0, help="Real MNIST test digits offered as examples (sampled at start-up, when the data is there)."),
     max_upload: str = typer.Option("10mb", "--max-upload", help="Largest upload Gradio accepts (e.g. 10mb)."),
     share: bool = typer.Option(False, "--share", help="Also open a public gradio.live link (off by default; needs the internet)."),
+    api_only: bool = typer.Option(False, "--api-only", help="Serve only the v2 inference API (no Gradio demo; needs only toolkit\\[api])."),
+    batch_delay_ms: float = typer.Option(1.0, "--batch-delay-ms", min=0, max=100, help="v2 API: how long a batch may wait for more "
+                                         "requests when the server is busy (requests that arrive together are batched)."),
     threads: Threads = None,
 ) -> None:
-    """Serve the exported models in the Gradio demo, with the API endpoint /predict (needs only toolkit\\[serve], no torch)."""
+    """Serve the exported models: the Gradio demo (with its endpoint /predict) and, on the same port, the Open Inference
+    Protocol (KServe v2) under /v2, which tritonclient.http talks to as it talks to Triton. Needs only toolkit\\[serve], no torch."""
     _threads(threads)
     from toolkit.serve import serve as run_serve
 
-    run_serve(export_dirs or [Path("exports")], host=host, port=port, data_dir=data_dir, top_k=top_k,
-              examples=examples, max_upload=max_upload, share=share, console=_out(stderr=True))
+    run_serve(export_dirs or [Path("exports")], host=host, port=port, data_dir=data_dir, top_k=top_k, examples=examples,
+              max_upload=max_upload, share=share, api_only=api_only, batch_delay_ms=batch_delay_ms, console=_out(stderr=True))
 
 
 # the extra a command's missing import belongs to, for a one-line hint instead of a traceback
 INSTALL_HINTS = {
-    "gradio": "serve", "onnxruntime": "serve", "PIL": "serve", "pydantic": "serve", "filelock": "serve",
+    "gradio": "serve", "starlette": "api", "uvicorn": "api", "onnxruntime": "serve", "PIL": "serve", "pydantic": "serve", "filelock": "serve",
     "torch": "train", "torchvision": "train", "albumentations": "train", "onnx": "train",
     "onnxscript": "train", "onnxslim": "train", "torch_pruning": "train", "matplotlib": "train",
 }

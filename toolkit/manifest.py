@@ -156,6 +156,13 @@ class TritonModel(_Schema):
     source: PlainName
 
 
+def triton_model_name(recipe: str, artifact: Artifact) -> str:
+    """A served artifact's model name, in the Triton repository and on `toolkit serve`'s v2 API:
+    ``<recipe>_<precision>[_trt]`` (the recipe name is a plain name: the schema checks it)."""
+    suffix = "_trt" if artifact.format == "trt" else ""
+    return f"{recipe}_{artifact.precision}{suffix}".replace("-", "_")
+
+
 class Triton(_Schema):
     repository: Literal["triton"]
     models: dict[str, TritonModel]

@@ -1,4 +1,6 @@
-"""`toolkit serve`: the exported models behind the Gradio demo and its HTTP API, without torch.
+"""`toolkit serve`: the exported models behind the Gradio demo and its HTTP API, and the Open
+Inference Protocol (KServe v2, ``toolkit.oip``) under ``/v2`` on the same port (or alone with
+``api_only``: no Gradio needed), without torch.
 
 Everything here runs on the serving install (ONNX Runtime, NumPy, Pillow, Gradio): what to
 serve comes from the exports' ``manifest.json`` through ``toolkit.catalog``, which classifies an
@@ -15,7 +17,9 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,7 @@ import numpy as np
 from toolkit.catalog import MNIST_FAMILY, Catalog
 from toolkit.errors import Interrupted, ToolkitError, first_line, shown
 from toolkit.files import resolve_data_dir
+from toolkit.oip import Service
 from toolkit.preprocess import as_image, read_test_split
 
 MAX_UPLOAD = "10mb"  # Gradio refuses bigger uploads before they reach Python
@@ -86,13 +91,59 @@ def parse_size(text: str) -> str:
     return text.strip().lower()
 
 
+def size_bytes(size: str) -> int:
+    """A size parse_size accepted, in bytes (1kb = 1000 bytes, as Gradio counts)."""
+    number, unit = re.fullmatch(r"\s*([0-9.]+)\s*([a-z]*)\s*", size).groups()
+    return int(float(number) * {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9}[unit])
+
+
+@dataclass
+class Running:
+    """A started server: the demo (None with ``api_only``), the v2 API's state, and how to stop both."""
+
+    url: str
+    service: Service
+    demo: object | None = None
+    api_server: object | None = None  # uvicorn's Server with ``api_only``
+    api_thread: threading.Thread | None = None
+    cleanup: list = field(default_factory=list)
+
+    def close(self) -> None:
+        if self.demo is not None:
+            self.demo.close()
+        if self.api_server is not None:
+            self.api_server.should_exit = True
+            self.api_thread.join(timeout=10)
+        self.service.close()
+        for undo in self.cleanup:
+            undo()
+
+
+def _start_api_only(app, host: str, port: int) -> tuple[object, threading.Thread]:
+    """The v2 API alone under uvicorn, on a thread (the main thread waits for signals)."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # signals go to the CLI's handlers (older uvicorn calls this)
+    thread = threading.Thread(target=server.run, name="toolkit-api", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise ToolkitError(f"cannot listen on {host}:{port}: the API server did not start")
+        time.sleep(0.01)
+    return server, thread
+
+
 def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, data_dir: Path | None = None,
           top_k: int = 3, examples: int = 8, share: bool = False, max_upload: str = MAX_UPLOAD,
-          block: bool = True, console=None):
-    """Start the demo; returns (demo, url) when ``block`` is False (tests), else serves until SIGINT or
-    SIGTERM (``docker stop``), then closes the server and returns."""
+          api_only: bool = False, batch_delay_ms: float = 1.0, block: bool = True, console=None):
+    """Start the demo with the v2 API under /v2 (or the v2 API alone with ``api_only``); returns
+    ``(Running, url)`` when ``block`` is False (tests), else serves until SIGINT or SIGTERM
+    (``docker stop``), then closes the server and returns."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a closed network
-    from toolkit.demo.app import CSS, build_demo
+    from toolkit.oip import routes
 
     max_upload = parse_size(max_upload)
     catalog = Catalog.from_dirs(export_dirs)
@@ -102,6 +153,55 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
         say(f"not served: {line}")
     for line in catalog.warnings:
         say(line)
+    service = Service(catalog, max_body=size_bytes(max_upload), max_delay_ms=batch_delay_ms)
+    for line in service.left_out:
+        say(line)
+    local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
+    share_url = None
+    if api_only:
+        if share:
+            raise ToolkitError("--share makes a public link to the Gradio demo; --api-only serves no demo")
+        server, thread = _start_api_only(_api_alone(routes(service)), host, port)
+        running = Running(local, service, api_server=server, api_thread=thread)
+    else:
+        running = _start_demo(catalog, service, routes(service), host, port, data_dir, top_k, examples, share, max_upload, say)
+        share_url = running.demo.share_url
+    if not block:
+        return running, local
+    if not api_only:
+        for key in catalog.keys():
+            say(f"serving {catalog.entries[key].label}")
+    for name, model in service.models.items():
+        say(f"v2 API: {local}v2/models/{name} ({model.entry.key})")
+    say(f"ready: {local}" + (" (v2 API only)" if api_only else "")
+        + (f" (listening on {host}; other machines use this machine's address)" if host in ("0.0.0.0", "::") else "")
+        + (f", public link {share_url}" if share_url else ""))
+    try:
+        while True:  # the CLI's signal handlers raise Interrupted here on SIGINT / SIGTERM
+            time.sleep(0.2)
+    except (Interrupted, KeyboardInterrupt) as stop:
+        signame = signal.Signals(stop.signum).name if isinstance(stop, Interrupted) else "SIGINT"
+        say(f"{signame}: stopping the server")
+    finally:
+        running.close()
+    say("stopped")
+    return running, local
+
+
+def _api_alone(v2_routes: list):
+    """The v2 API with nothing else: other paths are protocol-shaped 404s too."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+
+    async def not_found(request, exc):
+        return JSONResponse({"error": "no such path: this server answers the v2 API under /v2 only"}, status_code=404)
+
+    return Starlette(routes=v2_routes, exception_handlers={404: not_found})
+
+
+def _start_demo(catalog, service, v2_routes, host, port, data_dir, top_k, examples, share, max_upload, say) -> Running:
+    from toolkit.demo.app import CSS, build_demo
+
     recorded = next((e.manifest.source.data_dir for e in catalog.entries.values() if e.manifest.source.data_dir), None)
     root = resolve_data_dir(data_dir, recorded)
     example_paths: list[str] = []
@@ -117,28 +217,16 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
     demo = build_demo(catalog, example_paths, top_k=top_k)
     demo.queue(default_concurrency_limit=4)
     try:
-        _, url, share_url = demo.launch(
+        # the v2 API's routes come first in the demo's own web application, on the same port
+        demo.launch(
             server_name=host, server_port=port, share=share, max_file_size=max_upload, show_error=True,
             allowed_paths=allowed, ssr_mode=False, quiet=True, prevent_thread_lock=True, css=CSS,
+            app_kwargs={"routes": v2_routes},
         )
     except OSError as exc:  # the port was taken between the check and the bind
+        service.close()
         raise ToolkitError(f"cannot listen on {host}:{port}: {first_line(exc)}") from None
-    local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
-    if not block:
-        return demo, local
-    for key in catalog.keys():
-        say(f"serving {catalog.entries[key].label}")
-    say(f"ready: {local}" + (f" (listening on {host}; other machines use this machine's address)" if host in ("0.0.0.0", "::") else "")
-        + (f", public link {share_url}" if share_url else ""))
-    try:
-        while True:  # the CLI's signal handlers raise Interrupted here on SIGINT / SIGTERM
-            time.sleep(0.2)
-    except (Interrupted, KeyboardInterrupt) as stop:
-        signame = signal.Signals(stop.signum).name if isinstance(stop, Interrupted) else "SIGINT"
-        say(f"{signame}: stopping the server")
-    finally:
-        demo.close()
-        if example_dir is not None:
-            shutil.rmtree(example_dir, ignore_errors=True)
-    say("stopped")
-    return demo, local
+    running = Running(f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/", service, demo=demo)
+    if example_dir is not None:
+        running.cleanup.append(lambda: shutil.rmtree(example_dir, ignore_errors=True))
+    return running

@@ -15,7 +15,7 @@ import onnx
 
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write, confined, sha256_file
-from toolkit.manifest import Artifact, Manifest
+from toolkit.manifest import Artifact, Manifest, triton_model_name
 from toolkit.onnx_io import load_onnx
 
 REPOSITORY = "triton"
@@ -47,12 +47,6 @@ def graph_io(onnx_path: Path) -> tuple[dict, dict]:
         return {"name": value.name, "data_type": _TRITON_TYPES[tensor.elem_type], "dims": dims[1:]}
 
     return spec(inputs[0]), spec(graph.output[0])
-
-
-def model_name(recipe: str, artifact: Artifact) -> str:
-    """``<recipe>_<precision>[_trt]``; the recipe name is a plain name (the manifest's schema checks it)."""
-    suffix = "_trt" if artifact.format == "trt" else ""
-    return f"{recipe}_{artifact.precision}{suffix}".replace("-", "_")
 
 
 def config_pbtxt(name: str, platform: str, max_batch: int, inp: dict, out: dict, gpu_only: bool) -> str:
@@ -95,7 +89,7 @@ def write_triton_model(export_dir: Path, recipe: str, classes: list[str], artifa
 
     ``onnx_source`` is the ONNX graph whose input/output the model has (for an engine: the ONNX
     it was built from)."""
-    name = model_name(recipe, artifact)
+    name = triton_model_name(recipe, artifact)
     is_plan = artifact.format == "trt"
     platform, file = ("tensorrt_plan", "model.plan") if is_plan else ("onnxruntime_onnx", "model.onnx")
     inp, out = graph_io(onnx_source)

@@ -1,0 +1,240 @@
+"""The Open Inference Protocol (KServe v2) in `toolkit serve`: tritonclient.http with its defaults
+against the running server, beside the demo and alone; protocol errors; batching that keeps
+answers matched to their requests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from tests.conftest import free_port, mnist_test_set
+from toolkit.catalog import Catalog
+from toolkit.manifest import Manifest, triton_model_name
+from toolkit.oip import Batcher
+from toolkit.preprocess import model_input, png_bytes
+
+http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed (it is in toolkit[dev])")
+
+
+@pytest.fixture(scope="module", params=["beside the demo", "api only"])
+def v2_server(request, serving_export, mnist_root):
+    from toolkit.serve import serve
+
+    running, url = serve([serving_export], port=free_port(), data_dir=mnist_root, examples=0, max_upload="1mb",
+                         api_only=request.param == "api only", block=False, console=None)
+    yield running, url
+    running.close()
+
+
+@pytest.fixture(scope="module")
+def digits(serving_export, mnist_root):
+    """100 real MNIST test digits as the model's input, their labels and the logits the fp32 ONNX
+    gives for each in this process (batch 1)."""
+    manifest = Manifest.load(serving_export)
+    images, labels = mnist_test_set(mnist_root)
+    images, labels = images[:100, None], labels[:100]
+    catalog = Catalog.from_dirs([serving_export])
+    run = catalog.runner(catalog.entry(f"{serving_export.name}/model.fp32.onnx"))
+    x = model_input(images, manifest)
+    return images, labels, x, np.concatenate([run(x[i:i + 1]) for i in range(len(x))])
+
+
+def _names(serving_export) -> tuple[str, str]:
+    manifest = Manifest.load(serving_export)
+    fp32 = next(a for a in manifest.artifacts if a.precision == "fp32")
+    int8 = next(a for a in manifest.artifacts if a.precision == "int8")
+    return triton_model_name(manifest.source.recipe, fp32), triton_model_name(manifest.source.recipe, int8)
+
+
+def test_tritonclient_reads_health_and_metadata_as_from_triton(v2_server, serving_export):
+    running, url = v2_server
+    manifest = Manifest.load(serving_export)
+    fp32, int8 = _names(serving_export)
+    # the names of the export's Triton repository (test_export checks the repository has these)
+    assert (fp32, int8) == ("fine4_fp32", "fine4_int8")
+    client = http.InferenceServerClient(url.removeprefix("http://").rstrip("/"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(fp32)
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    meta = client.get_model_metadata(fp32)
+    assert meta["inputs"] == [{"name": manifest.input.name, "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+    assert meta["outputs"] == [{"name": manifest.output.name, "datatype": "FP32", "shape": [-1, 10]}]
+    config = client.get_model_config(int8)
+    assert config["name"] == int8 and config["max_batch_size"] >= 1
+    assert {m["name"] for m in client.get_model_repository_index()} == {fp32, int8}
+    with pytest.raises(Exception, match="unknown model"):
+        client.get_model_metadata("no_such_model")
+
+
+def test_100_real_digits_as_tensors_and_as_png_bytes(v2_server, serving_export, digits):
+    running, url = v2_server
+    images, labels, x, reference = digits
+    fp32, _ = _names(serving_export)
+    manifest = Manifest.load(serving_export)
+    client = http.InferenceServerClient(url.removeprefix("http://").rstrip("/"))
+    # binary tensors, the client's default; one request of 100 and 100 requests of one
+    inp = http.InferInput(manifest.input.name, list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    batch = client.infer(fp32, [inp]).as_numpy(manifest.output.name)
+    np.testing.assert_allclose(batch, reference, rtol=1e-5, atol=1e-5)
+    assert (batch.argmax(1) == labels).mean() >= 0.98
+    ones = []
+    for i in range(len(x)):
+        one = http.InferInput(manifest.input.name, [1, 1, 28, 28], "FP32")
+        one.set_data_from_numpy(x[i:i + 1])
+        ones.append(client.infer(fp32, [one]).as_numpy(manifest.output.name)[0])
+    assert np.array_equal(np.argmax(ones, axis=1), reference.argmax(1))
+    np.testing.assert_allclose(np.stack(ones), reference, rtol=1e-5, atol=1e-5)
+    # JSON tensors in and out
+    inp = http.InferInput(manifest.input.name, [4, 1, 28, 28], "FP32")
+    inp.set_data_from_numpy(x[:4], binary_data=False)
+    out = client.infer(fp32, [inp], outputs=[http.InferRequestedOutput(manifest.output.name, binary_data=False)])
+    np.testing.assert_allclose(out.as_numpy(manifest.output.name), reference[:4], rtol=1e-5, atol=1e-5)
+    # encoded PNG files, decoded by the deployed preprocessing: the same answers
+    files = np.array([png_bytes(chw) for chw in images], dtype=np.object_)
+    inp = http.InferInput("image", [len(files)], "BYTES")
+    inp.set_data_from_numpy(files)
+    from_png = client.infer(fp32, [inp]).as_numpy(manifest.output.name)
+    np.testing.assert_allclose(from_png, reference, rtol=1e-5, atol=1e-5)
+    # the classification extension: "score:index:label", best first
+    top = client.infer(fp32, [inp], outputs=[http.InferRequestedOutput(manifest.output.name, class_count=2)]).as_numpy(manifest.output.name)
+    assert top.shape == (100, 2)
+    assert [int(row[0].decode().split(":")[1]) for row in top] == list(reference.argmax(1))
+
+
+def _post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_protocol_errors_are_json_with_4xx_and_the_server_keeps_serving(v2_server, serving_export, digits):
+    running, url = v2_server
+    fp32, _ = _names(serving_export)
+    manifest = Manifest.load(serving_export)
+    name = manifest.input.name
+    infer = f"{url}v2/models/{fp32}/infer"
+    good = {"inputs": [{"name": name, "datatype": "FP32", "shape": [1, 1, 28, 28], "data": digits[2][0].ravel().tolist()}]}
+    cases = {
+        "unknown model": (f"{url}v2/models/no_such_model/infer", json.dumps(good).encode(), {}, 404, "unknown model"),
+        "a path for a name": (f"{url}v2/models/..%2F..%2Fetc%2Fpasswd/infer", json.dumps(good).encode(), {}, 404, "no such v2 endpoint"),
+        "version 2": (f"{url}v2/models/{fp32}/versions/2/infer", json.dumps(good).encode(), {}, 404, "version 1 only"),
+        "not json": (infer, b"{nope", {}, 400, "not JSON"),
+        "no inputs": (infer, b"{}", {}, 400, "exactly one input"),
+        "wrong datatype": (infer, json.dumps({"inputs": [{**good["inputs"][0], "datatype": "FP64"}]}).encode(), {}, 400, "datatype"),
+        "wrong shape": (infer, json.dumps({"inputs": [{**good["inputs"][0], "shape": [1, 3, 28, 28]}]}).encode(), {}, 400, "shape"),
+        "short data": (infer, json.dumps({"inputs": [{**good["inputs"][0], "data": [0.0] * 5}]}).encode(), {}, 400, "elements"),
+        "nan": (infer, json.dumps({"inputs": [{**good["inputs"][0], "data": ["NaN"] * 784}]}).encode(), {}, 400, "number|finite"),
+        "unknown input": (infer, json.dumps({"inputs": [{**good["inputs"][0], "name": "other"}]}).encode(), {}, 400, "unknown input"),
+        "header length too long": (infer, json.dumps(good).encode(), {"Inference-Header-Content-Length": "999999"}, 400, "outside"),
+        "binary size wrong": (infer, json.dumps({"inputs": [{"name": name, "datatype": "FP32", "shape": [1, 1, 28, 28],
+                                                             "parameters": {"binary_data_size": 16}}]}).encode() + b"\0" * 16,
+                              {"Inference-Header-Content-Length": None}, 400, "bytes for shape"),
+        "not an image": (infer, json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                                        "data": [base64.b64encode(b"hello").decode()]}]}).encode(), {}, 400, "not an image"),
+        "batch over max": (infer, json.dumps({"inputs": [{**good["inputs"][0], "shape": [100000, 1, 28, 28], "data": []}]}).encode(), {}, 400, ""),
+        "unknown output": (infer, json.dumps({**good, "outputs": [{"name": "nope"}]}).encode(), {}, 400, "unknown output"),
+    }
+    for case, (where, body, headers, status, words) in cases.items():
+        if headers.get("Inference-Header-Content-Length", "") is None:
+            headers = {"Inference-Header-Content-Length": str(len(body) - 16)}
+        got, answer = _post(where, body, headers)
+        assert got == status and set(answer) == {"error"}, (case, got, answer)
+        assert "\n" not in answer["error"] and re.search(words, answer["error"]), (case, answer)
+        ok, result = _post(infer, json.dumps(good).encode())
+        assert ok == 200 and np.argmax(result["outputs"][0]["data"]) == digits[1][0], f"after {case}"
+    # a body over the limit (1 MB here) is refused from its declared length, before it is read
+    import http.client
+    from urllib.parse import urlparse
+
+    where = urlparse(infer)
+    conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    conn.putrequest("POST", where.path)
+    conn.putheader("Content-Length", str(2 * 10**6))
+    conn.endheaders()
+    conn.send(b"x" * 1000)
+    response = conn.getresponse()
+    assert response.status == 413 and "over the limit" in json.loads(response.read())["error"]
+    conn.close()
+    ok, result = _post(infer, json.dumps(good).encode())
+    assert ok == 200
+    # unknown paths and methods under /v2 are protocol-shaped too
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{url}v2/models/{fp32}/infer", timeout=30)  # GET
+    assert info.value.code == 405 and "not allowed" in json.loads(info.value.read())["error"]
+
+
+def test_concurrent_requests_are_batched_and_stay_matched(v2_server, serving_export, digits):
+    """64 clients at once, each with its own digit: every answer is its own digit's logits, and the
+    server ran fewer batches than requests."""
+    running, url = v2_server
+    import tritonclient.http.aio as aio
+
+    fp32, _ = _names(serving_export)
+    manifest = Manifest.load(serving_export)
+    _, _, x, reference = digits
+    batcher = running.service.batchers[fp32]
+    batches, requests = batcher.batches, batcher.requests
+
+    async def all_at_once():
+        client = aio.InferenceServerClient(url.removeprefix("http://").rstrip("/"), conn_limit=64)
+        try:
+            async def one(i):
+                inp = aio.InferInput(manifest.input.name, [1, 1, 28, 28], "FP32")
+                inp.set_data_from_numpy(x[i:i + 1])
+                return (await client.infer(fp32, [inp])).as_numpy(manifest.output.name)[0]
+            return await asyncio.gather(*(one(i % len(x)) for i in range(64)))
+        finally:
+            await client.close()
+
+    answers = asyncio.run(all_at_once())
+    for i, out in enumerate(answers):
+        np.testing.assert_allclose(out, reference[i % len(x)], rtol=1e-5, atol=1e-5)
+    assert batcher.requests - requests == 64
+    assert batcher.batches - batches < 64
+
+
+def test_batcher_fills_batches_up_to_its_limit_in_order():
+    """Twenty single-row requests queued together: batches of 8, 8 and 4 (never over the limit),
+    each answer its own request's rows; a request of 3 rows that does not fit waits for the next batch."""
+    seen = []
+
+    def run(batch):
+        seen.append(len(batch))
+        return batch * 2.0
+
+    async def go():
+        batcher = Batcher(run, max_batch=8, max_delay_ms=0)
+        rows = [np.full((1, 2), i, np.float32) for i in range(20)]
+        rows.insert(7, np.full((3, 2), 100, np.float32))
+        out = await asyncio.gather(*(batcher(r) for r in rows))
+        batcher.close()
+        return rows, out
+
+    rows, out = asyncio.run(go())
+    assert all(np.array_equal(o, r * 2.0) for o, r in zip(out, rows))
+    assert max(seen) <= 8 and sum(seen) == 23 and len(seen) == 3
+
+
+def test_runner_failure_reaches_every_waiting_request():
+    from toolkit.errors import ToolkitError
+
+    def run(batch):
+        raise ToolkitError("the model failed")
+
+    async def go():
+        batcher = Batcher(run, max_batch=8)
+        results = await asyncio.gather(*(batcher(np.zeros((1, 2), np.float32)) for _ in range(3)), return_exceptions=True)
+        batcher.close()
+        return results
+
+    assert all(isinstance(r, ToolkitError) for r in asyncio.run(go()))
