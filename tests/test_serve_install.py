@@ -26,44 +26,62 @@ from tests.conftest import REPO, free_port, mnist_test_set
 pytestmark = pytest.mark.slow
 
 
-def parse_dockerfile(path: Path) -> dict:
-    """ARG defaults, ENV, COPY, RUN, HEALTHCHECK and CMD of a single-stage Dockerfile."""
+def parse_dockerfile(path: Path, target: str | None = None) -> dict:
+    """ARG defaults, ENV, COPY, RUN, USER, HEALTHCHECK and CMD of one target of a Dockerfile (default:
+    the last, as `docker build` picks), with what it inherits from the stages it is built FROM."""
     text = re.sub(r"\\\n\s*", " ", path.read_text())  # join continuation lines
-    args, env, copies, runs, health, cmd = {}, {}, [], [], None, None
-
+    stages: dict[str, dict] = {}
+    global_args: dict[str, str] = {}
+    spec = None
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         op, _, rest = line.partition(" ")
         op = op.upper()
-        if op == "ARG":
+        if op == "FROM":
+            image, _, name = re.fullmatch(r"(\S+)(?:\s+AS\s+(\S+))?", rest, re.IGNORECASE).group(1, 0, 2)
+            parent = stages.get(image)
+            spec = json.loads(json.dumps(parent)) if parent else {"args": dict(global_args), "env": {}, "copies": [], "runs": [],
+                                                                   "user": None, "healthcheck": None, "cmd": None}
+            spec["from"] = image
+            stages[name or f"stage{len(stages)}"] = spec
+        elif op == "ARG":
             name, _, default = rest.partition("=")
-            args[name] = default
+            (spec["args"] if spec is not None else global_args)[name] = default
         elif op == "ENV":
             for item in shlex.split(rest):
                 key, _, value = item.partition("=")
-                env[key] = value
+                spec["env"][key] = value
         elif op == "COPY":
             *sources, dest = rest.split()
-            copies.append((sources, dest))
+            spec["copies"].append((sources, dest))
         elif op == "RUN":
-            runs.append(rest)  # kept verbatim: the shell expands $GPU from the environment
+            spec["runs"].append(rest)  # kept verbatim: the shell expands $GPU from the environment
+        elif op == "USER":
+            spec["user"] = rest
         elif op == "HEALTHCHECK":
-            health = json.loads(rest[rest.index("CMD") + 3:])
+            spec["healthcheck"] = json.loads(rest[rest.index("CMD") + 3:])
         elif op == "CMD":
-            cmd = json.loads(rest)
-    return {"args": args, "env": env, "copies": copies, "runs": runs, "healthcheck": health, "cmd": cmd}
+            spec["cmd"] = json.loads(rest)
+    chosen = stages[target] if target else list(stages.values())[-1]
+    chosen["stages"] = list(stages)
+    return chosen
 
 
 def test_dockerfile_has_what_the_image_needs():
     spec = parse_dockerfile(REPO / "Dockerfile")
+    api = parse_dockerfile(REPO / "Dockerfile", "api")
     text = (REPO / "Dockerfile").read_text()
+    assert spec["stages"][-1] == "demo"  # a plain `docker build .` makes the demo image
     assert re.search(r"^FROM \$\{BASE\}", text, re.M) and spec["args"]["BASE"].endswith("-slim")
-    assert re.search(r"^USER (?!root)\w+", text, re.M) and re.search(r"^EXPOSE 7860$", text, re.M)
-    assert spec["env"]["TOOLKIT_HOST"] == "0.0.0.0" and spec["cmd"][:2] == ["toolkit", "serve"]
+    for target in (spec, api):
+        assert target["user"] not in (None, "root", "0") and target["env"]["TOOLKIT_HOST"] == "0.0.0.0"
+        assert (["exports/"], "exports/") in target["copies"] and "/v2/health/ready" in " ".join(target["healthcheck"])
+    assert re.search(r"^EXPOSE 7860$", text, re.M)
+    assert spec["cmd"] == ["toolkit", "serve", "exports"] and api["cmd"] == ["toolkit", "serve", "--api-only", "exports"]
     assert any('pip install ".[serve]"' in r for r in spec["runs"]) and "GPU" in spec["args"]
-    assert (["exports/"], "exports/") in spec["copies"]
+    assert any('pip install ".[api]"' in r for r in api["runs"]) and not any("[serve]" in r for r in api["runs"])
     # no "# syntax=" line: under BuildKit it pulls a frontend image from Docker Hub, and nothing needs it
     assert not re.search(r"^#\s*syntax=", text, re.M)
     # examples publish the port on this machine only
@@ -72,11 +90,10 @@ def test_dockerfile_has_what_the_image_needs():
     assert {"runs", "data", ".git", "**/__pycache__"} <= set(ignored)
 
 
-@pytest.fixture(scope="module")
-def image_venv(tmp_path_factory, serving_export):
-    """/app as the image lays it out, and a fresh virtual environment with the Dockerfile's install."""
-    spec = parse_dockerfile(REPO / "Dockerfile")
-    app = tmp_path_factory.mktemp("image") / "app"
+def _install(target: str, tmp_path_factory, serving_export):
+    """/app as the target's image lays it out, and a fresh virtual environment with its install line."""
+    spec = parse_dockerfile(REPO / "Dockerfile", target)
+    app = tmp_path_factory.mktemp(f"image-{target}") / "app"
     app.mkdir()
     for sources, dest in spec["copies"]:
         for src in sources:
@@ -98,6 +115,46 @@ def image_venv(tmp_path_factory, serving_export):
     return app, venv, env, spec
 
 
+@pytest.fixture(scope="module")
+def image_venv(tmp_path_factory, serving_export):
+    return _install("demo", tmp_path_factory, serving_export)
+
+
+@pytest.fixture(scope="module")
+def api_venv(tmp_path_factory, serving_export):
+    return _install("api", tmp_path_factory, serving_export)
+
+
+def _site_packages_mib(venv: Path) -> float:
+    return sum(p.stat().st_size for p in venv.rglob("*") if p.is_file() and not p.is_symlink()) / 2**20
+
+
+def _start(spec, app, env, port, tmp_path):
+    """The target's entry command, waited for until its health check passes."""
+    run_env = {**env, "TOOLKIT_PORT": str(port), "HOME": str(tmp_path)}
+    log_path = tmp_path / "serve.log"
+    log = open(log_path, "w")
+    server = subprocess.Popen(spec["cmd"], cwd=app, env=run_env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while True:
+        health = subprocess.run(spec["healthcheck"], cwd=app, env=run_env, capture_output=True, timeout=30)
+        if health.returncode == 0:
+            return server, log, run_env
+        assert server.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the health check never passed: " + log_path.read_text()[-3000:]
+        time.sleep(1)
+
+
+def _stop(server, log) -> float:
+    """SIGTERM, as `docker stop` sends it: seconds until the server exited, which it must do cleanly."""
+    t0 = time.monotonic()
+    server.terminate()
+    code = server.wait(timeout=30)
+    log.close()
+    assert code == 0, f"exit status {code} after SIGTERM"
+    return time.monotonic() - t0
+
+
 def test_inference_install_has_no_torch(image_venv):
     app, venv, env, _ = image_venv
     # the install line leaves no build debris in /app
@@ -117,20 +174,10 @@ def test_image_entry_command_serves_100_real_digits(image_venv, mnist_root, tmp_
     from gradio_client import Client, handle_file
 
     app, venv, env, spec = image_venv
-    port = free_port()
     # the image's environment, with the port moved off 7860 so parallel runs cannot clash
-    run_env = {**env, "TOOLKIT_PORT": str(port), "TOOLKIT_DATA_DIR": str(mnist_root), "HOME": str(tmp_path)}
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen(spec["cmd"], cwd=app, env=run_env, stdout=log, stderr=subprocess.STDOUT)
+    port = free_port()
+    server, log, _ = _start(spec, app, {**env, "TOOLKIT_DATA_DIR": str(mnist_root)}, port, tmp_path)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            health = subprocess.run(spec["healthcheck"], cwd=app, env=run_env, capture_output=True, timeout=30)
-            if health.returncode == 0:
-                break
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the health check never passed: " + (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(1)
         images, labels = mnist_test_set(mnist_root)
         pick = np.random.default_rng(2026).choice(len(images), size=100, replace=False)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
@@ -141,6 +188,50 @@ def test_image_entry_command_serves_100_real_digits(image_venv, mnist_root, tmp_
             correct += client.predict(handle_file(str(path)), api_name="/predict")["label"] == str(labels[i])
         assert correct >= 98, f"{correct}/100"
     finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
+        if server.poll() is None:
+            seconds = _stop(server, log)
+            print(f"demo entry command stopped {seconds:.2f} s after SIGTERM")
+
+
+def test_api_install_has_neither_torch_nor_gradio_and_is_smaller(api_venv, image_venv):
+    app, venv, env, _ = api_venv
+    assert not (app / "build").exists() and not list(app.glob("*.egg-info"))
+    python = str(venv / "bin" / "python")
+    for module in ("torch", "gradio"):
+        probe = subprocess.run([python, "-c", f"import {module}"], cwd=app, env=env, capture_output=True, text=True)
+        assert probe.returncode != 0 and f"No module named '{module}'" in probe.stderr
+    ok = subprocess.run([python, "-c", "import toolkit.serve, toolkit.oip, onnxruntime, starlette, uvicorn, PIL, sys; "
+                         "assert 'torch' not in sys.modules and 'gradio' not in sys.modules"], cwd="/", env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    # the demo needs the serve extra, and says so in one line
+    demo = subprocess.run([str(venv / "bin" / "toolkit"), "serve", "exports", "--port", str(free_port())], cwd=app, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 2 and "pip install 'toolkit[serve]'" in demo.stderr and "Traceback" not in demo.stderr
+    api_mib, demo_mib = _site_packages_mib(venv), _site_packages_mib(image_venv[1])
+    print(f"installed: api {api_mib:.0f} MiB, demo {demo_mib:.0f} MiB")
+    # measured 2026-11-24: api 220 MiB, demo 410 MiB (ONNX Runtime and NumPy are most of the api's);
+    # the issue's aim of half or less is not met (README); the api install must stay the smaller
+    assert api_mib < demo_mib, (api_mib, demo_mib)
+
+
+def test_api_entry_command_answers_tritonclient_on_100_real_digits(api_venv, mnist_root, tmp_path):
+    http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed (it is in toolkit[dev])")
+    from toolkit.preprocess import png_bytes
+
+    app, venv, env, spec = api_venv
+    port = free_port()
+    server, log, _ = _start(spec, app, env, port, tmp_path)
+    try:
+        client = http.InferenceServerClient(f"127.0.0.1:{port}")
+        (name, *_) = [m["name"] for m in client.get_model_repository_index()]
+        images, labels = mnist_test_set(mnist_root)
+        pick = np.random.default_rng(2027).choice(len(images), size=100, replace=False)
+        files = np.array([png_bytes(images[i][None]) for i in pick], dtype=np.object_)
+        inp = http.InferInput("image", [len(files)], "BYTES")
+        inp.set_data_from_numpy(files)
+        output = client.get_model_metadata(name)["outputs"][0]["name"]
+        logits = client.infer(name, [inp]).as_numpy(output)
+        assert (logits.argmax(1) == labels[pick]).sum() >= 98
+    finally:
+        seconds = _stop(server, log)
+        print(f"api entry command stopped {seconds:.2f} s after SIGTERM")
