@@ -11,8 +11,10 @@
 #         docker build --build-arg BASE=nvcr.io/nvidia/tensorrt:24.12-py3 --build-arg GPU=1 -t toolkit-demo:gpu .
 #         docker run --rm --gpus all -p 127.0.0.1:7860:7860 toolkit-demo:gpu
 #
-# This file has not been built with a Docker engine in this project yet; tests/test_serve_install.py
-# runs each target's install, entry command and health check outside Docker.
+# Where Docker Hub is out of reach, make the base locally and pass it as BASE:
+#         docker/build-local-base.sh toolkit-base:local && docker build --build-arg BASE=toolkit-base:local ...
+# tests/test_docker.py builds and runs both targets (CI does, with that base); tests/test_serve_install.py
+# runs each target's install line, entry command and health check outside Docker.
 ARG BASE=python:3.11-slim
 
 FROM ${BASE} AS source

@@ -1,8 +1,9 @@
-"""The inference image without Docker: the Dockerfile's own install line, entry command and health
-check, run in a fresh virtual environment laid out like the image's /app.
+"""The inference images without Docker: each Dockerfile target's own install line, entry command
+and health check, run in a fresh virtual environment laid out like the image's /app (quicker than
+tests/test_docker.py, which builds the images, and runs where no Docker engine does).
 
-No Docker engine runs here, so the image itself is never built; what it would run is. The test
-asserts that the install has no torch, then answers gradio_client on 100 real MNIST test digits.
+The demo install has no torch and answers gradio_client on 100 real MNIST test digits; the api
+install has neither torch nor Gradio and answers tritonclient.
 """
 
 from __future__ import annotations
