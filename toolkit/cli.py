@@ -203,6 +203,9 @@ def export(
     calib_method: str = typer.Option("minmax", "--calib-method", help="minmax | entropy | percentile."),
     auto_fallback: bool = typer.Option(False, "--auto-fallback", help="int8: keep the most sensitive layers in float until the int8 gate holds (measured on held-out training images)."),
     int8_activations: str = typer.Option("int8", "--int8-activations", help="int8: symmetric, runs on ONNX Runtime and builds TensorRT engines | uint8: asymmetric, faster on ONNX Runtime's x86 CPU kernels, no TensorRT."),
+    int8_weights: int = typer.Option(8, "--int8-weights", help="8: full int8 weights (TensorRT, GPUs, CPUs with VNNI/AMX; an x86 CPU without VNNI "
+                                     "runs them unfused: exact, but no int8 speed-up) | 7: ONNX Runtime's reduce_range, fused int8 kernels on "
+                                     "every x86 CPU, at a cost in accuracy."),
     max_batch: int = typer.Option(256, "--max-batch", min=1, help="TensorRT: largest batch of the optimization profile; Triton: max_batch_size."),
     pad_channels: Optional[int] = typer.Option(None, "--pad-channels", min=0, help="Zero-pad conv channels to this multiple where outputs stay exactly the same (16: ONNX Runtime's AVX-512 block, 8: AVX2): faster batch-1 latency on ONNX Runtime CPU for models with odd channel counts. 0: off. Default: as the existing export, else off. Changing it re-exports the fp32 ONNX and drops the artifacts derived from it."),
     input_dtype: str = typer.Option("float32", "--input", help="float32: the graph takes normalized float tensors. uint8: it takes raw "
@@ -219,7 +222,7 @@ def export(
     from toolkit.export import export as run_export
 
     entry = run_export(run, fmt=fmt, precision=precision, out=out, runs=runs, data_dir=data_dir, calib_size=calib_size,
-                       calib_method=calib_method, auto_fallback=auto_fallback, int8_activations=int8_activations, max_batch=max_batch,
+                       calib_method=calib_method, auto_fallback=auto_fallback, int8_activations=int8_activations, int8_weights=int8_weights, max_batch=max_batch,
                        pad_channels=pad_channels, input_dtype=input_dtype, layout=layout, console=_console(as_json))
     if as_json:
         _emit(entry)

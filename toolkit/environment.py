@@ -61,6 +61,20 @@ def cpu_info() -> dict:
     return info
 
 
+INT8_SAFE_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8")  # int8 dot products accumulated in int32
+
+
+def int8_kernels_saturate(info: dict | None = None) -> bool:
+    """True on an x86 CPU without VNNI or AMX: there ONNX Runtime's fused int8 kernels multiply
+    uint8 x int8 with (V)PMADDUBSW, which adds the products in pairs into int16 and saturates when the
+    weights use all 8 bits (255 x 127 x 2 > 32,767). VNNI and AMX accumulate in int32; ARM's dot
+    products too. Such a CPU runs 8-bit-weight int8 models unfused (``runtime.ort_runner``)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    info = info or cpu_info()
+    return not set(info["features"]) & set(INT8_SAFE_FEATURES)
+
+
 def cpu_line(info: dict | None = None) -> str:
     """e.g. "AMD EPYC, 2 cores, avx2 fma f16c (no VNNI)"."""
     info = info or cpu_info()

@@ -49,5 +49,5 @@ class Interrupted(BaseException):
 def check_choice(what: str, value: str, choices: tuple[str, ...]) -> str:
     """``value`` if it is one of ``choices``, else a ToolkitError naming the choices."""
     if value not in choices:
-        raise ToolkitError(f"unknown {what} {shown(value)}; choose from {', '.join(choices)}")
+        raise ToolkitError(f"unknown {what} {shown(value)}; choose from {', '.join(map(str, choices))}")
     return value

@@ -152,6 +152,12 @@ def _usage(export_dir: Path, manifest: Manifest) -> list[str]:
         "label = int(logits.argmax(1)[0])",
         "```",
     ]
+    eight_bit = [a.file for a in manifest.artifacts if a.precision == "int8" and a.format == "onnx" and a.get("weight_bits") == 8]
+    if eight_bit:
+        lines += ["", f"{', '.join(eight_bit)} on an x86 CPU without VNNI or AMX (`grep -o 'avx512_vnni\\|avx_vnni\\|amx_int8' /proc/cpuinfo` "
+                  "finds none): pass `sess_options` with `graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC`. "
+                  "ONNX Runtime's fused int8 kernels there add weight x activation products in pairs into 16 bits, which 8-bit weights "
+                  "overflow; unfused, the file computes exactly what was verified (toolkit does this by itself)."]
     if manifest.triton is not None and manifest.triton.models:
         lines += ["", "As a Triton Inference Server model repository (models: "
                   + ", ".join(f"`{n}`" for n in manifest.triton.models) + "):", "",

@@ -27,6 +27,7 @@ from toolkit.onnx_io import load_onnx
 from toolkit.preprocess import model_input
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
+WEIGHT_BITS = (8, 7)  # 7: ONNX Runtime's reduce_range, for x86 CPUs without VNNI (see quantize_int8)
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 # uint8 (ONNX Runtime CPU): with asymmetric activations a quantized ReLU is only a zero point, so
 # ORT drops it, and quantized Adds keep residual blocks in int8 instead of a dequantize/quantize
@@ -80,7 +81,7 @@ def quantizable_nodes(path: Path, activations: str = "int8") -> list[str]:
 
 
 def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minmax", exclude: list[str] | None = None, only: list[str] | None = None,
-                  activations: str = "int8") -> dict:
+                  activations: str = "int8", weight_bits: int = 8) -> dict:
     """``activations="int8"`` (default): symmetric int8, which TensorRT needs. ``"uint8"``:
     asymmetric uint8 activations, the format ONNX Runtime's x86 kernels are fastest with, and
     Adds and ReLUs quantized too (``CPU_QUANTIZED_OPS``); such a model does not build a TensorRT engine."""
@@ -91,6 +92,7 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
     if len(calib) == 0:
         raise ToolkitError("no calibration images")
     check_choice("activation type", activations, ("int8", "uint8"))
+    check_choice("int8 weight bits", weight_bits, WEIGHT_BITS)
     source = load_onnx(fp32)  # self-contained: quant_pre_process below reads the file itself
     input_name = source.graph.input[0].name
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,13 +113,14 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
             calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[method],
             # symmetric scales, zero point 0: what TensorRT's explicit quantization accepts
             extra_options={"ActivationSymmetric": activations == "int8", "WeightSymmetric": True},
-            # 7-bit weights. ONNX Runtime's fused integer kernels on x86 CPUs without VNNI (AVX2's
+            # 8-bit weights by default: all of their resolution, as TensorRT, GPUs and CPUs with VNNI or
+            # AMX use them. ONNX Runtime's fused integer kernels on x86 CPUs without VNNI (AVX2's
             # vpmaddubsw) add uint8 x int8 products in pairs into int16, which saturates with 8-bit
-            # weights (its documentation's remedy is reduce_range); symmetric int8 activations take the
-            # same kernels after a shift by 128. The file runs on whatever CPU deploys it, so it is made
-            # safe for all of them. Seen on an AMD EPYC (AVX2, no VNNI): a 94.06% fine4 went to 87.06%
-            # with 8-bit weights, 94.00% with the graph unfused (ORT_ENABLE_BASIC), 94.31% with 7-bit.
-            reduce_range=True,
+            # weights; there `runtime.int8_unfused` runs such a file unfused, exactly. 7-bit weights
+            # (reduce_range, `--int8-weights 7`) fit those kernels at a cost in accuracy. Measured on an
+            # AMD EPYC (AVX2, no VNNI), fine4 1 epoch on 10,000 images, 77.70% fp32: 8-bit fused 62.70%,
+            # 8-bit unfused 77.57%, 7-bit 76.44% (docs/benchmarks.md).
+            reduce_range=weight_bits == 7,
         )
         proto = onnx.load(str(out))
     if activations == "uint8":
@@ -129,7 +132,7 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
         proto.metadata_props.add(key=key, value=value)
     with atomic_write(dst) as f:
         f.write(proto.SerializeToString())
-    return {"calibration": {"images": int(len(calib)), "method": method, "split": "train"}, "activations": activations,
+    return {"calibration": {"images": int(len(calib)), "method": method, "split": "train"}, "activations": activations, "weight_bits": weight_bits,
             "float_layers": list(exclude or [])}
 
 
@@ -181,18 +184,19 @@ def integer_pads(proto: onnx.ModelProto) -> int:
     return folded
 
 
-def _accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-    from toolkit.runtime import ort_runner
+def _accuracy(path: Path, x: np.ndarray, y: np.ndarray, weight_bits: int | None = None) -> tuple[float, np.ndarray]:
+    """``weight_bits``: an int8 file's, run as the deployed path runs it on this CPU (None: float)."""
+    from toolkit.runtime import int8_unfused, ort_runner
 
-    run = ort_runner(path, "ort-cpu")
+    run = ort_runner(path, "ort-cpu", unfused=int8_unfused(weight_bits))
     logits = np.concatenate([run(x[i : i + 500]) for i in range(0, len(x), 500)])
     return 100.0 * float((logits.argmax(1) == y).mean()), logits
 
 
-def _latency_ms(path: Path, x: np.ndarray, reps: int = 30) -> float:
-    from toolkit.runtime import ort_runner
+def _latency_ms(path: Path, x: np.ndarray, reps: int = 30, weight_bits: int | None = None) -> float:
+    from toolkit.runtime import int8_unfused, ort_runner
 
-    run = ort_runner(path, "ort-cpu")
+    run = ort_runner(path, "ort-cpu", unfused=int8_unfused(weight_bits))
     batch = x[:32]
     run(batch)
     t0 = time.perf_counter()
@@ -202,12 +206,13 @@ def _latency_ms(path: Path, x: np.ndarray, reps: int = 30) -> float:
 
 
 def auto_fallback(fp32: Path, dst: Path, calib: np.ndarray, holdout_x: np.ndarray, holdout_y: np.ndarray, gate_pp: float, method: str, console: Console,
-                  activations: str = "int8") -> dict:
+                  activations: str = "int8", weight_bits: int = 8) -> dict:
     """Quantize; while the held-out accuracy drop exceeds the gate, keep the next most sensitive layer in float."""
     fp32_acc, _ = _accuracy(fp32, holdout_x, holdout_y)
-    fields = quantize_int8(fp32, dst, calib, method, activations=activations)
-    full_acc, _ = _accuracy(dst, holdout_x, holdout_y)
-    full_bytes, full_ms = dst.stat().st_size, _latency_ms(dst, holdout_x)
+    bits = dict(activations=activations, weight_bits=weight_bits)
+    fields = quantize_int8(fp32, dst, calib, method, **bits)
+    full_acc, _ = _accuracy(dst, holdout_x, holdout_y, weight_bits)
+    full_bytes, full_ms = dst.stat().st_size, _latency_ms(dst, holdout_x, weight_bits=weight_bits)
     report = {"gate_pp": gate_pp, "holdout_images": int(len(holdout_y)), "holdout_fp32_acc": round(fp32_acc, 4),
               "holdout_full_int8_acc": round(full_acc, 4), "float_layers": [], "sensitivity": {}}
     if fp32_acc - full_acc <= gate_pp:
@@ -220,14 +225,14 @@ def auto_fallback(fp32: Path, dst: Path, calib: np.ndarray, holdout_x: np.ndarra
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.onnx"
         for node in nodes:
-            quantize_int8(fp32, probe, calib, method, only=[node], activations=activations)
-            acc, _ = _accuracy(probe, holdout_x, holdout_y)
+            quantize_int8(fp32, probe, calib, method, only=[node], **bits)
+            acc, _ = _accuracy(probe, holdout_x, holdout_y, weight_bits)
             report["sensitivity"][node] = round(fp32_acc - acc, 4)
     ranked = sorted(nodes, key=lambda n: report["sensitivity"][n], reverse=True)
     acc = full_acc
     for k in range(1, len(ranked) + 1):
-        fields = quantize_int8(fp32, dst, calib, method, exclude=ranked[:k], activations=activations)
-        acc, _ = _accuracy(dst, holdout_x, holdout_y)
+        fields = quantize_int8(fp32, dst, calib, method, exclude=ranked[:k], **bits)
+        acc, _ = _accuracy(dst, holdout_x, holdout_y, weight_bits)
         console.print(f"auto-fallback: {k} layer(s) in float ({', '.join(ranked[:k])}): held-out {acc:.2f}% vs fp32 {fp32_acc:.2f}%")
         if fp32_acc - acc <= gate_pp:
             break
@@ -237,7 +242,7 @@ def auto_fallback(fp32: Path, dst: Path, calib: np.ndarray, holdout_x: np.ndarra
         bytes_full_int8=full_bytes,
         bytes_with_fallback=dst.stat().st_size,
         ms_batch32_full_int8=round(full_ms, 3),
-        ms_batch32_with_fallback=round(_latency_ms(dst, holdout_x), 3),
+        ms_batch32_with_fallback=round(_latency_ms(dst, holdout_x, weight_bits=weight_bits), 3),
     )
     return {**fields, "auto_fallback": report}
 

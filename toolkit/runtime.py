@@ -16,7 +16,7 @@ import numpy as np
 
 from toolkit.errors import ToolkitError, first_line
 from toolkit.files import confined, read_text_limited, reading
-from toolkit.environment import THREADS_ENV
+from toolkit.environment import THREADS_ENV, int8_kernels_saturate
 from toolkit.manifest import Artifact, Manifest
 
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -97,14 +97,17 @@ def torch_runner(model, device: str = "cpu") -> Runner:
     return run
 
 
-def ort_runner(path: Path, runtime: str, threads: int | None = None) -> Runner:
+def ort_runner(path: Path, runtime: str, threads: int | None = None, unfused: bool = False) -> Runner:
+    """``unfused``: graph optimizations at the basic level only, so that an int8 QDQ model runs as
+    dequantize -> float op -> quantize instead of ONNX Runtime's fused integer kernels (exact to the
+    QDQ model's arithmetic; see ``int8_unfused``)."""
     import onnxruntime as ort
 
     provider = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}[runtime]
     if provider not in ort.get_available_providers():
         raise ToolkitError(f"{runtime}: ONNX Runtime here has no {provider}")
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if unfused else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     threads = threads or int(os.environ.get(THREADS_ENV) or 0)  # toolkit.environment.apply_threads, or ORT's own default
     if threads:
         opts.intra_op_num_threads = threads
@@ -123,7 +126,15 @@ def ort_runner(path: Path, runtime: str, threads: int | None = None) -> Runner:
             raise ToolkitError(f"{path}: ONNX Runtime failed on a batch of shape {tuple(x.shape)} ({first_line(exc)})") from None
 
     run.session = session  # for callers that inspect it (its options, inputs)
+    run.unfused = unfused
     return run
+
+
+def int8_unfused(weight_bits: int | None, runtime: str = "ort-cpu") -> bool:
+    """Whether ONNX Runtime runs an int8 artifact with ``weight_bits``-bit weights unfused here: on an
+    x86 CPU without VNNI/AMX its fused kernels would saturate 8-bit weights (7-bit weights, the
+    ``--int8-weights 7`` export and every int8 export before it recorded weight_bits, fit)."""
+    return runtime == "ort-cpu" and weight_bits == 8 and int8_kernels_saturate()
 
 
 def engine_sidecar(engine_path: Path) -> Path:
@@ -204,7 +215,8 @@ def make_runner(export_dir: Path, artifact: Artifact, runtime: str, threads: int
     """``threads``: ONNX Runtime's intra-op threads (default: one per core)."""
     path = Manifest.path(export_dir, artifact)
     if runtime.startswith("ort-"):
-        return ort_runner(path, runtime, threads)
+        unfused = artifact.precision == "int8" and int8_unfused(artifact.get("weight_bits", 7), runtime)
+        return ort_runner(path, runtime, threads, unfused=unfused)
     if runtime == "tensorrt":
         return trt_runner(path)
     raise ToolkitError(f"unknown runtime {runtime!r}")

@@ -99,15 +99,17 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
             skipped.append({"artifact": art.file, "reason": why})
             continue
         for runtime in found:
-            console.print(f"verify: {art.file} on {runtime}")
             run = make_runner(export_dir, art, runtime)
+            unfused = getattr(run, "unfused", False)
+            console.print(f"verify: {art.file} on {runtime}" + (" (unfused: 8-bit weights would saturate this x86 CPU's int8 kernels, "
+                                                                 "which have no VNNI; exact, without int8's speed)" if unfused else ""))
             logits = batched(run, x_tensor)
             if logits.shape != ref_logits.shape:
                 raise ToolkitError(f"{export_dir / art.file}: gives outputs of shape {logits.shape}, the trained model "
                                    f"{ref_logits.shape}: it is not an export of this model")
             row = compare(logits, ref_logits, labels, ref_acc, art.precision, gates, pipeline_logits=batched(run, x_files))
             results.append({"artifact": art.file, "format": art.format, "precision": art.precision, "runtime": runtime,
-                            "sha256": art.sha256, **row})
+                            "sha256": art.sha256, **({"kernels": "unfused"} if unfused else {}), **row})
             if art.precision == "int8" and art.format == "onnx" and not row["tensor_passed"] and art.file not in diagnosis:
                 float_twin = export_dir / "model.fp32.onnx"
                 if float_twin.is_file():

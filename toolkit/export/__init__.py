@@ -173,6 +173,7 @@ def export(
     calib_method: str = "minmax",
     auto_fallback: bool = False,
     int8_activations: str = "int8",
+    int8_weights: int = 8,
     gate_pp: float | None = None,
     max_batch: int = 256,
     pad_channels: int | None = None,
@@ -190,6 +191,7 @@ def export(
     check_choice("format", fmt, FORMATS)
     check_choice("precision", precision, PRECISIONS)
     check_choice("int8 activation type", int8_activations, ("int8", "uint8"))
+    check_choice("int8 weight bits", int8_weights, (8, 7))
     check_choice("input type", input_dtype, ("float32", "uint8"))
     layout = layout.upper()
     check_choice("input layout", layout, ("NCHW", "NHWC"))
@@ -210,7 +212,7 @@ def export(
     if (export_dir / MANIFEST_NAME).exists() or (export_dir / MANIFEST_NAME).is_symlink():
         Manifest.load(export_dir)  # refuse a broken or hostile export before touching anything
     options = dict(data_dir=data_dir, calib_size=calib_size, calib_method=calib_method, auto_fallback=auto_fallback,
-                   int8_activations=int8_activations, gate_pp=gate_pp, pad_channels=pad_channels, download=download, max_batch=max_batch)
+                   int8_activations=int8_activations, int8_weights=int8_weights, gate_pp=gate_pp, pad_channels=pad_channels, download=download, max_batch=max_batch)
     with locked(export_dir, say=console.print):
         _remove_leftovers(export_dir, console)
         with staged(export_dir) as stage:
@@ -299,8 +301,9 @@ def _build(step: Step, path: Path, stage: Path, export_dir: Path, manifest: Mani
         calib, held_x, held_y = quantize.training_slices(manifest, options["data_dir"], options["calib_size"], download=options["download"])
         if options["auto_fallback"]:
             gate = options["gate_pp"] if options["gate_pp"] is not None else GATES["int8"]["delta_pp"]
-            return quantize.auto_fallback(source, path, calib, held_x, held_y, gate, method, console, activations=activations)
-        return quantize.quantize_int8(source, path, calib, method, activations=activations)
+            return quantize.auto_fallback(source, path, calib, held_x, held_y, gate, method, console, activations=activations,
+                                          weight_bits=options["int8_weights"])
+        return quantize.quantize_int8(source, path, calib, method, activations=activations, weight_bits=options["int8_weights"])
     from toolkit.export.to_trt import build_trt_engine
 
     return build_trt_engine(source, path, step.precision, manifest.input.name, tuple(manifest.input.shape[1:]), options["max_batch"],
