@@ -111,6 +111,22 @@ def mnist_test_set(root: Path) -> tuple[np.ndarray, np.ndarray]:
     return images[:, 0], labels
 
 
+def demo_correct_on_digits(url: str, mnist_root: Path, folder: Path, seed: int, count: int = 100) -> int:
+    """How many of ``count`` random real MNIST test digits (PNG files) the demo's /predict at ``url`` gets right."""
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    images, labels = mnist_test_set(mnist_root)
+    pick = np.random.default_rng(seed).choice(len(images), size=count, replace=False)
+    client = Client(url, verbose=False)
+    correct = 0
+    for i in pick:
+        path = folder / f"{i}.png"
+        Image.fromarray(images[i]).save(path)
+        correct += client.predict(handle_file(str(path)), api_name="/predict")["label"] == str(labels[i])
+    return correct
+
+
 def write_recipe_variant(folder: Path, edit) -> Path:
     """``recipes/fine4.toml`` with ``edit(data)`` applied to its parsed dict, written to ``folder/bad.toml``."""
     import tomllib

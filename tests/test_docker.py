@@ -17,9 +17,8 @@ import urllib.request
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from tests.conftest import REPO, free_port, mnist_test_set
+from tests.conftest import REPO, demo_correct_on_digits, free_port, mnist_test_set
 
 pytestmark = pytest.mark.slow
 LOCAL_BASE = "toolkit-base:local"
@@ -106,20 +105,11 @@ def _checks_and_stop(cid: str, port: int) -> None:
 
 
 def test_demo_image_serves_100_real_digits_then_stops_cleanly(images, mnist_root, tmp_path):
-    from gradio_client import Client, handle_file
-
     port = free_port()
     cid = _run(images["demo"], port, "-v", f"{mnist_root.resolve()}:/data:ro", "-e", "TOOLKIT_DATA_DIR=/data")
     try:
         _wait_healthy(cid)
-        images_, labels = mnist_test_set(mnist_root)
-        pick = np.random.default_rng(2028).choice(len(images_), size=100, replace=False)
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        correct = 0
-        for i in pick:
-            path = tmp_path / f"{i}.png"
-            Image.fromarray(images_[i]).save(path)
-            correct += client.predict(handle_file(str(path)), api_name="/predict")["label"] == str(labels[i])
+        correct = demo_correct_on_digits(f"http://127.0.0.1:{port}/", mnist_root, tmp_path, seed=2028)
         assert correct >= 98, f"{correct}/100"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/models", timeout=30) as r:  # the v2 API beside it
             assert json.loads(r.read())["models"]

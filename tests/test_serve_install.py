@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from tests.conftest import REPO, free_port, mnist_test_set
+from tests.conftest import REPO, demo_correct_on_digits, free_port, mnist_test_set
 
 pytestmark = pytest.mark.slow
 
@@ -172,21 +171,12 @@ def test_inference_install_has_no_torch(image_venv):
 
 
 def test_image_entry_command_serves_100_real_digits(image_venv, mnist_root, tmp_path):
-    from gradio_client import Client, handle_file
-
     app, venv, env, spec = image_venv
     # the image's environment, with the port moved off 7860 so parallel runs cannot clash
     port = free_port()
     server, log, _ = _start(spec, app, {**env, "TOOLKIT_DATA_DIR": str(mnist_root)}, port, tmp_path)
     try:
-        images, labels = mnist_test_set(mnist_root)
-        pick = np.random.default_rng(2026).choice(len(images), size=100, replace=False)
-        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        correct = 0
-        for i in pick:
-            path = tmp_path / f"{i}.png"
-            Image.fromarray(images[i]).save(path)
-            correct += client.predict(handle_file(str(path)), api_name="/predict")["label"] == str(labels[i])
+        correct = demo_correct_on_digits(f"http://127.0.0.1:{port}/", mnist_root, tmp_path, seed=2026)
         assert correct >= 98, f"{correct}/100"
     finally:
         if server.poll() is None:
