@@ -127,6 +127,30 @@ def demo_correct_on_digits(url: str, mnist_root: Path, folder: Path, seed: int, 
     return correct
 
 
+def v2_correct_on_digits(port: int, mnist_root: Path, export_dir: Path, seed: int, count: int = 100) -> int:
+    """Sends ``count`` random real MNIST test digits as PNG bytes to the fp32 model of a v2 API on
+    ``port`` with tritonclient; checks the answers equal the export's fp32 model run in this process,
+    and returns how many are right."""
+    import tritonclient.http as http
+
+    from toolkit.catalog import Catalog
+    from toolkit.preprocess import model_input, png_bytes
+
+    client = http.InferenceServerClient(f"127.0.0.1:{port}")
+    name = next(m["name"] for m in client.get_model_repository_index() if m["name"].endswith("_fp32"))
+    output = client.get_model_metadata(name)["outputs"][0]["name"]
+    images, labels = mnist_test_set(mnist_root)
+    pick = np.random.default_rng(seed).choice(len(images), size=count, replace=False)
+    inp = http.InferInput("image", [count], "BYTES")
+    inp.set_data_from_numpy(np.array([png_bytes(images[i][None]) for i in pick], dtype=np.object_))
+    logits = client.infer(name, [inp]).as_numpy(output)
+    catalog = Catalog.from_dirs([export_dir])
+    entry = catalog.entry(f"{export_dir.name}/model.fp32.onnx")
+    reference = catalog.runner(entry)(model_input(images[pick][:, None], entry.manifest))
+    np.testing.assert_allclose(logits, reference, rtol=1e-4, atol=1e-4)
+    return int((logits.argmax(1) == labels[pick]).sum())
+
+
 def write_recipe_variant(folder: Path, edit) -> Path:
     """``recipes/fine4.toml`` with ``edit(data)`` applied to its parsed dict, written to ``folder/bad.toml``."""
     import tomllib
