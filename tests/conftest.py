@@ -79,6 +79,22 @@ def fine4_export(fine4_run, mnist_root, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def underfit_export(mnist_root, tmp_path_factory):
+    """The issue's first case: fine4 trained 1 epoch on the first 10,000 training images (77.70% on
+    this code), exported fp32 and default int8."""
+    from toolkit.export import export
+    from toolkit.recipes import load_recipe
+    from toolkit.train import train
+
+    run = train(load_recipe(RECIPES / "fine4.toml"), device="cpu", data_dir=mnist_root, out=tmp_path_factory.mktemp("underfit-runs"),
+                epochs=1, train_limit=10_000, download=False, console=quiet())
+    out = tmp_path_factory.mktemp("underfit-exports")
+    export(run.run_dir, fmt="onnx", precision="fp32", out=out, console=quiet())
+    entry = export(run.run_dir, fmt="onnx", precision="int8", out=out, data_dir=mnist_root, download=False, console=quiet())
+    return Path(entry["export_dir"])
+
+
+@pytest.fixture(scope="session")
 def serving_export(mnist_root, tmp_path_factory):
     """A fine4 export good enough to serve: 3 epochs on all 60,000 training images with the LR
     dropped after epoch 2 (fine4's own recipe, shortened), fp32 and int8 ONNX."""

@@ -76,22 +76,6 @@ def test_which_cpus_saturate(monkeypatch):
     assert not int8_kernels_saturate({"features": []})
 
 
-@pytest.fixture(scope="module")
-def underfit_export(mnist_root, tmp_path_factory):
-    """The issue's first case: fine4 trained 1 epoch on the first 10,000 training images (77.70% on
-    this code), exported fp32 and default int8."""
-    from toolkit.export import export
-    from toolkit.recipes import load_recipe
-    from toolkit.train import train
-
-    run = train(load_recipe(RECIPES / "fine4.toml"), device="cpu", data_dir=mnist_root, out=tmp_path_factory.mktemp("underfit-runs"),
-                epochs=1, train_limit=10_000, download=False, console=quiet())
-    out = tmp_path_factory.mktemp("underfit-exports")
-    export(run.run_dir, fmt="onnx", precision="fp32", out=out, console=quiet())
-    entry = export(run.run_dir, fmt="onnx", precision="int8", out=out, data_dir=mnist_root, download=False, console=quiet())
-    return Path(entry["export_dir"])
-
-
 @pytest.mark.slow
 def test_undertrained_fine4_passes_the_default_int8_gate(underfit_export, mnist_root):
     """Was -14.51 pp (8-bit weights through saturating kernels), then -1.30 pp (7-bit weights), on an

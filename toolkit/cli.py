@@ -206,6 +206,11 @@ def export(
     int8_weights: int = typer.Option(8, "--int8-weights", help="8: full int8 weights (TensorRT, GPUs, CPUs with VNNI/AMX; an x86 CPU without VNNI "
                                      "runs them unfused: exact, but no int8 speed-up) | 7: ONNX Runtime's reduce_range, fused int8 kernels on "
                                      "every x86 CPU, at a cost in accuracy."),
+    qat_epochs: int = typer.Option(0, "--qat-epochs", min=0, help="int8: first fine-tune this many epochs with fake quantization "
+                                   "(quantization-aware training, distilled from the trained model on its training images), then export as "
+                                   "usual: same file size and speed, closer to fp32. 0: post-training quantization only."),
+    qat_images: Optional[int] = typer.Option(None, "--qat-images", min=1, help="QAT: fine-tune on this many training images (default: all but "
+                                             "the 2,000 held out for --auto-fallback)."),
     max_batch: int = typer.Option(256, "--max-batch", min=1, help="TensorRT: largest batch of the optimization profile; Triton: max_batch_size."),
     pad_channels: Optional[int] = typer.Option(None, "--pad-channels", min=0, help="Zero-pad conv channels to this multiple where outputs stay exactly the same (16: ONNX Runtime's AVX-512 block, 8: AVX2): faster batch-1 latency on ONNX Runtime CPU for models with odd channel counts. 0: off. Default: as the existing export, else off. Changing it re-exports the fp32 ONNX and drops the artifacts derived from it."),
     input_dtype: str = typer.Option("float32", "--input", help="float32: the graph takes normalized float tensors. uint8: it takes raw "
@@ -222,8 +227,8 @@ def export(
     from toolkit.export import export as run_export
 
     entry = run_export(run, fmt=fmt, precision=precision, out=out, runs=runs, data_dir=data_dir, calib_size=calib_size,
-                       calib_method=calib_method, auto_fallback=auto_fallback, int8_activations=int8_activations, int8_weights=int8_weights, max_batch=max_batch,
-                       pad_channels=pad_channels, input_dtype=input_dtype, layout=layout, console=_console(as_json))
+                       calib_method=calib_method, auto_fallback=auto_fallback, int8_activations=int8_activations, int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images,
+                       max_batch=max_batch, pad_channels=pad_channels, input_dtype=input_dtype, layout=layout, console=_console(as_json))
     if as_json:
         _emit(entry)
 

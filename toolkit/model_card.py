@@ -46,7 +46,7 @@ def model_card(export_dir: Path, manifest: Manifest, bench: dict | None = None) 
         "",
         (src.description + ". " if src.description else "")
         + f"{src.params:,} parameters, trained with the recipe `{src.recipe}`"
-        + (f" for {src.epochs} epochs" if src.epochs else "") + ".",
+        + (f" for {src.epochs} epoch{'' if src.epochs == 1 else 's'}" if src.epochs else "") + ".",
         "",
         f"- Checkpoint: `{src.checkpoint}` (sha256 `{src.sha256[:16]}…`); its test accuracy: {_pct(src.test_acc)}.",
     ]
@@ -158,6 +158,12 @@ def _usage(export_dir: Path, manifest: Manifest) -> list[str]:
                   "finds none): pass `sess_options` with `graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC`. "
                   "ONNX Runtime's fused int8 kernels there add weight x activation products in pairs into 16 bits, which 8-bit weights "
                   "overflow; unfused, the file computes exactly what was verified (toolkit does this by itself)."]
+    for art in manifest.artifacts:
+        tuned = art.get("qat")
+        if tuned:
+            lines += ["", f"{art.file} was made from the model fine-tuned {tuned['epochs']} epoch{'' if tuned['epochs'] == 1 else 's'} with fake quantization (QAT, "
+                      f"distilled from the trained model on {tuned['images']:,} training images); its parity above is against the "
+                      "trained model itself."]
     if manifest.triton is not None and manifest.triton.models:
         lines += ["", "As a Triton Inference Server model repository (models: "
                   + ", ".join(f"`{n}`" for n in manifest.triton.models) + "):", "",

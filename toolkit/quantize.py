@@ -38,21 +38,44 @@ CPU_QUANTIZED_OPS = (*QUANTIZED_OPS, "Add", "Relu", "Slice", "Pad")
 HOLDOUT_SIZE = 2000
 
 
-def training_slices(manifest: Manifest, data_dir, calib_size: int, holdout: int = HOLDOUT_SIZE, seed: int = 0, download: bool = True):
-    """Disjoint random slices of the training split: calibration images, and a held-out set with labels."""
+def _training_split(manifest: Manifest, data_dir, download: bool):
+    """The export's training images and labels (uint8 pixels), decoded as training decoded them."""
     import torch
 
-    if manifest.source.folder is not None:  # an image folder's training images, decoded as training decoded them
+    if manifest.source.folder is not None:  # an image folder's training images
         found = folder.load(folder.from_manifest(manifest))
-        x, y = torch.from_numpy(found.x_train), torch.from_numpy(found.y_train)
-    else:
-        x, y, _ = data_mod.split_arrays(manifest.dataset, resolve_data_dir(data_dir, manifest.source.data_dir), train=True, download=download)
+        return torch.from_numpy(found.x_train), torch.from_numpy(found.y_train)
+    x, y, _ = data_mod.split_arrays(manifest.dataset, resolve_data_dir(data_dir, manifest.source.data_dir), train=True, download=download)
+    return x, y
 
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+
+def _order(n: int, seed: int):
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def training_slices(manifest: Manifest, data_dir, calib_size: int, holdout: int = HOLDOUT_SIZE, seed: int = 0, download: bool = True):
+    """Disjoint random slices of the training split: calibration images, and a held-out set with labels."""
+    x, y = _training_split(manifest, data_dir, download)
+    order = _order(len(x), seed)
     calib = order[:calib_size]
     held = order[calib_size : calib_size + holdout]
     # what the deployed model is fed (toolkit.preprocess): normalized floats, or pixels for a uint8-input graph
     return model_input(x[calib].numpy(), manifest), model_input(x[held].numpy(), manifest), y[held].numpy()
+
+
+def fine_tuning_images(manifest: Manifest, data_dir, calib_size: int, limit: int | None = None, holdout: int = HOLDOUT_SIZE, seed: int = 0,
+                       download: bool = True) -> np.ndarray:
+    """Every training image but ``training_slices``' held-out set (calibration images first), as the
+    deployed model is fed them; the first ``limit`` of them. QAT learns from these, so the held-out
+    set that ``auto_fallback`` measures on stays unseen."""
+    import torch
+
+    x, _ = _training_split(manifest, data_dir, download)
+    order = _order(len(x), seed)
+    kept = torch.cat([order[:calib_size], order[calib_size + holdout :]])[:limit]
+    return model_input(x[kept].numpy(), manifest)
 
 
 def _reader(images: np.ndarray, input_name: str, batch: int = 64):
@@ -272,7 +295,8 @@ def layer_errors(fp32: Path, quantized: Path, images: np.ndarray, input_name: st
             debug.modify_model_output_intermediate_tensors(str(src), str(exposed[name]))
         float_acts = debug.collect_activations(str(exposed["float"]), _reader(images, input_name, batch))
         quant_acts = debug.collect_activations(str(exposed["quantized"]), _reader(images, input_name, batch))
-    matched = debug.create_activation_matching(quant_acts, float_acts)
+    # only tensors both graphs have: a QAT file comes from a re-exported model whose inner tensors have other names
+    matched = {name: pair for name, pair in debug.create_activation_matching(quant_acts, float_acts).items() if "float" in pair}
     errors = debug.compute_activation_error(matched)
     order = {}
     graph = load_onnx(fp32).graph

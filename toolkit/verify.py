@@ -187,7 +187,8 @@ def parity_markdown(report: dict) -> str:
         lines += [f"| {r['tensor']} | {r['op']} | {r['local_sqnr_db']:.1f} | {r['sqnr_db']:.1f} |" for r in found["worst"]]
         lines += ["", "| weight | SQNR (dB) |", "|---|---:|"] + [f"| {w['weight']} | {w['sqnr_db']:.1f} |" for w in found["weights"]]
         lines += ["", "What to try: `toolkit export --precision int8 --auto-fallback` keeps the layers that cost the most in float; "
-                  "`--calib-method entropy` or `percentile` clips outliers that minmax keeps; more training often narrows value ranges."]
+                  "`--calib-method entropy` or `percentile` clips outliers that minmax keeps; `--qat-epochs 1` (or more) fine-tunes the model "
+                  "with fake quantization first, at no cost in speed; more training often narrows value ranges."]
     return "\n".join(lines) + "\n"
 
 
@@ -215,7 +216,7 @@ def failure_line(report: dict) -> str:
             found = report.get("diagnosis", {}).get(r["artifact"])
             if found:
                 hints.add(f"{r['artifact']}: {quantize.diagnosis_line(found)}")
-            hints.add("for int8 try `toolkit export --precision int8 --auto-fallback` or another --calib-method")
+            hints.add("for int8 try `toolkit export --precision int8 --auto-fallback`, `--qat-epochs 1` or another --calib-method")
         parts.append(f"{r['artifact']} on {r['runtime']} ({'; '.join(missed)})")
     where = Path(report["export_dir"]) / "parity.md"
     return f"parity FAILED for {', '.join(parts)}; see {where}" + (f"; {'; '.join(sorted(hints))}" if hints else "")

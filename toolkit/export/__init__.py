@@ -174,6 +174,8 @@ def export(
     auto_fallback: bool = False,
     int8_activations: str = "int8",
     int8_weights: int = 8,
+    qat_epochs: int = 0,
+    qat_images: int | None = None,
     gate_pp: float | None = None,
     max_batch: int = 256,
     pad_channels: int | None = None,
@@ -199,6 +201,10 @@ def export(
         raise ToolkitError(f"--pad-channels must be 0 (off) or a positive multiple, not {pad_channels}")
     if auto_fallback and precision != "int8":
         raise ToolkitError("--auto-fallback applies to --precision int8 only")
+    if qat_epochs < 0 or (qat_images is not None and qat_images < 1):
+        raise ToolkitError("--qat-epochs must be 0 (off) or more, --qat-images 1 or more")
+    if qat_epochs and precision != "int8":
+        raise ToolkitError("--qat-epochs applies to --precision int8 only")
     if fmt == "trt" and precision == "int8" and int8_activations != "int8":
         raise ToolkitError("TensorRT's explicit quantization needs symmetric int8 activations: leave --int8-activations at int8")
     if fmt == "trt":
@@ -212,7 +218,7 @@ def export(
     if (export_dir / MANIFEST_NAME).exists() or (export_dir / MANIFEST_NAME).is_symlink():
         Manifest.load(export_dir)  # refuse a broken or hostile export before touching anything
     options = dict(data_dir=data_dir, calib_size=calib_size, calib_method=calib_method, auto_fallback=auto_fallback,
-                   int8_activations=int8_activations, int8_weights=int8_weights, gate_pp=gate_pp, pad_channels=pad_channels, download=download, max_batch=max_batch)
+                   int8_activations=int8_activations, int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images, gate_pp=gate_pp, pad_channels=pad_channels, download=download, max_batch=max_batch)
     with locked(export_dir, say=console.print):
         _remove_leftovers(export_dir, console)
         with staged(export_dir) as stage:
@@ -299,15 +305,43 @@ def _build(step: Step, path: Path, stage: Path, export_dir: Path, manifest: Mani
 
         method, activations = options["calib_method"], options["int8_activations"]
         calib, held_x, held_y = quantize.training_slices(manifest, options["data_dir"], options["calib_size"], download=options["download"])
+        qat_fields = {}
+        if options["qat_epochs"]:
+            source, qat_fields = _qat_source(stage, manifest, ckpt, options, console)
         if options["auto_fallback"]:
             gate = options["gate_pp"] if options["gate_pp"] is not None else GATES["int8"]["delta_pp"]
-            return quantize.auto_fallback(source, path, calib, held_x, held_y, gate, method, console, activations=activations,
-                                          weight_bits=options["int8_weights"])
-        return quantize.quantize_int8(source, path, calib, method, activations=activations, weight_bits=options["int8_weights"])
+            fields = quantize.auto_fallback(source, path, calib, held_x, held_y, gate, method, console, activations=activations,
+                                            weight_bits=options["int8_weights"])
+        else:
+            fields = quantize.quantize_int8(source, path, calib, method, activations=activations, weight_bits=options["int8_weights"])
+        if qat_fields:
+            source.unlink(missing_ok=True)
+        return {**fields, **qat_fields}
     from toolkit.export.to_trt import build_trt_engine
 
     return build_trt_engine(source, path, step.precision, manifest.input.name, tuple(manifest.input.shape[1:]), options["max_batch"],
                             confined(stage, "timing.cache", str(export_dir)))
+
+
+def _qat_source(stage: Path, manifest: Manifest, ckpt: dict, options: dict, console: Console) -> tuple[Path, dict]:
+    """Quantization-aware fine-tuning (``toolkit.qat``) of the checkpoint's model, exported as a float
+    ONNX file beside the fp32 artifact (same input, normalization, metadata and channel padding) for
+    the int8 export to quantize; returns its path and the manifest's ``qat`` record."""
+    from toolkit import qat, quantize
+    from toolkit.export.to_onnx import export_onnx, onnx_metadata
+
+    images = quantize.fine_tuning_images(manifest, options["data_dir"], options["calib_size"], limit=options["qat_images"],
+                                         download=options["download"])
+    calib = images[: options["calib_size"]]
+    epochs = options["qat_epochs"]
+    console.print(f"qat: fine-tuning with fake quantization for {epochs} epoch{'' if epochs == 1 else 's'} on {len(images):,} training images")
+    tuned, report = qat.fine_tune(model_from_checkpoint(ckpt), images, calib, epochs=epochs, activations=options["int8_activations"],
+                                  weight_bits=options["int8_weights"], console=console)
+    fp32 = manifest.artifact("model.fp32.onnx")
+    path = stage / ".qat.fp32.onnx"  # removed once quantized; a failed export discards the whole stage
+    export_onnx(tuned, path, manifest.input, manifest.output.name, manifest.normalization, onnx_metadata(manifest),
+                pad_channels=fp32.get("pad_channels", 0) if fp32 is not None else 0)
+    return path, {"qat": report}
 
 
 def _triton(stage: Path, export_dir: Path, manifest: Manifest, ckpt: dict, precision: str, options: dict, console: Console) -> dict:

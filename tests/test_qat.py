@@ -1,0 +1,139 @@
+"""Quantization-aware fine-tuning (toolkit/qat.py) and `toolkit export --qat-epochs`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from tests.conftest import quiet, run_cli, one_line_error
+from toolkit.manifest import Manifest
+from toolkit.models import MODELS, create_model
+
+
+def _random_batchnorm_stats(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 2 - 1)
+
+
+def _example(model: torch.nn.Module) -> torch.Tensor:
+    for shape in ((4, 1, 28, 28), (4, 3, 32, 32)):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+        try:
+            model(x)
+            return x
+        except RuntimeError:
+            continue
+    raise AssertionError("no input shape fits")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_folding_batchnorm_keeps_outputs_and_module_names(name):
+    from toolkit.qat import fold_batchnorm
+
+    model = create_model(name, num_classes=10).eval()
+    _random_batchnorm_stats(model)
+    x = _example(model)
+    folded, pairs = fold_batchnorm(model)
+    assert pairs >= 7  # every registered model has conv -> BatchNorm pairs
+    assert [n for n, _ in folded.named_modules()] == [n for n, _ in model.named_modules()]
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-4, rtol=1e-4)
+    # the folded BatchNorms are identities now: their scale is fixed at 1/sqrt(1 + eps)'s inverse
+    fixed = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d) and not m.weight.requires_grad]
+    assert len(fixed) == pairs and all(float(m.running_var.min()) == 1.0 for m in fixed)
+
+
+def test_fake_quantized_weights_are_the_exported_int8_weights(underfit_export, mnist_root, tmp_path):
+    """What fine-tuning saw is what the file holds: each Conv/Gemm weight of the exported int8 model,
+    dequantized, equals PyTorch's fake quantization of the tuned weight, for 8 and 7 bits."""
+    from toolkit import qat, quantize
+    from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
+    from toolkit.export.to_onnx import export_onnx, onnx_metadata
+
+    manifest = Manifest.load(underfit_export)
+    model = model_from_checkpoint(load_checkpoint(manifest.source.checkpoint))
+    calib, _, _ = quantize.training_slices(manifest, mnist_root, 128, holdout=10, download=False)
+    for bits in (8, 7):
+        tuned, report = qat.fine_tune(model, calib, calib, epochs=1, weight_bits=bits, console=quiet())
+        assert report["epochs"] == 1 and report["images"] == 128 and report["batchnorms_folded"] >= 7
+        fp32, int8 = tmp_path / f"tuned{bits}.onnx", tmp_path / f"tuned{bits}.int8.onnx"
+        export_onnx(tuned, fp32, manifest.input, manifest.output.name, manifest.normalization, onnx_metadata(manifest))
+        quantize.quantize_int8(fp32, int8, calib, weight_bits=bits)
+        graph = onnx.load(str(int8)).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        exported = []
+        for node in graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].ndim >= 2:
+                q, scale = inits[node.input[0]].astype(np.float32), inits[node.input[1]]
+                exported.append(q * scale.reshape(-1, *([1] * (q.ndim - 1))))
+        layers = [m for m in tuned.modules() if isinstance(m, qat.QUANTIZED_MODULES)]
+        assert len(exported) == len(layers) >= 7
+        for layer in layers:  # each layer's fake-quantized weight is one of the file's weights, to float rounding
+            expected = qat._weight_fake_quant(bits)(layer.weight.detach()).numpy()
+            gaps = [float(np.abs(d - expected).max()) for d in exported if d.shape == expected.shape]
+            assert gaps and min(gaps) <= 1e-6 * float(np.abs(expected).max()), (layer, gaps)
+        # and the float weights themselves are not: quantization did change them
+        assert all(float(np.abs(qat._weight_fake_quant(bits)(m.weight.detach()).numpy() - m.weight.detach().numpy()).max()) > 0 for m in layers)
+
+
+def test_pruned_weights_stay_zero(underfit_export, mnist_root):
+    from toolkit import qat, quantize
+    from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
+
+    manifest = Manifest.load(underfit_export)
+    model = model_from_checkpoint(load_checkpoint(manifest.source.checkpoint))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        convs[1].weight[:, ::2] = 0.0  # half of the second conv's input channels pruned
+    calib, _, _ = quantize.training_slices(manifest, mnist_root, 256, holdout=10, download=False)
+    folded, _ = qat.fold_batchnorm(model)
+    before = [m for m in folded.modules() if isinstance(m, torch.nn.Conv2d)][1].weight.detach().clone()
+    tuned, _ = qat.fine_tune(model, calib, calib[:64], epochs=2, console=quiet())
+    after = [m for m in tuned.modules() if isinstance(m, torch.nn.Conv2d)][1].weight.detach()
+    assert bool((before[:, ::2] == 0).all()) and bool((after[:, ::2] == 0).all())
+    assert float((after[:, 1::2] - before[:, 1::2]).abs().max()) > 1e-5  # the others were tuned
+
+
+@pytest.mark.slow
+def test_qat_recovers_where_post_training_int8_loses(underfit_export, mnist_root, tmp_path):
+    """The issue's under-trained fine4 with 7-bit weights (fused int8 kernels on every x86 CPU):
+    post-training int8 loses more than the gate (measured -1.30 pp); one epoch of QAT on 10,000
+    training images brings it within the gate (measured +0.12 pp) and agrees more often with fp32."""
+    from toolkit.export import export
+    from toolkit.parity import GATES
+    from toolkit.verify import verify
+
+    run = Path(Manifest.load(underfit_export).source.checkpoint).parent
+    rows = {}
+    for name, extra in (("ptq", {}), ("qat", {"qat_epochs": 1, "qat_images": 10_000})):
+        out = tmp_path / name
+        export(run, fmt="onnx", precision="fp32", out=out, console=quiet())
+        entry = export(run, fmt="onnx", precision="int8", out=out, data_dir=mnist_root, download=False, int8_weights=7, console=quiet(), **extra)
+        report = verify(Path(entry["export_dir"]), data_dir=mnist_root, download=False, console=quiet())
+        rows[name] = next(r for r in report["results"] if r["artifact"] == "model.int8.onnx")
+        art = Manifest.load(Path(entry["export_dir"])).artifact("model.int8.onnx")
+        assert (art.get("qat") is not None) == (name == "qat")
+    gate = GATES["int8"]["delta_pp"]
+    assert abs(rows["ptq"]["delta_pp"]) > gate and not rows["ptq"]["passed"], rows["ptq"]
+    assert abs(rows["qat"]["delta_pp"]) <= gate and rows["qat"]["passed"], rows["qat"]
+    assert rows["qat"]["agreement"] > rows["ptq"]["agreement"]
+    assert Manifest.load(tmp_path / "qat" / run.name).artifact("model.int8.onnx").get("qat")["images"] == 10_000
+
+
+def test_qat_options_are_checked_before_any_work(fine4_run, tmp_path):
+    proc = run_cli("export", str(fine4_run.run_dir), "--out", str(tmp_path), "--qat-epochs", "2")
+    assert proc.returncode != 0 and "--qat-epochs applies to --precision int8 only" in one_line_error(proc)
+    proc = run_cli("export", str(fine4_run.run_dir), "--out", str(tmp_path), "--precision", "int8", "--qat-images", "0")
+    assert proc.returncode != 0 and "Invalid value for '--qat-images'" in proc.stderr
+    assert not any(tmp_path.iterdir())
