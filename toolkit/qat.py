@@ -62,8 +62,8 @@ def conv_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     """A copy of ``model`` in which each convolution followed by its BatchNorm holds the folded weights
-    (``torch.nn.utils.fusion.fuse_conv_bn_weights``) and the BatchNorm is left as an identity that
-    carries the folded bias (scale 1, fixed; shift trainable): the same module names and the same
+    (``torch.nn.utils.fusion.fuse_conv_bn_weights``, bias included) and the BatchNorm is left as a
+    fixed identity (scale 1, shift 0): the same module names and the same
     exported graph as the trained model, with the weights the exported file holds. Returns it and
     how many pairs were folded. Other BatchNorms (pre-activation ResNets) stay as they are, frozen."""
     from torch.nn.utils.fusion import fuse_conv_bn_weights
@@ -76,15 +76,15 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
             conv, bn = modules[conv_name], modules[bn_name]
             weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
             conv.weight.copy_(weight)
-            if conv.bias is not None:
-                conv.bias.copy_(bias)
-                bn.bias.zero_()
-            else:
-                bn.bias.copy_(bias)
+            # the bias goes into the convolution (given one if it had none), so that the convolution's
+            # output, where the export quantizes, is the folded one, bias included
+            conv.bias = nn.Parameter(bias.detach().clone())
             bn.running_mean.zero_()
             bn.running_var.fill_(1.0)
             bn.weight.fill_(float(torch.sqrt(torch.tensor(1.0 + bn.eps))))  # scale / sqrt(var + eps) = 1
+            bn.bias.zero_()
             bn.weight.requires_grad_(False)
+            bn.bias.requires_grad_(False)
     return folded, len(pairs)
 
 
@@ -97,12 +97,13 @@ def _weight_fake_quant(weight_bits: int):
 
 
 def _activation_fake_quant(activations: str):
-    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
+    """Per-tensor, ranges from the min and max over all calibration images: ONNX Runtime's ``minmax``
+    calibration (a moving average would follow each batch's own, narrower range instead)."""
+    from torch.ao.quantization import FakeQuantize, MinMaxObserver
 
     if activations == "int8":
-        return FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=-127, quant_max=127, dtype=torch.qint8,
-                            qscheme=torch.per_tensor_symmetric)
-    return FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+        return FakeQuantize(observer=MinMaxObserver, quant_min=-127, quant_max=127, dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+    return FakeQuantize(observer=MinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8, qscheme=torch.per_tensor_affine)
 
 
 class FakeQuantized:
@@ -127,11 +128,33 @@ class FakeQuantized:
         if not self.layers:
             raise ToolkitError("QAT: the model has no Conv or Linear layer to quantize")
 
-    def observe_only(self, on: bool) -> None:
-        """Observers on and fake quantization off (calibration), or both on (fine-tuning)."""
+    def set_ranges(self, ranges: dict[str, tuple[float, int, float, int]]) -> int:
+        """Fix the activation quantization of the layers named in ``ranges`` (module name: input scale,
+        zero point, output scale, zero point), e.g. the ones the export's own calibration chose;
+        returns how many layers matched."""
+        names = {module: name for name, module in self.model.named_modules()}
+        found = 0
+        for module in self.layers:
+            # a wrapped export (uint8 input, NHWC) names the same weights with a prefix: "model.features.0"
+            given = next((r for key, r in ranges.items() if key == names[module] or key.endswith("." + names[module])), None)
+            if given is None:
+                continue
+            for fq, scale, zero in ((module.input_fake_quant, given[0], given[1]), (module.output_fake_quant, given[2], given[3])):
+                fq.scale.copy_(torch.tensor([scale], dtype=fq.scale.dtype))
+                fq.zero_point.copy_(torch.tensor([zero], dtype=fq.zero_point.dtype))
+            found += 1
+        return found
+
+    def calibrating(self, on: bool) -> None:
+        """Activation observers on and their fake quantization off (calibration), or the ranges found
+        fixed and fake quantization on (fine-tuning: the ranges the export's calibration finds)."""
         for fq in self.activation_quants:
-            fq.enable_observer()
-            fq.disable_fake_quant() if on else fq.enable_fake_quant()
+            if on:
+                fq.enable_observer()
+                fq.disable_fake_quant()
+            else:
+                fq.disable_observer()
+                fq.enable_fake_quant()
 
     def remove(self) -> nn.Module:
         """Detach everything; the model keeps its tuned float weights (the latent ones, unquantized:
@@ -147,11 +170,12 @@ class FakeQuantized:
 
 
 def fine_tune(model: nn.Module, images: np.ndarray, calib: np.ndarray, *, epochs: int, activations: str = "int8", weight_bits: int = 8,
-              seed: int = 0, console: Console | None = None) -> tuple[nn.Module, dict]:
+              ranges: dict[str, tuple[float, int, float, int]] | None = None, seed: int = 0, console: Console | None = None) -> tuple[nn.Module, dict]:
     """Fine-tune ``model`` (a trained float model, left unchanged) with fake quantization for
     ``epochs`` passes over ``images`` (model inputs, as the deployed model is fed them), distilling
-    from the model itself; ``calib`` first sets the activation ranges. Returns the tuned float model
-    (BatchNorm folded) and a report for the manifest."""
+    from the model itself. Activation ranges: ``ranges`` (``FakeQuantized.set_ranges``: best, the
+    export's own calibration of the folded model) where given, else min/max over ``calib``; fixed
+    while fine-tuning. Returns the tuned float model (BatchNorm folded) and a report for the manifest."""
     check_choice("int8 activation type", activations, ("int8", "uint8"))
     check_choice("int8 weight bits", weight_bits, (8, 7))
     if epochs < 1:
@@ -167,11 +191,12 @@ def fine_tune(model: nn.Module, images: np.ndarray, calib: np.ndarray, *, epochs
     quant = FakeQuantized(student, activations, weight_bits)
     x_all = torch.from_numpy(np.ascontiguousarray(images))
 
-    quant.observe_only(True)
+    quant.calibrating(True)
     with torch.no_grad():
         for i in range(0, len(calib), BATCH_SIZE):
             student(torch.from_numpy(np.ascontiguousarray(calib[i : i + BATCH_SIZE])))
-    quant.observe_only(False)
+    quant.calibrating(False)
+    matched = quant.set_ranges(ranges or {})
 
     # the whole model stays in eval mode: BatchNorm statistics frozen, dropout off; gradients still flow
     student.eval()
@@ -209,7 +234,7 @@ def fine_tune(model: nn.Module, images: np.ndarray, calib: np.ndarray, *, epochs
             console.print(f"qat: epoch {epoch}/{epochs}: distillation loss {losses[-1]:.5f}, fake-quantized model agrees with the "
                           f"float model on {100 * agree / len(x_all):.2f}% of {len(x_all):,} training images")
     tuned = quant.remove().eval()
-    report = {"epochs": epochs, "batchnorms_folded": folded, "images": int(len(x_all)), "loss": "distillation (KL) from the trained model", "optimizer": "adam",
+    report = {"epochs": epochs, "batchnorms_folded": folded, "layers": len(quant.layers), "ranges_from_export": matched, "images": int(len(x_all)), "loss": "distillation (KL) from the trained model", "optimizer": "adam",
               "learning_rate": LEARNING_RATE, "batch_size": BATCH_SIZE, "distillation_loss": [round(v, 6) for v in losses],
               "seconds": round(time.perf_counter() - started, 2)}
     return tuned, report

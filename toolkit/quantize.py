@@ -159,6 +159,43 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
             "float_layers": list(exclude or [])}
 
 
+def activation_ranges(path: Path) -> dict[str, tuple[float, int, float, int]]:
+    """The activation quantization a QDQ file chose around each quantized Conv/Gemm/MatMul: its
+    weight's name (without ``.weight``, i.e. the PyTorch module's name) -> input scale, zero point,
+    output scale, zero point. QAT fine-tunes with exactly these (``qat.FakeQuantized.set_ranges``)."""
+    from onnx import numpy_helper
+
+    graph = load_onnx(path).graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list] = {}
+    for n in graph.node:
+        for name in n.input:
+            users.setdefault(name, []).append(n)
+
+    def params(node) -> tuple[float, int] | None:
+        if len(node.input) < 3 or node.input[1] not in inits or node.input[2] not in inits:
+            return None
+        scale, zero = numpy_helper.to_array(inits[node.input[1]]), numpy_helper.to_array(inits[node.input[2]])
+        return (float(scale), int(zero)) if scale.size == 1 and zero.size == 1 else None
+
+    found = {}
+    for node in graph.node:
+        if node.op_type not in QUANTIZED_OPS or len(node.input) < 2:
+            continue
+        weight_dq, input_dq = producer.get(node.input[1]), producer.get(node.input[0])
+        after = users.get(node.output[0], [])
+        if (weight_dq is None or weight_dq.op_type != "DequantizeLinear" or input_dq is None or input_dq.op_type != "DequantizeLinear"
+                or len(after) != 1 or after[0].op_type != "QuantizeLinear"):
+            continue
+        given, taken = params(input_dq), params(after[0])
+        if given is None or taken is None:
+            continue
+        name = weight_dq.input[0].removesuffix("_quantized").removesuffix(".weight")
+        found[name] = (*given, *taken)
+    return found
+
+
 def integer_pads(proto: onnx.ModelProto) -> int:
     """Fold DequantizeLinear -> Pad(constant 0) -> QuantizeLinear with the same scale and zero
     point into one Pad of the integer tensor whose constant is the zero point (the value 0.0

@@ -326,21 +326,32 @@ def _build(step: Step, path: Path, stage: Path, export_dir: Path, manifest: Mani
 def _qat_source(stage: Path, manifest: Manifest, ckpt: dict, options: dict, console: Console) -> tuple[Path, dict]:
     """Quantization-aware fine-tuning (``toolkit.qat``) of the checkpoint's model, exported as a float
     ONNX file beside the fp32 artifact (same input, normalization, metadata and channel padding) for
-    the int8 export to quantize; returns its path and the manifest's ``qat`` record."""
+    the int8 export to quantize; returns its path and the manifest's ``qat`` record. Fine-tuning uses
+    the activation ranges that this export's own calibration gives the model before tuning."""
     from toolkit import qat, quantize
     from toolkit.export.to_onnx import export_onnx, onnx_metadata
 
     images = quantize.fine_tuning_images(manifest, options["data_dir"], options["calib_size"], limit=options["qat_images"],
                                          download=options["download"])
     calib = images[: options["calib_size"]]
-    epochs = options["qat_epochs"]
-    console.print(f"qat: fine-tuning with fake quantization for {epochs} epoch{'' if epochs == 1 else 's'} on {len(images):,} training images")
-    tuned, report = qat.fine_tune(model_from_checkpoint(ckpt), images, calib, epochs=epochs, activations=options["int8_activations"],
-                                  weight_bits=options["int8_weights"], console=console)
     fp32 = manifest.artifact("model.fp32.onnx")
     path = stage / ".qat.fp32.onnx"  # removed once quantized; a failed export discards the whole stage
-    export_onnx(tuned, path, manifest.input, manifest.output.name, manifest.normalization, onnx_metadata(manifest),
-                pad_channels=fp32.get("pad_channels", 0) if fp32 is not None else 0)
+
+    def to_onnx(model) -> None:
+        export_onnx(model, path, manifest.input, manifest.output.name, manifest.normalization, onnx_metadata(manifest),
+                    pad_channels=fp32.get("pad_channels", 0) if fp32 is not None else 0)
+
+    model = model_from_checkpoint(ckpt)
+    to_onnx(qat.fold_batchnorm(model)[0])
+    probe = stage / ".qat.ranges.onnx"
+    quantize.quantize_int8(path, probe, calib, options["calib_method"], activations=options["int8_activations"], weight_bits=options["int8_weights"])
+    ranges = quantize.activation_ranges(probe)
+    probe.unlink()
+    epochs = options["qat_epochs"]
+    console.print(f"qat: fine-tuning with fake quantization for {epochs} epoch{'' if epochs == 1 else 's'} on {len(images):,} training images")
+    tuned, report = qat.fine_tune(model, images, calib, epochs=epochs, activations=options["int8_activations"],
+                                  weight_bits=options["int8_weights"], ranges=ranges, console=console)
+    to_onnx(tuned)
     return path, {"qat": report}
 
 
