@@ -129,6 +129,9 @@ def test_qat_recovers_where_post_training_int8_loses(underfit_export, mnist_root
     assert abs(rows["qat"]["delta_pp"]) <= gate and rows["qat"]["passed"], rows["qat"]
     assert rows["qat"]["agreement"] > rows["ptq"]["agreement"]
     assert Manifest.load(tmp_path / "qat" / run.name).artifact("model.int8.onnx").get("qat")["images"] == 10_000
+    # the same graph as post-training int8 (so the same speed): the same operators in the same order
+    graphs = [onnx.load(str(tmp_path / name / run.name / "model.int8.onnx")).graph for name in ("ptq", "qat")]
+    assert [n.op_type for n in graphs[0].node] == [n.op_type for n in graphs[1].node]
 
 
 def test_qat_options_are_checked_before_any_work(fine4_run, tmp_path):
