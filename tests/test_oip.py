@@ -238,3 +238,29 @@ def test_runner_failure_reaches_every_waiting_request():
         return results
 
     assert all(isinstance(r, ToolkitError) for r in asyncio.run(go()))
+
+
+def test_each_model_is_warmed_up_before_the_service_is_ready(serving_export, monkeypatch):
+    """One batch of min(max batch, WARMUP_BATCH) zeros runs through every served model when the
+    service is made, before any request (ONNX Runtime's arena then does not grow under load)."""
+    from toolkit import oip
+
+    calls = []
+    real_runner = Catalog.runner
+
+    def spying_runner(self, entry):
+        run = real_runner(self, entry)
+
+        def spy(x):
+            calls.append((entry.key, x.shape, x.dtype, float(np.abs(x).max())))
+            return run(x)
+        return spy
+
+    monkeypatch.setattr(Catalog, "runner", spying_runner)
+    service = oip.Service(Catalog.from_dirs([serving_export]))
+    try:
+        assert service.models and len(calls) == len(service.models)
+        for (key, shape, dtype, peak), model in zip(calls, service.models.values()):
+            assert shape == (min(model.max_batch, oip.WARMUP_BATCH), *model.dims) and dtype == np.float32 and peak == 0.0
+    finally:
+        service.close()
