@@ -208,7 +208,8 @@ def export(
                                      "every x86 CPU, at a cost in accuracy."),
     qat_epochs: int = typer.Option(0, "--qat-epochs", min=0, help="int8: first fine-tune this many epochs with fake quantization "
                                    "(quantization-aware training, distilled from the trained model on its training images), then export as "
-                                   "usual: same file size and speed, closer to fp32. 0: post-training quantization only."),
+                                   "usual: same operators and speed. The remedy where post-training int8 misses its gate (e.g. with "
+                                   "--int8-weights 7). 0: post-training quantization only."),
     qat_images: Optional[int] = typer.Option(None, "--qat-images", min=1, help="QAT: fine-tune on this many training images (default: all but "
                                              "the 2,000 held out for --auto-fallback)."),
     max_batch: int = typer.Option(256, "--max-batch", min=1, help="TensorRT: largest batch of the optimization profile; Triton: max_batch_size."),

@@ -159,6 +159,17 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
             "float_layers": list(exclude or [])}
 
 
+def _graph_index(graph) -> tuple[dict, dict, dict]:
+    """A graph's initializers by name, each tensor's producing node, and each tensor's consuming nodes."""
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list] = {}
+    for n in graph.node:
+        for name in n.input:
+            users.setdefault(name, []).append(n)
+    return inits, producer, users
+
+
 def activation_ranges(path: Path) -> dict[str, tuple[float, int, float, int]]:
     """The activation quantization a QDQ file chose around each quantized Conv/Gemm/MatMul: its
     weight's name (without ``.weight``, i.e. the PyTorch module's name) -> input scale, zero point,
@@ -166,12 +177,7 @@ def activation_ranges(path: Path) -> dict[str, tuple[float, int, float, int]]:
     from onnx import numpy_helper
 
     graph = load_onnx(path).graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    users: dict[str, list] = {}
-    for n in graph.node:
-        for name in n.input:
-            users.setdefault(name, []).append(n)
+    inits, producer, users = _graph_index(graph)
 
     def params(node) -> tuple[float, int] | None:
         if len(node.input) < 3 or node.input[1] not in inits or node.input[2] not in inits:
@@ -204,12 +210,7 @@ def integer_pads(proto: onnx.ModelProto) -> int:
     from onnx import numpy_helper
 
     graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    users: dict[str, list] = {}
-    for n in graph.node:
-        for name in n.input:
-            users.setdefault(name, []).append(n)
+    inits, producer, users = _graph_index(graph)
     outputs = {o.name for o in graph.output}
 
     def constant(name: str):
