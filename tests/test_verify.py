@@ -11,7 +11,7 @@ from toolkit.export import export
 from toolkit.manifest import Manifest
 from toolkit.recipes import load_recipe
 from toolkit.train import train
-from toolkit.parity import GATES, compare
+from toolkit.parity import GATES, compare, delta_interval
 from toolkit.verify import verify
 
 import numpy as np
@@ -26,11 +26,14 @@ def test_fine4_parity_on_full_mnist_test_set(fine4_export, mnist_root):
     assert fp32["delta_pp"] == 0.0 and fp32["agreement"] >= 99.9 and fp32["max_abs_logit_diff"] < 1e-3 and fp32["passed"]
     int8 = rows[("model.int8.onnx", "ort-cpu")]
     assert abs(int8["delta_pp"]) <= GATES["int8"]["delta_pp"] and int8["passed"]
+    assert int8["delta_ci_pp"][0] <= int8["delta_pp"] <= int8["delta_ci_pp"][1]
+    assert int8["delta_pp"] == pytest.approx(100 * (int8["gained"] - int8["lost"]) / 10_000)
     assert int8["max_abs_logit_diff"] > fp32["max_abs_logit_diff"]  # int8 is a different model numerically
     # results land in parity.json, parity.md and the manifest
     saved = json.loads((fine4_export / "parity.json").read_text())
     assert saved["reference_acc"] == report["reference_acc"]
     assert "| model.fp32.onnx | ort-cpu |" in (fine4_export / "parity.md").read_text()
+    assert "Δ 95% interval" in (fine4_export / "parity.md").read_text()
     manifest = Manifest.load(fine4_export)
     assert {a.file: a.parity["ort-cpu"].passed for a in manifest.artifacts} == {"model.fp32.onnx": True, "model.int8.onnx": True}
     # where it holds: the CPU (with the features that change integer kernels) and the runtime version
@@ -70,6 +73,38 @@ def test_compare_gates():
     bad = compare(one_wrong, ref, labels, 100.0, "fp32")
     assert not bad["passed"] and bad["delta_pp"] == -25.0 and bad["agreement"] == 75.0
     assert not compare(one_wrong, ref, labels, 100.0, "int8")["passed"]  # -25 points is outside 0.5 too
+
+
+def _answers(right: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Logits that answer the label where ``right`` holds and the next class elsewhere."""
+    return np.eye(10, dtype=np.float32)[np.where(right, labels, (labels + 1) % 10)]
+
+
+def test_delta_interval_counts_only_the_images_that_changed():
+    """1,000 images: the reference right on 800; the artifact loses 12 of those and gains 2 of the
+    others: delta -1.0 pp, carried by 14 images. Under no difference 2 or fewer of 14 fair coins land
+    heads with probability sum(C(14, k), k <= 2) / 2**14 = 106 / 16384: the two-sided p is twice that.
+    The interval is the exact (Clopper-Pearson) one for 2 of 14, from the beta distribution, scaled."""
+    from scipy.stats import beta
+
+    labels = np.arange(1000) % 10
+    ref_right = np.arange(1000) < 800
+    art_right = ref_right.copy()
+    art_right[:12] = False
+    art_right[800:802] = True
+    row = compare(_answers(art_right, labels), _answers(ref_right, labels), labels, 80.0, "int8")
+    assert (row["gained"], row["lost"]) == (2, 12) and row["delta_pp"] == pytest.approx(-1.0)
+    assert row["mcnemar_p"] == pytest.approx(2 * 106 / 16384)
+    low, high = beta.ppf(0.025, 2, 13), beta.ppf(0.975, 3, 12)
+    assert row["delta_ci_pp"] == pytest.approx([1.4 * (2 * low - 1), 1.4 * (2 * high - 1)])
+    assert row["delta_ci_pp"][0] < row["delta_pp"] < row["delta_ci_pp"][1] < 0  # told apart from no difference
+    # the same count of changes, balanced: delta 0, p 1, an interval around 0; no change at all: [0, 0]
+    art_right[802:812] = True
+    even = delta_interval(_answers(art_right, labels), _answers(ref_right, labels), labels)
+    assert (even["gained"], even["lost"], even["mcnemar_p"]) == (12, 12, 1.0)
+    assert even["delta_ci_pp"][0] == pytest.approx(-even["delta_ci_pp"][1]) and even["delta_ci_pp"][1] > 0
+    same = delta_interval(_answers(ref_right, labels), _answers(ref_right, labels), labels)
+    assert same["delta_ci_pp"] == [0.0, 0.0] and same["mcnemar_p"] == 1.0
 
 
 @pytest.mark.parametrize("recipe_name", ["resnet20_baseline", "ft6"])

@@ -1,4 +1,5 @@
-"""Parity gates and the comparison of an artifact's answers with the trained model's (NumPy only).
+"""Parity gates and the comparison of an artifact's answers with the trained model's (NumPy, and
+SciPy for the confidence interval of an accuracy difference).
 
 Two paths are compared with the PyTorch reference, which is fed the training pipeline's own
 test transform: the *tensor* path (the test split's pixels normalized by the deployed
@@ -30,11 +31,32 @@ def agreement(logits: np.ndarray, ref_logits: np.ndarray) -> float:
     return 100.0 * float((logits.argmax(1) == ref_logits.argmax(1)).mean())
 
 
+def delta_interval(logits: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray, confidence: float = 0.95) -> dict:
+    """How well these test images tell the artifact's accuracy from the reference's. Paired by image:
+    only the images that one of the two gets right and the other wrong carry the difference
+    (``gained``: the artifact right, the reference wrong; ``lost``: the reverse). The exact McNemar
+    test (``scipy.stats.binomtest``: under no difference each such image goes either way with
+    probability 1/2) gives the p-value, and the exact interval for the share of gains among them,
+    scaled by their number, the interval of delta in percentage points."""
+    from scipy.stats import binomtest
+
+    art_ok, ref_ok = logits.argmax(1) == labels, ref_logits.argmax(1) == labels
+    gained, lost = int((art_ok & ~ref_ok).sum()), int((~art_ok & ref_ok).sum())
+    changed = gained + lost
+    if changed == 0:
+        return {"gained": 0, "lost": 0, "delta_ci_pp": [0.0, 0.0], "confidence": confidence, "mcnemar_p": 1.0}
+    test = binomtest(gained, changed, 0.5)
+    low, high = test.proportion_ci(confidence_level=confidence)
+    scale = 100.0 * changed / len(labels)
+    return {"gained": gained, "lost": lost, "delta_ci_pp": [scale * (2 * low - 1), scale * (2 * high - 1)], "confidence": confidence,
+            "mcnemar_p": float(test.pvalue)}
+
+
 def compare(logits: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray, ref_acc: float, precision: str, gates=GATES,
             pipeline_logits: np.ndarray | None = None) -> dict:
     """One artifact's parity row: accuracy, delta, agreement and largest logit difference on the
-    tensor path, and with ``pipeline_logits`` the pipeline path's accuracy and agreement; ``passed``
-    holds every gate. Percentages are kept unrounded."""
+    tensor path, delta's confidence interval (``delta_interval``), and with ``pipeline_logits`` the
+    pipeline path's accuracy and agreement; ``passed`` holds every gate (on delta itself, not its interval). Percentages are kept unrounded."""
     acc = accuracy(logits, labels)
     delta = acc - ref_acc
     agree = agreement(logits, ref_logits)
@@ -42,7 +64,7 @@ def compare(logits: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray, ref_
     # a hair of slack for the float rounding of the percentages themselves
     tensor_ok = abs(delta) <= gate["delta_pp"] + 1e-9 and agree >= gate["agreement"] - 1e-9
     row = {"accuracy": acc, "delta_pp": delta, "agreement": agree, "max_abs_logit_diff": float(np.abs(logits - ref_logits).max()),
-           "gate": gate, "tensor_passed": tensor_ok}
+           **delta_interval(logits, ref_logits, labels), "gate": gate, "tensor_passed": tensor_ok}
     pipeline_ok = True
     if pipeline_logits is not None:
         pipe_agree = agreement(pipeline_logits, ref_logits)

@@ -160,6 +160,12 @@ def _percent(value) -> str:
     return "—" if value is None else f"{value:.2f}%"
 
 
+def _interval(row: dict) -> str:
+    """Delta's confidence interval, e.g. "-0.57 to -0.11" (reports from before it: "—")."""
+    found = row.get("delta_ci_pp")
+    return "—" if found is None else f"{found[0]:+.2f} to {found[1]:+.2f}"
+
+
 def parity_markdown(report: dict) -> str:
     lines = [
         f"Reference: {report['reference']}, {report['reference_acc']:.2f}% on {report['images']:,} {report['dataset']} test images.",
@@ -167,17 +173,20 @@ def parity_markdown(report: dict) -> str:
         f"transform's inputs: {report['input_max_abs_diff']:.3g}). Pipeline path: {report['pipeline']} "
         f"(largest difference to the tensor path's inputs: {report['pipeline_input_max_abs_diff']:.3g}).",
         "",
-        "| artifact | runtime | accuracy | Δ pp | agreement | max abs logit diff | pipeline agreement | gate | result |",
-        "|---|---|---:|---:|---:|---:|---:|---|---|",
+        "| artifact | runtime | accuracy | Δ pp | Δ 95% interval (pp) | agreement | max abs logit diff | pipeline agreement | gate | result |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in report["results"]:
         gate = f"abs Δ ≤ {r['gate']['delta_pp']} pp" + (f", agreement ≥ {r['gate']['agreement']}%" if r["gate"]["agreement"] else "")
         lines.append(
-            f"| {r['artifact']} | {r['runtime']} | {r['accuracy']:.2f}% | {r['delta_pp']:+.2f} | {r['agreement']:.2f}% | "
+            f"| {r['artifact']} | {r['runtime']} | {r['accuracy']:.2f}% | {r['delta_pp']:+.2f} | {_interval(r)} | {r['agreement']:.2f}% | "
             f"{r['max_abs_logit_diff']:.2e} | {_percent(r.get('pipeline_agreement'))} | {gate} | {'pass' if r['passed'] else 'FAIL'} |"
         )
     for s in report["skipped"]:
-        lines.append(f"| {s['artifact']} | — | — | — | — | — | — | — | not run: {s['reason']} |")
+        lines.append(f"| {s['artifact']} | — | — | — | — | — | — | — | — | not run: {s['reason']} |")
+    lines += ["", "Δ 95% interval: the difference the test images can resolve. Only images that one model gets right and the other "
+              "wrong carry Δ; the exact McNemar test on them (`parity.json`: `gained`, `lost`, `mcnemar_p`) gives the interval. "
+              "An interval that holds 0 means the two are not told apart on these images; the gate itself is on Δ."]
     for file, found in report.get("diagnosis", {}).items():
         lines += ["", f"## Why {file} missed its gate: layer by layer",
                   "", f"{file} against model.fp32.onnx on {found['images']} test images, with ONNX Runtime's QDQ debugging tools "
@@ -194,10 +203,10 @@ def parity_markdown(report: dict) -> str:
 
 def parity_table(report: dict) -> Table:
     table = Table(title=f"parity vs. PyTorch ({report['reference_acc']:.2f}% on {report['images']:,} test images)")
-    for col in ("artifact", "runtime", "accuracy", "Δ pp", "agreement", "max |Δlogit|", "pipeline agr.", "result"):
+    for col in ("artifact", "runtime", "accuracy", "Δ pp", "Δ 95% interval", "agreement", "max |Δlogit|", "pipeline agr.", "result"):
         table.add_column(col, justify="left" if col in ("artifact", "runtime", "result") else "right")
     for r in report["results"]:
-        table.add_row(r["artifact"], r["runtime"], f"{r['accuracy']:.2f}%", f"{r['delta_pp']:+.2f}", f"{r['agreement']:.2f}%",
+        table.add_row(r["artifact"], r["runtime"], f"{r['accuracy']:.2f}%", f"{r['delta_pp']:+.2f}", _interval(r), f"{r['agreement']:.2f}%",
                       f"{r['max_abs_logit_diff']:.2e}", _percent(r.get("pipeline_agreement")), "[green]pass[/]" if r["passed"] else "[red]FAIL[/]")
     return table
 
