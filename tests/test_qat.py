@@ -108,8 +108,11 @@ def test_pruned_weights_stay_zero(underfit_export, mnist_root):
 @pytest.mark.slow
 def test_qat_recovers_where_post_training_int8_loses(underfit_export, mnist_root, tmp_path):
     """The issue's under-trained fine4 with 7-bit weights (fused int8 kernels on every x86 CPU):
-    post-training int8 loses more than the gate (measured -1.30 pp); one epoch of QAT on 10,000
-    training images brings it within the gate (measured +0.12 pp) and agrees more often with fp32."""
+    post-training int8 loses accuracy, by more than the test set's resolution (Δ's 95% interval
+    below 0); one epoch of QAT on 10,000 training images passes the gate, loses less and agrees
+    more often with fp32. Measured (float logits): the 77.70% model that CPUs without VNNI train,
+    -0.81 pp (interval -0.92 to -0.65) -> QAT -0.14 pp; the 85.33% model of an AMD EPYC with VNNI,
+    -0.48 pp (interval below 0) -> QAT within the gate (this test, 2026-11-28)."""
     from toolkit.export import export
     from toolkit.parity import GATES
     from toolkit.verify import verify
@@ -125,9 +128,9 @@ def test_qat_recovers_where_post_training_int8_loses(underfit_export, mnist_root
         art = Manifest.load(Path(entry["export_dir"])).artifact("model.int8.onnx")
         assert (art.get("qat") is not None) == (name == "qat")
     gate = GATES["int8"]["delta_pp"]
-    assert abs(rows["ptq"]["delta_pp"]) > gate and not rows["ptq"]["passed"], rows["ptq"]
+    assert rows["ptq"]["delta_ci_pp"][1] < 0, rows["ptq"]  # a loss, not chance
     assert abs(rows["qat"]["delta_pp"]) <= gate and rows["qat"]["passed"], rows["qat"]
-    assert rows["qat"]["agreement"] > rows["ptq"]["agreement"]
+    assert rows["qat"]["delta_pp"] > rows["ptq"]["delta_pp"] and rows["qat"]["agreement"] > rows["ptq"]["agreement"], (rows["ptq"], rows["qat"])
     assert Manifest.load(tmp_path / "qat" / run.name).artifact("model.int8.onnx").get("qat")["images"] == 10_000
     # the same graph as post-training int8 (so the same speed): the same operators in the same order
     graphs = [onnx.load(str(tmp_path / name / run.name / "model.int8.onnx")).graph for name in ("ptq", "qat")]
@@ -163,12 +166,15 @@ def test_fine_tuning_sees_the_arithmetic_the_int8_file_runs(underfit_export, mni
     fake = qat.FakeQuantized(folded, "int8", 8)
     fake.calibrating(False)
     assert fake.set_ranges(ranges) == len(fake.layers) == len(ranges) >= 7
+    assert isinstance(fake.layers[-1].output_fake_quant, torch.nn.Identity)
     images, _, _ = read_test_split("mnist", mnist_root)
     x = model_input(images[:2000], manifest)
     with torch.no_grad():
         torch_logits = folded(torch.from_numpy(x)).numpy()
     ort_logits = ort_runner(int8, "ort-cpu", unfused=True)(x)
-    step = ranges[next(reversed(ranges))][2]  # the logits' quantization step
+    last = ranges[next(reversed(ranges))]
+    assert last[2:] == (None, None)  # the model's output stays float in the file, and so in QAT
+    step = float(np.abs(torch_logits).max()) / 127  # what one int8 step of the logits' range would be
     steps = np.abs(torch_logits - ort_logits) / step
     agree = float((torch_logits.argmax(1) == ort_logits.argmax(1)).mean())
     # measured: 98.99% of logits within 1.5 steps, 99.90% of answers the same; with the bias quantized

@@ -4,7 +4,8 @@ The trained model is fine-tuned with PyTorch's own fake quantization (``torch.ao
 FakeQuantize``) placed where ``quantize.quantize_int8`` puts its QDQ pairs, with the same number
 formats: every Conv/Linear weight per output channel, symmetric, 8 bits in [-127, 127] (7 bits in
 [-64, 64] with ``weight_bits=7``, ONNX Runtime's ``reduce_range``), and the input and output of every
-Conv/Linear per tensor, symmetric int8 in [-127, 127] or asymmetric uint8 in [0, 255]. BatchNorm is
+Conv/Linear per tensor, symmetric int8 in [-127, 127] or asymmetric uint8 in [0, 255], except the
+model's output, which the export leaves float (``quantize.float_outputs``). BatchNorm is
 folded into its convolution first, as the ONNX export folds it, so the weights being fake-quantized
 are the ones the exported file holds (``fold_batchnorm``: module names and exported graph unchanged,
 so ``verify`` compares the int8 file with the fp32 one layer by layer); a BatchNorm that does not
@@ -128,10 +129,11 @@ class FakeQuantized:
         if not self.layers:
             raise ToolkitError("QAT: the model has no Conv or Linear layer to quantize")
 
-    def set_ranges(self, ranges: dict[str, tuple[float, int, float, int]]) -> int:
+    def set_ranges(self, ranges: dict[str, tuple[float, int, float | None, int | None]]) -> int:
         """Fix the activation quantization of the layers named in ``ranges`` (module name: input scale,
-        zero point, output scale, zero point), e.g. the ones the export's own calibration chose;
-        returns how many layers matched."""
+        zero point, output scale, zero point), e.g. the ones the export's own calibration chose; an
+        output scale of None leaves that layer's output float, as the export leaves the model's output
+        (``quantize.float_outputs``). Returns how many layers matched."""
         names = {module: name for name, module in self.model.named_modules()}
         found = 0
         for module in self.layers:
@@ -139,7 +141,12 @@ class FakeQuantized:
             given = next((r for key, r in ranges.items() if key == names[module] or key.endswith("." + names[module])), None)
             if given is None:
                 continue
+            if given[2] is None and not isinstance(module.output_fake_quant, nn.Identity):
+                self.activation_quants.remove(module.output_fake_quant)
+                module.output_fake_quant = nn.Identity()
             for fq, scale, zero in ((module.input_fake_quant, given[0], given[1]), (module.output_fake_quant, given[2], given[3])):
+                if scale is None:
+                    continue
                 fq.scale.copy_(torch.tensor([scale], dtype=fq.scale.dtype))
                 fq.zero_point.copy_(torch.tensor([zero], dtype=fq.zero_point.dtype))
             found += 1
