@@ -1,7 +1,9 @@
 """int8 that holds off the tuned path. The root cause of the issue's failures: ONNX Runtime's fused
 int8 kernels on x86 CPUs without VNNI/AMX add products in pairs into int16 and saturate with 8-bit
 weights; the earlier remedy (7-bit weights everywhere) cost resolution. Now the file keeps 8-bit
-weights and such a CPU runs it unfused (exact QDQ arithmetic)."""
+weights and such a CPU runs it unfused (exact QDQ arithmetic). A second cause, on every CPU: the
+logits were quantized too, so near-tied classes tied exactly and argmax took the lower index; the
+file's output now stays float."""
 
 from __future__ import annotations
 
