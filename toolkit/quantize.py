@@ -359,7 +359,7 @@ def layer_errors(fp32: Path, quantized: Path, images: np.ndarray, input_name: st
     float one as a signal-to-quantization-noise ratio (SQNR, dB; higher is better, ~20 dB is about
     10% noise). ``sqnr_db``: the quantized model's dequantized tensor against the float model's at
     that point (error accumulated so far); ``local_sqnr_db``: that tensor's own quantize/dequantize
-    step (the error added there). ``weights``: each quantized weight against its float value.
+    step (the error added there; None for a float output). ``weights``: each quantized weight against its float value.
     Tensors come in graph order; ``worst`` lists the lowest local SQNR first, which is where to look."""
     from onnxruntime.quantization import qdq_loss_debug as debug
 
@@ -381,15 +381,19 @@ def layer_errors(fp32: Path, quantized: Path, images: np.ndarray, input_name: st
     op_of = {o: node.op_type for node in graph.node for o in node.output}
     rows = [{"tensor": name, "op": op_of.get(name, "input"), "sqnr_db": float(e["xmodel_err"]), "local_sqnr_db": float(e["qdq_err"])}
             for name, e in errors.items() if "xmodel_err" in e and "qdq_err" in e]
+    output = graph.output[0].name
+    if output not in errors and output in float_acts and output in quant_acts:
+        # a float output (``float_outputs``): compared as it is, with no quantization step of its own
+        rows.append({"tensor": output, "op": op_of.get(output, "output"), "local_sqnr_db": None,
+                     "sqnr_db": float(debug.compute_signal_to_quantization_noice_ratio(float_acts[output], quant_acts[output]))})
     rows.sort(key=lambda r: order.get(r["tensor"], len(order)))
     weights = debug.compute_weight_error(debug.create_weight_matching(str(fp32), str(quantized)))
     weight_rows = sorted(({"weight": k, "sqnr_db": float(v)} for k, v in weights.items()), key=lambda r: r["sqnr_db"])
-    output = graph.output[0].name
     final = next((r["sqnr_db"] for r in rows if r["tensor"] == output), rows[-1]["sqnr_db"] if rows else None)
     return {
         "images": int(len(images)),
         "output_sqnr_db": final,
-        "worst": sorted(rows, key=lambda r: r["local_sqnr_db"])[:DIAGNOSIS_ROWS],
+        "worst": sorted((r for r in rows if r["local_sqnr_db"] is not None), key=lambda r: r["local_sqnr_db"])[:DIAGNOSIS_ROWS],
         "tensors": rows,
         "weights": weight_rows[:DIAGNOSIS_ROWS],
     }
