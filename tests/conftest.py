@@ -124,6 +124,20 @@ def serving_export(mnist_root, tmp_path_factory):
     return Path(entry["export_dir"])
 
 
+@pytest.fixture(scope="session")
+def fashion_export(mnist_root, tmp_path_factory):
+    """fashion_gap trained 1 epoch on the first 20,000 real Fashion-MNIST training images (about
+    80% test accuracy), exported fp32: a model to compare garment preparations with."""
+    from toolkit.export import export
+    from toolkit.recipes import load_recipe
+    from toolkit.train import train
+
+    run = train(load_recipe(RECIPES / "fashion_gap.toml"), device="cpu", data_dir=mnist_root, out=tmp_path_factory.mktemp("fashion-runs"),
+                epochs=1, train_limit=20_000, download=False, console=quiet())
+    entry = export(run.run_dir, fmt="onnx", precision="fp32", out=tmp_path_factory.mktemp("fashion-exports"), console=quiet())
+    return Path(entry["export_dir"])
+
+
 def mnist_test_set(root: Path) -> tuple[np.ndarray, np.ndarray]:
     """The real MNIST test images (10000x28x28 uint8) and labels, read from the raw IDX files."""
     from toolkit.preprocess import read_test_split
