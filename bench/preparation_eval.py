@@ -380,6 +380,17 @@ class Row:
     deployed: int  # right answers through the deployed path
     baseline: int  # right answers through the baseline
     failed: int = 0  # files the deployed path refused (counted wrong)
+    lost: int = 0  # images the baseline gets right and the deployed path wrong
+    gained: int = 0  # ... and the other way round
+
+    @property
+    def worse_p(self) -> float:
+        """One-sided exact McNemar p-value that the deployed path is worse than the baseline: of the
+        images the two answer differently, how unlikely this many losses are if either were as good."""
+        from scipy.stats import binomtest
+
+        changed = self.lost + self.gained
+        return binomtest(self.lost, changed, 0.5, alternative="greater").pvalue if changed else 1.0
 
     @property
     def deployed_pct(self) -> float:
@@ -415,7 +426,8 @@ def evaluate(run, manifest, files: list[bytes], labels: np.ndarray, deployed, ba
     ok = np.array(ok)
     dep_right = (_classify(run, manifest, dep) == labels) & ok
     base_right = _classify(run, manifest, base) == labels
-    return Row(kind, len(files), int(dep_right.sum()), int(base_right.sum()), int((~ok).sum()))
+    return Row(kind, len(files), int(dep_right.sum()), int(base_right.sum()), int((~ok).sum()),
+               lost=int((base_right & ~dep_right).sum()), gained=int((dep_right & ~base_right).sum()))
 
 
 def sample(count: int, per_kind: int, seed: int) -> np.ndarray:
@@ -471,11 +483,12 @@ def picture_rows(run, manifest, root: Path, per_kind: int, seed: int = 0, keep: 
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| kind | images | deployed | baseline | deployed − baseline |", "|---|---:|---:|---:|---:|"]
+    lines = ["| kind | images | deployed | baseline | deployed − baseline | gained / lost | p (worse) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         refused = f" ({r.failed} refused)" if r.failed else ""
         lines.append(f"| {r.kind} | {r.images} | {r.deployed_pct:.2f}%{refused} | {r.baseline_pct:.2f}% | "
-                     f"{r.deployed_pct - r.baseline_pct:+.2f} pp |")
+                     f"{r.deployed_pct - r.baseline_pct:+.2f} pp | {r.gained} / {r.lost} | {r.worse_p:.3g} |")
     return "\n".join(lines)
 
 

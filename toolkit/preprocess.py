@@ -184,8 +184,7 @@ def mnist_digit(im) -> np.ndarray:
     none (bench/preparation_eval.py measures every kind against the plain recipe): the paper is
     estimated as a smooth surface and subtracted (grey paper, uneven light), the ink is
     thresholded (Otsu's method, and never below a fifth of the peak; a lone noisy pixel is not
-    ink) to find the digit, the paper's noise is taken away and the strokes stretched to full
-    white, a stroke much thinner than MNIST's is dilated towards it and
+    ink) and stretched to full white, a stroke much thinner than MNIST's is dilated towards it and
     one at least twice as thick is eroded towards it (bold type, markers). The width is measured
     at half the strokes' level and only far outside MNIST's own range is it changed: eroding every
     stroke 1.5x MNIST's width, measured on the soft edge too, broke the wide, soft strokes of
@@ -207,8 +206,7 @@ def mnist_digit(im) -> np.ndarray:
         gray = np.asarray(gray_im.resize(size, Image.Resampling.BOX), dtype=np.float32)
     if light_paper:
         gray = 255.0 - gray  # ink light on dark, as MNIST
-    residual = gray - paper_surface(gray)
-    ink = np.clip(residual, 0, None)
+    ink = np.clip(gray - paper_surface(gray), 0, None)
     peak = float(np.percentile(ink, 99.9))
     if peak < 24:
         raise ToolkitError("no digit found: the image is blank (draw or upload a digit)")
@@ -220,13 +218,9 @@ def mnist_digit(im) -> np.ndarray:
     mask = (ink > threshold) & (local > 0.6 * threshold)
     if not mask.any():
         raise ToolkitError("no digit found: the image is blank (draw or upload a digit)")
-    # ink as MNIST draws it: full white inside strokes, nothing on the paper, and the soft edges
-    # kept: only what the paper's own noise could make (three robust standard deviations of the
-    # paper around its surface, at most half the threshold) is taken away, so a clean scan keeps
-    # every grey level of its strokes (a cut at the threshold sharpened the soft strokes of enlarged scans)
-    paper = residual[~mask] if not mask.all() else np.zeros(1, np.float32)
-    noise = min(3.0 * 1.4826 * float(np.median(np.abs(paper - np.median(paper)))), 0.5 * threshold)
-    strokes = np.clip((ink - noise) / max(1e-6, np.percentile(ink[mask], 90) - noise), 0, 1) * 255.0
+    # ink as MNIST draws it: full white inside strokes, soft edges, nothing on the paper
+    strokes = np.clip((ink - 0.5 * threshold) / max(1e-6, (np.percentile(ink[mask], 90) - 0.5 * threshold)), 0, 1) * 255.0
+    strokes *= _rank(mask, 3, np.maximum)
     rows, cols = np.nonzero(mask)
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
     crop = strokes[top:bottom, left:right]
