@@ -222,3 +222,49 @@ def test_the_readme_folder_recipe_trains_on_rgb_pictures(tmp_path, cache):
     # the default split: 20% of each class, 4 + 4 test images; and 10% of the other 32 held out to choose best.pt
     assert folder.load(data_mod.folder_spec(recipe)).y_test.tolist() == [0] * 4 + [1] * 4
     assert meta["validation"] == 0.1 and all("val_acc" in row for row in run.metrics)
+
+
+def _tiny_folder(root: Path, classes=("zero", "one")) -> Path:
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_a_class_name_with_a_newline_is_one_line_naming_the_folder(tmp_path):
+    """A class name becomes a line of Triton's labels.txt and a cell of every table: a newline in a
+    folder name would make one class two lines, so it is refused where it is read."""
+    root = _tiny_folder(tmp_path / "d", ("zero", "one", "two\nline"))
+    with pytest.raises(ToolkitError) as err:
+        folder.listing(folder.FolderSpec(root, 8, 1))
+    message = str(err.value)
+    assert "\n" not in message and "class folder" in message and "control character" in message and str(root) in message
+
+
+def test_symbolic_links_out_of_the_dataset_are_refused_and_never_opened(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "pics").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(outside / "pics" / "x.png")
+    secret = outside / "passwd"
+    secret.write_text("root:x:0:0")
+    # a class folder that is a link out of the dataset
+    root = _tiny_folder(tmp_path / "a")
+    (root / "usr").symlink_to(outside / "pics")
+    with pytest.raises(ToolkitError, match="leads out of the dataset folder") as err:
+        folder.listing(folder.FolderSpec(root, 8, 1))
+    assert "\n" not in str(err.value)
+    # an image that is a link out of the dataset: refused before it is opened (its access time stays)
+    root = _tiny_folder(tmp_path / "b")
+    (root / "one" / "passwd.png").symlink_to(secret)
+    before = os.stat(secret).st_atime_ns
+    with pytest.raises(ToolkitError, match="passwd.png is a symbolic link that leads out"):
+        folder.listing(folder.FolderSpec(root, 8, 1))
+    assert os.stat(secret).st_atime_ns == before
+    # links that stay inside the dataset are used; a FIFO among the images is not a file to open
+    root = _tiny_folder(tmp_path / "c")
+    (root / "one" / "again.png").symlink_to(root / "zero" / "0.png")
+    os.mkfifo(root / "one" / "pipe.png")
+    classes, train, test = folder.listing(folder.FolderSpec(root, 8, 1))
+    names = sorted(p.name for p, _ in train + test)
+    assert classes == ["one", "zero"] and names == ["0.png", "0.png", "1.png", "1.png", "again.png"]

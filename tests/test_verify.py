@@ -181,3 +181,22 @@ def test_a_failing_int8_artifact_is_diagnosed_layer_by_layer(fine4_export, mnist
     assert quantize.diagnosis_line(found) in failure_line(report)
     # the fp32 file passes and is not diagnosed
     assert set(report["diagnosis"]) == {"model.int8.onnx"}
+
+
+def test_verify_removes_the_temporary_files_a_killed_run_left(fine4_export, mnist_root, tmp_path):
+    """kill -9 during verify leaves '.parity.md.<8 random>.tmp'; the next verify removes it under the
+    export's lock (before, only export did), and leaves every other file alone."""
+    import shutil
+
+    from toolkit.verify import verify
+
+    export_dir = tmp_path / fine4_export.name
+    shutil.copytree(fine4_export, export_dir)
+    stale = [export_dir / ".parity.md.k3x_9QzA.tmp", export_dir / ".parity.json.Ab12cd34.tmp"]
+    for path in stale:
+        path.write_text("half a file")
+    kept = export_dir / ".notes.tmp"  # not the shape of a temporary file toolkit writes
+    kept.write_text("mine")
+    verify(export_dir, data_dir=mnist_root, limit=300, console=quiet())
+    assert not any(p.exists() for p in stale) and kept.read_text() == "mine"
+    assert json.loads((export_dir / "parity.json").read_text())["images"] == 300

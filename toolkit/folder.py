@@ -36,7 +36,7 @@ import numpy as np
 
 from toolkit import preprocess
 from toolkit.errors import ToolkitError, shown
-from toolkit.files import atomic_write, make_dir
+from toolkit.files import atomic_write, make_dir, plain_name
 
 CACHE_VERSION = 1
 MAX_LISTED = 10  # bad files named in the warning; the rest are counted
@@ -98,13 +98,36 @@ def _visible(path: Path | str) -> bool:
     return not Path(path).name.startswith(".")
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_dir() and _visible(p)), key=lambda p: p.name)
+def _within(path: Path, root: Path) -> Path:
+    """``path``, refused when it is (or lies under) a symbolic link that leads out of the dataset folder:
+    a dataset is what its folder holds, never /usr or /etc/passwd because a link said so."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ToolkitError(f"{path} is a symbolic link that leads out of the dataset folder {root}: copy what it points to into the folder")
+    return path
 
 
-def _files(folder: Path) -> list[Path]:
-    """Image files under a class folder, sub-folders included, in a stable order."""
-    found = [p for p in folder.rglob("*") if p.is_file() and _is_image(p) and all(_visible(q) for q in p.relative_to(folder).parts)]
+def _class_dirs(folder: Path, root: Path) -> list[Path]:
+    """The class folders of ``folder``, their names checked as any name read from outside (no control
+    characters, no newline: a class name becomes a line of Triton's labels file and of every table)."""
+    found = []
+    for p in folder.iterdir():
+        if _visible(p) and _within(p, root).is_dir():
+            plain_name(p.name, f"{folder}: class folder")
+            found.append(p)
+    return sorted(found, key=lambda p: p.name)
+
+
+def _files(folder: Path, root: Path) -> list[Path]:
+    """Image files under a class folder, sub-folders included, in a stable order. Only regular files
+    (a FIFO or a device is never opened); symbolic links to sub-folders are not followed, links to
+    files only when they stay inside the dataset folder."""
+    found = []
+    for where, dirs, names in os.walk(folder):  # followlinks=False
+        dirs[:] = [d for d in dirs if _visible(d)]
+        for name in names:
+            path = Path(where) / name
+            if _visible(name) and _is_image(path) and _within(path, root).is_file():
+                found.append(path)
     return sorted(found)
 
 
@@ -115,20 +138,20 @@ def listing(spec: FolderSpec) -> tuple[list[str], list[tuple[Path, int]], list[t
         raise ToolkitError(f"image folder not found: {root} (data.root in the recipe)")
     train_dir, test_dir = root / "train", root / "test"
     if train_dir.is_dir() and test_dir.is_dir():
-        classes = [p.name for p in _class_dirs(train_dir)]
-        test_classes = [p.name for p in _class_dirs(test_dir)]
+        classes = [p.name for p in _class_dirs(train_dir, root)]
+        test_classes = [p.name for p in _class_dirs(test_dir, root)]
         unknown = sorted(set(test_classes) - set(classes))
         if unknown:
             raise ToolkitError(f"{test_dir}: class folder {shown(unknown[0])} has no training folder in {train_dir}")
-        train = [(f, i) for i, c in enumerate(classes) for f in _files(train_dir / c)]
-        test = [(f, classes.index(c)) for c in test_classes for f in _files(test_dir / c)]
+        train = [(f, i) for i, c in enumerate(classes) for f in _files(train_dir / c, root)]
+        test = [(f, classes.index(c)) for c in test_classes for f in _files(test_dir / c, root)]
     else:
         if not 0 < spec.split < 1:
             raise ToolkitError(f"{root}: no train/ and test/ folders, so data.split must be a fraction between 0 and 1 to hold out a test split")
-        classes = [p.name for p in _class_dirs(root)]
+        classes = [p.name for p in _class_dirs(root, root)]
         train, test = [], []
         for i, c in enumerate(classes):
-            files = _files(root / c)
+            files = _files(root / c, root)
             random.Random(f"{spec.seed}:{c}").shuffle(files)  # seeded per class: adding a class moves no other class's files
             n_test = round(len(files) * spec.split)
             if len(files) >= 2:

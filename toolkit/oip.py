@@ -189,7 +189,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         raise ProtocolError(f"{HEADER_LENGTH} {size} is outside the body's {len(body)} bytes")
     try:
         request = json.loads(body[:size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:  # '[' * 100000: Python's parser gives up on the depth, not the syntax
+        raise ProtocolError("the request header is JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError of a body that is not text
         raise ProtocolError(f"the request header is not JSON ({first_line(exc)})") from None
     if not isinstance(request, dict):
         raise ProtocolError("the request header must be a JSON object")
@@ -419,6 +421,7 @@ def routes(service: Service) -> list:
     everything under it, answered by ``service``."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Mount, Route
 
@@ -430,11 +433,14 @@ def routes(service: Service) -> list:
         if declared is not None and (not declared.isdigit() or int(declared) > service.max_body):
             raise ProtocolError(f"the request body is over the limit of {service.max_body} bytes", 413)
         chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > service.max_body:
-                raise ProtocolError(f"the request body is over the limit of {service.max_body} bytes", 413)
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > service.max_body:
+                    raise ProtocolError(f"the request body is over the limit of {service.max_body} bytes", 413)
+                chunks.append(chunk)
+        except ClientDisconnect:  # the client went away mid-body: nothing to answer, nothing to log
+            raise ProtocolError("the client disconnected before the body was sent", 400) from None
         return b"".join(chunks)
 
     async def server_metadata(request):

@@ -23,7 +23,7 @@ from toolkit import data as data_mod
 from toolkit import folder, preprocess, quantize
 from toolkit.checkpoint import model_from_checkpoint, source_checkpoint
 from toolkit.errors import ToolkitError
-from toolkit.files import atomic_write, locked, resolve_data_dir
+from toolkit.files import atomic_write, locked, remove_stale_temps, resolve_data_dir
 from toolkit.environment import cpu_info, cpu_line
 from toolkit.manifest import Manifest, Parity, Verified, latest_export
 from toolkit.model_card import write_model_card
@@ -135,6 +135,9 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
     # the results go into the manifest as it is now: an export may have run meanwhile (it waited for
     # nobody, verify held no lock while it computed), so only artifacts with the sha256 verified get them
     with locked(export_dir, say=console.print):
+        stale = remove_stale_temps(export_dir)  # a verify or export killed mid-write left these: under the lock, nobody's
+        if stale:
+            console.print(f"verify: removed {len(stale)} temporary file(s) a killed run left in {export_dir}")
         current = Manifest.load(export_dir, verify_files=False)
         for art in current.artifacts:
             rows = [r for r in results if r["artifact"] == art.file and r["sha256"] == art.sha256]
