@@ -171,3 +171,17 @@ def test_a_digit_on_bad_paper_prepares_like_the_clean_digit(variety, least_mean)
         correlations.append(np.corrcoef(clean.astype(float).ravel(), other.astype(float).ravel())[0, 1])
         assert other[:, :2].max() == other[:, -2:].max() == 0 or other[:2].max() == other[-2:].max() == 0  # fitted in 20x20 with a margin
     assert np.mean(correlations) >= least_mean and min(correlations) >= 0.3, correlations
+
+
+def test_a_fifo_or_a_folder_is_not_a_regular_file(tmp_path):
+    """Opening a FIFO would block until someone writes to it; it is named, never opened."""
+    import os
+
+    fifo = tmp_path / "digit.png"
+    os.mkfifo(fifo)
+    for path in (fifo, tmp_path):
+        with pytest.raises(ToolkitError, match="is not a regular file") as err:
+            preprocess.open_image(str(path))
+        assert "\n" not in str(err.value)
+    with pytest.raises(ToolkitError, match="no such image file"):
+        preprocess.open_image(str(tmp_path / "missing.png"))

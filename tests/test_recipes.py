@@ -143,6 +143,8 @@ def test_set_overrides_any_recipe_key_and_is_checked_like_the_file():
         (["lr"], "--set 'lr': give KEY=VALUE"),
         (["optimizer.lr.x=1"], "optimizer.lr is a value"),
         (["model.options.widths=3"], "fine4.toml: model.options: "),
+        (['description="x"\n[evil]\na=1'], "the value is more than one TOML value"),
+        (['description="x"\nseed=5'], "the value is more than one TOML value"),
     ):
         with pytest.raises(ToolkitError, match=re.escape(expected)):
             load_recipe("fine4", overrides)

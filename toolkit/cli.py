@@ -340,7 +340,7 @@ def serve(
     data_dir: DataDir = None,
     top_k: int = typer.Option(3, "--top-k", min=1, help="Classes shown per prediction."),
     examples: int = typer.Option(8, "--examples", min=0, help="Real MNIST test digits offered as examples (sampled at start-up, when the data is there)."),
-    max_upload: str = typer.Option("10mb", "--max-upload", help="Largest upload Gradio accepts (e.g. 10mb)."),
+    max_upload: str = typer.Option("10mb", "--max-upload", help="Largest upload: a demo file or a /v2 request body, in decimal units (10mb = 10,000,000 bytes)."),
     share: bool = typer.Option(False, "--share", help="Also open a public gradio.live link (off by default; needs the internet)."),
     api_only: bool = typer.Option(False, "--api-only", help="Serve only the v2 inference API (no Gradio demo; needs only toolkit\\[api])."),
     batch_delay_ms: float = typer.Option(1.0, "--batch-delay-ms", min=0, max=100, help="v2 API: how long a batch may wait for more "

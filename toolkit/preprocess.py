@@ -62,6 +62,8 @@ def open_image(source) -> "Image.Image":
         else:
             path = Path(source)
             if not path.is_file():
+                if path.exists():  # a FIFO, a device, a folder: never opened (a FIFO would block)
+                    raise ToolkitError(f"{shown(path.name)} is not a regular file (a folder, FIFO or device): give an image file")
                 raise ToolkitError(f"no such image file: {shown(path.name)}")
             name, stream = shown(path.name), path
         try:

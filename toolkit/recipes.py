@@ -294,9 +294,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not sep or not all(p.strip() for p in parts):
             raise ToolkitError(f"--set {shown(item)}: give KEY=VALUE with a dotted recipe key, e.g. --set optimizer.lr=0.02")
         try:
-            value = tomllib.loads(f"v = {text.strip()}")["v"]
+            document = tomllib.loads(f"v = {text.strip()}")
         except tomllib.TOMLDecodeError:
-            value = text.strip()
+            document = {"v": text.strip()}
+        if set(document) != {"v"}:  # 'x"\n[evil]\na=1': a value that is more than a value
+            raise ToolkitError(f"--set {shown(item)}: the value is more than one TOML value (a new line, a table); give one value")
+        value = document["v"]
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.get(part, {})

@@ -219,7 +219,7 @@ def _start_demo(catalog, service, v2_routes, host, port, data_dir, top_k, exampl
     try:
         # the v2 API's routes come first in the demo's own web application, on the same port
         demo.launch(
-            server_name=host, server_port=port, share=share, max_file_size=max_upload, show_error=True,
+            server_name=host, server_port=port, share=share, max_file_size=size_bytes(max_upload), show_error=True,
             allowed_paths=allowed, ssr_mode=False, quiet=True, prevent_thread_lock=True, css=CSS,
             app_kwargs={"routes": v2_routes},
         )
