@@ -113,6 +113,13 @@ class Kind:
     what: str
 
 
+def as_file(image: np.ndarray, rng=None) -> bytes:
+    """The test image itself as a PNG file: the kind every preparation must pass unchanged."""
+    from PIL import Image
+
+    return _png(Image.fromarray(image))
+
+
 def digit_kinds() -> list[Kind]:
     from PIL import Image, ImageFilter
 
@@ -200,11 +207,8 @@ def digit_kinds() -> list[Kind]:
         rgba[..., 3] = np.clip(np.rint(255 * alpha), 0, 255)
         return _png(Image.fromarray(rgba, "RGBA"))
 
-    def mnist_file(d, rng):
-        return _png(Image.fromarray(d))
-
     return [
-        Kind("MNIST file (28x28)", mnist_file, "the test image itself, as a PNG"),
+        Kind("MNIST file (28x28)", as_file, "the test image itself, as a PNG"),
         Kind("dark on white", dark_on_white, "160 px, black ink on white"),
         Kind("light on dark", light_on_dark, "160 px, white ink on black"),
         Kind("large (600-1000 px)", large, "a big scan"),
@@ -264,11 +268,8 @@ def garment_kinds() -> list[Kind]:
     def soft(d, rng):
         return _png(_gray(page(centred(ink_map(d, 180), 200))).filter(ImageFilter.GaussianBlur(2.0)))
 
-    def fmnist_file(d, rng):
-        return _png(Image.fromarray(d))
-
     return [
-        Kind("Fashion-MNIST file (28x28)", fmnist_file, "the test image itself"),
+        Kind("Fashion-MNIST file (28x28)", as_file, "the test image itself"),
         Kind("on white", on_white, "160-400 px, the garment dark on a white studio background"),
         Kind("on black", on_black, "160-400 px, light on black as the dataset"),
         Kind("on colour", on_colour, "RGB, a dark garment on a coloured background"),
@@ -284,9 +285,6 @@ def picture_kinds() -> list[Kind]:
     """For ``resized_image`` (image folders and CIFAR-style models): the whole picture is the input,
     so the kinds are sizes, colour, compression; the garment is light on black as in training."""
     from PIL import Image
-
-    def same(d, rng):
-        return _png(Image.fromarray(d))
 
     def scaled(lo: int, hi: int):
         def make(d, rng):
@@ -306,7 +304,7 @@ def picture_kinds() -> list[Kind]:
         return _png(_gray(np.pad(a, ((0, 0), (28, 28)))))
 
     return [
-        Kind("at size (28x28)", same, "the test image itself"),
+        Kind("at size (28x28)", as_file, "the test image itself"),
         Kind("small (14-24 px)", scaled(14, 24), "a thumbnail"),
         Kind("large (200-1000 px)", scaled(200, 1000), "a big photo"),
         Kind("RGB", rgb, "three equal channels, 112 px"),
