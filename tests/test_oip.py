@@ -267,3 +267,112 @@ def test_each_model_is_warmed_up_before_the_service_is_ready(serving_export, mon
             assert shape == (min(model.max_batch, oip.WARMUP_BATCH), *model.dims) and dtype == np.float32 and peak == 0.0
     finally:
         service.close()
+
+
+def _images_body(files: list[bytes]) -> bytes:
+    return json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [len(files)],
+                                   "data": [base64.b64encode(f).decode() for f in files]}]}).encode()
+
+
+def _largest_png() -> bytes:
+    """A 4096x4096 page with one bar on it: the largest image one may send, ~20 KB as a PNG."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    from toolkit.preprocess import MAX_SIDE
+
+    im = Image.new("L", (MAX_SIDE, MAX_SIDE), 255)
+    ImageDraw.Draw(im).rectangle((1900, 1000, 2200, 3000), fill=0)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decoding_is_bounded_per_request_and_per_server_and_a_digit_is_not_stalled(v2_server, serving_export, digits, monkeypatch):
+    """The issue's stall: requests of many large images (small files, far under --max-upload) kept the
+    decode threads busy for 80 s while a one-digit request waited. Now the pixels the headers declare
+    are bounded per request (413) and in flight (429, at once), and a small request decodes in a lane
+    of its own. The large requests' decoding is held here until the end (so nothing depends on how
+    fast this machine decodes): the digit is answered meanwhile, and one more large request is refused."""
+    import threading
+
+    from toolkit import oip
+
+    running, url = v2_server
+    fp32, _ = _names(serving_export)
+    infer = f"{url}v2/models/{fp32}/infer"
+    big = _largest_png()
+    per_request = oip.MAX_REQUEST_PIXELS // (4096 * 4096)  # the heaviest allowed request
+    assert per_request >= 1 and 2 * per_request * 4096 * 4096 <= oip.MAX_INFLIGHT_PIXELS < 3 * per_request * 4096 * 4096
+    status, answer = _post(infer, _images_body([big] * (per_request + 1)))
+    assert status == 413 and "megapixels" in answer["error"], answer
+
+    release, real, held = threading.Event(), oip.images_to_tensor, []
+
+    def slow_for_large(files, model):
+        if oip.declared_pixels(files) > oip.SMALL_REQUEST_PIXELS:
+            held.append(len(files))
+            release.wait(120)
+        return real(files, model)
+
+    monkeypatch.setattr(oip, "images_to_tensor", slow_for_large)
+    finished: list[int] = []
+    threads = [threading.Thread(target=lambda: finished.append(_post(infer, _images_body([big] * per_request))[0])) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(600):  # both large requests admitted: one decoding (held), one waiting for the large lane
+            if running.service.pixels.in_use == 2 * per_request * 4096 * 4096:
+                break
+            threading.Event().wait(0.05)
+        assert running.service.pixels.in_use == 2 * per_request * 4096 * 4096 and held == [per_request]
+        status, result = _post(infer, _images_body([png_bytes(digits[0][0])]))
+        assert status == 200 and np.argmax(result["outputs"][0]["data"]) == digits[1][0] and not finished
+        third, answer = _post(infer, _images_body([big] * per_request))
+        assert third == 429 and "retry" in answer["error"], (third, answer)
+    finally:
+        release.set()
+        for t in threads:
+            t.join(120)
+    assert finished == [200, 200] and running.service.pixels.in_use == 0  # decoded for real once released; budget given back
+
+
+def test_random_bodies_never_get_a_5xx_and_the_server_keeps_answering(v2_server, serving_export, digits):
+    """A bounded random generator over the infer endpoint (seeded, 300 cases): random bytes, random
+    JSON of random depth and types, and good requests with one field replaced by a random value.
+    Every answer is a 2xx or a 4xx with {"error": one line}; a good request still works after each."""
+    rng = np.random.default_rng(2026)
+    running, url = v2_server
+    fp32, _ = _names(serving_export)
+    manifest = Manifest.load(serving_export)
+    infer = f"{url}v2/models/{fp32}/infer"
+    good = {"inputs": [{"name": manifest.input.name, "datatype": "FP32", "shape": [1, 1, 28, 28], "data": digits[2][0].ravel().tolist()}]}
+
+    def value(depth: int = 0):
+        choices = [lambda: None, lambda: True, lambda: int(rng.integers(-2**40, 2**40)), lambda: float(rng.normal() * 1e6),
+                   lambda: "x" * int(rng.integers(0, 40)), lambda: "NaN",
+                   lambda: [value(depth + 1) for _ in range(rng.integers(0, 4))],
+                   lambda: {str(rng.integers(0, 5)): value(depth + 1) for _ in range(rng.integers(0, 4))},
+                   lambda: {"name": "image", "datatype": "BYTES", "shape": [int(rng.integers(-2, 3))], "data": [value(depth + 1)]}]
+        return choices[rng.integers(0, 9 if depth < 6 else 6)]()
+
+    def mutated() -> dict:
+        request = json.loads(json.dumps(good))
+        field = ["name", "datatype", "shape", "data", "parameters"][rng.integers(0, 5)]
+        request["inputs"][0][field] = value()
+        if rng.random() < 0.3:
+            request[["outputs", "parameters", "id"][rng.integers(0, 3)]] = value()
+        return request
+
+    for case in range(300):
+        pick = case % 3
+        body = (rng.integers(0, 256, int(rng.integers(0, 300)), dtype=np.uint8).tobytes() if pick == 0
+                else json.dumps(value()).encode() if pick == 1 else json.dumps(mutated()).encode())
+        status, answer = _post(infer, body)
+        assert status < 500, (case, body[:200], status, answer)
+        if status >= 400:
+            assert set(answer) == {"error"} and "\n" not in answer["error"], (case, answer)
+        if case % 25 == 0:
+            ok, result = _post(infer, json.dumps(good).encode())
+            assert ok == 200 and np.argmax(result["outputs"][0]["data"]) == digits[1][0], f"after case {case}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import json
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ from toolkit import __version__
 from toolkit.catalog import Catalog, Entry
 from toolkit.errors import ToolkitError, first_line, shown
 from toolkit.manifest import triton_model_name
-from toolkit.preprocess import model_pixels, to_input
+from toolkit.preprocess import MAX_SIDE, model_pixels, to_input
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE_INPUT = "image"  # the BYTES input: encoded image files
@@ -44,6 +45,12 @@ _NUMPY = {"FP32": np.float32, "UINT8": np.uint8}
 _DATATYPE = {"float32": "FP32", "uint8": "UINT8"}
 _TRITON_TYPE = {"FP32": "TYPE_FP32", "UINT8": "TYPE_UINT8"}
 EXTENSIONS = ["classification", "binary_tensor_data", "model_repository"]
+# Decoding work is bounded by the pixels the images declare in their headers (read before decoding):
+# per request, and for all large requests being decoded at once; a request of small images decodes in
+# a lane of its own, so a few requests of the largest images cannot stall a digit behind them.
+MAX_REQUEST_PIXELS = 2 * MAX_SIDE**2  # two images of the largest size one may have
+MAX_INFLIGHT_PIXELS = 4 * MAX_SIDE**2  # being decoded together, server-wide (~64 Mpx: a few hundred MB at most)
+SMALL_REQUEST_PIXELS = 2**20  # a request of up to a megapixel in all (a photo, a batch of digits) takes the small lane
 
 
 class ProtocolError(Exception):
@@ -289,6 +296,39 @@ def read_inputs(request: dict, blob: bytes, model: Model) -> tuple[str, np.ndarr
     return "tensor", array
 
 
+def declared_pixels(files: list[bytes]) -> int:
+    """The pixels the encoded images say they hold, from their headers alone (nothing is decoded).
+    A file whose header cannot be read counts nothing: decoding it fails at once with its reason."""
+    from PIL import Image
+
+    total = 0
+    for f in files:
+        try:
+            with Image.open(io.BytesIO(f)) as im:
+                w, h = im.size
+        except Exception:  # noqa: BLE001 - not an image, or one over the decoder's own bomb limit: refused when decoded
+            continue
+        total += w * h
+    return total
+
+
+@dataclass
+class PixelBudget:
+    """Decoded pixels in flight, server-wide. Taken and given back on the event loop's thread only."""
+
+    limit: int = MAX_INFLIGHT_PIXELS
+    in_use: int = 0
+
+    def take(self, pixels: int) -> bool:
+        if self.in_use and self.in_use + pixels > self.limit:
+            return False
+        self.in_use += pixels
+        return True
+
+    def give(self, pixels: int) -> None:
+        self.in_use -= pixels
+
+
 def images_to_tensor(files: list[bytes], model: Model) -> np.ndarray:
     """Encoded image files -> the model's input batch, by the deployed preprocessing."""
     manifest = model.entry.manifest
@@ -377,7 +417,10 @@ class Service:
     models: dict[str, Model] = field(default_factory=dict)
     left_out: list[str] = field(default_factory=list)
     batchers: dict[str, Batcher] = field(default_factory=dict)
-    decode_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(2, thread_name_prefix="toolkit-decode"))
+    max_request_pixels: int = MAX_REQUEST_PIXELS
+    pixels: PixelBudget = field(default_factory=PixelBudget)
+    decode_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="toolkit-decode"))
+    small_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="toolkit-decode-small"))
 
     def __post_init__(self):
         self.models, self.left_out = protocol_models(self.catalog)
@@ -403,17 +446,36 @@ class Service:
         kind, data = read_inputs(request, blob, model)
         wanted = requested_outputs(request, model)
         if kind == "images":
-            data = await asyncio.get_running_loop().run_in_executor(self.decode_pool, images_to_tensor, data, model)
+            data = await self.decode(data, model)
         try:
             logits = await self.batchers[name](data)
         except ToolkitError as exc:
             raise ProtocolError(str(exc), 500) from None
         return response_body(model, request, logits, wanted)
 
+    async def decode(self, files: list[bytes], model: Model) -> np.ndarray:
+        """The images decoded within the pixel budget. A request of up to a megapixel decodes in the
+        small lane (one thread: a megapixel at a time, whatever waits holds only its encoded bytes).
+        A larger one: over the per-request bound, 413; while the large lane's budget is spent on
+        others, 429 at once (a client retries, nobody queues)."""
+        loop = asyncio.get_running_loop()
+        pixels = declared_pixels(files)
+        if pixels <= SMALL_REQUEST_PIXELS:  # the small lane: one thread, so at most a megapixel decoding at a time
+            return await loop.run_in_executor(self.small_pool, images_to_tensor, files, model)
+        if pixels > self.max_request_pixels:
+            raise ProtocolError(f"the images hold {pixels / 1e6:.1f} megapixels; at most {self.max_request_pixels / 1e6:.1f} in one request", 413)
+        if not self.pixels.take(pixels):
+            raise ProtocolError(f"the server is decoding {self.pixels.in_use / 1e6:.1f} megapixels for other requests; retry in a moment", 429)
+        try:
+            return await loop.run_in_executor(self.decode_pool, images_to_tensor, files, model)
+        finally:
+            self.pixels.give(pixels)
+
     def close(self) -> None:
         for batcher in self.batchers.values():
             batcher.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.small_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def routes(service: Service) -> list:
