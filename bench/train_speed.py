@@ -113,11 +113,13 @@ def seeds_final_accuracy(stdout: str) -> float:
     return float(found[-1])
 
 
-def toolkit_accuracy(runs: Path) -> tuple[float, float]:
-    """(best, final) test accuracy from the one run's metrics.csv."""
+def toolkit_accuracy(runs: Path) -> tuple[float, float, list[float]]:
+    """(best, final) test accuracy and the seconds of the epochs (training and each epoch's test
+    pass, without start-up and data loading) from the one run's metrics.csv."""
     (metrics,) = runs.glob("*/metrics.csv")
-    accs = [float(row["test_acc"]) for row in csv.DictReader(metrics.open())]
-    return max(accs), accs[-1]
+    rows = list(csv.DictReader(metrics.open()))
+    accs = [float(row["test_acc"]) for row in rows]
+    return max(accs), accs[-1], [float(row["seconds"]) for row in rows]
 
 
 def machine_name(device: str) -> str:
@@ -139,6 +141,8 @@ def main() -> None:
     parser.add_argument("--seed-workers", type=int, default=0, help="DataLoader workers for the seeds' pipeline")
     parser.add_argument("--pipeline", default="fast", choices=("fast", "dataloader"), help="the toolkit's data pipeline")
     parser.add_argument("--compile", default="none", help="the toolkit side's torch.compile mode (toolkit train --compile)")
+    parser.add_argument("--engine", default="auto", help="the toolkit side's step engine (toolkit train --engine)")
+    parser.add_argument("--toolkit-only", action="store_true", help="time the toolkit side only (no seeds' pipeline, no ratio)")
     parser.add_argument("--json", dest="json_out", help="also write the result here")
     parser.add_argument("--generated-cifar", type=int, default=5000, help="CIFAR recipes: training images generated (test: a fifth)")
     parser.add_argument("--run-seed-pipeline", action="store_true", help=argparse.SUPPRESS)
@@ -177,23 +181,33 @@ def main() -> None:
             seed_cmd += ["--cifar-md5", str(md5)]
             toolkit_cmd = [sys.executable, __file__, "--cifar-md5", str(md5), "--run-toolkit"]
             n_train = (n // 5) * 5 * args.epochs
-        seeds, seeds_out = timed([*seed_cmd, "--recipe", args.recipe, "--epochs", str(args.epochs),
-                       "--data-dir", data_dir, "--device", args.device, "--seed-workers", str(args.seed_workers)])
-        toolkit, _ = timed([*toolkit_cmd, "train", args.recipe, "--epochs", str(args.epochs), "--device", args.device,
-                            "--data-dir", data_dir, "--out", str(Path(tmp) / "runs"), "--pipeline", args.pipeline, "--compile", args.compile])
-        toolkit_best, toolkit_final = toolkit_accuracy(Path(tmp) / "runs")
+        seeds, seeds_out = None, ""
+        if not args.toolkit_only:
+            seeds, seeds_out = timed([*seed_cmd, "--recipe", args.recipe, "--epochs", str(args.epochs),
+                                      "--data-dir", data_dir, "--device", args.device, "--seed-workers", str(args.seed_workers)])
+        toolkit, toolkit_out = timed([*toolkit_cmd, "train", args.recipe, "--epochs", str(args.epochs), "--device", args.device,
+                                      "--data-dir", data_dir, "--out", str(Path(tmp) / "runs"), "--pipeline", args.pipeline, "--compile", args.compile,
+                                      "--engine", args.engine])
+        toolkit_best, toolkit_final, each_epoch = toolkit_accuracy(Path(tmp) / "runs")
+        epoch_seconds = sum(each_epoch)
     result = {
         "recipe": args.recipe, "epochs": args.epochs, "images": "real" if recipe.data.dataset == "mnist" else f"generated, {n_train // args.epochs} per epoch", "device": args.device, "pipeline": args.pipeline, "compile": args.compile, "dataset": facts(recipe.data.dataset).name,
         # unrounded: a reader (or a test) recomputes one from the other exactly; the line below rounds for people
-        "train_images": n_train, "seeds_seconds": seeds, "toolkit_seconds": toolkit,
-        "seeds_images_per_s": n_train / seeds, "toolkit_images_per_s": n_train / toolkit,
-        "ratio_toolkit_over_seeds": toolkit / seeds,
-        "seeds_final_test_acc": seeds_final_accuracy(seeds_out), "toolkit_best_test_acc": toolkit_best, "toolkit_final_test_acc": toolkit_final,
+        "engine": args.engine, "train_images": n_train, "toolkit_seconds": toolkit, "toolkit_epoch_seconds": epoch_seconds, "toolkit_seconds_each_epoch": each_epoch,
+        "toolkit_images_per_s": n_train / toolkit, "toolkit_best_test_acc": toolkit_best, "toolkit_final_test_acc": toolkit_final,
         "machine": machine_name(args.device), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    print(f"{args.recipe}, {args.epochs} epoch(s) on {args.device}, toolkit pipeline {args.pipeline}: seeds {seeds:.1f}s ({result['seeds_images_per_s']:,.0f} img/s), "
-          f"toolkit {toolkit:.1f}s ({result['toolkit_images_per_s']:,.0f} img/s), ratio {result['ratio_toolkit_over_seeds']:.2f}; "
-          f"final test accuracy seeds {result['seeds_final_test_acc']:.2f}%, toolkit {toolkit_final:.2f}% (best {toolkit_best:.2f}%)")
+    if seeds is not None:
+        result.update(seeds_seconds=seeds, seeds_images_per_s=n_train / seeds, ratio_toolkit_over_seeds=toolkit / seeds,
+                      speedup_over_seeds=seeds / toolkit, seeds_final_test_acc=seeds_final_accuracy(seeds_out))
+    line = f"{args.recipe}, {args.epochs} epoch(s) on {args.device}, toolkit pipeline {args.pipeline}, engine {args.engine}: "
+    if seeds is not None:
+        line += f"seeds {seeds:.1f}s ({result['seeds_images_per_s']:,.0f} img/s), "
+    line += (f"toolkit {toolkit:.1f}s whole process, {epoch_seconds:.2f}s in its epochs ({', '.join(f'{e:.2f}' for e in each_epoch)}; "
+             f"{result['toolkit_images_per_s']:,.0f} img/s)")
+    if seeds is not None:
+        line += f", {result['speedup_over_seeds']:.2f}x the seeds (ratio {result['ratio_toolkit_over_seeds']:.2f}); final test accuracy seeds {result['seeds_final_test_acc']:.2f}%"
+    print(line + f"; toolkit final {toolkit_final:.2f}% (best {toolkit_best:.2f}%)")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
 

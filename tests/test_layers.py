@@ -12,7 +12,7 @@ import toolkit
 PACKAGE = Path(toolkit.__file__).parent
 LAYERS = {
     1: {"errors", "files", "datasets", "preprocess", "folder", "manifest", "parity", "environment", "onnx_io", "progress"},
-    2: {"recipes", "models", "data", "fastdata", "checkpoint", "runtime", "catalog", "oip", "loop", "quantize", "qat", "model_card", "report"},
+    2: {"recipes", "models", "data", "fastdata", "engine", "checkpoint", "runtime", "catalog", "oip", "loop", "quantize", "qat", "model_card", "report"},
     3: {"train", "evaluate", "prune", "export", "verify", "bench", "predict", "serve"},
     4: {"cli", "__main__"},
 }

@@ -103,6 +103,9 @@ def train(
     data_dir: DataDir = None,
     out: Path = typer.Option(Path("runs"), "--out", help="Parent folder for run directories."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Override the recipe's random seed."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", metavar="1,2,3", help="Train once per seed: a run directory each and a table "
+                                        "of best/final accuracy (mean ± sd) in OUT/<recipe>-seeds-<time>.md and .json. On a GPU the seeds "
+                                        "train together (one CUDA stream each); on the CPU one after the other."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run directory from its last.pt."),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", help="fast (data resident on the device, batch-wise augmentation) | dataloader (per-sample transforms, as the seeds ran). Default: the recipe's."),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes (dataloader pipeline)."),
@@ -112,6 +115,10 @@ def train(
                                                   "e.g. --set optimizer.lr=0.02 --set data.batch_size=256 (any dotted recipe key; "
                                                   "repeat for more). Checked like the recipe file. The run's recipe.toml records the result."),
     compile_mode: str = typer.Option("none", "--compile", help="torch.compile the training step: none | default | reduce-overhead (adds CUDA graphs on a GPU) | max-autotune. Compiling costs tens of seconds up front."),
+    engine: str = typer.Option("auto", "--engine", help="auto | eager | graph. graph: each training step is one unit on the device "
+                               "(batch, augmentation, forward, backward, fused SGD, schedule, metrics), captured in CUDA graphs of 32 steps on a GPU and "
+                               "run uncaptured on the CPU; eager: the step-by-step loop (the reference). auto: graph where the run allows it "
+                               "(fast pipeline, one process, no --compile), with one line saying which ran and why."),
     threads: Threads = None,
     as_json: AsJson = False,
 ) -> None:
@@ -124,11 +131,22 @@ def train(
         raise ToolkitError("give a recipe (e.g. recipes/fine4.toml) or --resume RUN_DIR")
     if resume is not None and overrides:
         raise ToolkitError("--set changes a recipe; a resumed run keeps the recipe it started with")
+    if seeds is not None:
+        from toolkit.train import parse_seeds, train_seeds
+
+        if recipe is None or resume is not None:
+            raise ToolkitError("--seeds trains new runs of a recipe: give a recipe, not --resume")
+        results, summary = train_seeds(load_recipe(recipe, overrides), parse_seeds(seeds), device=device, data_dir=data_dir, out=out,
+                                       epochs=epochs, seed=seed, pipeline=pipeline, workers=workers, train_limit=train_limit,
+                                       test_limit=test_limit, console=_console(as_json), compile=compile_mode, overrides=overrides, engine=engine)
+        if as_json:
+            _emit({"runs": [r.as_json() for r in results], "summary": str(summary)})
+        return
     result = run_training(
         load_recipe(recipe, overrides) if recipe and resume is None else None,
         device=device, data_dir=data_dir, out=out, epochs=epochs, seed=seed, resume=resume,
         pipeline=pipeline, workers=workers, train_limit=train_limit, test_limit=test_limit, console=_console(as_json), compile=compile_mode,
-        overrides=overrides,
+        overrides=overrides, engine=engine,
     )
     if as_json and result.main_process:
         _emit(result.as_json())

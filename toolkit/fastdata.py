@@ -15,13 +15,17 @@ torchvision / albumentations pipelines they replace:
 - random_crop_padding (RandomCrop(size, padding)): zero-pad and crop back, i.e. an integer
   shift ~ U{-pad..pad} per axis.
 
-Random parameters are drawn on the CPU from the loader's generator, whose state the training
-checkpoint already saves, so resuming stays exact; only small parameter tensors cross to the device.
+An epoch is laid out ahead as an ``EpochPlan``: the training order and every image's augmentation
+parameters, drawn at once on the data's device by a generator seeded from the loader's generator
+(whose state the training checkpoint saves, so resuming stays exact). The eager loop reads the plan
+batch by batch; the step engine (``toolkit.engine``) indexes it on the device inside its step, so
+both see the same images in the same order with the same augmentations.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,36 +34,71 @@ from toolkit.recipes import Augment
 
 
 def _uniform(n: int, low: float, high: float, g: torch.Generator) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=g)
+    return low + (high - low) * torch.rand(n, generator=g, device=g.device)
 
 
 def sample_params(aug: Augment, n: int, size: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """Per-sample transform parameters for a batch of ``n`` images of ``size`` x ``size``."""
+    """Per-sample transform parameters for ``n`` images of ``size`` x ``size``, drawn on ``g``'s device."""
+    dev = g.device
     params: dict[str, torch.Tensor] = {}
-    angle = torch.zeros(n)
-    scale = torch.ones(n)
-    shift = torch.zeros(n, 2)  # fraction of the image size, (x, y)
+    angle = torch.zeros(n, device=dev)
+    scale = torch.ones(n, device=dev)
+    shift = torch.zeros(n, 2, device=dev)  # fraction of the image size, (x, y)
     if aug.rotation:
         angle += _uniform(n, -aug.rotation, aug.rotation, g)
     if aug.shift_scale_rotate:
         ssr = aug.shift_scale_rotate
-        on = torch.rand(n, generator=g) < ssr.p
-        angle += torch.where(on, _uniform(n, -ssr.rotate, ssr.rotate, g), torch.zeros(n))
+        on = torch.rand(n, generator=g, device=dev) < ssr.p
+        angle += torch.where(on, _uniform(n, -ssr.rotate, ssr.rotate, g), torch.zeros(n, device=dev))
         scale = torch.where(on, _uniform(n, 1 - ssr.scale, 1 + ssr.scale, g), scale)
         # albumentations shifts by whole pixels: int(U(-s, s) * size), truncated toward zero
         pixels = torch.trunc(_uniform(2 * n, -ssr.shift, ssr.shift, g).view(n, 2) * size)
         shift = torch.where(on[:, None], pixels / size, shift)
     params.update(angle=angle, scale=scale, shift=shift)
-    params["flip"] = torch.rand(n, generator=g) < aug.hflip if aug.hflip else torch.zeros(n, dtype=torch.bool)
+    params["flip"] = torch.rand(n, generator=g, device=dev) < aug.hflip if aug.hflip else torch.zeros(n, dtype=torch.bool, device=dev)
     if aug.coarse_dropout:
         cd = aug.coarse_dropout
-        params["hole_on"] = torch.rand(n, generator=g) < cd.p
+        params["hole_on"] = torch.rand(n, generator=g, device=dev) < cd.p
         # top-left corners such that each hole lies inside the image
-        params["hole_yx"] = torch.randint(0, size - cd.size + 1, (n, cd.holes, 2), generator=g)
+        params["hole_yx"] = torch.randint(0, size - cd.size + 1, (n, cd.holes, 2), generator=g, device=dev)
     if aug.random_crop_padding:
         pad = aug.random_crop_padding
-        params["crop_dyx"] = torch.randint(-pad, pad + 1, (n, 2), generator=g)
+        params["crop_dyx"] = torch.randint(-pad, pad + 1, (n, 2), generator=g, device=dev)
     return params
+
+
+def prepared(aug: Augment, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``params`` with the affine matrices computed once (``theta``) in place of angle/scale/shift,
+    so a step that takes a batch of them only gathers rows (same values as computing per batch)."""
+    if not (aug.rotation or aug.shift_scale_rotate):
+        return params
+    rest = {k: v for k, v in params.items() if k not in ("angle", "scale", "shift", "flip")}
+    return {**rest, "theta": affine_theta(params)}
+
+
+@dataclass
+class EpochPlan:
+    """One epoch laid out ahead on the data's device: ``order`` (the training images in the order
+    they are taken) and ``params`` (each taken image's augmentation parameters, row for row)."""
+
+    order: torch.Tensor
+    params: dict[str, torch.Tensor]
+
+    def rows(self, rows) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The images and parameters at plan positions ``rows`` (a slice or a device index tensor)."""
+        return self.order[rows], {k: v[rows] for k, v in self.params.items()}
+
+    def copy_(self, other: "EpochPlan") -> None:
+        """Take ``other``'s values into this plan's tensors (a captured step reads them by address)."""
+        self.order.copy_(other.order)
+        for k, v in self.params.items():
+            v.copy_(other.params[k])
+
+
+def epoch_generator(loader_rng: torch.Generator, device: torch.device | str) -> torch.Generator:
+    """A generator on ``device`` for one epoch's plan, seeded by one draw from ``loader_rng``."""
+    seed = int(torch.randint(2**62, (1,), generator=loader_rng))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def affine_theta(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -87,7 +126,7 @@ def apply_batch(x: torch.Tensor, aug: Augment, params: dict[str, torch.Tensor], 
         flip = params["flip"].to(dev, non_blocking=True).view(n, 1, 1, 1)
         x = torch.where(flip, x.flip(-1), x)
     elif geometric:
-        theta = affine_theta(params).to(dev, non_blocking=True)
+        theta = (params["theta"] if "theta" in params else affine_theta(params)).to(dev, non_blocking=True)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="nearest" if nearest else "bilinear", padding_mode="zeros", align_corners=False)
     if "hole_on" in params:
@@ -139,14 +178,25 @@ class TensorLoader:
     def __len__(self) -> int:
         return math.ceil(self.num_samples() / self.batch_size)
 
+    def plan(self) -> EpochPlan:
+        """The next epoch's order and augmentation parameters (one draw from the loader's generator)."""
+        dev = self.x.device
+        if not self.shuffle:
+            return EpochPlan(self._shard(torch.arange(len(self.y), device=dev)), {})
+        g = epoch_generator(self.generator, dev)
+        order = self._shard(torch.randperm(len(self.y), generator=g, device=dev))
+        params = prepared(self.augment, sample_params(self.augment, len(order), self.x.shape[-1], g)) if self.augment is not None else {}
+        return EpochPlan(order, params)
+
+    def batch(self, plan: EpochPlan, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalized, augmented batch at plan positions ``rows`` and its labels."""
+        idx, params = plan.rows(rows)
+        xb = self.x[idx].float().div_(255)
+        if self.augment is not None:
+            xb = apply_batch(xb, self.augment, params, self.nearest)
+        return (xb - self.mean) / self.std, self.y[idx]
+
     def __iter__(self):
-        order = torch.randperm(len(self.y), generator=self.generator) if self.shuffle else torch.arange(len(self.y))
-        order = self._shard(order).to(self.x.device, non_blocking=True)
-        n = len(order)
-        for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            xb = self.x[idx].float().div_(255)
-            if self.augment is not None:
-                params = sample_params(self.augment, len(idx), xb.shape[-1], self.generator)
-                xb = apply_batch(xb, self.augment, params, self.nearest)
-            yield (xb - self.mean) / self.std, self.y[idx]
+        plan = self.plan()
+        for start in range(0, len(plan.order), self.batch_size):
+            yield self.batch(plan, slice(start, start + self.batch_size))

@@ -27,6 +27,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import Subset
 
 from toolkit import data as data_mod
+from toolkit import engine as step_engine
 from toolkit.datasets import facts
 from toolkit.checkpoint import checkpoint_dict, load_checkpoint, model_from_checkpoint, new_run_dir, non_finite, save_checkpoint
 from toolkit.errors import ToolkitError, check_choice
@@ -54,8 +55,10 @@ class PiecewiseConstantLR(LRScheduler):
 
 
 def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD, fused (one kernel per step for every parameter; the step engine needs it to read its
+    learning rate from a device tensor, and the eager loop uses the same so the two agree exactly)."""
     o = recipe.optimizer
-    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov, fused=True)
 
 
 def build_scheduler(recipe: Recipe, optimizer) -> tuple[object | None, str]:
@@ -389,6 +392,7 @@ class Session:
     meta: dict
     params: int
     val_loader: object = None  # the held-out part of the training split (data.validation), or None
+    engine: object = None  # the step engine (toolkit.engine.StepEngine), or None for the eager loop
 
     @property
     def on_gpu(self) -> bool:
@@ -396,7 +400,7 @@ class Session:
 
 
 def _set_up(recipe, *, device, data_dir, out, epochs, seed, resume, workers, train_limit, test_limit, download, console, pipeline,
-            model, run_name, extra_meta, compile) -> Session:
+            model, run_name, extra_meta, compile, engine="auto", after_step=None) -> Session:
     """Recipe (or resumed run) -> device, processes, data, model, optimizer, scheduler, training
     state and run directory. The random generators are seeded and consumed in one fixed order."""
     ckpt = None
@@ -468,6 +472,10 @@ def _set_up(recipe, *, device, data_dir, out, epochs, seed, resume, workers, tra
     if compile != "none":
         # the first steps pay the compilation (tens of seconds); worth it only for long runs, so opt-in
         net = torch.compile(net, mode=None if compile == "default" else compile)
+    engine_name, engine_line = step_engine.choose(engine, loader=train_loader, world=world, compile=compile, dev=dev)
+    stepper = None
+    if engine_name == "graph":
+        stepper = step_engine.StepEngine(net, model, optimizer, train_loader, dev, autocast=on_gpu, channels_last=on_gpu, after_step=after_step)
     params = count_params(model)
     meta = {
         "dataset": recipe.data.dataset,
@@ -492,8 +500,27 @@ def _set_up(recipe, *, device, data_dir, out, epochs, seed, resume, workers, tra
         f"{recipe.epochs} epoch{'s' if recipe.epochs != 1 else ''}, device {dev.type}"
         + (f" x {world} processes" if world > 1 else "") + (f", torch.compile {compile}" if compile != "none" else "") + f" -> {run_dir}"
     )
+    console.print(engine_line)
     return Session(recipe, dev, world, main_process, console, run_dir, train_loader, test_loader, model, net, optimizer, scheduler,
-                   sched_when, loader_rng, state, meta, params, val_loader)
+                   sched_when, loader_rng, state, meta, params, val_loader, stepper)
+
+
+def queue_epoch(s: Session, epoch: int, progress) -> tuple:
+    """The step engine's epoch, queued on the device (nothing waits for it here)."""
+    task = progress.add_task(f"epoch {epoch + 1}/{s.recipe.epochs}", total=len(s.train_loader))
+    lrs = step_engine.lr_per_step(s.optimizer, s.scheduler, s.sched_when, len(s.train_loader))
+    queued = s.engine.train_epoch(lrs, progress, task)
+    progress.remove_task(task)
+    news = s.engine.news()
+    if news:
+        s.console.print(f"[yellow]warning:[/] {news}")
+    return queued
+
+
+def finish_epoch(s: Session, queued: tuple) -> tuple[float, float]:
+    """The queued epoch's mean training loss and accuracy (%): waits for the device."""
+    loss_sum, correct, seen = queued
+    return loss_sum.item() / seen, 100.0 * correct.item() / seen
 
 
 def train_one_epoch(s: Session, epoch: int, progress, after_step=None) -> tuple[float, float]:
@@ -560,7 +587,21 @@ def _end_epoch(s: Session, epoch: int, row: dict, test_acc: float, watch_acc: fl
     return board
 
 
-def fit(
+def fit(recipe: Recipe | None = None, **options) -> RunResult:
+    """Train ``recipe`` (or continue ``resume``): ``fit_epochs`` run to its end (its options)."""
+    return run_to_end(fit_epochs(recipe, **options))
+
+
+def run_to_end(epochs):
+    """Drive a ``fit_epochs`` generator to its end; its RunResult."""
+    while True:
+        try:
+            next(epochs)
+        except StopIteration as stop:
+            return stop.value
+
+
+def fit_epochs(
     recipe: Recipe | None = None,
     *,
     device: str = "auto",
@@ -580,15 +621,21 @@ def fit(
     after_step=None,
     extra_meta: dict | None = None,
     compile: str = "none",
+    engine: str = "auto",
 ) -> RunResult:
-    """Train ``recipe`` (or continue ``resume``). ``model`` starts from given weights instead of the
+    """Train ``recipe`` (or continue ``resume``) as a generator: with the step engine it yields once
+    per epoch, when the epoch's training is queued on the device and before anything waits for it
+    (so several runs can share a GPU, ``toolkit.train.train_seeds``); it returns the RunResult.
+    ``model`` starts from given weights instead of the
     recipe's fresh model (pruning fine-tunes this way), ``after_step(model)`` runs after every
     optimizer step, and ``extra_meta`` is stored in the checkpoints. ``compile`` runs the training
     forward/backward through ``torch.compile`` in that mode (one of ``COMPILE_MODES``); checkpoints
-    and evaluation keep the plain module, so the saved weights are the same either way."""
+    and evaluation keep the plain module, so the saved weights are the same either way. ``engine``:
+    ``toolkit.engine.ENGINES`` (auto: the step engine where the run allows it, else the eager loop)."""
     s = _set_up(recipe, device=device, data_dir=data_dir, out=out, epochs=epochs, seed=seed, resume=resume, workers=workers,
                 train_limit=train_limit, test_limit=test_limit, download=download, console=console or Console(stderr=True),
-                pipeline=pipeline, model=model, run_name=run_name, extra_meta=extra_meta, compile=compile)
+                pipeline=pipeline, model=model, run_name=run_name, extra_meta=extra_meta, compile=compile,
+                engine=engine, after_step=after_step)
     recipe, console, start_epoch = s.recipe, s.console, s.state.epoch
     if start_epoch >= recipe.epochs:
         console.print(f"nothing to do: the run already has {start_epoch} epoch{'s' if start_epoch != 1 else ''}")
@@ -604,7 +651,12 @@ def fit(
         for epoch in range(start_epoch, recipe.epochs):
             t0 = time.perf_counter()
             lr = s.optimizer.param_groups[0]["lr"]
-            train_loss, train_acc = train_one_epoch(s, epoch, progress, after_step)
+            if s.engine is not None:
+                queued = queue_epoch(s, epoch, progress)
+                yield epoch  # the epoch is queued on the device: another run may queue its own (train_seeds)
+                train_loss, train_acc = finish_epoch(s, queued)
+            else:
+                train_loss, train_acc = train_one_epoch(s, epoch, progress, after_step)
             test_loss, test_acc, _, _ = evaluate(s.model, s.test_loader, s.dev, autocast=s.on_gpu, progress=progress)
             # what chooses best.pt and drives early stopping and the plateau scheduler
             watch_loss, watch_acc = test_loss, test_acc
