@@ -56,7 +56,7 @@ def seed_pipeline(recipe_ref: str, epochs: int, data_dir: str, device: str, work
     from toolkit import data as data_mod
     from toolkit.datasets import facts
     from toolkit.recipes import load_recipe
-    from toolkit.loop import build_optimizer, build_scheduler
+    from toolkit.loop import build_scheduler
 
     recipe = load_recipe(recipe_ref)
     torch.manual_seed(recipe.seed)
@@ -69,7 +69,8 @@ def seed_pipeline(recipe_ref: str, epochs: int, data_dir: str, device: str, work
     train_loader = DataLoader(train_ds, batch_size=recipe.data.batch_size, shuffle=True, **kwargs)
     test_loader = DataLoader(test_ds, batch_size=recipe.data.test_batch_size, shuffle=False, **kwargs)
     model = recipe.build_model(facts(recipe.data.dataset).num_classes).to(dev)
-    optimizer = build_optimizer(recipe, model)
+    o = recipe.optimizer  # torch's default SGD, as the seeds' scripts built it (the toolkit's is fused)
+    optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
     scheduler, when = build_scheduler(recipe, optimizer)
     for epoch in range(epochs):
         model.train()

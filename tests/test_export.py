@@ -2,8 +2,12 @@
 
 import ast
 import errno
+import io
 import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -11,6 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from rich.console import Console
 
 from tests.conftest import one_line_error, quiet, run_cli
 from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
@@ -548,3 +553,72 @@ def test_a_changed_artifact_drops_what_was_made_from_it(fine4_run, mnist_root, t
     assert manifest.artifact("model.int8.onnx").get("calibration")["images"] == 64
     assert manifest.triton is None and not (export_dir / "triton").exists()
     assert not list(out.glob(".*"))  # no staging copies left
+
+
+_SWAP_KILL = r"""
+import os, shutil, signal, sys
+from pathlib import Path
+from toolkit.export import export
+
+run, out, export_dir, point = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+real_replace, real_rmtree = os.replace, shutil.rmtree
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+def replace(src, dst, *args, **kwargs):
+    src, dst = Path(src), Path(dst)
+    if point == "before-aside" and src == export_dir:
+        die()
+    real_replace(src, dst, *args, **kwargs)
+    if (point == "after-aside" and src == export_dir) or (point == "after-swap" and dst == export_dir):
+        die()
+def rmtree(path, *args, **kwargs):
+    if point == "during-removal" and ".old-" in Path(path).name:
+        os.unlink(next(p for p in Path(path).iterdir() if p.name.endswith(".onnx")))  # part of the old copy is gone
+        die()
+    real_rmtree(path, *args, **kwargs)
+os.replace, shutil.rmtree = replace, rmtree
+export(run, fmt="onnx", precision="fp16", out=out)
+"""
+
+
+@pytest.mark.parametrize("point", ["before-aside", "after-aside", "after-swap", "during-removal"])
+def test_an_export_killed_at_each_step_of_its_swap_loses_nothing(fine4_run, fine4_export, tmp_path, point):
+    """kill -9 at each system call of the swap that puts a new export in place (move the export
+    aside, move the new copy in, remove the old copy). Between the two moves the aside copy is the
+    only copy: the next export must move it back, never delete it. After the kill and one more
+    export, every earlier file (the int8 model, a verify report) is there and no leftovers remain."""
+    from toolkit.export import export
+    from toolkit.manifest import Manifest
+
+    out = tmp_path / "exports"
+    export_dir = out / fine4_export.name
+    shutil.copytree(fine4_export, export_dir)
+    (export_dir / "parity.json").write_text('{"earlier": "verify results"}')
+    proc = subprocess.run([sys.executable, "-c", _SWAP_KILL, str(fine4_run.run_dir), str(out), str(export_dir), point],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert export_dir.is_dir() or list(out.glob(f".{export_dir.name}.old-*")), "the only copy is gone"
+    buf = io.StringIO()
+    export(fine4_run.run_dir, fmt="onnx", precision="fp16", out=out, console=Console(file=buf, width=300))
+    if point == "after-aside":
+        assert "restored" in buf.getvalue() and "moved aside" in buf.getvalue()
+    manifest = Manifest.load(export_dir)  # every listed file present with its sha256
+    assert {a.file for a in manifest.artifacts} >= {"model.fp32.onnx", "model.int8.onnx", "model.fp16.onnx"}
+    assert (export_dir / "parity.json").read_text() == '{"earlier": "verify results"}'
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")) == []
+
+
+def test_an_empty_onnx_file_that_matches_its_manifest_is_a_one_line_error(fine4_run, fine4_export, tmp_path):
+    """An emptied model.fp32.onnx whose sha256 and size were written into the manifest too: deriving
+    fp16 from it must say the file is unusable, not fail inside onnx (AttributeError)."""
+    out = tmp_path / "exports"
+    export_dir = out / fine4_export.name
+    shutil.copytree(fine4_export, export_dir)
+    (export_dir / "model.fp32.onnx").write_bytes(b"")
+    data = json.loads((export_dir / "manifest.json").read_text())
+    for art in data["artifacts"]:
+        if art["file"] == "model.fp32.onnx":
+            art["sha256"], art["bytes"] = sha256_file(export_dir / "model.fp32.onnx"), 0
+    (export_dir / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ToolkitError, match=r"model\.fp32\.onnx: not a usable ONNX model \(no graph: empty or cut short\)"):
+        export(fine4_run.run_dir, fmt="onnx", precision="fp16", out=out, console=quiet())

@@ -179,3 +179,37 @@ def test_a_runs_recipe_toml_trains_the_same_run_again(mnist_root, tmp_path):
     assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(a["metrics"]) == strip(b["metrics"]) and a["recipe"] == b["recipe"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.options.num_classes=3"], "model.options.num_classes = 3, but mnist has 10 classes"),
+    (["scheduler.name=cosine", "scheduler=5"], "scheduler: Input should be a valid dictionary"),
+    (["optimizer.lr=" + "[" * 50_000], "the value is nested too deeply"),
+    (["seed=4294967296"], "seed: Input should be less than or equal to 4294967295"),
+])
+def test_overrides_that_used_to_end_in_an_internal_error_are_one_line_errors(overrides, message):
+    with pytest.raises(ToolkitError, match=re.escape(message)):
+        load_recipe(RECIPES / "fine4.toml", overrides)
+    assert load_recipe(RECIPES / "fine4.toml", ["model.options.num_classes=10"]).model.options["num_classes"] == 10
+
+
+def test_a_recipe_that_is_a_fifo_is_refused_without_reading_it(tmp_path):
+    """Opening a FIFO for reading blocks until a writer comes: the file kind is checked first."""
+    import os
+
+    fifo = tmp_path / "r.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ToolkitError, match="not a regular file"):
+        load_recipe(fifo)
+
+
+def test_the_seed_is_bounded_on_the_command_line_and_in_train(mnist_root, tmp_path):
+    from toolkit.train import parse_seeds, train
+
+    from tests.conftest import quiet
+
+    with pytest.raises(ToolkitError, match="--seed must be between 0 and 4,294,967,295"):
+        train(load_recipe(RECIPES / "fine4.toml"), device="cpu", data_dir=mnist_root, out=tmp_path, seed=2**64, console=quiet())
+    assert not list(tmp_path.iterdir())  # refused before any run folder
+    with pytest.raises(ToolkitError, match="--seeds needs two or more different seeds from 0 to 4,294,967,295"):
+        parse_seeds("1,18446744073709551616")

@@ -1,10 +1,12 @@
 """Parity: every artifact against the PyTorch reference, on the full real MNIST test set and on CIFAR-format data."""
 
+import io
 import json
 import subprocess
 import sys
 
 import pytest
+from rich.console import Console
 
 from tests.conftest import RECIPES, quiet
 from toolkit.export import export
@@ -200,3 +202,61 @@ def test_verify_removes_the_temporary_files_a_killed_run_left(fine4_export, mnis
     verify(export_dir, data_dir=mnist_root, limit=300, console=quiet())
     assert not any(p.exists() for p in stale) and kept.read_text() == "mine"
     assert json.loads((export_dir / "parity.json").read_text())["images"] == 300
+
+
+_VERIFY_KILL = r"""
+import os, signal, sys
+from pathlib import Path
+import toolkit.verify as v
+from toolkit.manifest import Manifest
+
+export_dir, data, point = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+if point == "before-commit":
+    Manifest.save = die
+else:  # after the manifest is saved, before the report is moved into place
+    calls = []
+    real = v.settle_report
+    def settle(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            die()
+        return real(*args, **kwargs)
+    v.settle_report = settle
+v.verify(export_dir, data_dir=data, limit=int(sys.argv[4]))
+"""
+
+
+@pytest.mark.parametrize("point", ["before-commit", "after-commit"])
+def test_a_verify_killed_around_its_commit_leaves_report_and_manifest_agreeing(fine4_export, mnist_root, tmp_path, point):
+    """parity.json, parity.md and the manifest change together: verify writes the report as hidden
+    pending files, then saves the manifest with the report's sha256 (the commit point), then moves
+    the report into place. Killed before the commit, the next export or verify drops the pending
+    files and the earlier report and manifest still agree; killed after it, they are finished."""
+    import shutil
+    import subprocess
+    import sys
+
+    from toolkit.files import sha256_file
+    from toolkit.manifest import Manifest
+    from toolkit.verify import verify
+
+    export_dir = tmp_path / fine4_export.name
+    shutil.copytree(fine4_export, export_dir)
+    verify(export_dir, data_dir=mnist_root, limit=200, console=quiet())  # the earlier, agreeing pair
+    assert Manifest.load(export_dir).parity.report_sha256 == sha256_file(export_dir / "parity.json")
+    proc = subprocess.run([sys.executable, "-c", _VERIFY_KILL, str(export_dir), str(mnist_root), point, "300"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert list(export_dir.glob(".parity.json.pending")), "the kill came after the pending report was written"
+    from toolkit.export import export
+
+    buf = io.StringIO()
+    export(Manifest.load(export_dir).source.checkpoint, fmt="onnx", precision="fp32", out=export_dir.parent,
+           console=Console(file=buf, width=300))  # any writer settles what the killed verify left, under the lock
+    report = json.loads((export_dir / "parity.json").read_text())
+    assert report["images"] == (200 if point == "before-commit" else 300)
+    assert ("dropped" if point == "before-commit" else "finished") in buf.getvalue()
+    assert not list(export_dir.glob(".parity.*.pending"))
+    assert f"% on {report['images']} mnist test images" in (export_dir / "parity.md").read_text()

@@ -19,6 +19,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 import unicodedata
 from pathlib import Path
@@ -94,7 +95,10 @@ def reading(path: Path | str, what: str) -> Iterator[None]:
 def read_text_limited(path: Path, what: str, limit: int) -> str:
     """A small text file (a recipe, a manifest), refused when larger than ``limit`` bytes."""
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the read forever, a device never end
+            raise ToolkitError(f"{path}: not a regular file (a folder, FIFO or device): give a {what} file")
+        size = info.st_size
         if size > limit:
             raise ToolkitError(f"{path}: {size:,} bytes is too large for a {what} (at most {limit:,})")
         return path.read_text(encoding="utf-8")
@@ -175,6 +179,26 @@ def remove_stale_temps(directory: Path) -> list[str]:
                     os.unlink(entry.path)
                     removed.append(entry.name)
     return removed
+
+
+def recover_swap(directory: Path, aside: "re.Pattern[str]") -> str | None:
+    """Finish or undo a swap of ``directory`` that a killed process left half-done. A writer moves
+    the directory aside (a sibling whose name matches ``aside``), moves its new copy in, then
+    removes the aside copy. Killed between the two moves, the aside copy is the only copy: it is
+    moved back (the newest, if several), never deleted. With ``directory`` in place the aside
+    copies are stale and are removed. Returns what was done, or None. Call it holding the lock."""
+    directory = Path(directory)
+    found = sorted((p for p in directory.parent.iterdir() if aside.match(p.name) and p.is_dir() and not p.is_symlink()),
+                   key=lambda p: p.stat().st_mtime, reverse=True) if directory.parent.is_dir() else []
+    if not found:
+        return None
+    done = None
+    if not directory.exists() and not directory.is_symlink():
+        os.replace(found.pop(0), directory)
+        done = f"restored {directory} from the copy an interrupted writer had moved aside"
+    for stale in found:
+        shutil.rmtree(stale, ignore_errors=True)
+    return done
 
 
 def remove_stale_dirs(parent: Path, pattern: "re.Pattern[str]") -> None:

@@ -34,7 +34,7 @@ from toolkit.errors import ToolkitError, check_choice
 from toolkit.files import atomic_write, locked, reading, remove_stale_temps, resolve_data_dir
 from toolkit.models import count_params
 from toolkit.progress import Progress
-from toolkit.recipes import Recipe
+from toolkit.recipes import MAX_SEED, Recipe
 
 # torch.compile modes; "reduce-overhead" also captures the step in CUDA graphs on a GPU
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
@@ -54,11 +54,15 @@ class PiecewiseConstantLR(LRScheduler):
         return [self.values[i] for _ in self.optimizer.param_groups]
 
 
-def build_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(recipe: Recipe, model: torch.nn.Module, fused: bool = True) -> torch.optim.Optimizer:
     """SGD, fused (one kernel per step for every parameter; the step engine needs it to read its
-    learning rate from a device tensor, and the eager loop uses the same so the two agree exactly)."""
+    learning rate from a device tensor, and the eager loop uses the same so the two agree exactly).
+    ``fused=False``: torch's default implementation, for several processes: fused SGD under DDP on
+    the CPU (gloo) trained fine4 to 41% where the default reached 86-90% (2 epochs, 10,000 images,
+    tests/test_train.py; cause not established), and several processes train with the eager loop."""
     o = recipe.optimizer
-    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov, fused=True)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov,
+                           fused=fused or None)
 
 
 def build_scheduler(recipe: Recipe, optimizer) -> tuple[object | None, str]:
@@ -300,6 +304,15 @@ def write_metrics_csv(rows: list[dict], path: Path) -> None:
         f.write(buf.getvalue())
 
 
+def _csv_rows(path: Path) -> int:
+    """The data rows of a metrics.csv (-1 when it is missing or unreadable)."""
+    try:
+        with open(path, newline="") as f:
+            return sum(1 for _ in csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return -1
+
+
 def plot_curves(rows: list[dict], path: Path) -> None:
     from toolkit.report import pyplot, save_png
 
@@ -413,6 +426,8 @@ def _set_up(recipe, *, device, data_dir, out, epochs, seed, resume, workers, tra
         train_limit, test_limit = ckpt["meta"].get("train_limit"), ckpt["meta"].get("test_limit")
     if recipe is None:
         raise ToolkitError("give a recipe, or --resume RUN_DIR")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ToolkitError(f"--seed must be between 0 and {MAX_SEED:,}, not {seed}")
     updates = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
     if pipeline is not None:
         updates["data"] = recipe.data.model_copy(update={"pipeline": check_choice("pipeline", pipeline, ("fast", "dataloader"))})
@@ -450,10 +465,12 @@ def _set_up(recipe, *, device, data_dir, out, epochs, seed, resume, workers, tra
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    optimizer = build_optimizer(recipe, model)
+    optimizer = build_optimizer(recipe, model, fused=world == 1)
     scheduler, sched_when = build_scheduler(recipe, optimizer)
     if ckpt is not None:
         state = TrainState.restore(ckpt, optimizer, scheduler, loader_rng, on_gpu)
+        for group in optimizer.param_groups:  # as build_optimizer chose for this run, whatever the checkpoint's run used
+            group["fused"] = True if world == 1 else None
         run_dir = Path(ckpt["path"]).parent
     else:
         state = TrainState()
@@ -648,6 +665,10 @@ def fit_epochs(
             stale = remove_stale_temps(s.run_dir)
             if stale:
                 console.print(f"removed {len(stale)} temporary file(s) an interrupted run left in {s.run_dir}")
+            # last.pt is written before metrics.csv: a kill between them lost the last row, which the checkpoint holds
+            if _csv_rows(s.run_dir / "metrics.csv") != len(s.state.rows):
+                write_metrics_csv(s.state.rows, s.run_dir / "metrics.csv")
+                console.print(f"metrics.csv rebuilt from last.pt ({len(s.state.rows)} epochs)")
         for epoch in range(start_epoch, recipe.epochs):
             t0 = time.perf_counter()
             lr = s.optimizer.param_groups[0]["lr"]

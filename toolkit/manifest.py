@@ -127,6 +127,8 @@ class Verified(_Schema):
     machine: Optional[str] = None  # toolkit.environment.cpu_line(): vendor, model, integer-kernel features
     cpu_features: Optional[list[str]] = None
     onnxruntime: Optional[str] = None
+    # sha256 of the parity.json this verification wrote: the manifest is verify's commit point
+    report_sha256: Optional[str] = None
 
 
 class Artifact(_Schema):

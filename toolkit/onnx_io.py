@@ -10,7 +10,7 @@ from pathlib import Path
 
 import onnx
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, first_line
 from toolkit.files import reading
 
 
@@ -21,6 +21,13 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         proto = onnx.load(str(path), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(proto.graph)):
         raise ToolkitError(f"{path}: refers to external data files; toolkit's artifacts are self-contained ONNX files")
+    # an empty or truncated file parses as an empty model: every later step would fail inside onnx
+    if not proto.opset_import or not proto.graph.node or not proto.graph.output:
+        raise ToolkitError(f"{path}: not a usable ONNX model (no graph: empty or cut short); export it again")
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise ToolkitError(f"{path}: not a valid ONNX model ({first_line(exc)}); export it again") from None
     return proto
 
 

@@ -9,7 +9,12 @@ memory and read back through the whole deployed preprocessing: decode, prepare, 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
+
+from toolkit.files import sha256_file
 
 # |delta| in percentage points, and the least top-1 agreement with the reference (percent)
 GATES: dict[str, dict[str, float]] = {
@@ -73,3 +78,33 @@ def compare(logits: np.ndarray, ref_logits: np.ndarray, labels: np.ndarray, ref_
                    pipeline_max_abs_logit_diff=float(np.abs(pipeline_logits - ref_logits).max()), pipeline_passed=pipeline_ok)
     row["passed"] = tensor_ok and pipeline_ok
     return row
+
+
+# verify's report files. They are written as hidden ``.NAME.pending`` first; the manifest, saved
+# next with the report's sha256 (``Verified.report_sha256``), is the commit point; then they are
+# moved into place. ``settle_report`` finishes or drops what a kill in between left.
+REPORT, REPORT_MD, PENDING = "parity.json", "parity.md", ".pending"
+
+
+def pending(export_dir: Path, name: str) -> Path:
+    return Path(export_dir) / f".{name}{PENDING}"
+
+
+def settle_report(export_dir: Path, manifest) -> str | None:
+    """A verify killed after writing its pending report: committed (the manifest holds the report's
+    sha256) -> moved into place; not committed -> removed, leaving the previous report and manifest,
+    which agree. Returns what was done, or None. Call it holding the export's lock."""
+    export_dir = Path(export_dir)
+    files = [pending(export_dir, REPORT), pending(export_dir, REPORT_MD)]
+    if not any(p.exists() or p.is_symlink() for p in files):
+        return None
+    committed = manifest.parity.report_sha256 if manifest.parity is not None else None
+    report = files[0]
+    if report.is_file() and not report.is_symlink() and committed is not None and sha256_file(report) == committed:
+        for path, name in ((files[1], REPORT_MD), (report, REPORT)):  # parity.json last: its arrival completes it
+            if path.is_file() and not path.is_symlink():
+                os.replace(path, export_dir / name)
+        return f"finished the parity report an interrupted verify had committed in {export_dir}"
+    for path in files:
+        path.unlink(missing_ok=True)
+    return f"dropped the parity report an interrupted verify had not committed in {export_dir}"

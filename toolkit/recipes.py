@@ -202,10 +202,13 @@ class SeedResults(Strict):
     train_acc: Optional[float] = Field(default=None, ge=0, le=100)
 
 
+MAX_SEED = 2**32 - 1  # what every generator the run seeds (torch, Python, NumPy's workers) accepts
+
+
 class Recipe(Strict):
     name: str = ""  # parse_recipe fills in the file's stem
     description: str = ""
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     epochs: int = Field(ge=1, le=10000)
     model: ModelSpec
     data: Data
@@ -297,6 +300,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             document = tomllib.loads(f"v = {text.strip()}")
         except tomllib.TOMLDecodeError:
             document = {"v": text.strip()}
+        except RecursionError:  # [[[[... nested thousands deep
+            raise ToolkitError(f"--set {shown(item)}: the value is nested too deeply to be a recipe setting") from None
         if set(document) != {"v"}:  # 'x"\n[evil]\na=1': a value that is more than a value
             raise ToolkitError(f"--set {shown(item)}: the value is more than one TOML value (a new line, a table); give one value")
         value = document["v"]
@@ -322,15 +327,20 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
             raise ToolkitError(f"{path}: not valid TOML ({first_line(exc)})") from None
     if overrides:
         data = apply_overrides(data, overrides)
-        if data.get("scheduler", {}).get("name") and any(o.startswith("scheduler.name=") for o in overrides):
+        if isinstance(data.get("scheduler"), dict) and data["scheduler"].get("name") and any(o.startswith("scheduler.name=") for o in overrides):
             # another scheduler kind takes other keys: keep only what was set for it
             set_keys = {o.partition("=")[0].split(".", 1)[1] for o in overrides if o.startswith("scheduler.")}
             data["scheduler"] = {k: v for k, v in data["scheduler"].items() if k in set_keys}
     recipe = parse_recipe(data, path)
     # catch bad model options at load time, not at the first epoch
     with reading(path, "recipe"):
+        classes = class_count(recipe)
+        given = recipe._options().get("num_classes")
+        if given is not None and given != classes:  # the loss would index past the model's outputs in the first step
+            raise ToolkitError(f"{path}: model.options.num_classes = {shown(given)}, but {recipe.data.dataset} has {classes} classes "
+                               "(leave it out: the data set decides it)")
         try:
-            model = recipe.build_model(num_classes=class_count(recipe))
+            model = recipe.build_model(num_classes=classes)
         except Exception as exc:  # noqa: BLE001 - whatever the options make the builder do, it is the recipe's fault
             raise ToolkitError(f"{path}: model.options: {first_line(exc)}") from None
         if recipe.data.dataset == "folder":  # a size the model's fixed pooling cannot take fails here, not in epoch 1

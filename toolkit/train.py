@@ -15,10 +15,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, shown
 from toolkit.files import atomic_write, make_dir
 from toolkit.loop import COMPILE_MODES, RunResult, fit_epochs, pick_device, run_to_end
-from toolkit.recipes import Recipe
+from toolkit.recipes import MAX_SEED, Recipe
 
 __all__ = ["COMPILE_MODES", "RunResult", "train", "train_seeds", "print_summary", "differences"]
 
@@ -107,9 +107,9 @@ def parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(part) for part in text.split(",")]
     except ValueError:
-        raise ToolkitError(f"--seeds takes whole numbers separated by commas (e.g. 1,2,3), not {text!r}") from None
-    if len(set(seeds)) != len(seeds) or min(seeds) < 0 or len(seeds) < 2:
-        raise ToolkitError(f"--seeds needs two or more different seeds of 0 or more, not {text!r}")
+        raise ToolkitError(f"--seeds takes whole numbers separated by commas (e.g. 1,2,3), not {shown(text)}") from None
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > MAX_SEED or len(seeds) < 2:
+        raise ToolkitError(f"--seeds needs two or more different seeds from 0 to {MAX_SEED:,}, not {shown(text)}")
     return seeds
 
 

@@ -23,11 +23,11 @@ from toolkit import data as data_mod
 from toolkit import folder, preprocess, quantize
 from toolkit.checkpoint import model_from_checkpoint, source_checkpoint
 from toolkit.errors import ToolkitError
-from toolkit.files import atomic_write, locked, remove_stale_temps, resolve_data_dir
+from toolkit.files import atomic_write, locked, remove_stale_temps, resolve_data_dir, sha256_file
 from toolkit.environment import cpu_info, cpu_line
 from toolkit.manifest import Manifest, Parity, Verified, latest_export
 from toolkit.model_card import write_model_card
-from toolkit.parity import GATES, PARITY_FIELDS, accuracy, compare
+from toolkit.parity import GATES, PARITY_FIELDS, REPORT, REPORT_MD, accuracy, compare, pending, settle_report
 from toolkit.recipes import Recipe
 from toolkit.runtime import make_runner, runtimes_for, torch_runner, trt_missing_reason
 
@@ -139,16 +139,20 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
         if stale:
             console.print(f"verify: removed {len(stale)} temporary file(s) a killed run left in {export_dir}")
         current = Manifest.load(export_dir, verify_files=False)
+        settled = settle_report(export_dir, current)
+        if settled:
+            console.print(f"verify: {settled}")
         for art in current.artifacts:
             rows = [r for r in results if r["artifact"] == art.file and r["sha256"] == art.sha256]
             if rows:
                 art.parity = {r["runtime"]: Parity(**{k: r[k] for k in PARITY_FIELDS}) for r in rows}
-        current.parity = Verified(**report["verified_on"])
-        with atomic_write(export_dir / "parity.json", "w") as f:
+        with atomic_write(pending(export_dir, REPORT), "w") as f:
             json.dump(report, f, indent=2)
-        with atomic_write(export_dir / "parity.md", "w") as f:
+        with atomic_write(pending(export_dir, REPORT_MD), "w") as f:
             f.write(parity_markdown(report))
-        current.save(export_dir)
+        current.parity = Verified(**report["verified_on"], report_sha256=sha256_file(pending(export_dir, REPORT)))
+        current.save(export_dir)  # the commit point: killed before it, the pending files are dropped; after it, finished
+        settle_report(export_dir, current)
         write_model_card(export_dir, current)
     console.print(parity_table(report))
     for s in skipped:

@@ -19,7 +19,8 @@ from rich.console import Console
 
 from toolkit.checkpoint import latest_run, load_checkpoint, model_from_checkpoint
 from toolkit.errors import ToolkitError, check_choice
-from toolkit.files import confined, locked, plain_name, remove_stale_dirs, remove_stale_temps, umask_mode, write_error
+from toolkit.files import confined, locked, plain_name, recover_swap, remove_stale_dirs, remove_stale_temps, umask_mode, write_error
+from toolkit.parity import settle_report
 from toolkit.manifest import NAME as MANIFEST_NAME
 from toolkit.manifest import Artifact, Manifest, TritonModel
 from toolkit.model_card import write_model_card
@@ -48,7 +49,13 @@ def staged(export_dir: Path) -> Iterator[Path]:
         if export_dir.exists():
             old = parent / f".{export_dir.name}{OLD}{os.getpid()}"
             os.replace(export_dir, old)
-        os.replace(stage, export_dir)
+        try:
+            os.replace(stage, export_dir)
+        except BaseException:
+            if old is not None:  # put the only complete copy back (a kill here: recover_swap does it)
+                with contextlib.suppress(OSError):
+                    os.replace(old, export_dir)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException as exc:
@@ -237,13 +244,22 @@ def export(
 
 
 def _remove_leftovers(export_dir: Path, console: Console) -> None:
-    """What an export or verify killed mid-way left behind: staging copies, a swapped-out old copy,
-    temporary files. Only while holding the export's lock (otherwise they may be another writer's)."""
+    """What an export or verify killed mid-way left behind: a swapped-out old copy (moved back when
+    it is the only copy, else removed), staging copies, temporary files, a parity report written
+    but not committed (dropped) or committed but not yet in place (finished). Only while holding
+    the export's lock (otherwise they may be another writer's)."""
     name = re.escape(export_dir.name)
-    remove_stale_dirs(export_dir.parent, re.compile(rf"^\.{name}{re.escape(STAGING)}[A-Za-z0-9_]{{8}}$|^\.{name}{re.escape(OLD)}[0-9]+$"))
+    restored = recover_swap(export_dir, re.compile(rf"^\.{name}{re.escape(OLD)}[0-9]+$"))
+    if restored:
+        console.print(f"[yellow]{restored}[/]")
+    remove_stale_dirs(export_dir.parent, re.compile(rf"^\.{name}{re.escape(STAGING)}[A-Za-z0-9_]{{8}}$"))
     stale = remove_stale_temps(export_dir)
     if stale:
         console.print(f"removed {len(stale)} temporary file(s) an interrupted run left in {export_dir}")
+    if (export_dir / MANIFEST_NAME).is_file():
+        settled = settle_report(export_dir, Manifest.load(export_dir, verify_files=False))
+        if settled:
+            console.print(f"[yellow]{settled}[/]")
 
 
 def _make(stage: Path, export_dir: Path, manifest: Manifest, ckpt: dict, file: str, options: dict, console: Console,
