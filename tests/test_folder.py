@@ -268,3 +268,13 @@ def test_symbolic_links_out_of_the_dataset_are_refused_and_never_opened(tmp_path
     classes, train, test = folder.listing(folder.FolderSpec(root, 8, 1))
     names = sorted(p.name for p, _ in train + test)
     assert classes == ["one", "zero"] and names == ["0.png", "0.png", "1.png", "1.png", "again.png"]
+
+
+def test_a_class_whose_files_are_all_unreadable_is_refused_like_an_empty_one(tmp_path, cache):
+    """Files that are not images are skipped (data.strict = false); a class left with none of its
+    training files readable would train as a class with no images: refused, naming it."""
+    root = _tiny_folder(tmp_path / "d", ("zero", "one", "two", "three"))
+    for f in (root / "three").iterdir():
+        f.write_bytes(b"not an image at all")
+    with pytest.raises(ToolkitError, match=r"class 'three' has no readable training images \(1 file\(s\), none an image"):
+        folder.load(folder.FolderSpec(root, 8, 1, split=0.5))

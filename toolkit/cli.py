@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from toolkit.errors import Interrupted, ToolkitError, first_line
+from toolkit.errors import Interrupted, ToolkitError, cut, first_line
 from toolkit.files import is_no_space
 
 
@@ -412,7 +412,19 @@ def main() -> None:
         signal.signal(signum, _interrupt)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        app()
+        status = app(standalone_mode=False)  # usage errors come back here, for the one-line form below
+        raise SystemExit(status if isinstance(status, int) else 0)
+    except typer.TyperException as exc:  # a usage error: a bad option value, an unknown option or command
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "toolkit"
+        message = " ".join(exc.format_message().split())
+        if not message:  # `toolkit` alone: the help was the answer
+            raise SystemExit(getattr(exc, "exit_code", 2)) from None
+        err.print(f"[bold red]error:[/] {escape(where)}: {escape(cut(message))} (see {escape(where)} --help)")
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
+    except typer.Abort:
+        err.print("aborted")
+        raise SystemExit(1) from None
     except Interrupted as stop:
         err.print("interrupted" if stop.signum == signal.SIGINT else f"{signal.Signals(stop.signum).name}: stopped")
         raise SystemExit(128 + stop.signum) from None
@@ -427,6 +439,16 @@ def main() -> None:
         message, status = _failure(exc)
         err.print(f"[bold red]error:[/] {escape(str(ToolkitError(message)))}")  # ToolkitError: one line, bounded
         raise SystemExit(status) from None
+    finally:
+        _work_done()
+
+
+def _work_done() -> None:
+    """The command has ended and its exit status is decided: from here a SIGINT / SIGTERM would only
+    raise Interrupted inside the interpreter's shutdown (a traceback, and exit 0 or a silent death).
+    Ignored: the finished work's status stands."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ remains the reference and the fallback.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 
 import torch
@@ -61,7 +62,7 @@ def lr_per_step(optimizer, scheduler, sched_when: str, steps: int) -> list[float
     group = optimizer.param_groups[0]
     lrs = []
     with warnings.catch_warnings():  # stepping ahead of the optimizer is the point here
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before `optimizer.step()`")
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before `optimizer.step()`"))
         for _ in range(steps):
             lrs.append(float(group["lr"]))
             if sched_when == "step":

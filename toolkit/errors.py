@@ -11,7 +11,11 @@ MAX_ECHO = 80  # characters of a user-given value quoted back in a message
 
 def shown(value: object, limit: int = MAX_ECHO) -> str:
     """``repr(value)``, cut to ``limit`` characters: a value a user (or a hostile file) gave may be huge."""
-    text = repr(value)
+    return cut(repr(value), limit)
+
+
+def cut(text: str, limit: int = MAX_ECHO) -> str:
+    """``text`` as is when short, else its start and its length: for echoing what a user typed."""
     if len(text) <= limit:
         return text
     return f"{text[: limit - 1]}… ({len(text):,} characters)"

@@ -235,6 +235,10 @@ def load(spec: FolderSpec, *, progress=None) -> FolderData:
         progress.remove_task(task)
     if len(x_train) == 0 or len(x_test) == 0:
         raise ToolkitError(f"{spec.root}: no readable images in the {'training' if len(x_train) == 0 else 'test'} split")
+    unreadable = [c for i, c in enumerate(classes) if not (y_train == i).any()]
+    if unreadable:  # listed files, none of them an image: the same as an empty class folder
+        raise ToolkitError(f"{spec.root}: class {shown(unreadable[0])} has no readable training images "
+                           f"({sum(1 for _, label in train if label == classes.index(unreadable[0]))} file(s), none an image toolkit can read)")
     data = FolderData(classes, x_train, y_train, x_test, y_test, test_files, bad)
     make_dir(cached.parent, "cache folder")
     meta = json.dumps({"classes": classes, "test_files": test_files, "bad": bad})

@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from toolkit.errors import ToolkitError, shown
+from toolkit.errors import ToolkitError, cut, shown
 from toolkit.files import atomic_write, make_dir
 from toolkit.loop import COMPILE_MODES, RunResult, fit_epochs, pick_device, run_to_end
 from toolkit.recipes import MAX_SEED, Recipe
@@ -44,7 +44,7 @@ def train_epochs(recipe: Recipe | None = None, *, console: Console | None = None
 
 def differences(recipe: Recipe | None, options: dict) -> list[str]:
     """How a run departs from its recipe in ways that change what the seed's numbers mean."""
-    found = [f"--set {o}" for o in options.get("overrides") or []]
+    found = [f"--set {cut(o)}" for o in options.get("overrides") or []]  # a 120 KB value made rich's wrapping quadratic
     epochs = options.get("epochs")
     if recipe is not None and epochs is not None and epochs != recipe.epochs:
         found.append(f"--epochs {epochs} (the recipe has {recipe.epochs})")
