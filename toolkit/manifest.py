@@ -19,7 +19,8 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from toolkit.errors import ToolkitError
+from toolkit.datasets import DATASETS
+from toolkit.errors import ToolkitError, shown
 from toolkit.files import atomic_write, confined, name_problem, read_text_limited, reading, sha256_file
 
 FORMAT = "toolkit-manifest/1"
@@ -201,6 +202,16 @@ class Manifest(_Schema):
     artifacts: list[Artifact]
     triton: Optional[Triton] = None
     parity: Optional[Verified] = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        """A dataset this version knows, or "folder": verify, bench, serve and predict all refuse the
+        same manifests (serving would otherwise guess how to prepare images for it)."""
+        known = (*DATASETS, "folder")
+        if value not in known:
+            raise ValueError(f"unknown dataset {shown(value)}; this version of toolkit knows {', '.join(known)}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":

@@ -446,8 +446,14 @@ class Service:
 
     def __post_init__(self):
         self.models, self.left_out = protocol_models(self.catalog)
-        for name, model in self.models.items():  # loaded and warmed up now: ready means ready
-            run = self.catalog.runner(model.entry)
+        for name, model in list(self.models.items()):  # loaded and warmed up now: ready means ready
+            try:
+                run = self.catalog.runner(model.entry)
+            except ToolkitError as exc:  # e.g. a graph whose outputs are not one score per class: left out, said why
+                del self.models[name]
+                self.catalog.entries.pop(model.entry.key, None)  # nor in the demo
+                self.left_out.append(f"{model.entry.key}: {exc}")
+                continue
             # one batch first, as Triton's model warm-up does: ONNX Runtime's memory arena grows to what
             # concurrent load needs before the first request rather than during it (memory stays flat
             # under load); WARMUP_BATCH, not the max batch, so a large --max-batch costs no memory up front

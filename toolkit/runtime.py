@@ -97,10 +97,11 @@ def torch_runner(model, device: str = "cpu") -> Runner:
     return run
 
 
-def ort_runner(path: Path, runtime: str, threads: int | None = None, unfused: bool = False) -> Runner:
+def ort_runner(path: Path, runtime: str, threads: int | None = None, unfused: bool = False, classes: int | None = None) -> Runner:
     """``unfused``: graph optimizations at the basic level only, so that an int8 QDQ model runs as
     dequantize -> float op -> quantize instead of ONNX Runtime's fused integer kernels (exact to the
-    QDQ model's arithmetic; see ``int8_unfused``)."""
+    QDQ model's arithmetic; see ``int8_unfused``). ``classes``: the graph must declare one output of
+    (batch, classes) scores, else it is refused before it serves anything."""
     import onnxruntime as ort
 
     provider = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider"}[runtime]
@@ -116,6 +117,8 @@ def ort_runner(path: Path, runtime: str, threads: int | None = None, unfused: bo
         session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
     except Exception as exc:  # ORT raises its own Fail / InvalidGraph types
         raise ToolkitError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)})") from None
+    if classes is not None:
+        check_scores_output(path, [list(o.shape) for o in session.get_outputs()], classes)
     name = session.get_inputs()[0].name
     dtype = np.uint8 if session.get_inputs()[0].type == "tensor(uint8)" else np.float32  # `export --input uint8`
 
@@ -128,6 +131,15 @@ def ort_runner(path: Path, runtime: str, threads: int | None = None, unfused: bo
     run.session = session  # for callers that inspect it (its options, inputs)
     run.unfused = unfused
     return run
+
+
+def check_scores_output(path: Path, shapes: list[list], classes: int) -> None:
+    """A classifier's graph declares one output of rank 2 whose last dimension, where the graph
+    fixes it, is its manifest's number of classes; else it is refused before it runs anything.
+    ``shapes``: the declared output shapes (ints where fixed, names or None where not)."""
+    last = shapes[0][-1] if len(shapes) == 1 and len(shapes[0]) == 2 else None
+    if len(shapes) != 1 or len(shapes[0]) != 2 or (isinstance(last, int) and last != classes):
+        raise ToolkitError(f"{path}: its graph's outputs {shapes} are not one score per class for its manifest's {classes} classes")
 
 
 def int8_unfused(weight_bits: int | None, runtime: str = "ort-cpu") -> bool:
@@ -211,12 +223,13 @@ def trt_runner(engine_path: Path) -> Runner:
     return run
 
 
-def make_runner(export_dir: Path, artifact: Artifact, runtime: str, threads: int | None = None) -> Runner:
-    """``threads``: ONNX Runtime's intra-op threads (default: one per core)."""
+def make_runner(export_dir: Path, artifact: Artifact, runtime: str, threads: int | None = None, classes: int | None = None) -> Runner:
+    """``threads``: ONNX Runtime's intra-op threads (default: one per core); ``classes``: the
+    manifest's number of classes, which an ONNX graph's declared output must match."""
     path = Manifest.path(export_dir, artifact)
     if runtime.startswith("ort-"):
         unfused = artifact.precision == "int8" and int8_unfused(artifact.get("weight_bits", 7), runtime)
-        return ort_runner(path, runtime, threads, unfused=unfused)
+        return ort_runner(path, runtime, threads, unfused=unfused, classes=classes)
     if runtime == "tensorrt":
         return trt_runner(path)
     raise ToolkitError(f"unknown runtime {runtime!r}")

@@ -156,6 +156,8 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
     service = Service(catalog, max_body=size_bytes(max_upload), max_delay_ms=batch_delay_ms)
     for line in service.left_out:
         say(line)
+    if not catalog.entries:
+        raise ToolkitError(f"nothing to serve: {'; '.join(service.left_out)}")
     local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
     share_url = None
     if api_only:

@@ -99,7 +99,7 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
             skipped.append({"artifact": art.file, "reason": why})
             continue
         for runtime in found:
-            run = make_runner(export_dir, art, runtime)
+            run = make_runner(export_dir, art, runtime, classes=len(manifest.classes))
             unfused = getattr(run, "unfused", False)
             console.print(f"verify: {art.file} on {runtime}" + (" (unfused: 8-bit weights would saturate this x86 CPU's int8 kernels, "
                                                                  "which have no VNNI; exact, without int8's speed)" if unfused else ""))
