@@ -1,5 +1,5 @@
 """Digits that are not MNIST: accuracy of an export per variety of generated image, through the
-demo's own path (toolkit.catalog: decode, MNIST-style preparation, normalize, model).
+demo's own path (toolkit.inference.catalog: decode, MNIST-style preparation, normalize, model).
 
 Each variety renders the digits 0-9 in every font installed on the machine (Debian's font
 packages: fonts-dejavu-core, fonts-liberation2, fonts-freefont-ttf, fonts-urw-base35, ...),
@@ -108,8 +108,8 @@ def main() -> None:
     parser.add_argument("--json", dest="json_out", type=Path)
     args = parser.parse_args()
 
-    from toolkit.catalog import Catalog
-    from toolkit.errors import ToolkitError
+    from toolkit.inference.catalog import Catalog
+    from toolkit.core.errors import ToolkitError
 
     catalog = Catalog.from_dirs([args.export_dir])
     key = catalog.keys("mnist")[0]

@@ -1,5 +1,5 @@
 """The training step on a GPU, taken apart: milliseconds per step of the step engine
-(toolkit.engine) captured in CUDA graphs and uncaptured, with bf16 autocast and channels-last
+(toolkit.train.engine) captured in CUDA graphs and uncaptured, with bf16 autocast and channels-last
 on and off, for fine4 (MNIST, batch 64) and ResNet20 (CIFAR-shaped, batch 128).
 
 Each variant builds the recipe's model, fused SGD and the fast loader on the device, trains
@@ -24,12 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from toolkit.data import split_arrays  # noqa: E402
-from toolkit.datasets import facts  # noqa: E402
-from toolkit.engine import StepEngine, lr_per_step  # noqa: E402
-from toolkit.fastdata import TensorLoader  # noqa: E402
-from toolkit.loop import build_optimizer  # noqa: E402
-from toolkit.recipes import load_recipe  # noqa: E402
+from toolkit.data.loaders import split_arrays  # noqa: E402
+from toolkit.core.datasets import facts  # noqa: E402
+from toolkit.train.engine import StepEngine, lr_per_step  # noqa: E402
+from toolkit.data.fast import TensorLoader  # noqa: E402
+from toolkit.train.loop import build_optimizer  # noqa: E402
+from toolkit.models.recipes import load_recipe  # noqa: E402
 
 
 def _sync(dev: torch.device) -> None:

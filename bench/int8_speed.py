@@ -24,7 +24,7 @@ def export_random_model(name: str, path: Path) -> list[int]:
     ``toolkit export``'s own ONNX step; returns the input shape without the batch dimension."""
     import torch
 
-    from toolkit.models import MODELS, create_model
+    from toolkit.models.registry import MODELS, create_model
 
     torch.manual_seed(0)
     shape = [1, 28, 28] if MODELS[name].channels == 1 else [3, 32, 32]
@@ -36,7 +36,7 @@ def export_module(model, name: str, shape: list[int], path: Path) -> None:
     """Any ``nn.Module`` taking ``shape`` (without the batch dimension) as fp32 ONNX at ``path``,
     through ``toolkit export``'s own ONNX step."""
     from toolkit.export.to_onnx import export_onnx
-    from toolkit.manifest import InputSpec, Normalization
+    from toolkit.core.manifest import InputSpec, Normalization
 
     channels = shape[0]
     export_onnx(model.eval(), path, InputSpec(name="input", shape=["batch", *shape], dtype="float32", layout="NCHW"), "logits",
@@ -53,11 +53,11 @@ def main() -> None:
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args()
 
-    from toolkit.bench import time_calls
-    from toolkit.environment import cpu_info
-    from toolkit.environment import cpu_line as machine
-    from toolkit.quantize import quantize_int8
-    from toolkit.runtime import ort_runner
+    from toolkit.check.bench import time_calls
+    from toolkit.core.environment import cpu_info
+    from toolkit.core.environment import cpu_line as machine
+    from toolkit.export.quantize import quantize_int8
+    from toolkit.inference.runtime import ort_runner
 
     rng = np.random.default_rng(0)
     results = {}

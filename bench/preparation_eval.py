@@ -4,7 +4,7 @@ A model's test images are rendered the ways people upload them (dark on white, l
 large and small, upscaled from a low-resolution scan, blurred, drawn with thin and thick pens,
 off-centre, on grey, uneven or textured paper, JPEG, rotated, photographed in perspective, drawn
 on the demo's sketchpad), written as files, and classified twice by the same exported model:
-once through the deployed path (``toolkit.preprocess.model_pixels``, what the demo, its API and
+once through the deployed path (``toolkit.inference.preprocess.model_pixels``, what the demo, its API and
 ``toolkit predict`` run) and once through a plain baseline preparation. The baseline is the
 reference the deployed path must never fall below: a "robust" step earns its place only where
 it wins on some kind and loses on none.
@@ -333,7 +333,7 @@ def render_scan(low: np.ndarray, side: int = 160) -> bytes:
 # ----------------------------------------------------------------------------- baselines
 
 def _light_on_dark(im) -> np.ndarray:
-    from toolkit.preprocess import on_white
+    from toolkit.inference.preprocess import on_white
 
     gray = np.asarray(on_white(im).convert("L"), np.float32)
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
@@ -343,7 +343,7 @@ def _light_on_dark(im) -> np.ndarray:
 def plain_digit(im) -> np.ndarray:
     """The reference: grey, inverted on a light page, cropped to the ink, fitted in 20x20 and
     centred by mass in 28x28 (LeCun's last step, the deployed path's own), nothing else."""
-    from toolkit.preprocess import fit_and_centre
+    from toolkit.inference.preprocess import fit_and_centre
 
     gray = _light_on_dark(im)
     if gray.shape == (28, 28):
@@ -362,7 +362,7 @@ def plain_garment(im) -> np.ndarray:
 
 def plain_picture(im, size: int = 28, channels: int = 1) -> np.ndarray:
     """The reference: the picture converted and resized with Pillow's default (bicubic) filter."""
-    from toolkit.preprocess import on_white
+    from toolkit.inference.preprocess import on_white
 
     im = on_white(im)
     im = im.convert("L") if channels == 1 else im
@@ -400,7 +400,7 @@ class Row:
 
 
 def _classify(run, manifest, pixels: list[np.ndarray]) -> np.ndarray:
-    from toolkit.preprocess import to_input
+    from toolkit.inference.preprocess import to_input
 
     x = np.concatenate([to_input(p, manifest) for p in pixels])
     return np.concatenate([run(x[i:i + 256]) for i in range(0, len(x), 256)]).argmax(1)
@@ -408,8 +408,8 @@ def _classify(run, manifest, pixels: list[np.ndarray]) -> np.ndarray:
 
 def evaluate(run, manifest, files: list[bytes], labels: np.ndarray, deployed, baseline, kind: str) -> Row:
     """One kind: each file through ``deployed`` and ``baseline`` (image -> uint8 pixels), then the model."""
-    from toolkit.errors import ToolkitError
-    from toolkit.preprocess import open_image
+    from toolkit.core.errors import ToolkitError
+    from toolkit.inference.preprocess import open_image
 
     ok, dep, base = [], [], []
     for f in files:
@@ -448,7 +448,7 @@ def run_kinds(run, manifest, images: np.ndarray, labels: np.ndarray, kinds: list
 
 def digit_rows(run, manifest, root: Path, per_kind: int, seed: int = 0, deployed=None, keep: dict | None = None) -> list[Row]:
     """The digit kinds on MNIST's test split, then scikit-learn's real handwriting as a scan."""
-    from toolkit.preprocess import model_pixels, read_test_split
+    from toolkit.inference.preprocess import model_pixels, read_test_split
 
     deployed = deployed or (lambda f: model_pixels(f, manifest))
     images, labels, _ = read_test_split("mnist", root)
@@ -463,7 +463,7 @@ def digit_rows(run, manifest, root: Path, per_kind: int, seed: int = 0, deployed
 
 
 def garment_rows(run, manifest, root: Path, per_kind: int, seed: int = 0, deployed=None, keep: dict | None = None) -> list[Row]:
-    from toolkit.preprocess import model_pixels, read_test_split
+    from toolkit.inference.preprocess import model_pixels, read_test_split
 
     images, labels, _ = read_test_split("fashion_mnist", root)
     return run_kinds(run, manifest, images[:, 0], labels, garment_kinds(), deployed or (lambda f: model_pixels(f, manifest)),
@@ -473,7 +473,7 @@ def garment_rows(run, manifest, root: Path, per_kind: int, seed: int = 0, deploy
 def picture_rows(run, manifest, root: Path, per_kind: int, seed: int = 0, keep: dict | None = None) -> list[Row]:
     """A Fashion-MNIST model's own test images through ``resized_image`` (the preparation of a model
     trained on an image folder of them) against Pillow's plain resize."""
-    from toolkit.preprocess import open_image, read_test_split, resized_image
+    from toolkit.inference.preprocess import open_image, read_test_split, resized_image
 
     images, labels, _ = read_test_split("fashion_mnist", root)
     return run_kinds(run, manifest, images[:, 0], labels, picture_kinds(), lambda f: resized_image(open_image(f), 28, 1),
@@ -498,7 +498,7 @@ def grid_png(path: Path, keep: dict[str, list[bytes]], prepare, rows: list[Row],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from toolkit.preprocess import on_white, open_image
+    from toolkit.inference.preprocess import on_white, open_image
 
     by_kind = {r.kind: r for r in rows}
     n = len(keep)
@@ -536,8 +536,8 @@ def main() -> None:
 
     import os
 
-    from toolkit.catalog import Catalog
-    from toolkit.preprocess import model_pixels
+    from toolkit.inference.catalog import Catalog
+    from toolkit.inference.preprocess import model_pixels
 
     root = args.data_dir or Path(os.environ.get("TOOLKIT_DATA_DIR", "../shared/data"))
     catalog = Catalog.from_dirs([args.export_dir])

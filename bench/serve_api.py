@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from toolkit.files import resolve_data_dir
-from toolkit.catalog import Catalog
-from toolkit.serve import mnist_test_digits, serve
+from toolkit.core.files import resolve_data_dir
+from toolkit.inference.catalog import Catalog
+from toolkit.serve.server import mnist_test_digits, serve
 
 
 def main() -> None:

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.catalog import Catalog
-from toolkit.environment import cpu_line
-from toolkit.files import resolve_data_dir
-from toolkit.manifest import triton_model_name
-from toolkit.preprocess import model_input, png_bytes, read_test_split
+from toolkit.inference.catalog import Catalog
+from toolkit.core.environment import cpu_line
+from toolkit.core.files import resolve_data_dir
+from toolkit.core.manifest import triton_model_name
+from toolkit.inference.preprocess import model_input, png_bytes, read_test_split
 
 
 def free_port() -> int:

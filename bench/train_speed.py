@@ -53,10 +53,10 @@ def seed_pipeline(recipe_ref: str, epochs: int, data_dir: str, device: str, work
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from toolkit import data as data_mod
-    from toolkit.datasets import facts
-    from toolkit.recipes import load_recipe
-    from toolkit.loop import build_scheduler
+    from toolkit.data import loaders as data_mod
+    from toolkit.core.datasets import facts
+    from toolkit.models.recipes import load_recipe
+    from toolkit.train.loop import build_scheduler
 
     recipe = load_recipe(recipe_ref)
     torch.manual_seed(recipe.seed)
@@ -124,7 +124,7 @@ def toolkit_accuracy(runs: Path) -> tuple[float, float, list[float]]:
 
 
 def machine_name(device: str) -> str:
-    from toolkit.environment import cpu_line as machine
+    from toolkit.core.environment import cpu_line as machine
 
     if device.startswith("cuda"):
         import torch
@@ -162,8 +162,8 @@ def main() -> None:
         toolkit_main()
         return
 
-    from toolkit.datasets import facts
-    from toolkit.recipes import load_recipe
+    from toolkit.core.datasets import facts
+    from toolkit.models.recipes import load_recipe
 
     recipe = load_recipe(args.recipe)
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,7 +4,7 @@ exported artifact, see the top classes, the runtime and the latency.
 
 Started by `toolkit serve [EXPORT_DIR ...]`; installed as ``toolkit.demo.app``, so it also runs
 from a checkout with `python demo/app.py [EXPORT_DIR ...]`. The logic (decoding, MNIST-style
-preprocessing, runners) is in ``toolkit.preprocess`` and ``toolkit.catalog``; this file is only the layout.
+preprocessing, runners) is in ``toolkit.inference.preprocess`` and ``toolkit.inference.catalog``; this file is only the layout.
 
 API: the endpoint ``/predict`` takes an image file and, optionally, an artifact name
 ("<export>/<file>", default: the newest fp32 model) and returns the label output:
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from toolkit.errors import ToolkitError
-from toolkit.catalog import CIFAR_FAMILY, MNIST_FAMILY, Catalog
+from toolkit.core.errors import ToolkitError
+from toolkit.inference.catalog import CIFAR_FAMILY, MNIST_FAMILY, Catalog
 
 INTRO = """# toolkit demo
 Models exported by `toolkit export`, run by ONNX Runtime (or TensorRT where it runs), with the
@@ -125,6 +125,6 @@ def _tab(catalog: Catalog, family_name: str, classify, classify_sketch, examples
 
 
 if __name__ == "__main__":  # python demo/app.py [EXPORT_DIR ...]
-    from toolkit.serve import serve
+    from toolkit.serve.server import serve
 
     serve([Path(p) for p in sys.argv[1:]] or [Path("exports")])

@@ -54,8 +54,8 @@ def fine4_run(mnist_root, tmp_path_factory):
 
     from rich.console import Console
 
-    from toolkit.recipes import load_recipe
-    from toolkit.train import train
+    from toolkit.models.recipes import load_recipe
+    from toolkit.train.run import train
 
     out = tmp_path_factory.mktemp("runs")
     return train(load_recipe(RECIPES / "fine4.toml"), device="cpu", data_dir=mnist_root, out=out, epochs=2,
@@ -106,9 +106,9 @@ def serving_export(mnist_root, tmp_path_factory):
     """A fine4 export good enough to serve: 3 epochs on all 60,000 training images with the LR
     dropped after epoch 2 (fine4's own recipe, shortened), fp32 and int8 ONNX."""
     from toolkit.export import export
-    from toolkit.recipes import load_recipe
-    from toolkit.train import train
-    from toolkit.verify import verify
+    from toolkit.models.recipes import load_recipe
+    from toolkit.train.run import train
+    from toolkit.check.verify import verify
 
     text = (RECIPES / "fine4.toml").read_text()
     short = text.replace("epochs = 20", "epochs = 3").replace("step_size = 10", "step_size = 2")
@@ -129,8 +129,8 @@ def fashion_export(mnist_root, tmp_path_factory):
     """fashion_gap trained 1 epoch on the first 20,000 real Fashion-MNIST training images (about
     80% test accuracy), exported fp32: a model to compare garment preparations with."""
     from toolkit.export import export
-    from toolkit.recipes import load_recipe
-    from toolkit.train import train
+    from toolkit.models.recipes import load_recipe
+    from toolkit.train.run import train
 
     run = train(load_recipe(RECIPES / "fashion_gap.toml"), device="cpu", data_dir=mnist_root, out=tmp_path_factory.mktemp("fashion-runs"),
                 epochs=1, train_limit=20_000, download=False, console=quiet())
@@ -140,7 +140,7 @@ def fashion_export(mnist_root, tmp_path_factory):
 
 def mnist_test_set(root: Path) -> tuple[np.ndarray, np.ndarray]:
     """The real MNIST test images (10000x28x28 uint8) and labels, read from the raw IDX files."""
-    from toolkit.preprocess import read_test_split
+    from toolkit.inference.preprocess import read_test_split
 
     split = read_test_split("mnist", root)
     assert split is not None, f"no MNIST test files under {root}"
@@ -170,8 +170,8 @@ def v2_correct_on_digits(port: int, mnist_root: Path, export_dir: Path, seed: in
     and returns how many are right."""
     import tritonclient.http as http
 
-    from toolkit.catalog import Catalog
-    from toolkit.preprocess import model_input, png_bytes
+    from toolkit.inference.catalog import Catalog
+    from toolkit.inference.preprocess import model_input, png_bytes
 
     client = http.InferenceServerClient(f"127.0.0.1:{port}")
     name = next(m["name"] for m in client.get_model_repository_index() if m["name"].endswith("_fp32"))
@@ -226,7 +226,7 @@ def free_port() -> int:
 
 def manifest_for(dataset: str = "mnist", chw=(1, 28, 28), dtype: str = "float32", layout: str = "NCHW", mean=None, std=None, classes=None):
     """A valid typed manifest with no artifacts, for tests of what reads a manifest."""
-    from toolkit.manifest import FORMAT, InputSpec, Manifest, Normalization, OutputSpec, Source
+    from toolkit.core.manifest import FORMAT, InputSpec, Manifest, Normalization, OutputSpec, Source
 
     c, h, w = chw
     classes = classes or [str(i) for i in range(10)]

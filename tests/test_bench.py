@@ -5,8 +5,8 @@ import json
 
 from rich.console import Console
 
-from toolkit.bench import bench, time_calls
-from toolkit.verify import verify
+from toolkit.check.bench import bench, time_calls
+from toolkit.check.verify import verify
 
 
 def test_time_calls_counts_and_bounds():
@@ -39,14 +39,14 @@ def test_bench_threads_are_recorded_and_torch_threads_restored(fine4_export):
 
 
 def test_threads_reach_pytorch_and_every_onnx_runtime_session(fine4_export, monkeypatch):
-    """--threads N (toolkit.environment.apply_threads): PyTorch's pool and sessions made afterwards use N;
+    """--threads N (toolkit.core.environment.apply_threads): PyTorch's pool and sessions made afterwards use N;
     without it, $TOOLKIT_THREADS, else the cores this process may run on."""
     import os
 
     import torch
 
-    from toolkit.environment import THREADS_ENV, apply_threads, default_threads
-    from toolkit.runtime import ort_runner
+    from toolkit.core.environment import THREADS_ENV, apply_threads, default_threads
+    from toolkit.inference.runtime import ort_runner
 
     before = torch.get_num_threads()
     monkeypatch.delenv(THREADS_ENV, raising=False)

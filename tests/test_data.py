@@ -9,11 +9,11 @@ import torch
 
 from bench.cifar_files import CIFAR10_CLASSES
 from tests.conftest import RECIPES
-from toolkit import data as data_mod
-from toolkit.datasets import facts
-from toolkit.errors import ToolkitError
-from toolkit.files import resolve_data_dir
-from toolkit.recipes import load_recipe
+from toolkit.data import loaders as data_mod
+from toolkit.core.datasets import facts
+from toolkit.core.errors import ToolkitError
+from toolkit.core.files import resolve_data_dir
+from toolkit.models.recipes import load_recipe
 
 
 def test_data_dir_precedence(monkeypatch, tmp_path):
@@ -100,7 +100,7 @@ def test_albumentations_ft_pipeline(cifar_root):
 
 
 def test_coarse_dropout_hole_is_16x16(cifar_root):
-    from toolkit.recipes import Augment, CoarseDropout
+    from toolkit.models.recipes import Augment, CoarseDropout
 
     spec = facts("cifar10")
     aug = Augment(library="albumentations", coarse_dropout=CoarseDropout(holes=1, size=16, p=1.0))

@@ -28,7 +28,7 @@ if not Path(CHROMIUM).exists():
 
 @pytest.fixture(scope="module")
 def demo_url(serving_export, mnist_root):
-    from toolkit.serve import serve
+    from toolkit.serve.server import serve
 
     running, url = serve([serving_export], port=free_port(), data_dir=mnist_root, block=False, console=None)
     yield url
@@ -73,7 +73,7 @@ def test_browser_drawing_on_the_sketchpad_is_recognized(demo_url, mnist_root):
     Then the examples, which the Draw tab shows too: a click classifies one."""
     from playwright.sync_api import expect, sync_playwright
 
-    from toolkit.serve import mnist_test_digits
+    from toolkit.serve.server import mnist_test_digits
 
     first_example = mnist_test_digits(mnist_root, 8)[0][1]  # the demo's first example (serve's default: 8 digits)
 

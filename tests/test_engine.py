@@ -1,4 +1,4 @@
-"""The step engine (toolkit.engine) on the CPU: the one-unit step run uncaptured gives the eager
+"""The step engine (toolkit.train.engine) on the CPU: the one-unit step run uncaptured gives the eager
 loop's weights, momentum buffers and metrics exactly, resumes exactly, dispatches fewer operators
 per step than the loop it replaces, and says in one line which engine ran and why."""
 
@@ -14,11 +14,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.conftest import RECIPES, quiet
 from tests.test_train import _assert_same_run
-from toolkit.engine import StepEngine, choose, lr_per_step
-from toolkit.errors import ToolkitError
-from toolkit.fastdata import TensorLoader, apply_batch, sample_params
-from toolkit.recipes import load_recipe
-from toolkit.train import train
+from toolkit.train.engine import StepEngine, choose, lr_per_step
+from toolkit.core.errors import ToolkitError
+from toolkit.data.fast import TensorLoader, apply_batch, sample_params
+from toolkit.models.recipes import load_recipe
+from toolkit.train.run import train
 
 
 # fine4: MNIST, rotation (nearest), dropout, StepLR per epoch. resnet20: CIFAR crop + flip, the
@@ -91,7 +91,7 @@ def test_choose_falls_back_for_several_processes_and_compile():
 
 
 def test_the_per_step_learning_rates_are_the_schedulers_and_leave_it_where_the_loop_would():
-    from toolkit.loop import build_optimizer, build_scheduler
+    from toolkit.train.loop import build_optimizer, build_scheduler
 
     recipe = load_recipe(RECIPES / "resnet20_baseline.toml", ["scheduler.boundaries=[3, 5]"])
     model = torch.nn.Linear(2, 2)
@@ -171,7 +171,7 @@ def test_seeds_give_each_seeds_own_run_and_a_summary(mnist_root, tmp_path):
     """--seeds on the CPU: one run per seed, each exactly the run --seed N gives, and the summary."""
     import json
 
-    from toolkit.train import parse_seeds, train_seeds
+    from toolkit.train.run import parse_seeds, train_seeds
 
     recipe = load_recipe(RECIPES / "fine4.toml")
     kw = dict(device="cpu", data_dir=mnist_root, epochs=1, train_limit=512, test_limit=256, download=False)

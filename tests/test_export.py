@@ -18,13 +18,13 @@ import torch
 from rich.console import Console
 
 from tests.conftest import one_line_error, quiet, run_cli
-from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
-from toolkit.errors import ToolkitError
+from toolkit.models.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
+from toolkit.core.errors import ToolkitError
 from toolkit.export import export
 from toolkit.export.to_onnx import read_metadata
-from toolkit.files import sha256_file
-from toolkit.manifest import Manifest
-from toolkit.runtime import ort_runner, trt_missing_reason
+from toolkit.core.files import sha256_file
+from toolkit.core.manifest import Manifest
+from toolkit.inference.runtime import ort_runner, trt_missing_reason
 
 
 
@@ -86,11 +86,11 @@ def test_manifest_integrity(fine4_export, fine4_run):
 
 def test_the_model_cards_python_snippet_runs_and_gives_the_models_answer(fine4_export, mnist_root):
     """The card's plain ONNX Runtime example, executed as written on real test digits, gives exactly
-    the logits of the deployed path (toolkit.preprocess + the same file)."""
+    the logits of the deployed path (toolkit.inference.preprocess + the same file)."""
     import re as re_mod
 
     from tests.conftest import mnist_test_set
-    from toolkit.preprocess import model_input
+    from toolkit.inference.preprocess import model_input
 
     card = (fine4_export / "MODEL_CARD.md").read_text()
     (snippet,) = re_mod.findall(r"```python\n(.*?)```", card, re_mod.S)
@@ -214,8 +214,8 @@ def test_a_graph_that_does_not_give_one_score_per_class_is_refused(fine4_export,
     """verify, bench and predict refuse it in one line; serving leaves it out and says why."""
     from PIL import Image
 
-    from toolkit.catalog import Catalog
-    from toolkit.oip import Service
+    from toolkit.inference.catalog import Catalog
+    from toolkit.serve.oip import Service
 
     copy = tmp_path / "exports" / fine4_export.name
     shutil.copytree(fine4_export, copy)
@@ -260,7 +260,7 @@ def test_export_into_read_only_directory(fine4_run, tmp_path, monkeypatch):
 def test_failed_export_leaves_directory_as_it_was(fine4_run, fine4_export, mnist_root, tmp_path, monkeypatch):
     import shutil
 
-    import toolkit.quantize as quantize
+    import toolkit.export.quantize as quantize
 
     out = tmp_path / "exports"
     shutil.copytree(fine4_export, out / fine4_export.name)
@@ -278,7 +278,7 @@ def test_failed_export_leaves_directory_as_it_was(fine4_run, fine4_export, mnist
 
 @pytest.mark.skipif(trt_missing_reason() is not None, reason=f"TensorRT path not testable here: {trt_missing_reason()}")
 def test_trt_engines_build_and_match(fine4_run, mnist_root, tmp_path):
-    from toolkit.verify import verify
+    from toolkit.check.verify import verify
 
     out = tmp_path / "exports"
     for precision in ("fp32", "fp16", "int8"):
@@ -293,7 +293,7 @@ def test_trt_engines_build_and_match(fine4_run, mnist_root, tmp_path):
 
 @pytest.mark.skipif(trt_missing_reason() is not None, reason=f"TensorRT path not testable here: {trt_missing_reason()}")
 def test_engine_for_another_tensorrt_version_is_refused(fine4_run, tmp_path):
-    from toolkit.runtime import trt_runner
+    from toolkit.inference.runtime import trt_runner
 
     entry = export(fine4_run.run_dir, fmt="trt", precision="fp32", out=tmp_path, console=quiet())
     engine = Path(entry["export_dir"]) / entry["file"]
@@ -311,7 +311,7 @@ def test_int8_auto_fallback_keeps_sensitive_layers_in_float(fine4_run, mnist_roo
     hold no stroke, so every digit's activations are clipped and full int8 loses accuracy whatever
     the model and the CPU's int8 kernels, and the fallback has work to do. (2 real images were
     used before: 94.2% -> 93.7% on one model and CPU, 95.2% -> 95.3% on another: no premise.)"""
-    from toolkit import quantize
+    from toolkit.export import quantize
     from toolkit.export.to_onnx import export_onnx, onnx_metadata
 
     fp32 = tmp_path / "model.fp32.onnx"
@@ -343,7 +343,7 @@ def test_int8_auto_fallback_keeps_sensitive_layers_in_float(fine4_run, mnist_roo
 
 def test_uint8_activation_option(fine4_run, mnist_root, tmp_path):
     """--int8-activations uint8: asymmetric uint8 activations (ONNX Runtime's fast x86 format), still within the int8 gate."""
-    from toolkit.verify import verify
+    from toolkit.check.verify import verify
 
     entry = export(fine4_run.run_dir, precision="int8", int8_activations="uint8", out=tmp_path, data_dir=mnist_root, download=False, console=quiet())
     assert entry["activations"] == "uint8"
@@ -365,7 +365,7 @@ def test_uint8_keeps_resnet_blocks_in_int8_and_symmetric_int8_keeps_relus(tmp_pa
     is folded away and every residual Add reads dequantized int8 tensors, the layout that makes
     ONNX Runtime's CPU kernels fast (bench/int8_speed.py). int8 (TensorRT's format): ReLUs stay."""
     from bench.int8_speed import export_random_model
-    from toolkit.quantize import quantize_int8
+    from toolkit.export.quantize import quantize_int8
 
     fp32 = tmp_path / "fp32.onnx"
     assert export_random_model("resnet20", fp32) == [3, 32, 32]
@@ -388,7 +388,7 @@ def test_uint8_keeps_resnet_blocks_in_int8_and_symmetric_int8_keeps_relus(tmp_pa
     assert len(ops(graphs["int8"], "Relu")) == 19
     assert add_inputs_from(graphs["int8"]) != {"DequantizeLinear"}  # float Adds between int8 convolutions
     # auto-fallback's candidates are what each activation type quantizes: uint8 can keep an Add in float
-    from toolkit.quantize import quantizable_nodes
+    from toolkit.export.quantize import quantizable_nodes
 
     candidates = {act: {n.op_type for n in onnx.load(str(fp32)).graph.node if n.name in quantizable_nodes(fp32, act)} for act in ("int8", "uint8")}
     assert candidates == {"int8": {"Conv", "Gemm"}, "uint8": {"Conv", "Gemm", "Add", "Relu", "Slice", "Pad"}}
@@ -399,9 +399,9 @@ def test_uint8_keeps_resnet_blocks_in_int8_and_symmetric_int8_keeps_relus(tmp_pa
     assert len(pads) == 2 and all(producer[p.input[0]].op_type == "QuantizeLinear" for p in pads)  # Slice -> Q -> Pad
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graphs["uint8"].initializer}
     assert all(inits[p.input[2]].dtype == np.uint8 for p in pads)
-    import toolkit.quantize
+    import toolkit.export.quantize
 
-    monkeypatch.setattr(toolkit.quantize, "integer_pads", lambda proto: 0)
+    monkeypatch.setattr(toolkit.export.quantize, "integer_pads", lambda proto: 0)
     quantize_int8(fp32, tmp_path / "float_pads.onnx", calib, activations="uint8")
     assert len([n for n in onnx.load(str(tmp_path / "float_pads.onnx")).graph.node if n.op_type == "DequantizeLinear"]) > len(ops(graphs["uint8"], "DequantizeLinear"))
     np.testing.assert_array_equal(ort_runner(tmp_path / "uint8.onnx", "ort-cpu")(calib), ort_runner(tmp_path / "float_pads.onnx", "ort-cpu")(calib))
@@ -531,8 +531,8 @@ def test_uint8_input_export_runs_on_raw_pixels_in_plain_onnx_runtime(fine4_run, 
     import onnxruntime as ort
 
     from tests.conftest import mnist_test_set
-    from toolkit.preprocess import normalize
-    from toolkit.verify import verify
+    from toolkit.inference.preprocess import normalize
+    from toolkit.check.verify import verify
 
     entry = export(fine4_run.run_dir, out=tmp_path, input_dtype="uint8", console=quiet())
     export_dir = Path(entry["export_dir"])
@@ -564,7 +564,7 @@ def test_nhwc_uint8_export_takes_decoded_images_as_they_are(fine4_run, fine4_exp
     import onnxruntime as ort
 
     from tests.conftest import mnist_test_set
-    from toolkit.preprocess import normalize
+    from toolkit.inference.preprocess import normalize
 
     entry = export(fine4_run.run_dir, out=tmp_path, input_dtype="uint8", layout="nhwc", console=quiet())
     export_dir = Path(entry["export_dir"])
@@ -633,7 +633,7 @@ def test_an_export_killed_at_each_step_of_its_swap_loses_nothing(fine4_run, fine
     only copy: the next export must move it back, never delete it. After the kill and one more
     export, every earlier file (the int8 model, a verify report) is there and no leftovers remain."""
     from toolkit.export import export
-    from toolkit.manifest import Manifest
+    from toolkit.core.manifest import Manifest
 
     out = tmp_path / "exports"
     export_dir = out / fine4_export.name

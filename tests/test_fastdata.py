@@ -6,10 +6,10 @@ import torch
 from torchvision import transforms
 
 from tests.conftest import RECIPES
-from toolkit import data as data_mod
-from toolkit.datasets import facts
-from toolkit.fastdata import TensorLoader, apply_batch, sample_params
-from toolkit.recipes import Augment, CoarseDropout, ShiftScaleRotate, load_recipe
+from toolkit.data import loaders as data_mod
+from toolkit.core.datasets import facts
+from toolkit.data.fast import TensorLoader, apply_batch, sample_params
+from toolkit.models.recipes import Augment, CoarseDropout, ShiftScaleRotate, load_recipe
 
 N = 4000
 
@@ -138,8 +138,8 @@ def test_a_flip_alone_is_a_reversal_with_the_resampling_s_pixels(library):
     """Flip-only augmentation skips grid_sample; the pixels are those grid_sample gives."""
     import torch.nn.functional as F
 
-    from toolkit.fastdata import affine_theta, apply_batch, sample_params
-    from toolkit.recipes import Augment
+    from toolkit.data.fast import affine_theta, apply_batch, sample_params
+    from toolkit.models.recipes import Augment
 
     aug = Augment(library=library, hflip=0.5, random_crop_padding=4)
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""Image-folder datasets (toolkit.folder): the user's own images, one sub-folder per class.
+"""Image-folder datasets (toolkit.inference.folder): the user's own images, one sub-folder per class.
 
 The folders are written from real Fashion-MNIST images as PNG files, so the folder path can be
 held against the built-in loader on the very same pictures.
@@ -18,10 +18,10 @@ from PIL import Image
 from rich.console import Console
 
 from tests.conftest import RECIPES, quiet
-from toolkit import data as data_mod
-from toolkit import folder
-from toolkit.errors import ToolkitError
-from toolkit.recipes import load_recipe
+from toolkit.data import loaders as data_mod
+from toolkit.inference import folder
+from toolkit.core.errors import ToolkitError
+from toolkit.models.recipes import load_recipe
 
 N_TRAIN, N_TEST = 5000, 1000
 CLASSES = ["T-shirt-top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -140,12 +140,12 @@ def test_folder_recipes_are_checked_in_one_line(tmp_path, fashion_folder):
 def test_training_on_a_folder_matches_the_built_in_loader_and_deploys(fashion_folder, mnist_root, tmp_path, monkeypatch):
     """The same 3,000 / 1,000 pictures through the folder path and through torchvision's
     FashionMNIST; then export, verify and predict on the folder run."""
-    from toolkit.checkpoint import load_checkpoint
+    from toolkit.models.checkpoint import load_checkpoint
     from toolkit.export import export
-    from toolkit.manifest import Manifest
-    from toolkit.predict import predict
-    from toolkit.train import train
-    from toolkit.verify import verify
+    from toolkit.core.manifest import Manifest
+    from toolkit.serve.predict import predict
+    from toolkit.train.run import train
+    from toolkit.check.verify import verify
 
     # fashion_gap as it is, 6 epochs, once on the folder and once on the built-in loader
     # (without the folder's default validation split, so that both train on the same 5,000 images)
@@ -177,7 +177,7 @@ def test_training_on_a_folder_matches_the_built_in_loader_and_deploys(fashion_fo
     assert report["images"] == N_TEST and fp32["passed"]
     assert fp32["pipeline_agreement"] == 100.0  # the folder's own PNG files, read as `toolkit predict` reads them
     # bench runs on it like on any export (what it times is not checked: no test compares a speed)
-    from toolkit.bench import bench
+    from toolkit.check.bench import bench
 
     timed = bench(export_dir, batches=(1,), warmup=1, min_iters=2, min_seconds=0.0, max_iters=2, console=quiet())
     assert {(r["artifact"], r["batch"]) for r in timed["results"]} >= {("model.fp32.onnx", 1)}
@@ -187,7 +187,7 @@ def test_training_on_a_folder_matches_the_built_in_loader_and_deploys(fashion_fo
     rows = predict(export_dir, [str(f) for f in files], console=quiet())
     import torch
 
-    from toolkit.checkpoint import model_from_checkpoint
+    from toolkit.models.checkpoint import model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(run.checkpoint)).eval()
     pixels = np.stack([folder.decode(f, 28, 1) for f in files]).astype(np.float32) / 255
@@ -197,14 +197,14 @@ def test_training_on_a_folder_matches_the_built_in_loader_and_deploys(fashion_fo
 
 
 def test_the_readme_folder_recipe_trains_on_rgb_pictures(tmp_path, cache):
-    """The README's pets.toml as written (only root and epochs changed), on an RGB folder without
+    """The pets.toml of docs/training.md as written (only root and epochs changed), on an RGB folder without
     train/ and test/: JPEG and PNG pictures of two colours, a CIFAR net of the zoo."""
     import re
 
-    from toolkit.checkpoint import load_checkpoint
-    from toolkit.train import train
+    from toolkit.models.checkpoint import load_checkpoint
+    from toolkit.train.run import train
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
     text = re.search(r"```toml\n(# pets\.toml\n.*?)```", readme, re.S).group(1)
     (tmp_path / "pets.toml").write_text(text)
     rng = np.random.default_rng(0)

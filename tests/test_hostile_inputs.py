@@ -25,9 +25,9 @@ import pytest
 import torch
 
 from tests.conftest import mnist_test_set, one_line_error, run_cli, write_recipe_variant
-from toolkit.checkpoint import load_checkpoint
-from toolkit.errors import Interrupted, ToolkitError
-from toolkit.files import atomic_write, confined, locked, sha256_file
+from toolkit.models.checkpoint import load_checkpoint
+from toolkit.core.errors import Interrupted, ToolkitError
+from toolkit.core.files import atomic_write, confined, locked, sha256_file
 
 
 def tree(root: Path) -> dict:
@@ -88,7 +88,7 @@ def test_confined_takes_plain_names_only(tmp_path):
 
 @pytest.mark.parametrize("kind", ["absolute", "dotdot", "nested-dotdot", "symlink-out"])
 def test_artifact_paths_outside_the_export_are_refused_by_every_reader_and_writer(world, kind, mnist_root):
-    from toolkit.catalog import Catalog
+    from toolkit.inference.catalog import Catalog
 
     root, run, export_dir, victim = world
     if kind == "symlink-out":  # a plain name, but a link to a file elsewhere with the right sha256
@@ -169,7 +169,7 @@ def test_simultaneous_exports_lose_nothing(fine4_run, mnist_root, tmp_path):
             _, err = proc.communicate(timeout=600)
             assert proc.returncode == 0, err
             assert "Traceback" not in err
-        from toolkit.manifest import Manifest
+        from toolkit.core.manifest import Manifest
 
         manifest = Manifest.load(out / fine4_run.run_dir.name)  # every listed artifact is there with its sha256
         assert sorted(a.file for a in manifest.artifacts) == ["model.fp16.onnx", "model.fp32.onnx", "model.int8.onnx"]
@@ -205,7 +205,7 @@ def test_resuming_a_run_that_is_training_is_refused(world):
     (lambda d: d["model"].update(options={"dropout": float("nan")}), "model.options"),
 ], ids=["inf-weight-decay", "nan-lr", "nan-piecewise", "inf-eta-min", "string-epochs", "float-batch", "nan-option"])
 def test_recipes_take_finite_numbers_of_the_right_type_only(tmp_path, edit, message):
-    from toolkit.recipes import load_recipe
+    from toolkit.models.recipes import load_recipe
 
     path = write_recipe_variant(tmp_path, edit)
     with pytest.raises(ToolkitError) as err:
@@ -448,7 +448,7 @@ def test_exif_orientation_is_applied(tmp_path, mnist_root):
     """A phone stores a portrait photo's pixels sideways plus an EXIF tag saying how to turn them."""
     from PIL import Image
 
-    from toolkit.preprocess import open_image
+    from toolkit.inference.preprocess import open_image
 
     images, _ = mnist_test_set(mnist_root)
     upright = Image.fromarray(np.kron(images[0], np.ones((4, 6), np.uint8)))  # 112x168: not square, so a turn shows
@@ -460,7 +460,7 @@ def test_exif_orientation_is_applied(tmp_path, mnist_root):
 
 
 def test_echoed_names_are_cut_short(serving_export):
-    from toolkit.catalog import Catalog
+    from toolkit.inference.catalog import Catalog
 
     catalog = Catalog.from_dirs([serving_export])
     with pytest.raises(ToolkitError, match="unknown artifact") as err:

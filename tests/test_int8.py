@@ -15,8 +15,8 @@ import pytest
 from onnx import numpy_helper
 
 from tests.conftest import RECIPES, quiet
-from toolkit.environment import int8_kernels_saturate
-from toolkit.manifest import Manifest
+from toolkit.core.environment import int8_kernels_saturate
+from toolkit.core.manifest import Manifest
 
 
 def _weight_ranges(path) -> list[int]:
@@ -42,7 +42,7 @@ def test_default_int8_weights_use_all_8_bits(fine4_export):
 
 
 def test_7_bit_weights_on_request_and_fused_everywhere(fine4_run, mnist_root, tmp_path, monkeypatch):
-    from toolkit import runtime
+    from toolkit.inference import runtime
     from toolkit.export import export
 
     entry = export(fine4_run.run_dir, fmt="onnx", precision="int8", out=tmp_path, data_dir=mnist_root, download=False,
@@ -55,7 +55,7 @@ def test_7_bit_weights_on_request_and_fused_everywhere(fine4_run, mnist_root, tm
 
 
 def test_8_bit_int8_runs_unfused_only_where_the_kernels_saturate(fine4_export, monkeypatch):
-    from toolkit import runtime
+    from toolkit.inference import runtime
 
     manifest = Manifest.load(fine4_export)
     int8, fp32 = manifest.artifact("model.int8.onnx"), manifest.artifact("model.fp32.onnx")
@@ -82,8 +82,8 @@ def test_which_cpus_saturate(monkeypatch):
 def test_undertrained_fine4_passes_the_default_int8_gate(underfit_export, mnist_root):
     """Was -14.51 pp (8-bit weights through saturating kernels), then -1.30 pp (7-bit weights), on an
     AVX2 CPU without VNNI; measured -0.11 pp with this default."""
-    from toolkit.parity import GATES
-    from toolkit.verify import verify
+    from toolkit.core.parity import GATES
+    from toolkit.check.verify import verify
 
     report = verify(underfit_export, data_dir=mnist_root, download=False, console=quiet())
     int8 = next(r for r in report["results"] if r["artifact"] == "model.int8.onnx")
@@ -97,8 +97,8 @@ def test_fused_kernels_lose_the_8_bit_model_on_a_cpu_that_saturates(underfit_exp
     far more than unfused (measured 62.70% vs 77.57%)."""
     if not int8_kernels_saturate():
         pytest.skip("this CPU has VNNI or AMX (or is not x86): its fused int8 kernels do not saturate")
-    from toolkit.preprocess import model_input, read_test_split
-    from toolkit.runtime import ort_runner
+    from toolkit.inference.preprocess import model_input, read_test_split
+    from toolkit.inference.runtime import ort_runner
 
     manifest = Manifest.load(underfit_export)
     images, labels, _ = read_test_split("mnist", mnist_root)
@@ -118,9 +118,9 @@ def test_int8_logits_stay_float(underfit_export, mnist_root):
     changed answers were ties, and they went 23 gained to 34 lost (-0.11 pp); with float logits 41
     to 23 (+0.18 pp). The file's outputs come from the last Gemm itself, and no two of its logits
     tie where the same logits on an int8 grid would."""
-    from toolkit.preprocess import model_input, read_test_split
-    from toolkit.quantize import float_outputs
-    from toolkit.runtime import int8_unfused, ort_runner
+    from toolkit.inference.preprocess import model_input, read_test_split
+    from toolkit.export.quantize import float_outputs
+    from toolkit.inference.runtime import int8_unfused, ort_runner
 
     proto = onnx.load(str(underfit_export / "model.int8.onnx"))
     producer = {o: n for n in proto.graph.node for o in n.output}

@@ -1,6 +1,7 @@
-"""The package's layering (README, Layout): a module imports only from its own layer or the
-layers below it, and no stage imports another stage. Read from the source with ``ast``, so a
-lazy import inside a function counts too."""
+"""The package's layering, shown by its folders (README, Layout): a module imports only from its
+own folder or the folders of lower layers; the four stages never import each other; core/ and
+inference/ never import torch (so `pip install toolkit[serve]` runs without it). Read from the
+source with ``ast``, so a lazy import inside a function counts too."""
 
 from __future__ import annotations
 
@@ -10,64 +11,75 @@ from pathlib import Path
 import toolkit
 
 PACKAGE = Path(toolkit.__file__).parent
-LAYERS = {
-    1: {"errors", "files", "datasets", "preprocess", "folder", "manifest", "parity", "environment", "onnx_io", "progress"},
-    2: {"recipes", "models", "data", "fastdata", "engine", "checkpoint", "runtime", "catalog", "oip", "loop", "quantize", "qat", "model_card", "report"},
-    3: {"train", "evaluate", "prune", "export", "verify", "bench", "predict", "serve"},
-    4: {"cli", "__main__"},
-}
-LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
+# folder -> layer; the stages (train, export, check, serve) share the top layer below the CLI
+LAYERS = {"core": 1, "inference": 2, "models": 3, "data": 4, "train": 5, "export": 5, "check": 5, "serve": 5, "cli": 6}
+STAGE_LAYER = 5
+TORCH_FREE = {"core", "inference"}
 # demo/app.py (installed as toolkit.demo) is the serve stage's Gradio layout: part of that stage
-SAME_STAGE = {"demo": "serve"}
+SAME_FOLDER = {"demo": "serve", "__main__": "cli"}
 DEMO = PACKAGE.parent / "demo" / "app.py"
+# the one torch import below models/: environment reports torch's version and GPU when torch is
+# installed and already the caller's (never on the serving path, which has no torch installed)
+TORCH_ALLOWED = {"core/environment.py"}
 
 
-def _module_of(path: Path) -> str:
-    """The top-level module a file belongs to: toolkit/export/to_onnx.py -> export."""
+def _folder_of(path: Path) -> str:
+    """The folder (role) a file belongs to: toolkit/train/loop.py -> train, toolkit/cli.py -> cli."""
+    if path == DEMO:
+        return "serve"
     rel = path.relative_to(PACKAGE)
-    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+    name = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+    return SAME_FOLDER.get(name, name)
 
 
-def _imports(path: Path) -> set[str]:
-    """The toolkit top-level modules a file imports, anywhere in it."""
-    found = set()
+def _imports(path: Path) -> tuple[set[str], bool]:
+    """The toolkit folders a file imports, anywhere in it, and whether it imports torch."""
+    found, torch = set(), False
     for node in ast.walk(ast.parse(path.read_text())):
+        modules = []
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            parts = node.module.split(".")
-            if parts[0] == "toolkit":
-                if len(parts) > 1:
-                    found.add(SAME_STAGE.get(parts[1], parts[1]))
-                else:  # from toolkit import data as data_mod
-                    found.update(alias.name for alias in node.names if alias.name in LAYER_OF)
+            modules = [node.module]
+            if node.module == "toolkit":  # from toolkit import __version__
+                modules = [f"toolkit.{alias.name}" for alias in node.names]
         elif isinstance(node, ast.Import):
-            for alias in node.names:
-                parts = alias.name.split(".")
-                if parts[0] == "toolkit" and len(parts) > 1:
-                    found.add(SAME_STAGE.get(parts[1], parts[1]))
-    return found
+            modules = [alias.name for alias in node.names]
+        for module in modules:
+            parts = module.split(".")
+            if parts[0] == "toolkit" and len(parts) > 1 and parts[1] != "__version__":
+                found.add(SAME_FOLDER.get(parts[1], parts[1]))
+            torch = torch or parts[0] in ("torch", "torchvision")
+    return found, torch
 
 
-def test_every_module_has_a_layer():
-    modules = {_module_of(p) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent != PACKAGE}
-    assert modules <= set(LAYER_OF), f"modules without a layer: {sorted(modules - set(LAYER_OF))}"
+def _sources() -> list[Path]:
+    return [p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py"] + [DEMO]
 
 
-def test_modules_import_only_their_layer_or_below_and_stages_never_each_other():
-    crossings = []
-    for path in [*PACKAGE.rglob("*.py"), DEMO]:
-        if path.parent == PACKAGE and path.name == "__init__.py":
-            continue
-        here = "serve" if path == DEMO else _module_of(path)
-        for imported in _imports(path) - {here, "__version__"}:
-            layer = LAYER_OF.get(imported)
-            assert layer is not None, f"{path.name} imports toolkit.{imported}, which has no layer"
-            if layer > LAYER_OF[here] or (layer == 3 and LAYER_OF[here] == 3):
-                crossings.append(f"{path.name} in {here} ({LAYER_OF[here]}) imports {imported} ({layer})")
+def test_every_module_is_in_a_role_folder():
+    loose = sorted(p.name for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__", "cli"))
+    assert not loose, f"modules outside a role folder: {loose}"
+    assert {_folder_of(p) for p in _sources()} <= set(LAYERS)
+
+
+def test_folders_import_only_their_own_or_lower_layers_and_stages_never_each_other():
+    crossings, torch_users = [], []
+    for path in _sources():
+        here = _folder_of(path)
+        imported, uses_torch = _imports(path)
+        for folder in imported - {here}:
+            layer = LAYERS.get(folder)
+            assert layer is not None, f"{path} imports toolkit.{folder}, which is no role folder"
+            if layer > LAYERS[here] or (layer == STAGE_LAYER and LAYERS[here] == STAGE_LAYER):
+                crossings.append(f"{path.relative_to(PACKAGE.parent)} ({here}) imports {folder}")
+        rel = path.relative_to(PACKAGE).as_posix() if path != DEMO else "demo/app.py"
+        if here in TORCH_FREE and rel not in TORCH_ALLOWED and (uses_torch or imported - TORCH_FREE):
+            torch_users.append(rel)
     assert not crossings, crossings
+    assert not torch_users, f"torch-free folders importing torch or a torch folder: {torch_users}"
 
 
-def test_the_checker_sees_a_crossing(tmp_path):
-    """The check above can fail: a lazy import of one stage by another is found."""
+def test_the_checker_sees_a_crossing_and_torch(tmp_path):
+    """The checks above can fail: a lazy import of one stage by another, and a lazy torch import, are found."""
     stage = tmp_path / "stage.py"
-    stage.write_text("def f():\n    from toolkit.train import train\n    from toolkit import verify\n")
-    assert _imports(stage) == {"train", "verify"}
+    stage.write_text("def f():\n    from toolkit.train.run import train\n    from toolkit.check import verify\n    import torch.nn\n")
+    assert _imports(stage) == ({"train", "check"}, True)

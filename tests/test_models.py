@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from toolkit.errors import ToolkitError
-from toolkit.models import MODELS, count_params, create_model
+from toolkit.core.errors import ToolkitError
+from toolkit.models.registry import MODELS, count_params, create_model
 
-# The counts our readings of the write-ups produce (see toolkit/models.py for each reading).
+# The counts our readings of the write-ups produce (see toolkit/models/registry.py for each reading).
 EXPECTED = {
     "mnist_opt": 6_132,
     "mnist_gap": 7_974,

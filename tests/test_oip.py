@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 
 from tests.conftest import free_port, mnist_test_set
-from toolkit.catalog import Catalog
-from toolkit.manifest import Manifest, triton_model_name
-from toolkit.oip import Batcher
-from toolkit.preprocess import model_input, png_bytes
+from toolkit.inference.catalog import Catalog
+from toolkit.core.manifest import Manifest, triton_model_name
+from toolkit.serve.oip import Batcher
+from toolkit.inference.preprocess import model_input, png_bytes
 
 http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed (it is in toolkit[dev])")
 
 
 @pytest.fixture(scope="module", params=["beside the demo", "api only"])
 def v2_server(request, serving_export, mnist_root):
-    from toolkit.serve import serve
+    from toolkit.serve.server import serve
 
     running, url = serve([serving_export], port=free_port(), data_dir=mnist_root, examples=0, max_upload="1mb",
                          api_only=request.param == "api only", block=False, console=None)
@@ -229,7 +229,7 @@ def test_batcher_fills_batches_up_to_its_limit_in_order():
 
 
 def test_runner_failure_reaches_every_waiting_request():
-    from toolkit.errors import ToolkitError
+    from toolkit.core.errors import ToolkitError
 
     def run(batch):
         raise ToolkitError("the model failed")
@@ -246,7 +246,7 @@ def test_runner_failure_reaches_every_waiting_request():
 def test_each_model_is_warmed_up_before_the_service_is_ready(serving_export, monkeypatch):
     """One batch of min(max batch, WARMUP_BATCH) zeros runs through every served model when the
     service is made, before any request (ONNX Runtime's arena then does not grow under load)."""
-    from toolkit import oip
+    from toolkit.serve import oip
 
     calls = []
     real_runner = Catalog.runner
@@ -280,7 +280,7 @@ def _largest_png() -> bytes:
 
     from PIL import Image, ImageDraw
 
-    from toolkit.preprocess import MAX_SIDE
+    from toolkit.inference.preprocess import MAX_SIDE
 
     im = Image.new("L", (MAX_SIDE, MAX_SIDE), 255)
     ImageDraw.Draw(im).rectangle((1900, 1000, 2200, 3000), fill=0)
@@ -297,7 +297,7 @@ def test_decoding_is_bounded_per_request_and_per_server_and_a_digit_is_not_stall
     fast this machine decodes): the digit is answered meanwhile, and one more large request is refused."""
     import threading
 
-    from toolkit import oip
+    from toolkit.serve import oip
 
     running, url = v2_server
     fp32, _ = _names(serving_export)

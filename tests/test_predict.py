@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import free_port, mnist_test_set, run_cli
-from toolkit.catalog import Catalog
-from toolkit.predict import collect_inputs, predict
+from toolkit.inference.catalog import Catalog
+from toolkit.serve.predict import collect_inputs, predict
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_predict_gives_the_demos_answers(serving_export, digit_folder, mnist_roo
     probabilities (the same preprocessing and runner, batch 1)."""
     from gradio_client import Client, handle_file
 
-    from toolkit.serve import serve
+    from toolkit.serve.server import serve
 
     root, truth = digit_folder
     files = sorted(truth)[::250]
@@ -80,7 +80,7 @@ def test_predict_with_a_run_uses_its_checkpoint(fine4_run, mnist_root, tmp_path)
     """A run directory instead of an export: the checkpoint in PyTorch behind the same preprocessing."""
     import torch
 
-    from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
+    from toolkit.models.checkpoint import load_checkpoint, model_from_checkpoint
 
     images, _ = mnist_test_set(mnist_root)
     files = []
@@ -135,10 +135,10 @@ def test_int8_verified_on_another_kind_of_cpu_is_a_warning(fine4_export, digit_f
 
     from rich.console import Console
 
-    from toolkit.catalog import int8_warning
-    from toolkit.environment import cpu_info
-    from toolkit.manifest import Manifest, Verified
-    from toolkit.verify import verify
+    from toolkit.inference.catalog import int8_warning
+    from toolkit.core.environment import cpu_info
+    from toolkit.core.manifest import Manifest, Verified
+    from toolkit.check.verify import verify
 
     export_dir = tmp_path / fine4_export.name
     shutil.copytree(fine4_export, export_dir)

@@ -14,8 +14,8 @@ import pytest
 
 from bench import preparation_eval as pe
 from tests.conftest import manifest_for
-from toolkit.catalog import Catalog
-from toolkit.preprocess import model_pixels, png_bytes, read_test_split
+from toolkit.inference.catalog import Catalog
+from toolkit.inference.preprocess import model_pixels, png_bytes, read_test_split
 
 PER_KIND = 500
 SLACK_PP = 0.5
@@ -59,7 +59,7 @@ def test_the_gate_catches_a_step_that_costs_some_kind(serving_export, mnist_root
     """The check has teeth: a step that thins every stroke (a 3x3 minimum filter on the prepared
     digit: the damage the old erosion did to soft, wide strokes) is caught on the enlarged
     low-resolution scans, and the deployed path is not."""
-    from toolkit.preprocess import _rank
+    from toolkit.inference.preprocess import _rank
 
     run, manifest = fp32(serving_export)
     low, labels = pe.sklearn_digits()

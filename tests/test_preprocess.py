@@ -1,4 +1,4 @@
-"""The deployed preprocessing (toolkit.preprocess) against the training pipeline, on real MNIST and on
+"""The deployed preprocessing (toolkit.inference.preprocess) against the training pipeline, on real MNIST and on
 CIFAR files in the real format: the same pixels, the same normalized inputs, safe readers."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import RECIPES, manifest_for
-from toolkit import data as data_mod
-from toolkit import preprocess
-from toolkit.datasets import DATASETS, facts
-from toolkit.errors import ToolkitError
-from toolkit.manifest import Normalization
-from toolkit.recipes import load_recipe
+from toolkit.data import loaders as data_mod
+from toolkit.inference import preprocess
+from toolkit.core.datasets import DATASETS, facts
+from toolkit.core.errors import ToolkitError
+from toolkit.core.manifest import Normalization
+from toolkit.models.recipes import load_recipe
 
 
 def _with(recipe, **data_fields):

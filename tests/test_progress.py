@@ -6,8 +6,8 @@ import io
 
 from rich.console import Console
 
-from toolkit import progress as progress_mod
-from toolkit.progress import Progress
+from toolkit.core import progress as progress_mod
+from toolkit.core.progress import Progress
 
 
 def test_without_a_terminal_a_line_every_tenth_and_every_30_seconds(monkeypatch):

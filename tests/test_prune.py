@@ -3,10 +3,10 @@
 
 
 from tests.conftest import quiet
-from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
+from toolkit.models.checkpoint import load_checkpoint, model_from_checkpoint
 from toolkit.export import export
-from toolkit.prune import prune
-from toolkit.verify import verify
+from toolkit.train.prune import prune
+from toolkit.check.verify import verify
 
 
 

@@ -1,4 +1,4 @@
-"""Quantization-aware fine-tuning (toolkit/qat.py) and `toolkit export --qat-epochs`."""
+"""Quantization-aware fine-tuning (toolkit/export/qat.py) and `toolkit export --qat-epochs`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from onnx import numpy_helper
 
 from tests.conftest import quiet, run_cli, one_line_error
-from toolkit.manifest import Manifest
-from toolkit.models import MODELS, create_model
+from toolkit.core.manifest import Manifest
+from toolkit.models.registry import MODELS, create_model
 
 
 def _random_batchnorm_stats(model: torch.nn.Module, seed: int = 0) -> None:
@@ -39,7 +39,7 @@ def _example(model: torch.nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_folding_batchnorm_keeps_outputs_and_module_names(name):
-    from toolkit.qat import fold_batchnorm
+    from toolkit.export.qat import fold_batchnorm
 
     model = create_model(name, num_classes=10).eval()
     _random_batchnorm_stats(model)
@@ -57,8 +57,8 @@ def test_folding_batchnorm_keeps_outputs_and_module_names(name):
 def test_fake_quantized_weights_are_the_exported_int8_weights(underfit_export, mnist_root, tmp_path):
     """What fine-tuning saw is what the file holds: each Conv/Gemm weight of the exported int8 model,
     dequantized, equals PyTorch's fake quantization of the tuned weight, for 8 and 7 bits."""
-    from toolkit import qat, quantize
-    from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
+    from toolkit.export import qat, quantize
+    from toolkit.models.checkpoint import load_checkpoint, model_from_checkpoint
     from toolkit.export.to_onnx import export_onnx, onnx_metadata
 
     manifest = Manifest.load(underfit_export)
@@ -88,8 +88,8 @@ def test_fake_quantized_weights_are_the_exported_int8_weights(underfit_export, m
 
 
 def test_pruned_weights_stay_zero(underfit_export, mnist_root):
-    from toolkit import qat, quantize
-    from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
+    from toolkit.export import qat, quantize
+    from toolkit.models.checkpoint import load_checkpoint, model_from_checkpoint
 
     manifest = Manifest.load(underfit_export)
     model = model_from_checkpoint(load_checkpoint(manifest.source.checkpoint))
@@ -117,8 +117,8 @@ def test_qat_recovers_where_post_training_int8_loses(underfit_export, mnist_root
     Intel Xeon, -0.02 pp, interval -0.17 to +0.13, and -0.09 to -0.12 pp with 8 or 32 calibration
     images): post-training int8 did not lose there, so the comparison is made only where it does."""
     from toolkit.export import export
-    from toolkit.parity import GATES
-    from toolkit.verify import verify
+    from toolkit.core.parity import GATES
+    from toolkit.check.verify import verify
 
     run = Path(Manifest.load(underfit_export).source.checkpoint).parent
     rows = {}
@@ -153,11 +153,11 @@ def test_fine_tuning_sees_the_arithmetic_the_int8_file_runs(underfit_export, mni
     ONNX Runtime computes with the int8 file made from the same weights (unfused: exact QDQ
     arithmetic), up to rounding steps here and there (int32 biases, ties): nearly every logit within
     one and a half steps, nearly every answer the same."""
-    from toolkit import qat, quantize
-    from toolkit.checkpoint import load_checkpoint, model_from_checkpoint
+    from toolkit.export import qat, quantize
+    from toolkit.models.checkpoint import load_checkpoint, model_from_checkpoint
     from toolkit.export.to_onnx import export_onnx, onnx_metadata
-    from toolkit.preprocess import model_input, read_test_split
-    from toolkit.runtime import ort_runner
+    from toolkit.inference.preprocess import model_input, read_test_split
+    from toolkit.inference.runtime import ort_runner
 
     manifest = Manifest.load(underfit_export)
     folded, _ = qat.fold_batchnorm(model_from_checkpoint(load_checkpoint(manifest.source.checkpoint)))

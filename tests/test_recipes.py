@@ -7,11 +7,11 @@ import sys
 import pytest
 
 from tests.conftest import RECIPES, write_recipe_variant
-from toolkit.errors import ToolkitError
-from toolkit.models import count_params
-from toolkit.datasets import facts
-from toolkit.recipes import load_recipe
-from toolkit.report import recipe_rows
+from toolkit.core.errors import ToolkitError
+from toolkit.models.registry import count_params
+from toolkit.core.datasets import facts
+from toolkit.models.recipes import load_recipe
+from toolkit.train.report import recipe_rows
 
 ALL = sorted(RECIPES.glob("*.toml"))
 DOCUMENTED = ["opt1", "opt2", "fine1", "fine2", "fine3", "fine4", "ft1", "ft2", "ft3", "ft4", "ft5", "ft6",
@@ -44,7 +44,7 @@ def test_recipe_parses_and_matches_seed_params(path):
     model = recipe.build_model(facts(recipe.data.dataset).num_classes)
     sr = recipe.seed_results
     if sr and sr.params:
-        # exact, or within 1% for the FT family (see toolkit/models.py)
+        # exact, or within 1% for the FT family (see toolkit/models/registry.py)
         assert abs(count_params(model) - sr.params) / sr.params <= 0.01
 
 
@@ -76,7 +76,7 @@ def test_recipe_listing_has_the_documented_fields():
     assert (baseline["seed_best_test_acc"], baseline["seed_final_test_acc"]) == (None, 89.63)
     from rich.console import Console
 
-    from toolkit.report import recipes_table
+    from toolkit.train.report import recipes_table
 
     console = Console(record=True, width=200)
     console.print(recipes_table(rows))
@@ -129,7 +129,7 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
 
 
 def test_set_overrides_any_recipe_key_and_is_checked_like_the_file():
-    from toolkit.recipes import load_recipe
+    from toolkit.models.recipes import load_recipe
 
     recipe = load_recipe("fine4", ["optimizer.lr=0.02", "data.batch_size=256", "data.augment.hflip=0.5", "model.options.dropout=0.1",
                                    "scheduler.name=cosine", "scheduler.t_max=20", "description=my run"])
@@ -204,7 +204,7 @@ def test_a_recipe_that_is_a_fifo_is_refused_without_reading_it(tmp_path):
 
 
 def test_the_seed_is_bounded_on_the_command_line_and_in_train(mnist_root, tmp_path):
-    from toolkit.train import parse_seeds, train
+    from toolkit.train.run import parse_seeds, train
 
     from tests.conftest import quiet
 

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from tests.conftest import free_port, manifest_for, mnist_test_set
-from toolkit.errors import ToolkitError
-from toolkit.catalog import Catalog, find_exports
-from toolkit.preprocess import mnist_digit, model_pixels, open_image, resized_image, to_input
+from toolkit.core.errors import ToolkitError
+from toolkit.inference.catalog import Catalog, find_exports
+from toolkit.inference.preprocess import mnist_digit, model_pixels, open_image, resized_image, to_input
 
 
 def _png(width: int, height: int) -> bytes:
@@ -180,8 +180,8 @@ def test_catalog_lists_what_runs_here_and_refuses_unknown_names(serving_export, 
 
 
 def test_engine_without_tensorrt_is_listed_as_not_served(serving_export, tmp_path):
-    from toolkit.files import sha256_file
-    from toolkit.runtime import trt_missing_reason
+    from toolkit.core.files import sha256_file
+    from toolkit.inference.runtime import trt_missing_reason
 
     if trt_missing_reason() is None:
         pytest.skip("TensorRT runs here: the engine would be served")
@@ -209,7 +209,7 @@ def test_tampered_artifact_is_not_served(serving_export, tmp_path):
 @pytest.fixture(scope="module")
 def server(serving_export, mnist_root):
     """The demo served in this process on a free localhost port, with a 1 MB upload limit."""
-    from toolkit.serve import serve
+    from toolkit.serve.server import serve
 
     running, url = serve([serving_export], port=free_port(), data_dir=mnist_root, max_upload="1mb", block=False, console=None)
     yield running, url
@@ -288,7 +288,7 @@ def test_server_binds_localhost_only_and_makes_no_share_link(server):
 
 
 def test_the_preparation_comes_from_the_manifest(serving_export):
-    from toolkit.manifest import Manifest
+    from toolkit.core.manifest import Manifest
 
     manifest = Manifest.load(serving_export)
     assert model_pixels(draw_digit("7"), manifest).shape == (28, 28)
@@ -315,10 +315,10 @@ def test_cifar_export_is_served_beside_mnist(cifar_root, serving_export, tmp_pat
     from bench.cifar_files import CIFAR10_CLASSES
     from tests.conftest import RECIPES, quiet
     from toolkit.export import export
-    from toolkit.recipes import load_recipe
-    from toolkit.runtime import ort_runner
-    from toolkit.serve import serve
-    from toolkit.train import train
+    from toolkit.models.recipes import load_recipe
+    from toolkit.inference.runtime import ort_runner
+    from toolkit.serve.server import serve
+    from toolkit.train.run import train
 
     run = train(load_recipe(RECIPES / "ft6.toml"), device="cpu", data_dir=cifar_root, out=tmp_path / "runs", epochs=1,
                 download=False, console=quiet())

@@ -161,8 +161,8 @@ def test_inference_install_has_no_torch(image_venv):
     python = str(venv / "bin" / "python")
     probe = subprocess.run([python, "-c", "import torch"], cwd=app, env=env, capture_output=True, text=True)
     assert probe.returncode != 0 and "No module named 'torch'" in probe.stderr
-    ok = subprocess.run([python, "-c", "import toolkit.serve, toolkit.demo.app, onnxruntime, gradio, PIL, sys; "
-                         "assert 'torch' not in sys.modules; print(toolkit.serve.__file__)"], cwd="/", env=env, capture_output=True, text=True)
+    ok = subprocess.run([python, "-c", "import toolkit.serve.server, toolkit.demo.app, onnxruntime, gradio, PIL, sys; "
+                         "assert 'torch' not in sys.modules; print(toolkit.serve.server.__file__)"], cwd="/", env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert str(venv) in ok.stdout  # the installed copy, not the checkout
     train = subprocess.run([str(venv / "bin" / "toolkit"), "train", "fine4"], cwd=app, env=env, capture_output=True, text=True)
@@ -190,7 +190,7 @@ def test_api_install_has_neither_torch_nor_gradio_and_is_smaller(api_venv, image
     for module in ("torch", "gradio"):
         probe = subprocess.run([python, "-c", f"import {module}"], cwd=app, env=env, capture_output=True, text=True)
         assert probe.returncode != 0 and f"No module named '{module}'" in probe.stderr
-    ok = subprocess.run([python, "-c", "import toolkit.serve, toolkit.oip, onnxruntime, starlette, uvicorn, PIL, sys; "
+    ok = subprocess.run([python, "-c", "import toolkit.serve.server, toolkit.serve.oip, onnxruntime, starlette, uvicorn, PIL, sys; "
                          "assert 'torch' not in sys.modules and 'gradio' not in sys.modules"], cwd="/", env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr[-2000:]
     # the demo needs the serve extra, and says so in one line

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from tests.conftest import RECIPES, quiet
-from toolkit.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
-from toolkit.errors import ToolkitError
-from toolkit.evaluate import evaluate_checkpoint
-from toolkit.recipes import load_recipe
-from toolkit.train import train
+from toolkit.models.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
+from toolkit.core.errors import ToolkitError
+from toolkit.train.evaluate import evaluate_checkpoint
+from toolkit.models.recipes import load_recipe
+from toolkit.train.run import train
 
 
 
@@ -94,7 +94,7 @@ def test_resume_with_albumentations_on_cifar(cifar_root, tmp_path, pipeline, tra
 
 _KILL_SCRIPT = r"""
 import os, signal, sys, torch
-from toolkit.checkpoint import FORMAT, save_checkpoint
+from toolkit.models.checkpoint import FORMAT, save_checkpoint
 path, where = sys.argv[1], sys.argv[2]
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -270,8 +270,8 @@ def test_the_summary_compares_with_the_seed_only_when_the_run_follows_the_recipe
     one line saying why; a run that follows the recipe gets the seed beside it. "1 epoch", not "1 epochs"."""
     from rich.console import Console
 
-    from toolkit.loop import RunResult
-    from toolkit.train import differences, print_summary
+    from toolkit.train.loop import RunResult
+    from toolkit.train.run import differences, print_summary
 
     recipe = load_recipe(RECIPES / "fine4.toml")
     result = RunResult(run_dir=tmp_path, checkpoint=tmp_path / "best.pt", best_test_acc=97.5, final_test_acc=97.25, epochs=1,
@@ -312,8 +312,8 @@ def test_tensorboard_event_files_hold_every_epochs_metrics(mnist_root, tmp_path)
 def test_later_stages_default_to_the_data_folder_training_used(mnist_root, tmp_path, monkeypatch):
     """The checkpoint records the data root; eval, and an export's manifest (for int8 calibration and
     verify), use it when neither --data-dir nor TOOLKIT_DATA_DIR is given."""
-    from toolkit.files import resolve_data_dir
-    from toolkit.manifest import Manifest
+    from toolkit.core.files import resolve_data_dir
+    from toolkit.core.manifest import Manifest
 
     result = train(load_recipe(RECIPES / "fine4.toml"), epochs=1, train_limit=500, test_limit=300, data_dir=mnist_root, out=tmp_path,
                    download=False, console=quiet())
@@ -330,7 +330,7 @@ def test_later_stages_default_to_the_data_folder_training_used(mnist_root, tmp_p
 
 def test_a_validation_split_is_held_out_of_training_and_chooses_best_pt():
     """data.validation: a seeded fraction of the training split, disjoint from what trains."""
-    from toolkit.loop import validation_split
+    from toolkit.train.loop import validation_split
 
     recipe = load_recipe(RECIPES / "fine4.toml", ["data.validation=0.1"])
     kept, held = validation_split(2000, recipe)
@@ -346,7 +346,7 @@ def test_a_validation_split_is_held_out_of_training_and_chooses_best_pt():
 
 
 def test_early_stopping_and_the_plateau_rule_watch_the_validation_split():
-    from toolkit.loop import _early_stop
+    from toolkit.train.loop import _early_stop
 
     recipe = load_recipe(RECIPES / "fine4.toml", ["early_stopping.monitor=test_loss", "early_stopping.patience=2"])
     rows = [{"train_acc": 90, "test_acc": 90, "test_loss": 1.0 - 0.1 * i, "val_acc": 90, "val_loss": 0.5} for i in range(4)]

@@ -10,11 +10,11 @@ from rich.console import Console
 
 from tests.conftest import RECIPES, quiet
 from toolkit.export import export
-from toolkit.manifest import Manifest
-from toolkit.recipes import load_recipe
-from toolkit.train import train
-from toolkit.parity import GATES, compare, delta_interval
-from toolkit.verify import verify
+from toolkit.core.manifest import Manifest
+from toolkit.models.recipes import load_recipe
+from toolkit.train.run import train
+from toolkit.core.parity import GATES, compare, delta_interval
+from toolkit.check.verify import verify
 
 import numpy as np
 
@@ -157,8 +157,8 @@ def test_a_failing_int8_artifact_is_diagnosed_layer_by_layer(fine4_export, mnist
     tensor by tensor (ONNX Runtime's qdq_loss_debug) and says where the signal is lost."""
     import shutil
 
-    from toolkit import quantize
-    from toolkit.verify import verify
+    from toolkit.check import diagnosis
+    from toolkit.check.verify import verify
 
     export_dir = tmp_path / fine4_export.name
     shutil.copytree(fine4_export, export_dir)
@@ -178,9 +178,9 @@ def test_a_failing_int8_artifact_is_diagnosed_layer_by_layer(fine4_export, mnist
     assert found["tensors"][-1]["local_sqnr_db"] is None  # the logits stay float: no quantization step of their own
     md = (export_dir / "parity.md").read_text()
     assert "## Why model.int8.onnx missed its gate" in md and f"| {worst['tensor']} | {worst['op']} |" in md
-    from toolkit.verify import failure_line
+    from toolkit.check.verify import failure_line
 
-    assert quantize.diagnosis_line(found) in failure_line(report)
+    assert diagnosis.diagnosis_line(found) in failure_line(report)
     # the fp32 file passes and is not diagnosed
     assert set(report["diagnosis"]) == {"model.int8.onnx"}
 
@@ -190,7 +190,7 @@ def test_verify_removes_the_temporary_files_a_killed_run_left(fine4_export, mnis
     export's lock (before, only export did), and leaves every other file alone."""
     import shutil
 
-    from toolkit.verify import verify
+    from toolkit.check.verify import verify
 
     export_dir = tmp_path / fine4_export.name
     shutil.copytree(fine4_export, export_dir)
@@ -207,8 +207,8 @@ def test_verify_removes_the_temporary_files_a_killed_run_left(fine4_export, mnis
 _VERIFY_KILL = r"""
 import os, signal, sys
 from pathlib import Path
-import toolkit.verify as v
-from toolkit.manifest import Manifest
+import toolkit.check.verify as v
+from toolkit.core.manifest import Manifest
 
 export_dir, data, point = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 def die(*args, **kwargs):
@@ -238,9 +238,9 @@ def test_a_verify_killed_around_its_commit_leaves_report_and_manifest_agreeing(f
     import subprocess
     import sys
 
-    from toolkit.files import sha256_file
-    from toolkit.manifest import Manifest
-    from toolkit.verify import verify
+    from toolkit.core.files import sha256_file
+    from toolkit.core.manifest import Manifest
+    from toolkit.check.verify import verify
 
     export_dir = tmp_path / fine4_export.name
     shutil.copytree(fine4_export, export_dir)

@@ -13,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from toolkit.errors import Interrupted, ToolkitError, cut, first_line
-from toolkit.files import is_no_space
+from toolkit.core.errors import Interrupted, ToolkitError, cut, first_line
+from toolkit.core.files import is_no_space
 
 
 def _flag_type(self, ctx):
@@ -70,7 +70,7 @@ def _global_options(
 
 
 def _threads(threads: int | None) -> None:
-    from toolkit.environment import apply_threads
+    from toolkit.core.environment import apply_threads
 
     apply_threads(threads)
 
@@ -124,15 +124,15 @@ def train(
 ) -> None:
     """Train a recipe (a file, a built-in name such as fine4, or a run's recipe.toml); writes runs/<recipe>-<timestamp>/ with best.pt, last.pt, recipe.toml (the resolved recipe), metrics.csv, curves.png. A recipe with dataset = "folder" trains on a folder of your own images (one sub-folder per class; README, "Your own images")."""
     _threads(threads)
-    from toolkit.recipes import load_recipe
-    from toolkit.train import train as run_training
+    from toolkit.models.recipes import load_recipe
+    from toolkit.train.run import train as run_training
 
     if recipe is None and resume is None:
         raise ToolkitError("give a recipe (e.g. recipes/fine4.toml) or --resume RUN_DIR")
     if resume is not None and overrides:
         raise ToolkitError("--set changes a recipe; a resumed run keeps the recipe it started with")
     if seeds is not None:
-        from toolkit.train import parse_seeds, train_seeds
+        from toolkit.train.run import parse_seeds, train_seeds
 
         if recipe is None or resume is not None:
             raise ToolkitError("--seeds trains new runs of a recipe: give a recipe, not --resume")
@@ -158,8 +158,8 @@ def recipes(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
 ) -> None:
     """List every recipe: dataset, model, parameters, epochs and the seed's best test accuracy."""
-    from toolkit.report import recipe_rows, recipes_table
-    from toolkit.recipes import RECIPES_DIR
+    from toolkit.train.report import recipe_rows, recipes_table
+    from toolkit.models.recipes import RECIPES_DIR
 
     rows = recipe_rows(directory or RECIPES_DIR)
     if as_json:
@@ -179,8 +179,8 @@ def evaluate(
 ) -> None:
     """Test accuracy, per-class accuracy and a confusion-matrix PNG for a trained model."""
     _threads(threads)
-    from toolkit.checkpoint import latest_run
-    from toolkit.evaluate import evaluate_checkpoint
+    from toolkit.models.checkpoint import latest_run
+    from toolkit.train.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(checkpoint or latest_run(runs), data_dir=data_dir, device=device, console=_console(as_json))
     if as_json:
@@ -201,7 +201,7 @@ def prune(
 ) -> None:
     """Prune a trained model, fine-tune it into a new run, and report params, MACs, sparsity and accuracy before and after."""
     _threads(threads)
-    from toolkit.prune import prune as run_prune
+    from toolkit.train.prune import prune as run_prune
 
     report = run_prune(run, method=method, amount=amount, finetune_epochs=finetune_epochs, runs=runs, data_dir=data_dir,
                        device=device, console=_console(as_json))
@@ -266,7 +266,7 @@ def verify(
 ) -> None:
     """Run the full test set through PyTorch and every artifact on every runtime present; exit 1 if any misses its gate."""
     _threads(threads)
-    from toolkit.verify import verify as run_verify
+    from toolkit.check.verify import verify as run_verify
 
     gates = {"fp32": {"delta_pp": fp32_delta, "agreement": fp32_agreement}, "fp16": {"delta_pp": fp16_delta, "agreement": 0.0},
              "int8": {"delta_pp": int8_delta, "agreement": 0.0}}
@@ -288,7 +288,7 @@ def bench(
 ) -> None:
     """Latency p50/p90/p99 and images/s per artifact and runtime (PyTorch eager included), beside the parity results."""
     _threads(threads)
-    from toolkit.bench import bench as run_bench
+    from toolkit.check.bench import bench as run_bench
 
     try:
         batches = tuple(int(b) for b in batch.split(",") if b.strip())
@@ -318,7 +318,7 @@ def predict(
     """Classify image files with an export (torch-free, the demo's own code path) or a run's checkpoint (PyTorch).
     A file that cannot be read is an error row; exit 1 if any image failed."""
     _threads(threads)
-    from toolkit.predict import is_model_ref, predict as run_predict, rows_table, write_csv
+    from toolkit.serve.predict import is_model_ref, predict as run_predict, rows_table, write_csv
 
     model = Path(paths[0]) if is_model_ref(paths[0]) else None
     inputs = paths[1:] if model is not None else paths
@@ -341,7 +341,7 @@ def predict(
 @app.command("env")
 def env_command(as_json: AsJson = False) -> None:
     """Versions of the toolkit, Python, torch, ONNX Runtime (and its providers), TensorRT, CUDA and the GPU, and the CPU: for bug reports."""
-    from toolkit.environment import describe, env_table
+    from toolkit.core.environment import describe, env_table
 
     info = describe()
     if as_json:
@@ -368,7 +368,7 @@ def serve(
     """Serve the exported models: the Gradio demo (with its endpoint /predict) and, on the same port, the Open Inference
     Protocol (KServe v2) under /v2, which tritonclient.http talks to as it talks to Triton. Needs only toolkit\\[serve], no torch."""
     _threads(threads)
-    from toolkit.serve import serve as run_serve
+    from toolkit.serve.server import serve as run_serve
 
     run_serve(export_dirs or [Path("exports")], host=host, port=port, data_dir=data_dir, top_k=top_k, examples=examples,
               max_upload=max_upload, share=share, api_only=api_only, batch_delay_ms=batch_delay_ms, console=_out(stderr=True))

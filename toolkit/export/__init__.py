@@ -17,13 +17,13 @@ from typing import Iterator
 
 from rich.console import Console
 
-from toolkit.checkpoint import latest_run, load_checkpoint, model_from_checkpoint
-from toolkit.errors import ToolkitError, check_choice
-from toolkit.files import confined, locked, plain_name, recover_swap, remove_stale_dirs, remove_stale_temps, umask_mode, write_error
-from toolkit.parity import settle_report
-from toolkit.manifest import NAME as MANIFEST_NAME
-from toolkit.manifest import Artifact, Manifest, TritonModel
-from toolkit.model_card import write_model_card
+from toolkit.models.checkpoint import latest_run, load_checkpoint, model_from_checkpoint
+from toolkit.core.errors import ToolkitError, check_choice
+from toolkit.core.files import confined, locked, plain_name, recover_swap, remove_stale_dirs, remove_stale_temps, umask_mode, write_error
+from toolkit.core.parity import settle_report
+from toolkit.core.manifest import NAME as MANIFEST_NAME
+from toolkit.core.manifest import Artifact, Manifest, TritonModel
+from toolkit.core.model_card import write_model_card
 
 FORMATS = ("onnx", "trt", "triton")
 STAGING, OLD = ".staging-", ".old-"  # sibling work directories: .<export>.staging-*, .<export>.old-<pid>
@@ -215,7 +215,7 @@ def export(
     if fmt == "trt" and precision == "int8" and int8_activations != "int8":
         raise ToolkitError("TensorRT's explicit quantization needs symmetric int8 activations: leave --int8-activations at int8")
     if fmt == "trt":
-        from toolkit.runtime import trt_missing_reason
+        from toolkit.inference.runtime import trt_missing_reason
 
         reason = trt_missing_reason()
         if reason:  # say so before any work, and leave exports/ untouched
@@ -316,8 +316,8 @@ def _build(step: Step, path: Path, stage: Path, export_dir: Path, manifest: Mani
 
         return convert_fp16(source, path)
     if step.format == "onnx" and step.precision == "int8":
-        from toolkit import quantize
-        from toolkit.parity import GATES
+        from toolkit.export import quantize
+        from toolkit.core.parity import GATES
 
         method, activations = options["calib_method"], options["int8_activations"]
         calib, held_x, held_y = quantize.training_slices(manifest, options["data_dir"], options["calib_size"], download=options["download"])
@@ -340,11 +340,11 @@ def _build(step: Step, path: Path, stage: Path, export_dir: Path, manifest: Mani
 
 
 def _qat_source(stage: Path, manifest: Manifest, ckpt: dict, options: dict, console: Console) -> tuple[Path, dict]:
-    """Quantization-aware fine-tuning (``toolkit.qat``) of the checkpoint's model, exported as a float
+    """Quantization-aware fine-tuning (``toolkit.export.qat``) of the checkpoint's model, exported as a float
     ONNX file beside the fp32 artifact (same input, normalization, metadata and channel padding) for
     the int8 export to quantize; returns its path and the manifest's ``qat`` record. Fine-tuning uses
     the activation ranges that this export's own calibration gives the model before tuning."""
-    from toolkit import qat, quantize
+    from toolkit.export import qat, quantize
     from toolkit.export.to_onnx import export_onnx, onnx_metadata
 
     images = quantize.fine_tuning_images(manifest, options["data_dir"], options["calib_size"], limit=options["qat_images"],
@@ -375,7 +375,7 @@ def _triton(stage: Path, export_dir: Path, manifest: Manifest, ckpt: dict, preci
     """Add the ONNX artifact of ``precision`` (made first if the export lacks it) and any TensorRT
     engine of that precision to the export's Triton model repository, ``<export>/triton/``."""
     from toolkit.export.to_triton import REPOSITORY, write_triton_model
-    from toolkit.manifest import Triton
+    from toolkit.core.manifest import Triton
 
     source = artifact_file("onnx", precision)
     _make(stage, export_dir, manifest, ckpt, source, options, console, target=manifest.artifact(source) is None)

@@ -10,10 +10,10 @@ from pathlib import Path
 import onnx
 import torch
 
-from toolkit.errors import ToolkitError, first_line
-from toolkit.files import atomic_write
-from toolkit.manifest import InputSpec, Manifest, Normalization
-from toolkit.onnx_io import load_onnx
+from toolkit.core.errors import ToolkitError, first_line
+from toolkit.core.files import atomic_write
+from toolkit.core.manifest import InputSpec, Manifest, Normalization
+from toolkit.core.onnx_io import load_onnx
 
 OPSET = 18
 MAX_BATCH = 4096

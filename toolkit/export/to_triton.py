@@ -13,10 +13,10 @@ from pathlib import Path
 
 import onnx
 
-from toolkit.errors import ToolkitError
-from toolkit.files import atomic_write, confined, sha256_file
-from toolkit.manifest import Artifact, Manifest, triton_model_name
-from toolkit.onnx_io import load_onnx
+from toolkit.core.errors import ToolkitError
+from toolkit.core.files import atomic_write, confined, sha256_file
+from toolkit.core.manifest import Artifact, Manifest, triton_model_name
+from toolkit.core.onnx_io import load_onnx
 
 REPOSITORY = "triton"
 QUEUE_DELAY_US = 100  # how long Triton may hold a request to batch it with others

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from toolkit.errors import ToolkitError
-from toolkit.files import atomic_write
-from toolkit.runtime import current_gpu, engine_sidecar, trt_missing_reason
+from toolkit.core.errors import ToolkitError
+from toolkit.core.files import atomic_write
+from toolkit.inference.runtime import current_gpu, engine_sidecar, trt_missing_reason
 
 WORKSPACE_BYTES = 1 << 30
 

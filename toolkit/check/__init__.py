@@ -1,0 +1,1 @@
+"""The checking stage: verify (parity), its per-layer diagnosis, and bench."""

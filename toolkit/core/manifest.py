@@ -1,0 +1,304 @@
+"""`exports/<run>/manifest.json`: the one description of an export that every reader uses.
+
+It lists each artifact with format, precision, sha256 and size, and once for the whole
+export the input spec, normalization, class names and the source checkpoint's sha256.
+verify / bench / the demo read shapes, preprocessing and labels from here, never re-derive them.
+
+A manifest is a file a user (or anyone) can edit, so ``Manifest.load`` checks it against the
+schema below before anything reads it: types, finite numbers, bounded shapes, and artifact
+names that stay inside the export directory (``files.confined``). Any failure is one line that
+names the file and the field. The schema lives here, free of torch, because serving reads it too.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from toolkit.core.datasets import DATASETS
+from toolkit.core.errors import ToolkitError, shown
+from toolkit.core.files import atomic_write, confined, name_problem, read_text_limited, reading, sha256_file
+
+FORMAT = "toolkit-manifest/1"
+NAME = "manifest.json"
+MAX_BYTES = 16 << 20  # a manifest is a few KB; a larger file is not one
+MAX_SIDE = 4096  # pixels a side of a model input
+SHA256 = r"^[0-9a-f]{64}$"
+
+
+class _Schema(BaseModel):
+    # extra="allow": later stages add fields (parity, triton, ...) that older readers pass through
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+def _plain(value: str) -> str:
+    problem = name_problem(value)
+    if problem:
+        raise ValueError(f"{value[:80]!r} {problem}; it must be a plain name")
+    return value
+
+
+PlainName = Annotated[str, AfterValidator(_plain)]  # a name that becomes a path: see files.confined
+
+
+class InputSpec(_Schema):
+    name: str = Field(min_length=1, max_length=200)
+    # ['batch', C, H, W] for NCHW, ['batch', H, W, C] for NHWC
+    shape: list[Any] = Field(min_length=4, max_length=4)
+    # uint8: the graph takes raw pixels and normalizes them itself (`toolkit export --input uint8`)
+    dtype: Literal["float32", "uint8"]
+    layout: Literal["NCHW", "NHWC"]
+
+    @field_validator("shape")
+    @classmethod
+    def _batch_then_sides(cls, shape: list) -> list:
+        batch, *sides = shape
+        if batch != "batch" or not all(type(d) is int and 1 <= d <= MAX_SIDE for d in sides):
+            raise ValueError(f"must be ['batch', C, H, W] (or H, W, C for NHWC) with whole numbers from 1 to {MAX_SIDE}")
+        return shape
+
+    @property
+    def chw(self) -> tuple[int, int, int]:
+        """Channels, height, width, whatever the layout."""
+        a, b, c = self.shape[1:]
+        return (a, b, c) if self.layout == "NCHW" else (c, a, b)
+
+
+class OutputSpec(_Schema):
+    name: str = Field(min_length=1, max_length=200)
+    shape: list[Any] = Field(min_length=2, max_length=2)
+
+
+class Normalization(_Schema):
+    scale: float = Field(gt=0)
+    mean: list[float] = Field(min_length=1, max_length=4)
+    std: list[float] = Field(min_length=1, max_length=4)
+
+    @field_validator("std")
+    @classmethod
+    def _positive(cls, std: list[float]) -> list[float]:
+        if any(s <= 0 for s in std):
+            raise ValueError("every std must be greater than 0")
+        return std
+
+
+class FolderSource(_Schema):
+    """Where an image-folder run's images are and how its test split was drawn (toolkit.inference.folder)."""
+
+    root: str = Field(min_length=1, max_length=4096)
+    split: float = Field(gt=0, lt=1)
+    seed: int = Field(ge=0)
+
+
+class Source(_Schema):
+    checkpoint: str = Field(min_length=1, max_length=4096)
+    sha256: str = Field(pattern=SHA256)
+    recipe: PlainName
+    params: int = Field(ge=0)
+    test_acc: Optional[float] = None
+    description: Optional[str] = Field(default=None, max_length=2000)
+    epochs: Optional[int] = Field(default=None, ge=0)
+    seed_results: Optional[dict[str, Any]] = None  # what the recipe's write-up reports (recipes.SeedResults)
+    data_dir: Optional[str] = Field(default=None, max_length=4096)  # the data root training read (a default for later stages)
+    folder: Optional[FolderSource] = None  # an image-folder dataset (toolkit.inference.folder): where its images are
+
+
+
+
+class Parity(_Schema):
+    """One artifact's parity on one runtime, as ``toolkit verify`` measured it (percentages unrounded)."""
+
+    accuracy: float
+    delta_pp: float
+    agreement: float
+    max_abs_logit_diff: float
+    pipeline_agreement: Optional[float] = None  # manifests from before the image-file path lack it
+    passed: bool
+
+
+class Verified(_Schema):
+    """Where and on what the export's parity was measured: integer kernels differ between CPUs."""
+
+    images: int = Field(ge=0)
+    reference_acc: float
+    machine: Optional[str] = None  # toolkit.core.environment.cpu_line(): vendor, model, integer-kernel features
+    cpu_features: Optional[list[str]] = None
+    onnxruntime: Optional[str] = None
+    # sha256 of the parity.json this verification wrote: the manifest is verify's commit point
+    report_sha256: Optional[str] = None
+
+
+class Artifact(_Schema):
+    file: PlainName
+    format: Literal["onnx", "trt"]
+    precision: Literal["fp32", "fp16", "int8"]
+    sha256: str = Field(pattern=SHA256)
+    bytes: int = Field(ge=0)
+    created: Optional[str] = None
+    parity: dict[str, Parity] = Field(default_factory=dict)  # runtime -> its result; cleared when the file changes
+    # what the stage that wrote it records (opset, nodes, pad_channels, calibration, activations,
+    # auto_fallback, built_for, max_batch, ...) passes through as extra fields
+
+    @classmethod
+    def of(cls, path: Path, fmt: str, precision: str, **extra) -> "Artifact":
+        """The entry for a file just written."""
+        return cls(file=path.name, format=fmt, precision=precision, sha256=sha256_file(path), bytes=path.stat().st_size,
+                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """An extra field a stage recorded (``pad_channels``, ``activations``, ...), or ``default``."""
+        return (self.model_extra or {}).get(key, default)
+
+
+class TritonModel(_Schema):
+    name: PlainName
+    source: PlainName
+
+
+def triton_model_name(recipe: str, artifact: Artifact) -> str:
+    """A served artifact's model name, in the Triton repository and on `toolkit serve`'s v2 API:
+    ``<recipe>_<precision>[_trt]`` (the recipe name is a plain name: the schema checks it)."""
+    suffix = "_trt" if artifact.format == "trt" else ""
+    return f"{recipe}_{artifact.precision}{suffix}".replace("-", "_")
+
+
+class Triton(_Schema):
+    repository: Literal["triton"]
+    models: dict[str, TritonModel]
+
+    @model_validator(mode="after")
+    def _keys_are_names(self) -> "Triton":
+        for key, model in self.models.items():
+            if key != model.name:
+                raise ValueError(f"model key {key[:80]!r} differs from its name {model.name[:80]!r}")
+        return self
+
+
+def _in_layout(chw: list[int], layout: str) -> list[int]:
+    c, h, w = chw
+    return [c, h, w] if layout == "NCHW" else [h, w, c]
+
+
+def _format_error(path: Path, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+    return f"{path}: {loc or 'manifest'}: {err['msg'].removeprefix('Value error, ')}"
+
+
+class Manifest(_Schema):
+    format: Literal["toolkit-manifest/1"]
+    name: PlainName
+    model: str = Field(min_length=1, max_length=200)
+    dataset: str = Field(min_length=1, max_length=200)
+    input: InputSpec
+    output: OutputSpec
+    normalization: Normalization
+    classes: list[str] = Field(min_length=1, max_length=100_000)
+    source: Source
+    artifacts: list[Artifact]
+    triton: Optional[Triton] = None
+    parity: Optional[Verified] = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        """A dataset this version knows, or "folder": verify, bench, serve and predict all refuse the
+        same manifests (serving would otherwise guess how to prepare images for it)."""
+        known = (*DATASETS, "folder")
+        if value not in known:
+            raise ValueError(f"unknown dataset {shown(value)}; this version of toolkit knows {', '.join(known)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        channels = self.chw[0]
+        if len(self.normalization.mean) != channels or len(self.normalization.std) != channels:
+            raise ValueError(f"normalization needs one mean and one std per input channel ({channels})")
+        if self.output.shape[1] != len(self.classes):
+            raise ValueError(f"output has {self.output.shape[1]!r} classes, classes lists {len(self.classes)}")
+        files = [a.file for a in self.artifacts]
+        if len(set(files)) != len(files):
+            raise ValueError("an artifact file is listed twice")
+        return self
+
+    @property
+    def chw(self) -> tuple[int, int, int]:
+        """The model input's channels, height and width."""
+        return self.input.chw
+
+    @classmethod
+    def new(cls, ckpt: dict, name: str, input_dtype: str = "float32", layout: str = "NCHW") -> "Manifest":
+        """A manifest with no artifacts yet, for the checkpoint ``ckpt`` (``checkpoint.load_checkpoint``)."""
+        meta, recipe = ckpt["meta"], ckpt["recipe"]
+        return cls(
+            format=FORMAT,
+            name=name,
+            model=recipe["model"]["name"],
+            dataset=meta["dataset"],
+            input=InputSpec(name="input", shape=["batch", *_in_layout(meta["input_shape"], layout)], dtype=input_dtype, layout=layout),
+            output=OutputSpec(name="logits", shape=["batch", len(meta["classes"])]),
+            # a uint8 image x becomes ((x / 255) - mean) / std, per channel
+            normalization=Normalization(scale=1 / 255, mean=[float(m) for m in meta["mean"]], std=[float(s) for s in meta["std"]]),
+            classes=list(meta["classes"]),
+            source=Source(checkpoint=str(Path(ckpt["path"]).resolve()), sha256=sha256_file(Path(ckpt["path"])), recipe=recipe["name"],
+                          params=meta["params"], test_acc=meta.get("test_acc"), description=recipe.get("description") or None,
+                          epochs=meta.get("epochs", recipe.get("epochs")), seed_results=recipe.get("seed_results"),
+                          data_dir=meta.get("data_dir"), folder=meta.get("folder")),
+            artifacts=[],
+        )
+
+    @classmethod
+    def load(cls, export_dir: str | Path, verify_files: bool = True) -> "Manifest":
+        """The export's manifest, checked against the schema; with ``verify_files``, every artifact's
+        size and sha256 checked too. Anything wrong is one ToolkitError line naming the file."""
+        export_dir = Path(export_dir)
+        path = confined(export_dir, NAME, str(export_dir))
+        if not path.is_file():
+            raise ToolkitError(f"no {NAME} in {export_dir} (run `toolkit export` first)")
+        with reading(path, "toolkit manifest"):
+            data = json.loads(read_text_limited(path, "manifest", MAX_BYTES))
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ToolkitError(f"{path}: not a toolkit manifest (no \"format\": \"{FORMAT}\")")
+        try:
+            manifest = cls.model_validate(data)
+        except ValidationError as exc:
+            raise ToolkitError(_format_error(path, exc)) from None
+        if verify_files:
+            for art in manifest.artifacts:
+                f = manifest.path(export_dir, art)
+                if not f.is_file():
+                    raise ToolkitError(f"{path}: artifact {art.file} is missing")
+                if f.stat().st_size != art.bytes or sha256_file(f) != art.sha256:
+                    raise ToolkitError(f"{f}: sha256 does not match the manifest (file changed or corrupted)")
+        return manifest
+
+    def save(self, export_dir: str | Path) -> None:
+        with atomic_write(Path(export_dir) / NAME, "w") as f:
+            json.dump(self.model_dump(mode="json", exclude_none=True), f, indent=2)
+            f.write("\n")
+
+    def artifact(self, file: str) -> Optional[Artifact]:
+        """The artifact whose file is ``file``, or None."""
+        return next((a for a in self.artifacts if a.file == file), None)
+
+    def upsert(self, artifact: Artifact) -> Artifact:
+        """Replace the artifact with the same file name, or add it."""
+        self.artifacts = [a for a in self.artifacts if a.file != artifact.file] + [artifact]
+        return artifact
+
+    @staticmethod
+    def path(export_dir: str | Path, artifact: Artifact) -> Path:
+        """Where an artifact the manifest lists lies: only ever inside ``export_dir``."""
+        return confined(Path(export_dir), artifact.file, f"{Path(export_dir) / NAME}: artifact file")
+
+
+def latest_export(exports_dir: str | Path = "exports") -> Path:
+    """The most recently written export directory (staging copies, whose names start with '.', never count)."""
+    found = [p.parent for p in Path(exports_dir).glob(f"*/{NAME}") if not p.parent.name.startswith(".")]
+    if not found:
+        raise ToolkitError(f"no export under {exports_dir}/ (run `toolkit export` first, or pass an export directory)")
+    return max(found, key=lambda p: (p / NAME).stat().st_mtime)

@@ -1,0 +1,183 @@
+"""``MODEL_CARD.md`` of an export: what the model is, what it was trained on, what each artifact
+is, how closely each matches the trained model (``toolkit verify``), how fast it runs
+(``toolkit bench``) and how to call it. Written from the manifest and the export's own
+``parity.json`` / ``bench.json`` by export, verify and bench, so it is never older than they are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from toolkit.core.datasets import preparation_for
+from toolkit.core.files import atomic_write
+from toolkit.core.manifest import Manifest
+
+NAME = "MODEL_CARD.md"
+PREPARATION = {
+    "digit": "MNIST-style: the paper estimated and removed, ink thresholded, strokes brought to MNIST's width, "
+             "the digit fitted into 20x20 and centred by its centre of mass in 28x28 (`toolkit.inference.preprocess.mnist_digit`)",
+    "garment": "as Fashion-MNIST made its images: grey, the object light on black (inverted on a light background), "
+               "trimmed and its longest side fitted to the frame (`toolkit.inference.preprocess.garment`)",
+    "resize": "converted to the model's channels and resized to its side (`toolkit.inference.preprocess.resized_image`)",
+}
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{value:.2f}%"
+
+
+def model_card(export_dir: Path, manifest: Manifest, bench: dict | None = None) -> str:
+    """The card's text; ``export_dir`` is the directory as the user sees it, ``bench`` its bench.json."""
+    src, inp, norm = manifest.source, manifest.input, manifest.normalization
+    channels, height, width = manifest.chw
+    seed = src.seed_results or {}
+    name = manifest.name
+    lines = [
+        f"# {name}: {manifest.model} on {manifest.dataset}",
+        "",
+        (src.description + ". " if src.description else "")
+        + f"{src.params:,} parameters, trained with the recipe `{src.recipe}`"
+        + (f" for {src.epochs} epoch{'' if src.epochs == 1 else 's'}" if src.epochs else "") + ".",
+        "",
+        f"- Checkpoint: `{src.checkpoint}` (sha256 `{src.sha256[:16]}…`); its test accuracy: {_pct(src.test_acc)}.",
+    ]
+    if seed:
+        lines.append(f"- The recipe's write-up ({seed.get('source', 'seed')}) reports {_pct(seed.get('test_acc'))} final"
+                     + (f", {_pct(seed.get('best_test_acc'))} best" if seed.get("best_test_acc") is not None else "")
+                     + (f", {seed['params']:,} parameters" if seed.get("params") else "")
+                     + " for the full recipe; a run with fewer epochs, fewer images or pruning is not comparable with it.")
+    lines += [
+        "",
+        "## Input and output",
+        "",
+        f"- Input `{inp.name}`: {inp.dtype} {inp.layout} {inp.shape} (batch first, any batch size).",
+    ]
+    if inp.dtype == "uint8":
+        lines.append("- The graph takes raw pixels (0-255) and normalizes them itself: no preprocessing code is needed beyond "
+                     "decoding and resizing.")
+    else:
+        lines.append(f"- Normalization (the caller's job): x / {1 / norm.scale:g}, minus mean {norm.mean}, divided by std {norm.std}, "
+                     "per channel, in float32.")
+    prep = preparation_for(manifest.dataset, channels)
+    lines += [
+        f"- Images are prepared {PREPARATION.get(prep, prep)}: {channels} channel(s), {height}x{width}.",
+        f"- Output `{manifest.output.name}`: {len(manifest.classes)} logits, in the order of the classes: "
+        + ", ".join(manifest.classes[:20]) + (" …" if len(manifest.classes) > 20 else "") + ".",
+        "",
+        "## Artifacts",
+        "",
+        "| file | format | precision | bytes | sha256 |",
+        "|---|---|---|---:|---|",
+    ]
+    for art in manifest.artifacts:
+        lines.append(f"| {art.file} | {art.format} | {art.precision} | {art.bytes:,} | `{art.sha256[:16]}…` |")
+    lines += ["", "## Parity with the trained model (`toolkit verify`)", ""]
+    if manifest.parity is None or not any(a.parity for a in manifest.artifacts):
+        lines.append(f"Not verified yet: run `toolkit verify {export_dir}`.")
+    else:
+        v = manifest.parity
+        lines += [
+            f"On {v.images:,} test images; the PyTorch reference scores {_pct(v.reference_acc)}. Verified on: "
+            f"{v.machine or 'an unrecorded machine'}" + (f", ONNX Runtime {v.onnxruntime}" if v.onnxruntime else "") + ". "
+            "int8 kernels differ between CPUs: run `toolkit verify` again on the machine you deploy to.",
+            "",
+            "| artifact | runtime | accuracy | Δ pp | agreement | pipeline agreement | gate |",
+            "|---|---|---:|---:|---:|---:|---|",
+        ]
+        for art in manifest.artifacts:
+            for runtime, p in art.parity.items():
+                lines.append(f"| {art.file} | {runtime} | {_pct(p.accuracy)} | {p.delta_pp:+.2f} | {_pct(p.agreement)} | "
+                             f"{_pct(p.pipeline_agreement)} | {'passed' if p.passed else '**FAILED**'} |")
+        unverified = [a.file for a in manifest.artifacts if not a.parity]
+        if unverified:
+            lines += ["", f"Not verified: {', '.join(unverified)}."]
+    lines += ["", "## Speed (`toolkit bench`)", ""]
+    rows = [r for r in (bench or {}).get("results", []) if isinstance(r, dict)]
+    if not rows:
+        lines.append(f"Not measured yet: run `toolkit bench {export_dir}`.")
+    else:
+        lines += [f"On {bench.get('machine', 'an unrecorded machine')}, {bench.get('date', '')}; see bench.md for p90/p99.", "",
+                  "| artifact | runtime | batch | p50 µs | images/s |", "|---|---|---:|---:|---:|"]
+        for r in rows:
+            try:
+                lines.append(f"| {r['artifact']} | {r['runtime']} | {r['batch']} | {r['p50_us']:.1f} | {r['images_per_s']:,.0f} |")
+            except (KeyError, TypeError, ValueError):
+                continue
+    lines += _usage(export_dir, manifest)
+    return "\n".join(lines) + "\n"
+
+
+def _usage(export_dir: Path, manifest: Manifest) -> list[str]:
+    inp = manifest.input
+    onnx = next((a.file for a in manifest.artifacts if a.format == "onnx"), "model.fp32.onnx")
+    channels = manifest.chw[0]
+    to_nhwc = "" if inp.layout == "NCHW" else "x = x.transpose(0, 2, 3, 1)  # this graph takes NHWC\n"
+    if inp.dtype == "uint8":
+        prepare = f"x = pixels[None, None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)[None]  # uint8 NCHW\n{to_nhwc}"
+    else:
+        mean = ", ".join(f"{m:g}" for m in manifest.normalization.mean)
+        std = ", ".join(f"{s:g}" for s in manifest.normalization.std)
+        prepare = (f"x = pixels[None, None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)[None]  # uint8 NCHW\n"
+                   f"x = (x.astype(np.float32) / np.float32({1 / manifest.normalization.scale:g})"
+                   f" - np.float32([{mean}]).reshape(1, {channels}, 1, 1)) / np.float32([{std}]).reshape(1, {channels}, 1, 1)\n{to_nhwc}")
+    lines = [
+        "",
+        "## How to call it",
+        "",
+        "With the toolkit (`pip install 'toolkit[serve]'` is enough: no torch), files, folders or globs:",
+        "",
+        "```",
+        f"toolkit predict {export_dir} image.png more/images/ --top-k 3 --json",
+        "```",
+        "",
+        "In plain ONNX Runtime (`pixels`: a uint8 HxW or HxWxC array already prepared as above; "
+        "`toolkit.inference.preprocess.model_pixels` does that for any image file):",
+        "",
+        "```python",
+        "import numpy as np",
+        "import onnxruntime as ort",
+        "",
+        f'session = ort.InferenceSession("{export_dir / onnx}", providers=["CPUExecutionProvider"])',
+        *prepare.rstrip("\n").split("\n"),
+        f'logits = session.run(None, {{"{inp.name}": x}})[0]',
+        "label = int(logits.argmax(1)[0])",
+        "```",
+    ]
+    eight_bit = [a.file for a in manifest.artifacts if a.precision == "int8" and a.format == "onnx" and a.get("weight_bits") == 8]
+    if eight_bit:
+        lines += ["", f"{', '.join(eight_bit)} on an x86 CPU without VNNI or AMX (`grep -o 'avx512_vnni\\|avx_vnni\\|amx_int8' /proc/cpuinfo` "
+                  "finds none): pass `sess_options` with `graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC`. "
+                  "ONNX Runtime's fused int8 kernels there add weight x activation products in pairs into 16 bits, which 8-bit weights "
+                  "overflow; unfused, the file computes exactly what was verified (toolkit does this by itself)."]
+    for art in manifest.artifacts:
+        tuned = art.get("qat")
+        if tuned:
+            lines += ["", f"{art.file} was made from the model fine-tuned {tuned['epochs']} epoch{'' if tuned['epochs'] == 1 else 's'} with fake quantization (QAT, "
+                      f"distilled from the trained model on {tuned['images']:,} training images); its parity above is against the "
+                      "trained model itself."]
+    if manifest.triton is not None and manifest.triton.models:
+        lines += ["", "As a Triton Inference Server model repository (models: "
+                  + ", ".join(f"`{n}`" for n in manifest.triton.models) + "):", "",
+                  "```", f"tritonserver --model-repository {export_dir / manifest.triton.repository}", "```"]
+    else:
+        lines += ["", f"For Triton Inference Server: `toolkit export {Path(manifest.source.checkpoint).parent} --format triton` "
+                  "writes a model repository into this export."]
+    return lines
+
+
+def write_model_card(directory: Path, manifest: Manifest, shown_as: Path | None = None) -> Path:
+    """Write the card into ``directory`` (an export, or its staging copy: then ``shown_as`` is the
+    export directory the card should name)."""
+    path = Path(directory) / NAME
+    with atomic_write(path, "w") as f:
+        f.write(model_card(Path(shown_as or directory), manifest, _read_json(Path(directory) / "bench.json")))
+    return path

@@ -1,0 +1,1 @@
+"""The model registry, recipes and checkpoints (torch). Imports core and inference only."""

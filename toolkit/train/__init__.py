@@ -1,0 +1,1 @@
+"""The training stage: the step engine, the loop, reports, train, evaluate and prune."""
