@@ -224,9 +224,13 @@ def test_a_graph_that_does_not_give_one_score_per_class_is_refused(fine4_export,
     png = tmp_path / "digit.png"
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(png)
     key = f"{copy.name}/model.fp32.onnx"
-    for command in (("verify", str(copy), "--data-dir", str(mnist_root)), ("bench", str(copy)), ("predict", str(copy), str(png), "--artifact", key)):
+    for command in (("verify", str(copy), "--data-dir", str(mnist_root)), ("bench", str(copy))):
         line = one_line_error(run_cli(*command))
         assert "are not one score per class for its manifest's 10 classes" in line, (command, line)
+    proc = run_cli("predict", str(copy), str(png), "--artifact", key)  # its "predict: 1 image(s) with ..." line, then the error
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 2 and lines[0].startswith("predict: 1 image(s) with"), proc.stderr
+    assert lines[1].startswith("error: ") and "are not one score per class for its manifest's 10 classes" in lines[1], proc.stderr
     service = Service(Catalog.from_dirs([tmp_path / "exports"]))
     assert key not in service.catalog.entries and f"{copy.name}/model.int8.onnx" in service.catalog.entries
     assert any(line.startswith(key) and "not one score per class" in line for line in service.left_out), service.left_out

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from toolkit.data import loaders as data_mod
 from toolkit.inference import folder, preprocess
-from toolkit.check import diagnosis
+from toolkit.check.diagnosis import diagnosis_line, layer_errors
 from toolkit.models.checkpoint import model_from_checkpoint, source_checkpoint, torch_runner
 from toolkit.core.errors import ToolkitError
 from toolkit.core.files import atomic_write, locked, remove_stale_temps, resolve_data_dir, sha256_file
@@ -92,7 +92,7 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
     ref_acc = accuracy(ref_logits, labels)
 
     results, skipped = [], []
-    diagnosis: dict[str, dict] = {}  # per failing int8 artifact: where it loses the float signal (diagnosis.layer_errors)
+    diagnosis: dict[str, dict] = {}  # per failing int8 artifact: where it loses the float signal (check.diagnosis.layer_errors)
     for art in manifest.artifacts:
         found = runtimes_for(art)
         if not found:
@@ -115,7 +115,7 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
                 float_twin = export_dir / "model.fp32.onnx"
                 if float_twin.is_file():
                     console.print(f"verify: {art.file} missed its gate; comparing it with model.fp32.onnx layer by layer")
-                    diagnosis[art.file] = diagnosis.layer_errors(float_twin, export_dir / art.file, x_tensor, manifest.input.name)
+                    diagnosis[art.file] = layer_errors(float_twin, export_dir / art.file, x_tensor, manifest.input.name)
     report = {
         "export_dir": str(export_dir),
         "dataset": manifest.dataset,
@@ -232,7 +232,7 @@ def failure_line(report: dict) -> str:
         if r["precision"] == "int8" and not r["tensor_passed"]:
             found = report.get("diagnosis", {}).get(r["artifact"])
             if found:
-                hints.add(f"{r['artifact']}: {diagnosis.diagnosis_line(found)}")
+                hints.add(f"{r['artifact']}: {diagnosis_line(found)}")
             hints.add("for int8 try `toolkit export --precision int8 --auto-fallback`, `--qat-epochs 1` or another --calib-method")
         parts.append(f"{r['artifact']} on {r['runtime']} ({'; '.join(missed)})")
     where = Path(report["export_dir"]) / "parity.md"

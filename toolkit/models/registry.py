@@ -36,6 +36,23 @@ def conv_bn_relu(cin: int, cout: int, *, padding: int = 0, dilation: int = 1, bi
 # --------------------------------------------------------------------------- MNIST
 
 
+def seven_conv_stack(widths: tuple[int, ...], in_channels: int, dropout: float, early_padding: int) -> list[nn.Module]:
+    """The MNIST nets' feature stack (seeds 001 and 002): seven 3x3 conv-BN-ReLU blocks of ``widths``
+    output channels, max-pooled after the third and the fifth, Dropout(p) after every block but the
+    first; ``early_padding`` pads the first five (1) or the last two (0) (the write-ups' two readings)."""
+    _check_channels(in_channels)
+    if early_padding not in (0, 1):
+        raise ToolkitError(f"early_padding must be 0 or 1, not {early_padding!r}")
+    layers: list[nn.Module] = []
+    for i, (cin, cout) in enumerate(zip((in_channels, *widths[:-1]), widths)):
+        layers += conv_bn_relu(cin, cout, padding=early_padding if i < 5 else 1 - early_padding)
+        if i > 0 and dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        if i in (2, 4):
+            layers.append(nn.MaxPool2d(2, 2))
+    return layers
+
+
 class MnistOptNet(nn.Module):
     """Seed 002, Opt-1 / Opt-2: 6,132 parameters.
 
@@ -53,26 +70,7 @@ class MnistOptNet(nn.Module):
 
     def __init__(self, dropout: float = 0.0, early_padding: int = 1, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
-        _check_channels(in_channels)
-        if early_padding not in (0, 1):
-            raise ToolkitError(f"early_padding must be 0 or 1, not {early_padding!r}")
-        early, late = early_padding, 1 - early_padding
-
-        def block(cin: int, cout: int, padding: int = 0, drop: bool = True) -> list[nn.Module]:
-            layers = conv_bn_relu(cin, cout, padding=padding)
-            return layers + ([nn.Dropout(dropout)] if drop and dropout > 0 else [])
-
-        self.features = nn.Sequential(
-            *block(in_channels, 10, padding=early, drop=False),
-            *block(10, 10, padding=early),
-            *block(10, 10, padding=early),
-            nn.MaxPool2d(2, 2),
-            *block(10, 8, padding=early),
-            *block(8, 8, padding=early),
-            nn.MaxPool2d(2, 2),
-            *block(8, 8, padding=late),
-            *block(8, 8, padding=late),
-        )
+        self.features = nn.Sequential(*seven_conv_stack((10, 10, 10, 8, 8, 8, 8), in_channels, dropout, early_padding))
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(72, 20), nn.ReLU(inplace=True), nn.Linear(20, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,27 +102,7 @@ class MnistGapNet(nn.Module):
 
     def __init__(self, dropout: float = 0.05, early_padding: int = 1, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
-        _check_channels(in_channels)
-        if early_padding not in (0, 1):
-            raise ToolkitError(f"early_padding must be 0 or 1, not {early_padding!r}")
-        early, late = early_padding, 1 - early_padding
-
-        def block(cin: int, cout: int, padding: int = 0, drop: bool = True) -> list[nn.Module]:
-            layers = conv_bn_relu(cin, cout, padding=padding)
-            return layers + ([nn.Dropout(dropout)] if drop and dropout > 0 else [])
-
-        self.features = nn.Sequential(
-            *block(in_channels, 12, padding=early, drop=False),
-            *block(12, 12, padding=early),
-            *block(12, 12, padding=early),
-            nn.MaxPool2d(2, 2),
-            *block(12, 10, padding=early),
-            *block(10, 10, padding=early),
-            nn.MaxPool2d(2, 2),
-            *block(10, 16, padding=late),
-            *block(16, 8, padding=late),
-            nn.AvgPool2d(3),
-        )
+        self.features = nn.Sequential(*seven_conv_stack((12, 12, 12, 10, 10, 16, 8), in_channels, dropout, early_padding), nn.AvgPool2d(3))
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8, 28), nn.ReLU(inplace=True), nn.Linear(28, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
