@@ -69,6 +69,36 @@ def staged(export_dir: Path) -> Iterator[Path]:
 # ----------------------------------------------------------------------------- the plan
 
 @dataclass(frozen=True)
+class ExportOptions:
+    """What `toolkit export` was asked for beyond the artifact (checked in ``export``)."""
+
+    data_dir: str | Path | None = None
+    calib_size: int = 512
+    calib_method: str = "minmax"
+    auto_fallback: bool = False
+    int8_activations: str = "int8"
+    int8_weights: int = 8
+    qat_epochs: int = 0
+    qat_images: int | None = None
+    gate_pp: float | None = None
+    pad_channels: int | None = None
+    download: bool = True
+    max_batch: int = 256
+
+
+@dataclass(frozen=True)
+class Job:
+    """One export under way: where it writes (``stage``, swapped in as ``export_dir``), what from."""
+
+    stage: Path
+    export_dir: Path
+    manifest: Manifest
+    ckpt: dict
+    options: ExportOptions
+    console: Console
+
+
+@dataclass(frozen=True)
 class Step:
     """One artifact an export can hold and the one it derives from (None: the checkpoint)."""
 
@@ -224,16 +254,18 @@ def export(
     export_dir = Path(out) / export_name(ckpt, input_dtype, layout)
     if (export_dir / MANIFEST_NAME).exists() or (export_dir / MANIFEST_NAME).is_symlink():
         Manifest.load(export_dir)  # refuse a broken or hostile export before touching anything
-    options = dict(data_dir=data_dir, calib_size=calib_size, calib_method=calib_method, auto_fallback=auto_fallback,
-                   int8_activations=int8_activations, int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images, gate_pp=gate_pp, pad_channels=pad_channels, download=download, max_batch=max_batch)
+    options = ExportOptions(data_dir=data_dir, calib_size=calib_size, calib_method=calib_method, auto_fallback=auto_fallback,
+                            int8_activations=int8_activations, int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images,
+                            gate_pp=gate_pp, pad_channels=pad_channels, download=download, max_batch=max_batch)
     with locked(export_dir, say=console.print):
         _remove_leftovers(export_dir, console)
         with staged(export_dir) as stage:
             manifest = _manifest_for(stage, ckpt, export_dir.name, console, input_dtype, layout)
+            job = Job(stage, export_dir, manifest, ckpt, options, console)
             if fmt == "triton":
-                result = _triton(stage, export_dir, manifest, ckpt, precision, options, console)
+                result = _triton(job, precision)
             else:
-                art = _make(stage, export_dir, manifest, ckpt, artifact_file(fmt, precision), options, console, target=True)
+                art = _make(job, artifact_file(fmt, precision), target=True)
                 result = {**art.model_dump(mode="json", exclude_none=True), "export_dir": str(export_dir)}
             _drop_stale(stage, manifest, console)
             manifest.save(stage)
@@ -262,16 +294,16 @@ def _remove_leftovers(export_dir: Path, console: Console) -> None:
             console.print(f"[yellow]{settled}[/]")
 
 
-def _make(stage: Path, export_dir: Path, manifest: Manifest, ckpt: dict, file: str, options: dict, console: Console,
-          target: bool) -> Artifact:
+def _make(job: Job, file: str, target: bool) -> Artifact:
     """``file`` in ``stage`` with what it derives from (``chain``): a source is made only when it is
     missing (the fp32 ONNX also when ``pad_channels`` asks for another padding); the ``target`` file
     is always made again. Returns its manifest entry."""
+    stage, manifest, ckpt, console = job.stage, job.manifest, job.ckpt, job.console
     for step in chain(file):
         existing = manifest.artifact(step.file)
         is_target = target and step.file == file
         if step.source is None:
-            wanted = options["pad_channels"]
+            wanted = job.options.pad_channels
             repad = existing is not None and wanted is not None and existing.get("pad_channels", 0) != wanted
             if existing is not None and not repad:
                 continue
@@ -288,7 +320,7 @@ def _make(stage: Path, export_dir: Path, manifest: Manifest, ckpt: dict, file: s
         console.print(f"export: {step.file} ({step.format} {step.precision}"
                       + (f", from {step.source})" if step.source else f", from {Path(ckpt['path']).name})"))
         path = stage / step.file
-        fields = _build(step, path, stage, export_dir, manifest, ckpt, options, console)
+        fields = BUILDERS[step.format, step.precision](job, step, path)
         if step.source is not None:
             fields["source_sha256"] = manifest.artifact(step.source).sha256
         made = manifest.upsert(Artifact.of(path, step.format, step.precision, **fields))
@@ -303,53 +335,71 @@ def _check_trt_source(manifest: Manifest, step: Step) -> None:
             raise ToolkitError(f"{step.source} has uint8 activations, which TensorRT cannot build from; export --precision int8 again first")
 
 
-def _build(step: Step, path: Path, stage: Path, export_dir: Path, manifest: Manifest, ckpt: dict, options: dict, console: Console) -> dict:
-    """Write one artifact of the plan to ``path``; returns the stage's fields for its manifest entry."""
-    source = stage / step.source if step.source else None
-    if step.source is None:
-        from toolkit.export.to_onnx import export_onnx, onnx_metadata
+def _fp32_onnx(job: Job, step: Step, path: Path) -> dict:
+    from toolkit.export.to_onnx import export_onnx, onnx_metadata
 
-        return export_onnx(model_from_checkpoint(ckpt), path, manifest.input, manifest.output.name, manifest.normalization,
-                           onnx_metadata(manifest), pad_channels=options["pad_channels"] or 0)
-    if step.format == "onnx" and step.precision == "fp16":
-        from toolkit.export.to_onnx import convert_fp16
+    m = job.manifest
+    return export_onnx(model_from_checkpoint(job.ckpt), path, m.input, m.output.name, m.normalization, onnx_metadata(m),
+                       pad_channels=job.options.pad_channels or 0)
 
-        return convert_fp16(source, path)
-    if step.format == "onnx" and step.precision == "int8":
-        from toolkit.export import quantize
-        from toolkit.core.parity import GATES
 
-        method, activations = options["calib_method"], options["int8_activations"]
-        calib, held_x, held_y = quantize.training_slices(manifest, options["data_dir"], options["calib_size"], download=options["download"])
-        qat_fields = {}
-        if options["qat_epochs"]:
-            source, qat_fields = _qat_source(stage, manifest, ckpt, options, console)
-        if options["auto_fallback"]:
-            gate = options["gate_pp"] if options["gate_pp"] is not None else GATES["int8"]["delta_pp"]
-            fields = quantize.auto_fallback(source, path, calib, held_x, held_y, gate, method, console, activations=activations,
-                                            weight_bits=options["int8_weights"])
-        else:
-            fields = quantize.quantize_int8(source, path, calib, method, activations=activations, weight_bits=options["int8_weights"])
-        if qat_fields:
-            source.unlink(missing_ok=True)
-        return {**fields, **qat_fields}
+def _fp16_onnx(job: Job, step: Step, path: Path) -> dict:
+    from toolkit.export.to_onnx import convert_fp16
+
+    return convert_fp16(job.stage / step.source, path)
+
+
+def _int8_onnx(job: Job, step: Step, path: Path) -> dict:
+    """Static QDQ int8 calibrated on training images; after QAT when asked; with auto-fallback when asked."""
+    from toolkit.core.parity import GATES
+    from toolkit.export import quantize
+
+    o, source = job.options, job.stage / step.source
+    calib, held_x, held_y = quantize.training_slices(job.manifest, o.data_dir, o.calib_size, download=o.download)
+    qat_fields = {}
+    if o.qat_epochs:
+        source, qat_fields = _qat_source(job)
+    if o.auto_fallback:
+        gate = o.gate_pp if o.gate_pp is not None else GATES["int8"]["delta_pp"]
+        fields = quantize.auto_fallback(source, path, calib, held_x, held_y, gate, o.calib_method, job.console,
+                                        activations=o.int8_activations, weight_bits=o.int8_weights)
+    else:
+        fields = quantize.quantize_int8(source, path, calib, o.calib_method, activations=o.int8_activations, weight_bits=o.int8_weights)
+    if qat_fields:
+        source.unlink(missing_ok=True)
+    return {**fields, **qat_fields}
+
+
+def _engine(job: Job, step: Step, path: Path) -> dict:
     from toolkit.export.to_trt import build_trt_engine
 
-    return build_trt_engine(source, path, step.precision, manifest.input.name, tuple(manifest.input.shape[1:]), options["max_batch"],
-                            confined(stage, "timing.cache", str(export_dir)))
+    return build_trt_engine(job.stage / step.source, path, step.precision, job.manifest.input.name, tuple(job.manifest.input.shape[1:]),
+                            job.options.max_batch, confined(job.stage, "timing.cache", str(job.export_dir)))
 
 
-def _qat_source(stage: Path, manifest: Manifest, ckpt: dict, options: dict, console: Console) -> tuple[Path, dict]:
+# one builder per (format, precision) of the plan, one signature: the job, the step, the path to write;
+# each returns the fields of its manifest entry
+BUILDERS = {
+    ("onnx", "fp32"): _fp32_onnx,
+    ("onnx", "fp16"): _fp16_onnx,
+    ("onnx", "int8"): _int8_onnx,
+    ("trt", "fp32"): _engine,
+    ("trt", "fp16"): _engine,
+    ("trt", "int8"): _engine,
+}
+
+
+def _qat_source(job: Job) -> tuple[Path, dict]:
     """Quantization-aware fine-tuning (``toolkit.export.qat``) of the checkpoint's model, exported as a float
     ONNX file beside the fp32 artifact (same input, normalization, metadata and channel padding) for
     the int8 export to quantize; returns its path and the manifest's ``qat`` record. Fine-tuning uses
     the activation ranges that this export's own calibration gives the model before tuning."""
+    stage, manifest, ckpt, o, console = job.stage, job.manifest, job.ckpt, job.options, job.console
     from toolkit.export import qat, quantize
     from toolkit.export.to_onnx import export_onnx, onnx_metadata
 
-    images = quantize.fine_tuning_images(manifest, options["data_dir"], options["calib_size"], limit=options["qat_images"],
-                                         download=options["download"])
-    calib = images[: options["calib_size"]]
+    images = quantize.fine_tuning_images(manifest, o.data_dir, o.calib_size, limit=o.qat_images, download=o.download)
+    calib = images[: o.calib_size]
     fp32 = manifest.artifact("model.fp32.onnx")
     path = stage / ".qat.fp32.onnx"  # removed once quantized; a failed export discards the whole stage
 
@@ -360,25 +410,26 @@ def _qat_source(stage: Path, manifest: Manifest, ckpt: dict, options: dict, cons
     model = model_from_checkpoint(ckpt)
     to_onnx(qat.fold_batchnorm(model)[0])
     probe = stage / ".qat.ranges.onnx"
-    quantize.quantize_int8(path, probe, calib, options["calib_method"], activations=options["int8_activations"], weight_bits=options["int8_weights"])
+    quantize.quantize_int8(path, probe, calib, o.calib_method, activations=o.int8_activations, weight_bits=o.int8_weights)
     ranges = quantize.activation_ranges(probe)
     probe.unlink()
-    epochs = options["qat_epochs"]
+    epochs = o.qat_epochs
     console.print(f"qat: fine-tuning with fake quantization for {epochs} epoch{'' if epochs == 1 else 's'} on {len(images):,} training images")
-    tuned, report = qat.fine_tune(model, images, calib, epochs=epochs, activations=options["int8_activations"],
-                                  weight_bits=options["int8_weights"], ranges=ranges, console=console)
+    tuned, report = qat.fine_tune(model, images, calib, epochs=epochs, activations=o.int8_activations,
+                                  weight_bits=o.int8_weights, ranges=ranges, console=console)
     to_onnx(tuned)
     return path, {"qat": report}
 
 
-def _triton(stage: Path, export_dir: Path, manifest: Manifest, ckpt: dict, precision: str, options: dict, console: Console) -> dict:
+def _triton(job: Job, precision: str) -> dict:
     """Add the ONNX artifact of ``precision`` (made first if the export lacks it) and any TensorRT
     engine of that precision to the export's Triton model repository, ``<export>/triton/``."""
+    stage, export_dir, manifest, console = job.stage, job.export_dir, job.manifest, job.console
     from toolkit.export.to_triton import REPOSITORY, write_triton_model
     from toolkit.core.manifest import Triton
 
     source = artifact_file("onnx", precision)
-    _make(stage, export_dir, manifest, ckpt, source, options, console, target=manifest.artifact(source) is None)
+    _make(job, source, target=manifest.artifact(source) is None)
     graph_source = stage / artifact_file("onnx", "int8" if precision == "int8" else "fp32")
     served = [a for a in manifest.artifacts if a.precision == precision]
     if manifest.triton is None:
@@ -386,7 +437,7 @@ def _triton(stage: Path, export_dir: Path, manifest: Manifest, ckpt: dict, preci
     names = []
     for art in served:
         record = write_triton_model(stage, manifest.source.recipe, manifest.classes, art,
-                                    stage / source if art.format == "onnx" else graph_source, options["max_batch"])
+                                    stage / source if art.format == "onnx" else graph_source, job.options.max_batch)
         manifest.triton.models[record["name"]] = TritonModel(**record)
         names.append(record["name"])
     console.print(f"Triton model{'s' if len(names) > 1 else ''} {', '.join(names)} -> {export_dir / REPOSITORY}")
