@@ -133,9 +133,15 @@ def test_reexport_after_retraining_drops_stale_artifacts(fine4_run, tmp_path):
 
 @pytest.mark.skipif(trt_missing_reason() is None, reason="TensorRT and a GPU are present: the refusal path does not apply")
 def test_trt_without_tensorrt_is_one_clear_line(fine4_run, tmp_path):
+    """Neither full TensorRT (with a GPU) nor TensorRT-RTX: one line naming both ways, nothing written.
+    TensorRT-RTX, installed for the tests, is hidden by a package of its name that fails to import."""
+    hidden = tmp_path / "hide" / "tensorrt_rtx"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hidden.parent), os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "exports"
-    line = one_line_error(run_cli("export", str(fine4_run.run_dir), "--format", "trt", "--out", str(out)))
-    assert "toolkit[trt]" in line  # the install hint survives the terminal markup
+    line = one_line_error(run_cli("export", str(fine4_run.run_dir), "--format", "trt", "--out", str(out), env=env))
+    assert "toolkit[trt]" in line and "pip install tensorrt-rtx" in line  # the install hints survive the terminal markup
     assert not out.exists()
 
 

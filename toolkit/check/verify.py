@@ -30,7 +30,7 @@ from toolkit.core.manifest import Manifest, Parity, Verified, latest_export
 from toolkit.core.model_card import write_model_card
 from toolkit.core.parity import GATES, PARITY_FIELDS, REPORT, REPORT_MD, accuracy, compare, pending, settle_report
 from toolkit.models.recipes import Recipe
-from toolkit.inference.runtime import make_runner, runtimes_for, trt_missing_reason
+from toolkit.inference.runtime import make_runner, not_runnable_reason, runtimes_for
 
 BATCH = 500
 
@@ -96,7 +96,7 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
     for art in manifest.artifacts:
         found = runtimes_for(art)
         if not found:
-            why = trt_missing_reason() if art.format == "trt" else f"no runtime here runs {art.format} artifacts"
+            why = not_runnable_reason(art)
             skipped.append({"artifact": art.file, "reason": why})
             continue
         for runtime in found:

@@ -244,12 +244,10 @@ def export(
         raise ToolkitError("--qat-epochs applies to --precision int8 only")
     if fmt == "trt" and precision == "int8" and int8_activations != "int8":
         raise ToolkitError("TensorRT's explicit quantization needs symmetric int8 activations: leave --int8-activations at int8")
-    if fmt == "trt":
-        from toolkit.inference.runtime import trt_missing_reason
+    if fmt == "trt":  # which builder, said before any work; none: one line, and exports/ untouched
+        from toolkit.export.to_trt import builder_line
 
-        reason = trt_missing_reason()
-        if reason:  # say so before any work, and leave exports/ untouched
-            raise ToolkitError(f"cannot build a TensorRT engine here: {reason}")
+        console.print(builder_line())
     ckpt = load_checkpoint(ref if ref is not None else latest_run(runs))
     export_dir = Path(out) / export_name(ckpt, input_dtype, layout)
     if (export_dir / MANIFEST_NAME).exists() or (export_dir / MANIFEST_NAME).is_symlink():
@@ -371,10 +369,23 @@ def _int8_onnx(job: Job, step: Step, path: Path) -> dict:
 
 
 def _engine(job: Job, step: Step, path: Path) -> dict:
-    from toolkit.export.to_trt import build_trt_engine
+    """A TensorRT engine. TensorRT-RTX builds strongly typed networks (no precision flags): its fp16
+    engine is built from the fp32 ONNX converted to fp16 as the fp16 artifact is, in a temporary file."""
+    from toolkit.export.to_onnx import convert_fp16
+    from toolkit.export.to_trt import build_trt_engine, builder
 
-    return build_trt_engine(job.stage / step.source, path, step.precision, job.manifest.input.name, tuple(job.manifest.input.shape[1:]),
-                            job.options.max_batch, confined(job.stage, "timing.cache", str(job.export_dir)))
+    source = job.stage / step.source
+    typed = step.precision == "fp16" and builder()[2]
+    if typed:
+        converted = job.stage / ".rtx.fp16.onnx"
+        convert_fp16(source, converted)
+        source = converted
+    try:
+        return build_trt_engine(source, path, step.precision, job.manifest.input.name, tuple(job.manifest.input.shape[1:]),
+                                job.options.max_batch, confined(job.stage, "timing.cache", str(job.export_dir)), source_name=step.source)
+    finally:
+        if typed:
+            source.unlink(missing_ok=True)
 
 
 # one builder per (format, precision) of the plan, one signature: the job, the step, the path to write;

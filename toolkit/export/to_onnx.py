@@ -33,9 +33,10 @@ class RawPixels(torch.nn.Module):
         self.register_buffer("std", torch.tensor(normalization.std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.to(torch.float32)  # first: TensorRT takes a uint8 input only into a Cast (its Transpose refuses uint8)
         if self.channels_last:
-            pixels = pixels.permute(0, 3, 1, 2)
-        return self.model((pixels.to(torch.float32) / self.divisor - self.mean) / self.std)
+            x = x.permute(0, 3, 1, 2)
+        return self.model((x / self.divisor - self.mean) / self.std)
 
 
 class ChannelsLast(torch.nn.Module):

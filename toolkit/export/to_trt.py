@@ -1,10 +1,17 @@
-"""TensorRT engines built from the exported ONNX with the `tensorrt` Python API.
+"""TensorRT engines built from the exported ONNX, with TensorRT or TensorRT-RTX.
 
 fp32 and fp16 engines come from the fp32 ONNX; the int8 engine comes from the QDQ ONNX
 (explicit quantization), so one quantization serves ONNX Runtime and TensorRT alike. Each
-engine has an optimization profile for batch 1..max, shares a timing cache with the other
-engines of the export, and gets a JSON sidecar with the TensorRT version and GPU it was built
-for (an engine only runs there).
+engine has an optimization profile for batch 1..max and gets a JSON sidecar saying what built
+it and for which GPU (an engine only runs there).
+
+The builder is full TensorRT (the `tensorrt` package) where it can run, that is with an NVIDIA
+GPU; else TensorRT-RTX (the `tensorrt_rtx` package, real wheels on PyPI), which builds engines
+ahead of time on the CPU with no GPU present, for its default GPU architectures (compute
+capability 8.0, 8.6, 8.9, 12.0 and later, its documentation's "CPU-only AOT"). Such an engine is
+built, not run: it runs with TensorRT-RTX's runtime on one of those GPUs. Building it proves that
+TensorRT's ONNX parser takes the graph and that the builder finds an implementation for every
+layer, which is what this module's tests check for every kind of export.
 """
 
 from __future__ import annotations
@@ -12,57 +19,133 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from toolkit.core.errors import ToolkitError
+import onnx
+from onnx import numpy_helper
+
+from toolkit.core.errors import ToolkitError, first_line
 from toolkit.core.files import atomic_write
 from toolkit.inference.runtime import current_gpu, engine_sidecar, trt_missing_reason
 
 WORKSPACE_BYTES = 1 << 30
+RTX_DEFAULT_TARGETS = "compute capability 8.0, 8.6, 8.9, 12.0 and later (TensorRT-RTX's default)"
+
+
+def builder() -> tuple[object, str, bool]:
+    """(the TensorRT module to build with, its package name, whether the build is ahead of time
+    without a GPU). Full TensorRT where it runs, else TensorRT-RTX; neither: a one-line error."""
+    full_reason = trt_missing_reason()
+    if full_reason is None:
+        import tensorrt
+
+        return tensorrt, "tensorrt", False
+    try:
+        import tensorrt_rtx
+    except ImportError:
+        raise ToolkitError(f"cannot build a TensorRT engine here: {full_reason}; or install TensorRT-RTX "
+                           "(`pip install tensorrt-rtx`), which builds engines ahead of time without a GPU") from None
+    return tensorrt_rtx, "tensorrt-rtx", True
+
+
+def builder_line() -> str:
+    """One line for the user: which package builds, and whether the engine can run here."""
+    trt, package, aot = builder()
+    if aot:
+        return (f"TensorRT-RTX {trt.__version__} builds this engine ahead of time on the CPU, for {RTX_DEFAULT_TARGETS}; "
+                "it is built, not run: no GPU here")
+    return f"TensorRT {trt.__version__} builds this engine for this machine's GPU"
+
+
+def fold_int32_dequantize(proto: onnx.ModelProto) -> int:
+    """Replace each DequantizeLinear of a constant int32 tensor (ONNX Runtime's quantized biases)
+    by its float value, in place; returns how many. TensorRT's parser takes DequantizeLinear of
+    int8/uint8 (and fp8/int4) inputs only, and a dequantized constant is a constant: the graph
+    computes the same, and the int8 ONNX file that ONNX Runtime runs is left as it is."""
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    used = {}
+    for node in graph.node:
+        for name in node.input:
+            used[name] = used.get(name, 0) + 1
+    folded, keep = 0, []
+    for node in graph.node:
+        src = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.input else None
+        if src is None or src.data_type != onnx.TensorProto.INT32 or not all(n in inits for n in node.input[1:]):
+            keep.append(node)
+            continue
+        q = numpy_helper.to_array(src).astype("float64")
+        scale = numpy_helper.to_array(inits[node.input[1]]).astype("float64")
+        zero = numpy_helper.to_array(inits[node.input[2]]).astype("float64") if len(node.input) > 2 and node.input[2] else 0.0
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1 and q.ndim > 0:  # per-axis: scale and zero point along ``axis``
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale = scale.reshape(shape)
+            zero = zero.reshape(shape) if getattr(zero, "ndim", 0) == 1 else zero
+        graph.initializer.append(numpy_helper.from_array(((q - zero) * scale).astype("float32"), node.output[0]))
+        folded += 1
+        for name in node.input:
+            used[name] -= 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+        unused = [i for i in graph.initializer if used.get(i.name, 1) == 0 and i.data_type == onnx.TensorProto.INT32]
+        for init in unused:
+            graph.initializer.remove(init)
+    return folded
 
 
 def build_trt_engine(onnx_path: Path, engine_path: Path, precision: str, input_name: str, input_shape: tuple[int, ...], max_batch: int,
-                     timing_cache: Path) -> dict:
-    """``input_shape``: one image's shape in the graph's layout (CHW or HWC); the profile spans batch 1..max_batch."""
-    reason = trt_missing_reason()
-    if reason:
-        raise ToolkitError(reason)
-    import tensorrt as trt
-
+                     timing_cache: Path, source_name: str | None = None) -> dict:
+    """``input_shape``: one image's shape in the graph's layout (CHW or HWC); the profile spans batch 1..max_batch.
+    ``source_name``: the artifact the engine is made from, as the sidecar records it (default: ``onnx_path``'s name)."""
+    trt, package, aot = builder()
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    network_builder = trt.Builder(logger)
+    network = network_builder.create_network(0)  # explicit batch is the only mode
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ToolkitError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    fold_int32_dequantize(proto)
+    if not parser.parse(proto.SerializeToString()):
+        errors = "; ".join(first_line(Exception(str(parser.get_error(i)))) for i in range(parser.num_errors))
+        raise ToolkitError(f"{package} could not parse {onnx_path.name}: {errors}")
 
-    config = builder.create_builder_config()
+    config = network_builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "int8":
-        # the QDQ nodes fix the scales; the flag lets TensorRT pick int8 kernels for them,
-        # FP16 lets the layers left in float (auto-fallback) run in half precision
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.set_flag(trt.BuilderFlag.FP16)
+    if not aot:  # TensorRT-RTX chooses precisions from the graph (strong typing, Q/DQ), and has no such flags
+        if precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif precision == "int8":
+            # the QDQ nodes fix the scales; the flag lets TensorRT pick int8 kernels for them,
+            # FP16 lets the layers left in float (auto-fallback) run in half precision
+            config.set_flag(trt.BuilderFlag.INT8)
+            config.set_flag(trt.BuilderFlag.FP16)
 
     shape = tuple(input_shape)
     opt_batch = min(32, max_batch)
-    profile = builder.create_optimization_profile()
+    profile = network_builder.create_optimization_profile()
     profile.set_shape(input_name, (1, *shape), (opt_batch, *shape), (max_batch, *shape))
     config.add_optimization_profile(profile)
 
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, False)  # False: refuse a cache from another TensorRT or GPU
+    cache = None
+    if not aot:
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+        config.set_timing_cache(cache, False)  # False: refuse a cache from another TensorRT or GPU
 
-    serialized = builder.build_serialized_network(network, config)
+    serialized = network_builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ToolkitError(f"TensorRT failed to build a {precision} engine from {onnx_path.name} (see the log above)")
+        raise ToolkitError(f"{package} failed to build a {precision} engine from {onnx_path.name} (see the log above)")
     with atomic_write(engine_path) as f:
         f.write(bytes(serialized))
-    with atomic_write(timing_cache) as f:
-        f.write(bytes(cache.serialize()))
-    built_for = {"tensorrt": trt.__version__, "gpu": current_gpu()["name"], "compute_capability": current_gpu()["compute_capability"],
-                 "precision": precision, "max_batch": max_batch, "onnx": onnx_path.name}
+    if cache is not None:
+        with atomic_write(timing_cache) as f:
+            f.write(bytes(cache.serialize()))
+    if aot:
+        built_for = {"builder": package, "tensorrt_rtx": trt.__version__, "ahead_of_time": True, "gpu": None,
+                     "compute_capability": RTX_DEFAULT_TARGETS, "precision": precision, "max_batch": max_batch, "onnx": source_name or onnx_path.name}
+    else:
+        gpu = current_gpu()
+        built_for = {"builder": package, "tensorrt": trt.__version__, "gpu": gpu["name"], "compute_capability": gpu["compute_capability"],
+                     "precision": precision, "max_batch": max_batch, "onnx": source_name or onnx_path.name}
     with atomic_write(engine_sidecar(engine_path), "w") as f:
         json.dump(built_for, f, indent=2)
     return {"built_for": built_for, "max_batch": max_batch}

@@ -21,7 +21,7 @@ from toolkit.core.errors import ToolkitError, shown
 from toolkit.core.manifest import NAME as MANIFEST_NAME
 from toolkit.core.manifest import Artifact, Manifest
 from toolkit.inference.preprocess import model_pixels, to_input
-from toolkit.inference.runtime import Runner, check_engine_compatible, make_runner, runtimes_for, trt_missing_reason
+from toolkit.inference.runtime import Runner, check_engine_compatible, make_runner, not_runnable_reason, runtimes_for
 
 RUNTIME_PREFERENCE = ("tensorrt", "ort-cuda", "ort-cpu")
 # the demo's tabs: drawings of digits, and pictures
@@ -91,7 +91,7 @@ class Catalog:
                 key = f"{manifest.name}/{art.file}"
                 runtimes = runtimes_for(art)
                 if not runtimes:
-                    why = trt_missing_reason() if art.format == "trt" else f"no runtime for format {art.format!r}"
+                    why = not_runnable_reason(art)
                     catalog.skipped.append(f"{key}: {why}")
                     continue
                 if art.format == "trt":  # an engine runs only on the TensorRT version and GPU it was built for

@@ -72,6 +72,17 @@ def trt_missing_reason() -> str | None:
     return None
 
 
+def not_runnable_reason(artifact: Artifact) -> str:
+    """Why ``artifact`` (one ``runtimes_for`` found no runtime for) does not run here, in one clause."""
+    built = artifact.get("built_for") or {}
+    if artifact.format == "trt" and isinstance(built, dict) and built.get("ahead_of_time"):
+        return (f"built ahead of time by TensorRT-RTX {built.get('tensorrt_rtx')} for {built.get('compute_capability')}: "
+                "it runs with TensorRT-RTX on such a GPU, not here")
+    if artifact.format == "trt":
+        return trt_missing_reason() or "TensorRT cannot run it here"
+    return f"no runtime here runs {artifact.format} artifacts"
+
+
 def runtimes_for(artifact: Artifact) -> list[str]:
     """The runtimes present on this machine that can run this artifact."""
     if artifact.format == "onnx":
