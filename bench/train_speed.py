@@ -53,7 +53,7 @@ def seed_pipeline(recipe_ref: str, epochs: int, data_dir: str, device: str, work
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from toolkit.data import loaders as data_mod
+    from toolkit.data import sources
     from toolkit.core.datasets import facts
     from toolkit.models.recipes import load_recipe
     from toolkit.train.loop import build_scheduler
@@ -63,8 +63,8 @@ def seed_pipeline(recipe_ref: str, epochs: int, data_dir: str, device: str, work
     dev = torch.device(device)
     root = Path(data_dir)
     dataloader_recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"pipeline": "dataloader"})})
-    train_ds = data_mod.build_dataset(dataloader_recipe, root, train=True, download=False)
-    test_ds = data_mod.build_dataset(dataloader_recipe, root, train=False, download=False)
+    train_ds = sources.build_dataset(dataloader_recipe, root, train=True, download=False)
+    test_ds = sources.build_dataset(dataloader_recipe, root, train=False, download=False)
     kwargs = {"num_workers": workers, "pin_memory": dev.type == "cuda"}
     train_loader = DataLoader(train_ds, batch_size=recipe.data.batch_size, shuffle=True, **kwargs)
     test_loader = DataLoader(test_ds, batch_size=recipe.data.test_batch_size, shuffle=False, **kwargs)

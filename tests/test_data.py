@@ -10,6 +10,7 @@ import torch
 from bench.cifar_files import CIFAR10_CLASSES
 from tests.conftest import RECIPES
 from toolkit.data import loaders as data_mod
+from toolkit.data import sources
 from toolkit.core.datasets import facts
 from toolkit.core.errors import ToolkitError
 from toolkit.core.files import resolve_data_dir
@@ -45,7 +46,7 @@ def test_real_mnist(mnist_root):
 
 def test_mnist_test_pipeline_is_normalization_only(mnist_root):
     recipe = load_recipe(RECIPES / "fine4.toml")
-    ds = data_mod.build_dataset(recipe, mnist_root, train=False, download=False)
+    ds = sources.build_dataset(recipe, mnist_root, train=False, download=False)
     x, y = ds[0]
     raw = ds.data[0].float() / 255
     assert torch.allclose(x[0], (raw - 0.1307) / 0.3081, atol=1e-6) and y == 7
@@ -53,7 +54,7 @@ def test_mnist_test_pipeline_is_normalization_only(mnist_root):
 
 def test_mnist_rotation_is_applied_to_training_images(mnist_root):
     recipe = load_recipe(RECIPES / "fine4.toml")
-    ds = data_mod.build_dataset(recipe, mnist_root, train=True, download=False)
+    ds = sources.build_dataset(recipe, mnist_root, train=True, download=False)
     torch.manual_seed(0)
     a, b = ds[0][0], ds[0][0]
     assert not torch.equal(a, b)  # two random rotations of the same digit differ
@@ -84,13 +85,13 @@ def test_corrupted_cifar_file_is_a_clear_error(cifar_root):
 def test_albumentations_ft_pipeline(cifar_root):
     recipe = load_recipe(RECIPES / "ft6.toml")
     spec = facts("cifar10")
-    test_ds = data_mod.build_dataset(recipe, cifar_root, train=False, download=False)
+    test_ds = sources.build_dataset(recipe, cifar_root, train=False, download=False)
     x, _ = test_ds[0]
     raw = torch.from_numpy(np.array(test_ds.base[0][0])).permute(2, 0, 1).float() / 255
     expected = (raw - torch.tensor(spec.mean)[:, None, None]) / torch.tensor(spec.std)[:, None, None]
     assert x.shape == (3, 32, 32) and torch.allclose(x, expected, atol=1e-5)  # test split: normalization only
 
-    train_ds = data_mod.build_dataset(recipe, cifar_root, train=True, download=False)
+    train_ds = sources.build_dataset(recipe, cifar_root, train=True, download=False)
     train_ds.reseed(0)
     outs = [train_ds[0][0] for _ in range(40)]
     changed = sum(not torch.allclose(o, outs[0]) for o in outs[1:])

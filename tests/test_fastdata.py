@@ -7,6 +7,7 @@ from torchvision import transforms
 
 from tests.conftest import RECIPES
 from toolkit.data import loaders as data_mod
+from toolkit.data import sources
 from toolkit.core.datasets import facts
 from toolkit.data.fast import TensorLoader, apply_batch, sample_params
 from toolkit.models.recipes import Augment, CoarseDropout, ShiftScaleRotate, load_recipe
@@ -127,7 +128,7 @@ def test_tensor_loader_matches_the_torchvision_test_pipeline(mnist_root):
     spec = facts("mnist")
     loader = TensorLoader(x[:100], y[:100], 64, normalization={"mean": spec.mean, "std": spec.std}, generator=None, shuffle=False)
     xb, yb = next(iter(loader))
-    reference = data_mod.build_dataset(recipe, mnist_root, train=False, download=False)
+    reference = sources.build_dataset(recipe, mnist_root, train=False, download=False)
     expected = torch.stack([reference[i][0] for i in range(64)])
     assert torch.allclose(xb, expected, atol=1e-6) and torch.equal(yb, y[:64])
     assert len(loader) == 2 and loader.num_samples() == 100 and classes == [str(i) for i in range(10)]

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from tests.conftest import RECIPES, quiet
 from toolkit.data import loaders as data_mod
+from toolkit.data import sources
 from toolkit.inference import folder
 from toolkit.core.errors import ToolkitError
 from toolkit.models.recipes import load_recipe
@@ -133,7 +134,7 @@ def test_folder_recipes_are_checked_in_one_line(tmp_path, fashion_folder):
     assert recipe.resolved().model.options["in_channels"] == 1
     missing = load_recipe(recipe_file(tmp_path, tmp_path / "nowhere"))  # checked when it trains
     with pytest.raises(ToolkitError, match="image folder not found"):
-        data_mod.load_folder(missing)
+        sources.source_for(missing).facts()
 
 
 @pytest.mark.slow
@@ -220,7 +221,7 @@ def test_the_readme_folder_recipe_trains_on_rgb_pictures(tmp_path, cache):
     assert meta["classes"] == ["cat", "dog"] and meta["input_shape"] == [3, 32, 32] and len(meta["mean"]) == 3
     assert run.epochs == 2 and len(run.metrics) == 2
     # the default split: 20% of each class, 4 + 4 test images; and 10% of the other 32 held out to choose best.pt
-    assert folder.load(data_mod.folder_spec(recipe)).y_test.tolist() == [0] * 4 + [1] * 4
+    assert sources.source_for(recipe).found().y_test.tolist() == [0] * 4 + [1] * 4
     assert meta["validation"] == 0.1 and all("val_acc" in row for row in run.metrics)
 
 

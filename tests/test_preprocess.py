@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import RECIPES, manifest_for
 from toolkit.data import loaders as data_mod
+from toolkit.data import sources
 from toolkit.inference import preprocess
 from toolkit.core.datasets import DATASETS, facts
 from toolkit.core.errors import ToolkitError
@@ -56,7 +57,7 @@ def test_deployed_normalization_is_the_training_test_transform_bit_for_bit(mnist
     """fine4's test transform (torchvision's ToTensor + Normalize, or the fast pipeline's) on the full
     MNIST test set, against preprocess.normalize with the normalization an export records."""
     recipe = _with(load_recipe(RECIPES / "fine4.toml"), pipeline=pipeline)
-    x_train, labels = data_mod.test_inputs(recipe, mnist_root, download=False)
+    x_train, labels = sources.test_inputs(recipe, mnist_root, download=False)
     images, deployed_labels, _ = preprocess.read_test_split("mnist", mnist_root)
     spec = facts("mnist")
     x = preprocess.normalize(images, Normalization(scale=1 / 255, mean=list(spec.mean), std=list(spec.std)))
@@ -70,7 +71,7 @@ def test_albumentations_normalization_agrees_within_one_float32_rounding(mnist_r
     it differs from the deployed path by at most one unit in the last place of values below 4."""
     recipe = load_recipe(RECIPES / "fine4.toml")
     recipe = _with(recipe, pipeline="dataloader", augment=recipe.data.augment.model_copy(update={"library": "albumentations"}))
-    x_train, _ = data_mod.test_inputs(recipe, mnist_root, download=False)
+    x_train, _ = sources.test_inputs(recipe, mnist_root, download=False)
     images, _, _ = preprocess.read_test_split("mnist", mnist_root)
     spec = facts("mnist")
     x = preprocess.normalize(images, Normalization(scale=1 / 255, mean=list(spec.mean), std=list(spec.std)))

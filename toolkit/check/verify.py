@@ -19,7 +19,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from toolkit.data import loaders as data_mod
+from toolkit.data.sources import source_for
 from toolkit.inference import folder, preprocess
 from toolkit.check.diagnosis import diagnosis_line, layer_errors
 from toolkit.models.checkpoint import model_from_checkpoint, source_checkpoint, torch_runner
@@ -83,7 +83,7 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
     ckpt = source_checkpoint(manifest)
     recipe = Recipe.model_validate(ckpt["recipe"])
     console.print(f"verify: reading the {manifest.dataset} test split through the training pipeline and through the deployed preprocessing")
-    x_train, labels = data_mod.test_inputs(recipe, root, limit=limit, download=download)
+    x_train, labels = source_for(recipe, root, download=download).test_inputs(limit)
     x_normalized, x_tensor, x_files, deployed_labels = deployed_inputs(manifest, root, limit)
     if not np.array_equal(labels, deployed_labels):
         raise ToolkitError(f"{root}: the {manifest.dataset} test split reads differently through torchvision and through the deployed readers")

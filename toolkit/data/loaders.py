@@ -1,4 +1,5 @@
-"""Datasets: torchvision's real MNIST / CIFAR-10 / CIFAR-100 loaders and the recipes' augmentations.
+"""Built-in datasets: torchvision's real MNIST / CIFAR-10 / CIFAR-100 loaders and the recipes' augmentations
+(toolkit.data.sources puts them and image folders behind one interface).
 
 The data root comes from ``--data-dir``, then ``TOOLKIT_DATA_DIR``, then a user cache
 directory. Missing files are downloaded where there is a network; where there is none, the
@@ -17,20 +18,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from toolkit.inference import folder
 from toolkit.core.datasets import DatasetFacts, facts
 from toolkit.core.errors import ToolkitError
-from toolkit.models.recipes import Augment, Recipe
+from toolkit.models.recipes import Augment
 
 
 _TORCHVISION = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}
-
-
-class _GrayToArray:
-    """albumentations works on HxWxC uint8 arrays."""
-
-    def __call__(self, img) -> np.ndarray:
-        return np.asarray(img)
 
 
 class AlbumentationsDataset(Dataset):
@@ -150,46 +143,17 @@ def load_split(dataset: str, root: Path, train: bool, transform=None, download: 
 
 
 def class_names(dataset: str, split: Dataset) -> list[str]:
-    """The dataset's class names: its facts where they are fixed, else read from its files by torchvision."""
-    if dataset == "folder":
-        return list(split.classes)
+    """A built-in dataset's class names: its facts where they are fixed, else read from its files by torchvision."""
     if facts(dataset).classes is not None:
         return list(facts(dataset).classes)
     base = getattr(split, "base", split)
     return list(base.classes)
 
 
-def folder_spec(recipe: Recipe) -> folder.FolderSpec:
-    d = recipe.data
-    return folder.FolderSpec(Path(d.root).expanduser().resolve(), int(d.size), int(d.channels), float(d.split), int(recipe.seed), bool(d.strict))
-
-
-def load_folder(recipe: Recipe, progress=None) -> tuple[folder.FolderData, DatasetFacts]:
-    """An image-folder recipe's splits (toolkit.inference.folder) and its facts: the class folders, the
-    recipe's mean/std or those of the training images."""
-    spec = folder_spec(recipe)
-    data = folder.load(spec, progress=progress)
-    mean, std = data.mean_std()
-    mean, std = recipe.data.mean or mean, recipe.data.std or std
-    return data, DatasetFacts("folder", spec.channels, spec.size, len(data.classes), tuple(mean), tuple(std), "resize",
-                              str(spec.root), (), (), tuple(data.classes))
-
-
-def _normalized(x: torch.Tensor, spec: DatasetFacts) -> torch.Tensor:
-    mean = torch.tensor(spec.mean, dtype=torch.float32)[None, :, None, None]
-    std = torch.tensor(spec.std, dtype=torch.float32)[None, :, None, None]
-    return (x.float() / 255.0 - mean) / std
-
-
-def build_dataset(recipe: Recipe, root: Path, train: bool, download: bool = True) -> Dataset:
-    if recipe.data.dataset == "folder":  # evaluation and pruning read a folder's split as normalized tensors
-        data, spec = load_folder(recipe)
-        x, y = (data.x_train, data.y_train) if train else (data.x_test, data.y_test)
-        ds = torch.utils.data.TensorDataset(_normalized(torch.from_numpy(x), spec), torch.from_numpy(y))
-        ds.classes = list(data.classes)
-        return ds
-    spec = facts(recipe.data.dataset)
-    aug = recipe.data.augment
+def augmented_split(dataset: str, root: Path, aug: Augment, *, train: bool, download: bool = True) -> Dataset:
+    """A built-in dataset's split through the recipe's augmentations (albumentations or torchvision)
+    and its normalization; the test split gets the normalization only."""
+    spec = facts(dataset)
     if aug.library == "albumentations":
         base = load_split(spec.name, root, train, transform=None, download=download)
         return AlbumentationsDataset(base, albumentations_pipeline(aug, spec, train))
@@ -228,28 +192,3 @@ def split_arrays(dataset: str, root: Path, train: bool, download: bool = True) -
     x = ds.data
     x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2) if isinstance(x, np.ndarray) else x.unsqueeze(1)
     return x.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long), class_names(dataset, ds)
-
-
-
-def test_inputs(recipe: Recipe, root: Path, *, limit: int | None = None, download: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """The test split as training evaluated it: the recipe's own pipeline and test transform
-    (normalization only), as float32 NCHW inputs and int64 labels. verify holds the deployed
-    preprocessing (toolkit.inference.preprocess) against this."""
-    if recipe.data.dataset == "folder":
-        data, spec = load_folder(recipe)
-        x = _normalized(torch.from_numpy(data.x_test[:limit]), spec).numpy()
-        return x.astype(np.float32, copy=False), data.y_test[:limit].astype(np.int64, copy=False)
-    spec = facts(recipe.data.dataset)
-    if recipe.data.pipeline == "fast":
-        from toolkit.data.fast import TensorLoader
-
-        x, y, _ = split_arrays(spec.name, root, train=False, download=download)
-        loader = TensorLoader(x[:limit], y[:limit], 1000, normalization={"mean": spec.mean, "std": spec.std},
-                              generator=None, shuffle=False)
-    else:
-        ds = build_dataset(recipe, root, train=False, download=download)
-        if limit:
-            ds = torch.utils.data.Subset(ds, range(min(limit, len(ds))))
-        loader = make_loader(ds, 1000, shuffle=False, generator=None, workers=0, pin=False)
-    xs, ys = zip(*((xb.numpy(), yb.numpy()) for xb, yb in loader))
-    return np.concatenate(xs).astype(np.float32, copy=False), np.concatenate(ys).astype(np.int64, copy=False)

@@ -18,10 +18,9 @@ import numpy as np
 import onnx
 from rich.console import Console
 
-from toolkit.data import loaders as data_mod
-from toolkit.inference import folder
+from toolkit.data.sources import source_for_export
 from toolkit.core.errors import ToolkitError, check_choice
-from toolkit.core.files import atomic_write, resolve_data_dir
+from toolkit.core.files import atomic_write
 from toolkit.core.manifest import Manifest
 from toolkit.core.onnx_io import batch_reader, load_onnx
 from toolkit.inference.preprocess import model_input
@@ -40,12 +39,7 @@ HOLDOUT_SIZE = 2000
 
 def _training_split(manifest: Manifest, data_dir, download: bool):
     """The export's training images and labels (uint8 pixels), decoded as training decoded them."""
-    import torch
-
-    if manifest.source.folder is not None:  # an image folder's training images
-        found = folder.load(folder.from_manifest(manifest))
-        return torch.from_numpy(found.x_train), torch.from_numpy(found.y_train)
-    x, y, _ = data_mod.split_arrays(manifest.dataset, resolve_data_dir(data_dir, manifest.source.data_dir), train=True, download=download)
+    x, y, _ = source_for_export(manifest, data_dir, download=download).tensors(train=True)
     return x, y
 
 

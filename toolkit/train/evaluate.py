@@ -8,9 +8,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from toolkit.data import loaders as data_mod
+from toolkit.data.sources import source_for
 from toolkit.models.checkpoint import load_checkpoint, model_from_checkpoint
-from toolkit.core.files import resolve_data_dir
 from toolkit.models.recipes import Recipe
 from toolkit.train.report import pyplot, save_png
 from toolkit.train.loop import evaluate, make_loader_for_eval, pick_device, progress_bar
@@ -46,7 +45,7 @@ def evaluate_checkpoint(ref, *, data_dir=None, device: str = "auto", console: Co
     recipe = Recipe.model_validate(ckpt["recipe"])
     dev = pick_device(device)
     model = model_from_checkpoint(ckpt).to(dev)
-    test_ds = data_mod.build_dataset(recipe, resolve_data_dir(data_dir, ckpt["meta"].get("data_dir")), train=False, download=download)
+    test_ds = source_for(recipe, data_dir, recorded_data_dir=ckpt["meta"].get("data_dir"), download=download).dataset(train=False)
     loader = make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev)
     with progress_bar(console) as progress:
         loss, acc, preds, labels = evaluate(model, loader, dev, progress=progress)

@@ -11,13 +11,13 @@ ends where an uninterrupted run would.
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -27,19 +27,18 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import Subset
 
 from toolkit.data import loaders as data_mod
+from toolkit.data.sources import Source, source_for
 from toolkit.train import engine as step_engine
-from toolkit.core.datasets import facts
+from toolkit.train import logs
 from toolkit.models.checkpoint import checkpoint_dict, load_checkpoint, model_from_checkpoint, new_run_dir, non_finite, save_checkpoint
 from toolkit.core.errors import ToolkitError, check_choice
-from toolkit.core.files import atomic_write, locked, reading, remove_stale_temps, resolve_data_dir
+from toolkit.core.files import locked, reading, remove_stale_temps
 from toolkit.models.registry import count_params
 from toolkit.core.progress import Progress
 from toolkit.models.recipes import MAX_SEED, Recipe
 
 # torch.compile modes; "reduce-overhead" also captures the step in CUDA graphs on a GPU
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
-METRIC_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
-VAL_FIELDS = ("val_loss", "val_acc")  # with a validation split (data.validation)
 
 
 class PiecewiseConstantLR(LRScheduler):
@@ -134,29 +133,19 @@ def evaluate(model, loader, device, *, autocast: bool = False, progress: Progres
     return loss / n, 100.0 * correct / n, preds_t, labels_t
 
 
-def build_loaders(recipe: Recipe, root: Path, dev: torch.device, loader_rng: torch.Generator, *, workers: int = 0,
-                  train_limit: int | None = None, test_limit: int | None = None, download: bool = True, shard: tuple[int, int] = (0, 1),
+def build_loaders(source: Source, dev: torch.device, loader_rng: torch.Generator, *, workers: int = 0,
+                  train_limit: int | None = None, test_limit: int | None = None, shard: tuple[int, int] = (0, 1),
                   console: Console | None = None):
-    """Train and test loaders for the recipe's pipeline, the class names and the dataset's facts
-    (an image folder's are its own: class folders, size, channels, mean/std); ``shard=(rank, world)``
-    splits both across processes. ``console`` hears about an image folder's decoding and bad files."""
-    if recipe.data.dataset == "folder":
-        with (progress_bar(console) if console is not None else contextlib.nullcontext()) as progress:
-            found, spec = data_mod.load_folder(recipe, progress=progress)
-        if console is not None:
-            console.print(f"image folder {spec.folder}: {len(found.classes)} classes, {len(found.x_train):,} training / "
-                          f"{len(found.x_test):,} test images{' (cached)' if found.cached else ''}; mean {_floats(spec.mean)}, std {_floats(spec.std)}")
-            if found.bad:
-                console.print(f"[yellow]warning:[/] {found.bad_summary()}")
-        x, y, classes = torch.from_numpy(found.x_train), torch.from_numpy(found.y_train), list(found.classes)
-        xt, yt = torch.from_numpy(found.x_test), torch.from_numpy(found.y_test)
-    elif recipe.data.pipeline == "fast":
-        spec = facts(recipe.data.dataset)
-        x, y, classes = data_mod.split_arrays(spec.name, root, train=True, download=download)
-        xt, yt, _ = data_mod.split_arrays(spec.name, root, train=False, download=download)
-    if recipe.data.dataset == "folder" or recipe.data.pipeline == "fast":
+    """Train, test and validation loaders for the source's recipe and pipeline, the class names and
+    the dataset's facts; ``shard=(rank, world)`` splits them across processes. ``console`` hears
+    what the source reads first (an image folder's decoding and bad files)."""
+    recipe = source.recipe
+    source.prepare(console)
+    spec = source.facts()
+    if source.tensor_pipeline:
         from toolkit.data.fast import TensorLoader
 
+        (x, y, classes), (xt, yt, _) = source.tensors(train=True), source.tensors(train=False)
         x, y, xt, yt = x[:train_limit], y[:train_limit], xt[:test_limit], yt[:test_limit]
         kept, held = validation_split(len(x), recipe)
         norm = {"mean": spec.mean, "std": spec.std}
@@ -169,10 +158,8 @@ def build_loaders(recipe: Recipe, root: Path, dev: torch.device, loader_rng: tor
                                     augment=recipe.data.augment, device=dev, shard=shard)
         test_loader = TensorLoader(xt, yt, recipe.data.test_batch_size, normalization=norm, generator=None, shuffle=False, device=dev, shard=shard)
         return train_loader, test_loader, val_loader, classes, spec
-    spec = facts(recipe.data.dataset)
-    train_ds = data_mod.build_dataset(recipe, root, train=True, download=download)
-    test_ds = data_mod.build_dataset(recipe, root, train=False, download=download)
-    classes = data_mod.class_names(recipe.data.dataset, train_ds)
+    train_ds, test_ds = source.dataset(train=True), source.dataset(train=False)
+    classes = source.class_names(train_ds)
     if train_limit:
         train_ds = Subset(train_ds, range(min(train_limit, len(train_ds))))
     if test_limit:
@@ -181,7 +168,7 @@ def build_loaders(recipe: Recipe, root: Path, dev: torch.device, loader_rng: tor
     val_loader = None
     if held is not None:
         # the held-out images get the test transform (normalization only), not the training augmentations
-        val_ds = Subset(_test_view(recipe, root, download), held.tolist())
+        val_ds = Subset(source.dataset(train=True, augment=False), held.tolist())
         val_loader = make_loader_for_eval(val_ds, recipe.data.test_batch_size, dev, workers=workers)
         train_ds = Subset(train_ds, kept.tolist())
     rank, world = shard
@@ -208,16 +195,6 @@ def validation_split(n: int, recipe: Recipe) -> tuple[torch.Tensor | None, torch
         raise ToolkitError(f"data.validation = {fraction} holds out {n_val} of {n:,} training images: choose a fraction that leaves both sides some")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed))
     return order[n_val:].sort().values, order[:n_val].sort().values
-
-
-def _test_view(recipe: Recipe, root: Path, download: bool):
-    """The training split with the test transform (normalization only): what validation images look like."""
-    plain = recipe.model_copy(update={"data": recipe.data.model_copy(update={"augment": type(recipe.data.augment)(library=recipe.data.augment.library)})})
-    return data_mod.build_dataset(plain, root, train=True, download=download)
-
-
-def _floats(values) -> str:
-    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
 
 
 def _num_samples(loader) -> int:
@@ -257,84 +234,6 @@ class RunResult:
         }
 
 
-RECIPE_TOML = "recipe.toml"
-TENSORBOARD = "tensorboard"  # the run's TensorBoard event files: tensorboard --logdir runs/
-
-
-def tensorboard_writer(run_dir: Path, first_epoch: int):
-    """A TensorBoard writer into ``run_dir/tensorboard/``, or None when the ``tensorboard`` package is
-    not installed (the ``toolkit[tensorboard]`` extra). A resumed run continues the same curves."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(log_dir=str(run_dir / TENSORBOARD), purge_step=first_epoch + 1 if first_epoch else None)
-
-
-def _board_epoch(board, row: dict) -> None:
-    step = row["epoch"]
-    for key, tag in (("train_loss", "loss/train"), ("test_loss", "loss/test"), ("train_acc", "accuracy/train"),
-                     ("test_acc", "accuracy/test"), ("val_loss", "loss/validation"), ("val_acc", "accuracy/validation"),
-                     ("lr", "lr"), ("seconds", "seconds_per_epoch")):
-        if key in row:
-            board.add_scalar(tag, row[key], step)
-    board.flush()
-
-
-def write_recipe_toml(recipe: Recipe, path: Path, **cli) -> None:
-    """The run's recipe as it ran, every value spelled out (overrides applied, model options resolved):
-    ``toolkit train RUN/recipe.toml`` trains the same run again. Options that are not recipe keys
-    (``--train-limit`` ...) are written as a comment, to be given again."""
-    import tomli_w
-
-    given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cli.items() if v is not None)
-    header = "# the resolved recipe of this run (toolkit train RUN_DIR/recipe.toml trains it again)\n"
-    if given:
-        header += f"# it also ran with: {given}\n"
-    with atomic_write(path, "w") as f:
-        f.write(header + tomli_w.dumps(recipe.model_dump(mode="json", exclude_none=True)))
-
-
-def write_metrics_csv(rows: list[dict], path: Path) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS + (VAL_FIELDS if rows and "val_loss" in rows[0] else ()))
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_write(path, "w") as f:
-        f.write(buf.getvalue())
-
-
-def _csv_rows(path: Path) -> int:
-    """The data rows of a metrics.csv (-1 when it is missing or unreadable)."""
-    try:
-        with open(path, newline="") as f:
-            return sum(1 for _ in csv.DictReader(f))
-    except (OSError, csv.Error, UnicodeDecodeError):
-        return -1
-
-
-def plot_curves(rows: list[dict], path: Path) -> None:
-    from toolkit.train.report import pyplot, save_png
-
-    plt = pyplot()
-    epochs = [r["epoch"] for r in rows]
-    marker = "o" if len(rows) < 20 else None  # a one-epoch run is a point, not an empty plot
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for axis, kind in ((0, "loss"), (1, "acc")):
-        for split in ("train", "val", "test"):
-            if f"{split}_{kind}" in rows[0]:
-                axes[axis].plot(epochs, [r[f"{split}_{kind}"] for r in rows], label={"val": "validation"}.get(split, split), marker=marker)
-    axes[2].plot(epochs, [r["lr"] for r in rows], marker=marker)
-    axes[2].set_yscale("log")
-    for ax, title in zip(axes, ("loss", "accuracy (%)", "learning rate")):
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        if title != "learning rate":
-            ax.legend()
-    fig.tight_layout()
-    save_png(fig, path)
-
-
 def _early_stop(recipe: Recipe, rows: list[dict]) -> bool:
     rule = recipe.early_stopping
     if rule is None or len(rows) < rule.patience:
@@ -344,6 +243,47 @@ def _early_stop(recipe: Recipe, rows: list[dict]) -> bool:
         return all(r["train_acc"] - r[f"{watch}_acc"] > rule.max_gap for r in rows[-rule.patience :])
     best_before = min(r[f"{watch}_loss"] for r in rows[: -rule.patience]) if len(rows) > rule.patience else float("inf")
     return min(r[f"{watch}_loss"] for r in rows[-rule.patience :]) >= best_before
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How ``fit_epochs`` runs a recipe: the ``toolkit train`` options, and three in-process ones.
+
+    ``model`` starts from given weights instead of the recipe's fresh model (pruning fine-tunes
+    this way), ``after_step(model)`` runs after every optimizer step, ``extra_meta`` is stored in
+    the checkpoints. ``compile`` runs the training forward/backward through ``torch.compile`` in
+    that mode (``COMPILE_MODES``; checkpoints keep the plain module). ``engine``:
+    ``toolkit.train.engine.ENGINES`` (auto: the step engine where the run allows it)."""
+
+    device: str = "auto"
+    data_dir: str | Path | None = None
+    out: str | Path = "runs"
+    epochs: int | None = None
+    seed: int | None = None
+    resume: str | Path | None = None
+    workers: int = 0
+    train_limit: int | None = None
+    test_limit: int | None = None
+    download: bool = True
+    pipeline: str | None = None
+    run_name: str | None = None
+    compile: str = "none"
+    engine: str = "auto"
+    model: torch.nn.Module | None = None
+    after_step: Callable[[torch.nn.Module], None] | None = None
+    extra_meta: dict | None = None
+
+    def checked(self, recipe: Recipe | None) -> Recipe:
+        """The recipe as this run runs it (--epochs, --seed and --pipeline applied); refuses bad options."""
+        if recipe is None:
+            raise ToolkitError("give a recipe, or --resume RUN_DIR")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ToolkitError(f"--seed must be between 0 and {MAX_SEED:,}, not {self.seed}")
+        check_choice("compile mode", self.compile, COMPILE_MODES)
+        updates = {k: v for k, v in (("epochs", self.epochs), ("seed", self.seed)) if v is not None}
+        if self.pipeline is not None:
+            updates["data"] = recipe.data.model_copy(update={"pipeline": check_choice("pipeline", self.pipeline, ("fast", "dataloader"))})
+        return recipe.model_copy(update=updates).resolved()
 
 
 @dataclass
@@ -384,10 +324,57 @@ class TrainState:
 
 
 @dataclass
+class Resume:
+    """Continuing a run from its ``last.pt``: everything resuming changes, in one place. The run keeps
+    its recipe, its data limits, its weights and checkpoint extras, its training state and its
+    folder; what an interrupted run left behind (temporary files, a metrics.csv one row short) is
+    put right before the first new epoch."""
+
+    ckpt: dict
+
+    @classmethod
+    def load(cls, where: str | Path) -> "Resume":
+        where = Path(where)
+        ckpt = load_checkpoint(where / "last.pt" if where.is_dir() else where)
+        if not isinstance(ckpt.get("train_state"), dict):
+            raise ToolkitError(f"{ckpt['path']}: holds no training state to resume from (resume from a run directory or its last.pt)")
+        return cls(ckpt)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.ckpt["path"]).parent
+
+    def options(self, opts: TrainOptions) -> tuple[Recipe, TrainOptions]:
+        """The run's own recipe, and the options with its data limits, weights and checkpoint extras."""
+        meta = self.ckpt["meta"]
+        recipe = Recipe.model_validate(self.ckpt["recipe"])
+        return recipe, replace(opts, train_limit=meta.get("train_limit"), test_limit=meta.get("test_limit"), model=model_from_checkpoint(self.ckpt),
+                               extra_meta={k: v for k, v in meta.items() if k in ("pruned",)})
+
+    def state(self, optimizer, scheduler, loader_rng: torch.Generator, on_gpu: bool, world: int) -> TrainState:
+        state = TrainState.restore(self.ckpt, optimizer, scheduler, loader_rng, on_gpu)
+        for group in optimizer.param_groups:  # as build_optimizer chose for this run, whatever the checkpoint's run used
+            group["fused"] = True if world == 1 else None
+        return state
+
+    @staticmethod
+    def tidy(run_dir: Path, rows: list[dict], console: Console) -> None:
+        """Put right what a kill left in the run directory (called under the run's lock)."""
+        stale = remove_stale_temps(run_dir)
+        if stale:
+            console.print(f"removed {len(stale)} temporary file(s) an interrupted run left in {run_dir}")
+        # last.pt is written before metrics.csv: a kill between them lost the last row, which the checkpoint holds
+        if logs.csv_rows(run_dir / "metrics.csv") != len(rows):
+            logs.write_metrics_csv(rows, run_dir / "metrics.csv")
+            console.print(f"metrics.csv rebuilt from last.pt ({len(rows)} epochs)")
+
+
+@dataclass
 class Session:
     """Everything set-up gives the epoch loop."""
 
     recipe: Recipe
+    opts: TrainOptions
     dev: torch.device
     world: int
     main_process: bool
@@ -406,93 +393,93 @@ class Session:
     params: int
     val_loader: object = None  # the held-out part of the training split (data.validation), or None
     engine: object = None  # the step engine (toolkit.train.engine.StepEngine), or None for the eager loop
+    resumed: bool = False
 
     @property
     def on_gpu(self) -> bool:
         return self.dev.type == "cuda"
 
 
-def _set_up(recipe, *, device, data_dir, out, epochs, seed, resume, workers, train_limit, test_limit, download, console, pipeline,
-            model, run_name, extra_meta, compile, engine="auto", after_step=None) -> Session:
-    """Recipe (or resumed run) -> device, processes, data, model, optimizer, scheduler, training
-    state and run directory. The random generators are seeded and consumed in one fixed order."""
-    ckpt = None
-    if resume is not None:
-        run_dir = Path(resume)
-        ckpt = load_checkpoint(run_dir / "last.pt" if run_dir.is_dir() else run_dir)
-        if not isinstance(ckpt.get("train_state"), dict):
-            raise ToolkitError(f"{ckpt['path']}: holds no training state to resume from (resume from a run directory or its last.pt)")
-        recipe = Recipe.model_validate(ckpt["recipe"])
-        train_limit, test_limit = ckpt["meta"].get("train_limit"), ckpt["meta"].get("test_limit")
-    if recipe is None:
-        raise ToolkitError("give a recipe, or --resume RUN_DIR")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise ToolkitError(f"--seed must be between 0 and {MAX_SEED:,}, not {seed}")
-    updates = {k: v for k, v in (("epochs", epochs), ("seed", seed)) if v is not None}
-    if pipeline is not None:
-        updates["data"] = recipe.data.model_copy(update={"pipeline": check_choice("pipeline", pipeline, ("fast", "dataloader"))})
-    recipe = recipe.model_copy(update=updates).resolved()
-    check_choice("compile mode", compile, COMPILE_MODES)
+def _processes(device: str, console: Console) -> tuple[torch.device, int, int, Console]:
+    """The device, this process's rank, the number of processes, and a console that only rank 0 prints to."""
     dev = pick_device(device)
     rank, world = _init_distributed(dev)
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
-    main_process = rank == 0
-    if not main_process:
-        console = Console(file=io.StringIO())  # only rank 0 talks
-    on_gpu = dev.type == "cuda"
+    return dev, rank, world, (console if rank == 0 else Console(file=io.StringIO()))
 
-    # ---- data
-    if recipe.data.dataset == "folder":  # the run records where its folder is, wherever it is reproduced from
-        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"root": str(Path(recipe.data.root).expanduser().resolve())})})
-        root = Path(recipe.data.root)
-    else:
-        root = resolve_data_dir(data_dir)
-    random.seed(recipe.seed)
-    torch.manual_seed(recipe.seed + rank)  # dropout differs per rank; the shared shuffle comes from loader_rng
-    loader_rng = torch.Generator().manual_seed(recipe.seed)
-    train_loader, test_loader, val_loader, classes, spec = build_loaders(recipe, root, dev, loader_rng, workers=workers, train_limit=train_limit,
-                                                             test_limit=test_limit, download=download, shard=(rank, world), console=console)
 
-    # ---- model, optimizer, scheduler, state
-    if ckpt is not None:
-        model = model_from_checkpoint(ckpt)
-        extra_meta = {k: v for k, v in ckpt["meta"].items() if k in ("pruned",)}
-    elif model is None:
-        model = recipe.build_model(spec.num_classes)
-    model = model.to(dev)
-    if on_gpu:
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    optimizer = build_optimizer(recipe, model, fused=world == 1)
-    scheduler, sched_when = build_scheduler(recipe, optimizer)
-    if ckpt is not None:
-        state = TrainState.restore(ckpt, optimizer, scheduler, loader_rng, on_gpu)
-        for group in optimizer.param_groups:  # as build_optimizer chose for this run, whatever the checkpoint's run used
-            group["fused"] = True if world == 1 else None
-        run_dir = Path(ckpt["path"]).parent
-    else:
-        state = TrainState()
-        run_dir = new_run_dir(Path(out), run_name or recipe.name) if main_process else None
-        if main_process:
-            write_recipe_toml(recipe, run_dir / RECIPE_TOML, train_limit=train_limit, test_limit=test_limit)
-        if world > 1:  # every rank needs the path rank 0 made
-            holder = [str(run_dir) if main_process else None]
-            torch.distributed.broadcast_object_list(holder, src=0)
-            run_dir = Path(holder[0])
+def _new_run_dir(recipe: Recipe, opts: TrainOptions, main_process: bool, world: int) -> Path:
+    """``out/<name>-<time>/`` with the resolved recipe.toml, made by rank 0 and shared with every rank."""
+    run_dir = new_run_dir(Path(opts.out), opts.run_name or recipe.name) if main_process else None
+    if main_process:
+        logs.write_recipe_toml(recipe, run_dir / logs.RECIPE_TOML, train_limit=opts.train_limit, test_limit=opts.test_limit)
+    if world > 1:  # every rank needs the path rank 0 made
+        holder = [str(run_dir) if main_process else None]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        run_dir = Path(holder[0])
+    return run_dir
+
+
+def _trained_module(model: torch.nn.Module, opts: TrainOptions, dev: torch.device, world: int) -> torch.nn.Module:
+    """The module the steps run: the model, wrapped for several processes (DDP) and/or compiled."""
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[dev.index] if on_gpu else None)  # averages gradients
-    if compile != "none":
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)  # averages gradients
+    if opts.compile != "none":
         # the first steps pay the compilation (tens of seconds); worth it only for long runs, so opt-in
-        net = torch.compile(net, mode=None if compile == "default" else compile)
-    engine_name, engine_line = step_engine.choose(engine, loader=train_loader, world=world, compile=compile, dev=dev)
+        net = torch.compile(net, mode=None if opts.compile == "default" else opts.compile)
+    return net
+
+
+def _announce(s: Session) -> None:
+    r, opts = s.recipe, s.opts
+    s.console.print(
+        f"[bold]{r.name}[/]: {r.model.name} ({s.params:,} params) on {r.data.dataset} "
+        f"[{_num_samples(s.train_loader):,} train / "
+        + (f"{_num_samples(s.val_loader):,} validation (best.pt, early stopping and plateau chosen on it) / " if s.val_loader is not None else "")
+        + f"{_num_samples(s.test_loader):,} test per process, {r.data.pipeline} pipeline], "
+        f"{r.epochs} epoch{'s' if r.epochs != 1 else ''}, device {s.dev.type}"
+        + (f" x {s.world} processes" if s.world > 1 else "") + (f", torch.compile {opts.compile}" if opts.compile != "none" else "") + f" -> {s.run_dir}"
+    )
+
+
+def _set_up(recipe: Recipe | None, opts: TrainOptions, console: Console) -> Session:
+    """Recipe (or resumed run) -> device, processes, data, model, optimizer, scheduler, training
+    state and run directory. The random generators are seeded and consumed in one fixed order."""
+    resume = Resume.load(opts.resume) if opts.resume is not None else None
+    if resume is not None:
+        recipe, opts = resume.options(opts)
+    recipe = opts.checked(recipe)
+    dev, rank, world, console = _processes(opts.device, console)
+
+    source = source_for(recipe, opts.data_dir, download=opts.download)
+    recipe = source.recipe
+    random.seed(recipe.seed)
+    torch.manual_seed(recipe.seed + rank)  # dropout differs per rank; the shared shuffle comes from loader_rng
+    loader_rng = torch.Generator().manual_seed(recipe.seed)
+    train_loader, test_loader, val_loader, classes, spec = build_loaders(source, dev, loader_rng, workers=opts.workers, train_limit=opts.train_limit,
+                                                                         test_limit=opts.test_limit, shard=(rank, world), console=console)
+
+    model = (opts.model if opts.model is not None else recipe.build_model(spec.num_classes)).to(dev)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    optimizer = build_optimizer(recipe, model, fused=world == 1)
+    scheduler, sched_when = build_scheduler(recipe, optimizer)
+    if resume is not None:
+        state, run_dir = resume.state(optimizer, scheduler, loader_rng, dev.type == "cuda", world), resume.run_dir
+    else:
+        state, run_dir = TrainState(), _new_run_dir(recipe, opts, rank == 0, world)
+    net = _trained_module(model, opts, dev, world)
+    engine_name, engine_line = step_engine.choose(opts.engine, loader=train_loader, world=world, compile=opts.compile, dev=dev)
     stepper = None
     if engine_name == "graph":
-        stepper = step_engine.StepEngine(net, model, optimizer, train_loader, dev, autocast=on_gpu, channels_last=on_gpu, after_step=after_step)
+        stepper = step_engine.StepEngine(net, model, optimizer, train_loader, dev, autocast=dev.type == "cuda", channels_last=dev.type == "cuda",
+                                         after_step=opts.after_step)
     params = count_params(model)
     meta = {
         "dataset": recipe.data.dataset,
@@ -501,25 +488,19 @@ def _set_up(recipe, *, device, data_dir, out, epochs, seed, resume, workers, tra
         "std": list(spec.std),
         "input_shape": list(spec.input_shape),
         "params": params,
-        "train_limit": train_limit,
-        "test_limit": test_limit,
+        "train_limit": opts.train_limit,
+        "test_limit": opts.test_limit,
         "validation": recipe.data.validation_fraction,  # best.pt chosen on held-out training images (0: on the test split)
-        "data_dir": str(root.resolve()),  # later stages (export's int8, verify, eval, prune) default to it
-        # an image folder: where it is and how it was split (the size and channels are the input shape)
-        **({"folder": {"root": recipe.data.root, "split": recipe.data.split, "seed": recipe.seed}} if recipe.data.dataset == "folder" else {}),
-        **(extra_meta or {}),
+        # the data root later stages (export's int8, verify, eval, prune) default to; an image folder's
+        # root, split and seed (its size and channels are the input shape)
+        **source.record(),
+        **(opts.extra_meta or {}),
     }
-    console.print(
-        f"[bold]{recipe.name}[/]: {recipe.model.name} ({params:,} params) on {recipe.data.dataset} "
-        f"[{_num_samples(train_loader):,} train / "
-        + (f"{_num_samples(val_loader):,} validation (best.pt, early stopping and plateau chosen on it) / " if val_loader is not None else "")
-        + f"{_num_samples(test_loader):,} test per process, {recipe.data.pipeline} pipeline], "
-        f"{recipe.epochs} epoch{'s' if recipe.epochs != 1 else ''}, device {dev.type}"
-        + (f" x {world} processes" if world > 1 else "") + (f", torch.compile {compile}" if compile != "none" else "") + f" -> {run_dir}"
-    )
+    s = Session(recipe, opts, dev, world, rank == 0, console, run_dir, train_loader, test_loader, model, net, optimizer, scheduler,
+                sched_when, loader_rng, state, meta, params, val_loader, stepper, resumed=resume is not None)
+    _announce(s)
     console.print(engine_line)
-    return Session(recipe, dev, world, main_process, console, run_dir, train_loader, test_loader, model, net, optimizer, scheduler,
-                   sched_when, loader_rng, state, meta, params, val_loader, stepper)
+    return s
 
 
 def queue_epoch(s: Session, epoch: int, progress) -> tuple:
@@ -540,7 +521,7 @@ def finish_epoch(s: Session, queued: tuple) -> tuple[float, float]:
     return loss_sum.item() / seen, 100.0 * correct.item() / seen
 
 
-def train_one_epoch(s: Session, epoch: int, progress, after_step=None) -> tuple[float, float]:
+def train_one_epoch(s: Session, epoch: int, progress) -> tuple[float, float]:
     """One pass over the training split; the mean training loss and accuracy (%) over every process."""
     train_ds = getattr(s.train_loader, "dataset", None)
     train_ds = getattr(train_ds, "dataset", train_ds)  # the albumentations dataset keeps its own RNG; reach it through a Subset
@@ -564,8 +545,8 @@ def train_one_epoch(s: Session, epoch: int, progress, after_step=None) -> tuple[
         s.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         s.optimizer.step()
-        if after_step is not None:
-            after_step(s.model)
+        if s.opts.after_step is not None:
+            s.opts.after_step(s.model)
         if s.sched_when == "step":
             s.scheduler.step()
         # accumulate on the device: no host synchronisation per step
@@ -581,12 +562,41 @@ def train_one_epoch(s: Session, epoch: int, progress, after_step=None) -> tuple[
     return loss_sum.item() / seen, 100.0 * correct.item() / seen
 
 
-def _end_epoch(s: Session, epoch: int, row: dict, test_acc: float, watch_acc: float, board):
-    """The epoch's checkpoints (best.pt when ``watch_acc``, the validation accuracy or without a
-    validation split the test accuracy, is the best so far; last.pt with the training state),
+def _score_epoch(s: Session, epoch: int, train_loss: float, train_acc: float, lr: float, t0: float, progress) -> dict:
+    """The epoch's metrics row (test, and validation where held out); steps the epoch's scheduler;
+    refuses a diverged run."""
+    test_loss, test_acc, _, _ = evaluate(s.model, s.test_loader, s.dev, autocast=s.on_gpu, progress=progress)
+    # what chooses best.pt and drives early stopping and the plateau scheduler
+    watch_loss, watch_acc = test_loss, test_acc
+    if s.val_loader is not None:
+        watch_loss, watch_acc, _, _ = evaluate(s.model, s.val_loader, s.dev, autocast=s.on_gpu, progress=progress, label="validation")
+    if not (math.isfinite(train_loss) and math.isfinite(watch_loss)) or non_finite(s.model.state_dict()):
+        kept = f"the last good checkpoint is {s.run_dir / 'last.pt'}" if s.state.rows else "no checkpoint was written"
+        raise ToolkitError(f"training diverged in epoch {epoch + 1}: the loss or the weights became NaN or infinite; "
+                           f"{kept} (try a lower learning rate or weight decay)")
+    if s.sched_when == "epoch":
+        s.scheduler.step()
+    elif s.sched_when == "plateau":
+        s.scheduler.step(watch_loss)
+    row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 4), "test_loss": round(test_loss, 6),
+           "test_acc": round(test_acc, 4), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
+    if s.val_loader is not None:
+        row.update(val_loss=round(watch_loss, 6), val_acc=round(watch_acc, 4))
+    s.console.print(
+        f"epoch {row['epoch']:>3}/{s.recipe.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
+        + (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}%  " if "val_acc" in row else "")
+        + f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  lr {lr:.3g}  {row['seconds']:.1f}s"
+    )
+    return row
+
+
+def _end_epoch(s: Session, epoch: int, row: dict, board):
+    """The epoch's checkpoints (best.pt when the watched accuracy, on the validation split or
+    without one on the test split, is the best so far; last.pt with the training state),
     metrics.csv and TensorBoard scalars; returns the TensorBoard writer."""
     s.state.rows.append(row)
-    ckpt = checkpoint_dict(s.recipe, s.model, {**s.meta, "epoch": epoch + 1, "test_acc": test_acc}, s.state.rows)
+    watch_acc = row.get("val_acc", row["test_acc"])
+    ckpt = checkpoint_dict(s.recipe, s.model, {**s.meta, "epoch": epoch + 1, "test_acc": row["test_acc"]}, s.state.rows)
     if watch_acc > s.state.best_acc:
         s.state.best_acc = watch_acc
         if s.main_process:
@@ -595,18 +605,28 @@ def _end_epoch(s: Session, epoch: int, row: dict, test_acc: float, watch_acc: fl
     ckpt["train_state"] = s.state.save(s.optimizer, s.scheduler, s.loader_rng, s.on_gpu)
     if s.main_process:
         save_checkpoint(ckpt, s.run_dir / "last.pt")
-        write_metrics_csv(s.state.rows, s.run_dir / "metrics.csv")
+        logs.write_metrics_csv(s.state.rows, s.run_dir / "metrics.csv")
         # after the checkpoints: a run that cannot save them (a full disk) starts no event file either
         if board is None:
-            board = tensorboard_writer(s.run_dir, epoch)
+            board = logs.tensorboard_writer(s.run_dir, epoch)
         if board is not None:
-            _board_epoch(board, row)
+            logs.board_epoch(board, row)
     return board
 
 
-def fit(recipe: Recipe | None = None, **options) -> RunResult:
-    """Train ``recipe`` (or continue ``resume``): ``fit_epochs`` run to its end (its options)."""
-    return run_to_end(fit_epochs(recipe, **options))
+def _result(s: Session, seconds: float, stopped_early: bool) -> RunResult:
+    rows = s.state.rows
+    selected = None
+    if rows and "val_acc" in rows[0]:  # best.pt is the first epoch with the highest validation accuracy
+        selected = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))["test_acc"]
+    return RunResult(run_dir=s.run_dir, checkpoint=s.run_dir / "best.pt", best_test_acc=max((r["test_acc"] for r in rows), default=0.0),
+                     final_test_acc=rows[-1]["test_acc"] if rows else 0.0, epochs=len(rows), seconds=seconds, params=s.params,
+                     stopped_early=stopped_early, metrics=rows, main_process=s.main_process, recipe=s.recipe, selected_test_acc=selected)
+
+
+def fit(recipe: Recipe | None = None, options: TrainOptions | None = None, **kw) -> RunResult:
+    """Train ``recipe`` (or continue ``options.resume``) to its end: ``fit_epochs``, driven through."""
+    return run_to_end(fit_epochs(recipe, options, **kw))
 
 
 def run_to_end(epochs):
@@ -618,41 +638,13 @@ def run_to_end(epochs):
             return stop.value
 
 
-def fit_epochs(
-    recipe: Recipe | None = None,
-    *,
-    device: str = "auto",
-    data_dir: str | Path | None = None,
-    out: str | Path = "runs",
-    epochs: int | None = None,
-    seed: int | None = None,
-    resume: str | Path | None = None,
-    workers: int = 0,
-    train_limit: int | None = None,
-    test_limit: int | None = None,
-    download: bool = True,
-    console: Console | None = None,
-    pipeline: str | None = None,
-    model: torch.nn.Module | None = None,
-    run_name: str | None = None,
-    after_step=None,
-    extra_meta: dict | None = None,
-    compile: str = "none",
-    engine: str = "auto",
-) -> RunResult:
-    """Train ``recipe`` (or continue ``resume``) as a generator: with the step engine it yields once
-    per epoch, when the epoch's training is queued on the device and before anything waits for it
-    (so several runs can share a GPU, ``toolkit.train.run.train_seeds``); it returns the RunResult.
-    ``model`` starts from given weights instead of the
-    recipe's fresh model (pruning fine-tunes this way), ``after_step(model)`` runs after every
-    optimizer step, and ``extra_meta`` is stored in the checkpoints. ``compile`` runs the training
-    forward/backward through ``torch.compile`` in that mode (one of ``COMPILE_MODES``); checkpoints
-    and evaluation keep the plain module, so the saved weights are the same either way. ``engine``:
-    ``toolkit.train.engine.ENGINES`` (auto: the step engine where the run allows it, else the eager loop)."""
-    s = _set_up(recipe, device=device, data_dir=data_dir, out=out, epochs=epochs, seed=seed, resume=resume, workers=workers,
-                train_limit=train_limit, test_limit=test_limit, download=download, console=console or Console(stderr=True),
-                pipeline=pipeline, model=model, run_name=run_name, extra_meta=extra_meta, compile=compile,
-                engine=engine, after_step=after_step)
+def fit_epochs(recipe: Recipe | None = None, options: TrainOptions | None = None, *, console: Console | None = None, **kw):
+    """Train ``recipe`` (or continue ``options.resume``) as a generator: with the step engine it
+    yields once per epoch, when the epoch's training is queued on the device and before anything
+    waits for it (so several runs can share a GPU, ``toolkit.train.run.train_seeds``); it returns
+    the RunResult. ``kw``: ``TrainOptions`` fields, over ``options``."""
+    opts = replace(options or TrainOptions(), **kw)
+    s = _set_up(recipe, opts, console or Console(stderr=True))
     recipe, console, start_epoch = s.recipe, s.console, s.state.epoch
     if start_epoch >= recipe.epochs:
         console.print(f"nothing to do: the run already has {start_epoch} epoch{'s' if start_epoch != 1 else ''}")
@@ -661,14 +653,8 @@ def fit_epochs(
     board = None
     # one writer per run directory: a second `train --resume` of a running run is refused at once
     with locked(s.run_dir, wait=False) if s.main_process else contextlib.nullcontext(), progress_bar(console) as progress:
-        if start_epoch and s.main_process:
-            stale = remove_stale_temps(s.run_dir)
-            if stale:
-                console.print(f"removed {len(stale)} temporary file(s) an interrupted run left in {s.run_dir}")
-            # last.pt is written before metrics.csv: a kill between them lost the last row, which the checkpoint holds
-            if _csv_rows(s.run_dir / "metrics.csv") != len(s.state.rows):
-                write_metrics_csv(s.state.rows, s.run_dir / "metrics.csv")
-                console.print(f"metrics.csv rebuilt from last.pt ({len(s.state.rows)} epochs)")
+        if s.resumed and s.main_process:
+            Resume.tidy(s.run_dir, s.state.rows, console)
         for epoch in range(start_epoch, recipe.epochs):
             t0 = time.perf_counter()
             lr = s.optimizer.param_groups[0]["lr"]
@@ -677,30 +663,9 @@ def fit_epochs(
                 yield epoch  # the epoch is queued on the device: another run may queue its own (train_seeds)
                 train_loss, train_acc = finish_epoch(s, queued)
             else:
-                train_loss, train_acc = train_one_epoch(s, epoch, progress, after_step)
-            test_loss, test_acc, _, _ = evaluate(s.model, s.test_loader, s.dev, autocast=s.on_gpu, progress=progress)
-            # what chooses best.pt and drives early stopping and the plateau scheduler
-            watch_loss, watch_acc = test_loss, test_acc
-            if s.val_loader is not None:
-                watch_loss, watch_acc, _, _ = evaluate(s.model, s.val_loader, s.dev, autocast=s.on_gpu, progress=progress, label="validation")
-            if not (math.isfinite(train_loss) and math.isfinite(watch_loss)) or non_finite(s.model.state_dict()):
-                kept = f"the last good checkpoint is {s.run_dir / 'last.pt'}" if s.state.rows else "no checkpoint was written"
-                raise ToolkitError(f"training diverged in epoch {epoch + 1}: the loss or the weights became NaN or infinite; "
-                                   f"{kept} (try a lower learning rate or weight decay)")
-            if s.sched_when == "epoch":
-                s.scheduler.step()
-            elif s.sched_when == "plateau":
-                s.scheduler.step(watch_loss)
-            row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "train_acc": round(train_acc, 4), "test_loss": round(test_loss, 6),
-                   "test_acc": round(test_acc, 4), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
-            if s.val_loader is not None:
-                row.update(val_loss=round(watch_loss, 6), val_acc=round(watch_acc, 4))
-            console.print(
-                f"epoch {row['epoch']:>3}/{recipe.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
-                + (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}%  " if "val_acc" in row else "")
-                + f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  lr {lr:.3g}  {row['seconds']:.1f}s"
-            )
-            board = _end_epoch(s, epoch, row, test_acc, watch_acc, board)
+                train_loss, train_acc = train_one_epoch(s, epoch, progress)
+            row = _score_epoch(s, epoch, train_loss, train_acc, lr, t0, progress)
+            board = _end_epoch(s, epoch, row, board)
             if _early_stop(recipe, s.state.rows):
                 console.print(f"early stopping after epoch {epoch + 1} ({recipe.early_stopping.monitor} rule)")
                 stopped_early = True
@@ -708,25 +673,8 @@ def fit_epochs(
     seconds = time.perf_counter() - started
     if board is not None:
         board.close()
-    rows = s.state.rows
-    if rows and s.main_process:
-        plot_curves(rows, s.run_dir / "curves.png")
+    if s.state.rows and s.main_process:
+        logs.plot_curves(s.state.rows, s.run_dir / "curves.png")
     if s.world > 1:
         torch.distributed.barrier()  # rank 0's files are complete before anyone returns
-    selected = None
-    if rows and "val_acc" in rows[0]:  # best.pt is the first epoch with the highest validation accuracy
-        selected = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))["test_acc"]
-    return RunResult(
-        selected_test_acc=selected,
-        run_dir=s.run_dir,
-        checkpoint=s.run_dir / "best.pt",
-        best_test_acc=max((r["test_acc"] for r in rows), default=0.0),
-        final_test_acc=rows[-1]["test_acc"] if rows else 0.0,
-        epochs=len(rows),
-        seconds=seconds,
-        params=s.params,
-        stopped_early=stopped_early,
-        metrics=rows,
-        main_process=s.main_process,
-        recipe=recipe,
-    )
+    return _result(s, seconds, stopped_early)

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from toolkit.data import loaders as data_mod
+from toolkit.data.sources import source_for
 from toolkit.models.checkpoint import checkpoint_dict, latest_run, load_checkpoint, model_from_checkpoint, new_run_dir, save_checkpoint
 from toolkit.core.errors import ToolkitError, check_choice
 from toolkit.core.files import resolve_data_dir
@@ -107,8 +107,8 @@ def prune(
     model = model_from_checkpoint(ckpt)
     dev = pick_device(device)
 
-    data_dir = resolve_data_dir(data_dir, ckpt["meta"].get("data_dir"))
-    test_ds = data_mod.build_dataset(recipe, data_dir, train=False, download=download)
+    data_dir = resolve_data_dir(data_dir, ckpt["meta"].get("data_dir"))  # fine-tuning reads the same root
+    test_ds = source_for(recipe, data_dir, download=download).dataset(train=False)
     if test_limit:
         test_ds = torch.utils.data.Subset(test_ds, range(min(test_limit, len(test_ds))))
     loader = make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev)
