@@ -13,7 +13,7 @@
 #
 # Where Docker Hub is out of reach, make the base locally and pass it as BASE:
 #         docker/build-local-base.sh toolkit-base:local && docker build --build-arg BASE=toolkit-base:local ...
-# tests/test_docker.py builds and runs both targets (CI does, with that base); tests/test_serve_install.py
+# tests/serve/test_docker.py builds and runs both targets (CI does, with that base); tests/serve/test_serve_install.py
 # runs each target's install line, entry command and health check outside Docker.
 ARG BASE=python:3.11-slim
 

@@ -61,7 +61,7 @@ step ft6-epochs 75 $PY bench/train_speed.py --recipe ft6 --epochs 2 --generated-
 # fine4 against the seeds' pipeline, 1 epoch each: target >= 10x
 step fine4-ratio 75 $PY bench/train_speed.py --recipe fine4 --epochs 1 --device cuda --data-dir "$DATA" --json "$LOG/fine4-ratio.json"
 # the GPU training test: the eager loop and the graph engine each learn, and agree within the band the test states
-step test-gpu-training 140 env TOOLKIT_DATA_DIR="$DATA" $PY -m pytest tests/test_train.py -k gpu_training -rs -s -p no:cacheprovider
+step test-gpu-training 140 env TOOLKIT_DATA_DIR="$DATA" $PY -m pytest tests/train/test_train.py -k gpu_training -rs -s -p no:cacheprovider
 # what torch.compile inside the captured step would give (compilation is paid in the first epoch)
 step gpu-step-compiled 150 $PY bench/gpu_step.py --data-dir "$DATA" --compile --json "$LOG/gpu-step-compiled.json"
 $PY bench/gpu_summary.py "$LOG" >"$LOG/summary.json"

@@ -21,7 +21,7 @@ it wins on some kind and loses on none.
     python bench/preparation_eval.py EXPORT_DIR [--per-kind 1000] [--json out.json] [--png grid.png]
 
 Prints a markdown table (kind, images, deployed, baseline, deployed - baseline). Seeded: the
-same arguments give the same images. tests/test_preparation_eval.py runs it on a sample.
+same arguments give the same images. tests/inference/test_preparation_eval.py runs it on a sample.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 import re
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_version_prints_the_package_version():

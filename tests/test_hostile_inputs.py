@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import mnist_test_set, one_line_error, run_cli, write_recipe_variant
+from tests.helpers import mnist_test_set, one_line_error, run_cli, write_recipe_variant
 from toolkit.models.checkpoint import load_checkpoint
 from toolkit.core.errors import Interrupted, ToolkitError
 from toolkit.core.files import atomic_write, confined, locked, sha256_file
@@ -472,7 +472,7 @@ def test_echoed_names_are_cut_short(serving_export):
 def test_serve_stops_cleanly_on_sigterm_and_sigint(serving_export, tmp_path, signum):
     """`docker stop` sends SIGTERM; the server must stop at once, not wait to be killed. The time it
     took is printed; the assertion's bound is loose so a busy machine cannot fail it."""
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     port = free_port()
     log = open(tmp_path / "serve.log", "w")

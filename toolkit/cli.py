@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from toolkit.core.errors import Interrupted, ToolkitError, cut, first_line
 from toolkit.core.files import is_no_space
+from toolkit.core.manifest import MAX_BATCH
 
 
 def _flag_type(self, ctx):
@@ -230,7 +231,7 @@ def export(
                                    "--int8-weights 7). 0: post-training quantization only."),
     qat_images: Optional[int] = typer.Option(None, "--qat-images", min=1, help="QAT: fine-tune on this many training images (default: all but "
                                              "the 2,000 held out for --auto-fallback)."),
-    max_batch: int = typer.Option(256, "--max-batch", min=1, help="TensorRT: largest batch of the optimization profile; Triton: max_batch_size."),
+    max_batch: int = typer.Option(MAX_BATCH, "--max-batch", min=1, help="TensorRT: largest batch of the optimization profile; Triton: max_batch_size."),
     pad_channels: Optional[int] = typer.Option(None, "--pad-channels", min=0, help="Zero-pad conv channels to this multiple where outputs stay exactly the same (16: ONNX Runtime's AVX-512 block, 8: AVX2): faster batch-1 latency on ONNX Runtime CPU for models with odd channel counts. 0: off. Default: as the existing export, else off. Changing it re-exports the fp32 ONNX and drops the artifacts derived from it."),
     input_dtype: str = typer.Option("float32", "--input", help="float32: the graph takes normalized float tensors. uint8: it takes raw "
                                     "uint8 NCHW pixels and normalizes them itself (no preprocessing code needed in C++, C#, JavaScript ...); "

@@ -72,25 +72,10 @@ def _verified_on(images: int, reference_acc: float) -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
-def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, limit: int | None = None, download: bool = True, console: Console | None = None) -> dict:
-    console = console or Console(stderr=True)
-    gates = {**GATES, **(gates or {})}
-    export_dir = Path(export_dir) if export_dir else latest_export(exports)
-    manifest = Manifest.load(export_dir)
-    if not manifest.artifacts:
-        raise ToolkitError(f"{export_dir}: the manifest lists no artifacts")
-    root = resolve_data_dir(data_dir, manifest.source.data_dir)
-    ckpt = source_checkpoint(manifest)
-    recipe = Recipe.model_validate(ckpt["recipe"])
-    console.print(f"verify: reading the {manifest.dataset} test split through the training pipeline and through the deployed preprocessing")
-    x_train, labels = source_for(recipe, root, download=download).test_inputs(limit)
-    x_normalized, x_tensor, x_files, deployed_labels = deployed_inputs(manifest, root, limit)
-    if not np.array_equal(labels, deployed_labels):
-        raise ToolkitError(f"{root}: the {manifest.dataset} test split reads differently through torchvision and through the deployed readers")
-    console.print(f"verify: the reference, {recipe.name} in PyTorch, on {len(labels):,} test images")
-    ref_logits = batched(torch_runner(model_from_checkpoint(ckpt)), x_train)
-    ref_acc = accuracy(ref_logits, labels)
-
+def _check_artifacts(export_dir: Path, manifest: Manifest, ref_logits, labels, ref_acc: float, gates: dict, x_tensor, x_files,
+                     console: Console) -> tuple[list[dict], list[dict], dict[str, dict]]:
+    """Every artifact on every runtime that can run it here, against the reference: the parity
+    rows, the artifacts skipped (and why), and where a failing int8 artifact loses the float signal."""
     results, skipped = [], []
     diagnosis: dict[str, dict] = {}  # per failing int8 artifact: where it loses the float signal (check.diagnosis.layer_errors)
     for art in manifest.artifacts:
@@ -116,23 +101,12 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
                 if float_twin.is_file():
                     console.print(f"verify: {art.file} missed its gate; comparing it with model.fp32.onnx layer by layer")
                     diagnosis[art.file] = layer_errors(float_twin, export_dir / art.file, x_tensor, manifest.input.name)
-    report = {
-        "export_dir": str(export_dir),
-        "dataset": manifest.dataset,
-        "images": int(len(labels)),
-        "reference": f"pytorch-eager (cpu), {recipe.data.pipeline} pipeline's test transform",
-        "reference_acc": ref_acc,
-        "verified_on": _verified_on(len(labels), ref_acc),
-        # the deployed normalization against the training transform, on the same pixels: 0 means bit for bit
-        "input_max_abs_diff": float(np.abs(x_normalized - x_train).max()),
-        # the image-file path's model inputs against the tensor path's (pixels, for a uint8-input export)
-        "pipeline_input_max_abs_diff": float(np.abs(x_files.astype(np.float64) - x_tensor.astype(np.float64)).max()),
-        "pipeline": "each test image as a PNG file in memory -> toolkit.inference.preprocess (decode, prepare, normalize)",
-        "results": results,
-        "skipped": skipped,
-        "passed": bool(results) and all(r["passed"] for r in results),
-        **({"diagnosis": diagnosis} if diagnosis else {}),
-    }
+    return results, skipped, diagnosis
+
+
+def _record(export_dir: Path, report: dict, console: Console) -> None:
+    """parity.json, parity.md, the manifest's parity and the model card, committed together."""
+    results = report["results"]
     # the results go into the manifest as it is now: an export may have run meanwhile (it waited for
     # nobody, verify held no lock while it computed), so only artifacts with the sha256 verified get them
     with locked(export_dir, say=console.print):
@@ -155,6 +129,46 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
         current.save(export_dir)  # the commit point: killed before it, the pending files are dropped; after it, finished
         settle_report(export_dir, current)
         write_model_card(export_dir, current)
+
+
+def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, limit: int | None = None, download: bool = True, console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    gates = {**GATES, **(gates or {})}
+    export_dir = Path(export_dir) if export_dir else latest_export(exports)
+    manifest = Manifest.load(export_dir)
+    if not manifest.artifacts:
+        raise ToolkitError(f"{export_dir}: the manifest lists no artifacts")
+    root = resolve_data_dir(data_dir, manifest.source.data_dir)
+    ckpt = source_checkpoint(manifest)
+    recipe = Recipe.model_validate(ckpt["recipe"])
+    console.print(f"verify: reading the {manifest.dataset} test split through the training pipeline and through the deployed preprocessing")
+    x_train, labels = source_for(recipe, root, download=download).test_inputs(limit)
+    x_normalized, x_tensor, x_files, deployed_labels = deployed_inputs(manifest, root, limit)
+    if not np.array_equal(labels, deployed_labels):
+        raise ToolkitError(f"{root}: the {manifest.dataset} test split reads differently through torchvision and through the deployed readers")
+    console.print(f"verify: the reference, {recipe.name} in PyTorch, on {len(labels):,} test images")
+    ref_logits = batched(torch_runner(model_from_checkpoint(ckpt)), x_train)
+    ref_acc = accuracy(ref_logits, labels)
+
+    results, skipped, diagnosis = _check_artifacts(export_dir, manifest, ref_logits, labels, ref_acc, gates, x_tensor, x_files, console)
+    report = {
+        "export_dir": str(export_dir),
+        "dataset": manifest.dataset,
+        "images": int(len(labels)),
+        "reference": f"pytorch-eager (cpu), {recipe.data.pipeline} pipeline's test transform",
+        "reference_acc": ref_acc,
+        "verified_on": _verified_on(len(labels), ref_acc),
+        # the deployed normalization against the training transform, on the same pixels: 0 means bit for bit
+        "input_max_abs_diff": float(np.abs(x_normalized - x_train).max()),
+        # the image-file path's model inputs against the tensor path's (pixels, for a uint8-input export)
+        "pipeline_input_max_abs_diff": float(np.abs(x_files.astype(np.float64) - x_tensor.astype(np.float64)).max()),
+        "pipeline": "each test image as a PNG file in memory -> toolkit.inference.preprocess (decode, prepare, normalize)",
+        "results": results,
+        "skipped": skipped,
+        "passed": bool(results) and all(r["passed"] for r in results),
+        **({"diagnosis": diagnosis} if diagnosis else {}),
+    }
+    _record(export_dir, report, console)
     console.print(parity_table(report))
     for s in skipped:
         console.print(f"[yellow]skipped {s['artifact']}: {s['reason']}[/]")

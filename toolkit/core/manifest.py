@@ -24,6 +24,7 @@ from toolkit.core.errors import ToolkitError, shown
 from toolkit.core.files import atomic_write, confined, name_problem, read_text_limited, reading, sha256_file
 
 FORMAT = "toolkit-manifest/1"
+MAX_BATCH = 256  # the default largest batch: Triton's max_batch_size, a TensorRT engine's profile, the v2 API's limit
 NAME = "manifest.json"
 MAX_BYTES = 16 << 20  # a manifest is a few KB; a larger file is not one
 MAX_SIDE = 4096  # pixels a side of a model input

@@ -35,10 +35,8 @@ def _pct(value) -> str:
     return "—" if value is None else f"{value:.2f}%"
 
 
-def model_card(export_dir: Path, manifest: Manifest, bench: dict | None = None) -> str:
-    """The card's text; ``export_dir`` is the directory as the user sees it, ``bench`` its bench.json."""
-    src, inp, norm = manifest.source, manifest.input, manifest.normalization
-    channels, height, width = manifest.chw
+def _about(manifest: Manifest) -> list[str]:
+    src = manifest.source
     seed = src.seed_results or {}
     name = manifest.name
     lines = [
@@ -55,6 +53,13 @@ def model_card(export_dir: Path, manifest: Manifest, bench: dict | None = None) 
                      + (f", {_pct(seed.get('best_test_acc'))} best" if seed.get("best_test_acc") is not None else "")
                      + (f", {seed['params']:,} parameters" if seed.get("params") else "")
                      + " for the full recipe; a run with fewer epochs, fewer images or pruning is not comparable with it.")
+    return lines
+
+
+def _input_output(manifest: Manifest) -> list[str]:
+    inp, norm = manifest.input, manifest.normalization
+    channels, height, width = manifest.chw
+    lines: list[str] = []
     lines += [
         "",
         "## Input and output",
@@ -80,6 +85,11 @@ def model_card(export_dir: Path, manifest: Manifest, bench: dict | None = None) 
     ]
     for art in manifest.artifacts:
         lines.append(f"| {art.file} | {art.format} | {art.precision} | {art.bytes:,} | `{art.sha256[:16]}…` |")
+    return lines
+
+
+def _parity(export_dir: Path, manifest: Manifest) -> list[str]:
+    lines: list[str] = []
     lines += ["", "## Parity with the trained model (`toolkit verify`)", ""]
     if manifest.parity is None or not any(a.parity for a in manifest.artifacts):
         lines.append(f"Not verified yet: run `toolkit verify {export_dir}`.")
@@ -100,6 +110,11 @@ def model_card(export_dir: Path, manifest: Manifest, bench: dict | None = None) 
         unverified = [a.file for a in manifest.artifacts if not a.parity]
         if unverified:
             lines += ["", f"Not verified: {', '.join(unverified)}."]
+    return lines
+
+
+def _speed(export_dir: Path, bench: dict | None) -> list[str]:
+    lines: list[str] = []
     lines += ["", "## Speed (`toolkit bench`)", ""]
     rows = [r for r in (bench or {}).get("results", []) if isinstance(r, dict)]
     if not rows:
@@ -112,7 +127,12 @@ def model_card(export_dir: Path, manifest: Manifest, bench: dict | None = None) 
                 lines.append(f"| {r['artifact']} | {r['runtime']} | {r['batch']} | {r['p50_us']:.1f} | {r['images_per_s']:,.0f} |")
             except (KeyError, TypeError, ValueError):
                 continue
-    lines += _usage(export_dir, manifest)
+    return lines
+
+
+def model_card(export_dir: Path, manifest: Manifest, bench: dict | None = None) -> str:
+    """The card's text; ``export_dir`` is the directory as the user sees it, ``bench`` its bench.json."""
+    lines = [*_about(manifest), *_input_output(manifest), *_parity(export_dir, manifest), *_speed(export_dir, bench), *_usage(export_dir, manifest)]
     return "\n".join(lines) + "\n"
 
 

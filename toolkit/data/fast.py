@@ -122,7 +122,7 @@ def apply_batch(x: torch.Tensor, aug: Augment, params: dict[str, torch.Tensor], 
     geometric = bool(aug.rotation or aug.shift_scale_rotate)
     if aug.hflip and not geometric:
         # a flip alone (the ResNet recipes' RandomCrop + flip) is an index reversal: grid_sample
-        # would give the same pixels (tests/test_fastdata.py) for a full resampling's cost
+        # would give the same pixels (tests/data/test_fastdata.py) for a full resampling's cost
         flip = params["flip"].to(dev, non_blocking=True).view(n, 1, 1, 1)
         x = torch.where(flip, x.flip(-1), x)
     elif geometric:

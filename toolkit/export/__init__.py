@@ -22,7 +22,7 @@ from toolkit.core.errors import ToolkitError, check_choice
 from toolkit.core.files import confined, locked, plain_name, recover_swap, remove_stale_dirs, remove_stale_temps, umask_mode, write_error
 from toolkit.core.parity import settle_report
 from toolkit.core.manifest import NAME as MANIFEST_NAME
-from toolkit.core.manifest import Artifact, Manifest, TritonModel
+from toolkit.core.manifest import MAX_BATCH, Artifact, Manifest, TritonModel
 from toolkit.core.model_card import write_model_card
 
 FORMATS = ("onnx", "trt", "triton")
@@ -83,7 +83,7 @@ class ExportOptions:
     gate_pp: float | None = None
     pad_channels: int | None = None
     download: bool = True
-    max_batch: int = 256
+    max_batch: int = MAX_BATCH
 
 
 @dataclass(frozen=True)
@@ -198,35 +198,9 @@ def _drop_stale(stage: Path, manifest: Manifest, console: Console, changed: set[
         _remove_triton(stage)
 
 
-def export(
-    ref: str | Path | None = None,
-    *,
-    fmt: str = "onnx",
-    precision: str = "fp32",
-    out: str | Path = "exports",
-    runs: str | Path = "runs",
-    data_dir: str | Path | None = None,
-    calib_size: int = 512,
-    calib_method: str = "minmax",
-    auto_fallback: bool = False,
-    int8_activations: str = "int8",
-    int8_weights: int = 8,
-    qat_epochs: int = 0,
-    qat_images: int | None = None,
-    gate_pp: float | None = None,
-    max_batch: int = 256,
-    pad_channels: int | None = None,
-    input_dtype: str = "float32",
-    layout: str = "NCHW",
-    download: bool = True,
-    console: Console | None = None,
-) -> dict:
-    """Export one artifact (and what it derives from, ``PLAN``), or a Triton model repository of a
-    precision's artifacts; returns its manifest entry. One staged transaction per call.
-
-    ``pad_channels``: None keeps the existing fp32 ONNX's padding, 0 turns padding off. One export at a
-    time per export directory: a second one waits for the first (``files.locked``), so none is ever lost."""
-    console = console or Console(stderr=True)
+def _checked(fmt: str, precision: str, input_dtype: str, layout: str, *, pad_channels, auto_fallback, int8_activations, int8_weights,
+             qat_epochs, qat_images) -> str:
+    """Refuse a bad combination of export options in one line, before any work; the layout, upper-cased."""
     check_choice("format", fmt, FORMATS)
     check_choice("precision", precision, PRECISIONS)
     check_choice("int8 activation type", int8_activations, ("int8", "uint8"))
@@ -244,6 +218,40 @@ def export(
         raise ToolkitError("--qat-epochs applies to --precision int8 only")
     if fmt == "trt" and precision == "int8" and int8_activations != "int8":
         raise ToolkitError("TensorRT's explicit quantization needs symmetric int8 activations: leave --int8-activations at int8")
+    return layout
+
+
+def export(
+    ref: str | Path | None = None,
+    *,
+    fmt: str = "onnx",
+    precision: str = "fp32",
+    out: str | Path = "exports",
+    runs: str | Path = "runs",
+    data_dir: str | Path | None = None,
+    calib_size: int = 512,
+    calib_method: str = "minmax",
+    auto_fallback: bool = False,
+    int8_activations: str = "int8",
+    int8_weights: int = 8,
+    qat_epochs: int = 0,
+    qat_images: int | None = None,
+    gate_pp: float | None = None,
+    max_batch: int = MAX_BATCH,
+    pad_channels: int | None = None,
+    input_dtype: str = "float32",
+    layout: str = "NCHW",
+    download: bool = True,
+    console: Console | None = None,
+) -> dict:
+    """Export one artifact (and what it derives from, ``PLAN``), or a Triton model repository of a
+    precision's artifacts; returns its manifest entry. One staged transaction per call.
+
+    ``pad_channels``: None keeps the existing fp32 ONNX's padding, 0 turns padding off. One export at a
+    time per export directory: a second one waits for the first (``files.locked``), so none is ever lost."""
+    console = console or Console(stderr=True)
+    layout = _checked(fmt, precision, input_dtype, layout, pad_channels=pad_channels, auto_fallback=auto_fallback, int8_activations=int8_activations,
+                      int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images)
     if fmt == "trt":  # which builder, said before any work; none: one line, and exports/ untouched
         from toolkit.export.to_trt import builder_line
 

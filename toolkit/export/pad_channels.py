@@ -34,36 +34,38 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
-def pad_conv_channels(proto: onnx.ModelProto, multiple: int = 16) -> tuple[onnx.ModelProto, int]:
-    """A copy of ``proto`` with padded conv channels, and how many convs were padded."""
-    if multiple < 1:
-        raise ValueError("multiple must be at least 1")
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    graph = model.graph
-    inferred = onnx.shape_inference.infer_shapes(model)
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
-    inits = {i.name: i for i in graph.initializer}
-    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            uses[name].append((node, index))
-    outputs = {o.name for o in graph.output}
+class _Graph:
+    """What padding needs to know about a graph: its initializers, who reads each tensor, its
+    outputs and inferred shapes."""
 
-    def array(name: str) -> np.ndarray:
-        return numpy_helper.to_array(inits[name])
+    def __init__(self, model: onnx.ModelProto):
+        graph = model.graph
+        inferred = onnx.shape_inference.infer_shapes(model)
+        self.shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+                       for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+        self.inits = {i.name: i for i in graph.initializer}
+        self.uses: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+        for node in graph.node:
+            for index, name in enumerate(node.input):
+                self.uses[name].append((node, index))
+        self.outputs = {o.name for o in graph.output}
 
-    def own_initializer(node: onnx.NodeProto, index: int, ndim: int) -> bool:
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name])
+
+    def replace(self, name: str, value: np.ndarray) -> None:
+        self.inits[name].CopyFrom(numpy_helper.from_array(value.astype(self.array(name).dtype), name))
+
+    def own_initializer(self, node: onnx.NodeProto, index: int, ndim: int) -> bool:
         """The input is an initializer of ``ndim`` dimensions that nothing else reads."""
-        return (len(node.input) > index and node.input[index] in inits and len(uses[node.input[index]]) == 1
-                and len(inits[node.input[index]].dims) == ndim)
+        return (len(node.input) > index and node.input[index] in self.inits and len(self.uses[node.input[index]]) == 1
+                and len(self.inits[node.input[index]].dims) == ndim)
 
-    def plain_conv(node: onnx.NodeProto) -> bool:
-        return (node.op_type == "Conv" and _attr(node, "group", 1) == 1 and own_initializer(node, 1, 4)
-                and (len(node.input) < 3 or not node.input[2] or own_initializer(node, 2, 1)))
+    def plain_conv(self, node: onnx.NodeProto) -> bool:
+        return (node.op_type == "Conv" and _attr(node, "group", 1) == 1 and self.own_initializer(node, 1, 4)
+                and (len(node.input) < 3 or not node.input[2] or self.own_initializer(node, 2, 1)))
 
-    def sinks_of(tensor: str) -> list[tuple[str, onnx.NodeProto, onnx.NodeProto | None]] | None:
+    def sinks_of(self, tensor: str) -> list[tuple[str, onnx.NodeProto, onnx.NodeProto | None]] | None:
         """Every weight reader reached from ``tensor`` through per-channel ops; None if any path
         ends elsewhere."""
         found, frontier, seen = [], [tensor], set()
@@ -72,17 +74,17 @@ def pad_conv_channels(proto: onnx.ModelProto, multiple: int = 16) -> tuple[onnx.
             if t in seen:
                 continue
             seen.add(t)
-            if t in outputs or not uses[t]:
+            if t in self.outputs or not self.uses[t]:
                 return None
-            for node, index in uses[t]:
+            for node, index in self.uses[t]:
                 if index != 0:
                     return None
                 if node.op_type in PER_CHANNEL_OPS and all(not o for o in node.output[1:]):
                     frontier.append(node.output[0])
-                elif plain_conv(node):
+                elif self.plain_conv(node):
                     found.append(("conv", node, None))
                 elif node.op_type in ("Flatten", "Reshape"):
-                    gemms = flatten_to_gemms(node, t)
+                    gemms = self.flatten_to_gemms(node, t)
                     if gemms is None:
                         return None
                     found += [("gemm", gemm, node) for gemm in gemms]
@@ -90,52 +92,58 @@ def pad_conv_channels(proto: onnx.ModelProto, multiple: int = 16) -> tuple[onnx.
                     return None
         return found
 
-    def flatten_to_gemms(node: onnx.NodeProto, tensor: str) -> list[onnx.NodeProto] | None:
-        shape = shapes.get(tensor)
+    def flatten_to_gemms(self, node: onnx.NodeProto, tensor: str) -> list[onnx.NodeProto] | None:
+        shape = self.shapes.get(tensor)
         if shape is None or len(shape) != 4 or shape[2:] != [1, 1]:
             return None  # with a spatial map, channel c's features are not one Gemm column
         if node.op_type == "Flatten" and _attr(node, "axis", 1) != 1:
             return None
-        if node.op_type == "Reshape" and not (own_initializer(node, 1, 1) and array(node.input[1]).tolist()[1:] == [shape[1]]):
+        if node.op_type == "Reshape" and not (self.own_initializer(node, 1, 1) and self.array(node.input[1]).tolist()[1:] == [shape[1]]):
             return None  # the target shape must be [batch, channels]
         gemms = []
-        for user, index in uses[node.output[0]]:
-            if not (user.op_type == "Gemm" and index == 0 and _attr(user, "transA", 0) == 0 and own_initializer(user, 1, 2)):
+        for user, index in self.uses[node.output[0]]:
+            if not (user.op_type == "Gemm" and index == 0 and _attr(user, "transA", 0) == 0 and self.own_initializer(user, 1, 2)):
                 return None
             gemms.append(user)
-        return gemms if gemms and node.output[0] not in outputs else None
+        return gemms if gemms and node.output[0] not in self.outputs else None
 
-    def replace(name: str, value: np.ndarray) -> None:
-        inits[name].CopyFrom(numpy_helper.from_array(value.astype(array(name).dtype), name))
+    def pad(self, conv: onnx.NodeProto, sinks, extra: int) -> None:
+        """``extra`` zero output channels on ``conv``, and zero weights for them in every sink."""
+        weight = self.array(conv.input[1])
+        self.replace(conv.input[1], np.concatenate([weight, np.zeros((extra, *weight.shape[1:]), weight.dtype)]))
+        if len(conv.input) > 2 and conv.input[2]:
+            bias = self.array(conv.input[2])
+            self.replace(conv.input[2], np.concatenate([bias, np.zeros(extra, bias.dtype)]))
+        for kind, sink, flatten in sinks:
+            w = self.array(sink.input[1])
+            if kind == "conv":
+                self.replace(sink.input[1], np.concatenate([w, np.zeros((w.shape[0], extra, *w.shape[2:]), w.dtype)], axis=1))
+                continue
+            axis = 0 if _attr(sink, "transB", 0) == 0 else 1
+            pad = [(0, 0), (0, 0)]
+            pad[axis] = (0, extra)
+            self.replace(sink.input[1], np.pad(w, pad))
+            if flatten.op_type == "Reshape":
+                self.replace(flatten.input[1], np.array([self.array(flatten.input[1])[0], weight.shape[0] + extra], dtype=np.int64))
 
+
+def pad_conv_channels(proto: onnx.ModelProto, multiple: int = 16) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``proto`` with padded conv channels, and how many convs were padded."""
+    if multiple < 1:
+        raise ValueError("multiple must be at least 1")
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    g = _Graph(model)
     padded = 0
-    for conv in [n for n in graph.node if plain_conv(n)]:
-        weight = array(conv.input[1])
-        channels = weight.shape[0]
-        target = math.ceil(channels / multiple) * multiple
-        if target == channels:
-            continue
-        sinks = sinks_of(conv.output[0])
+    for conv in [n for n in model.graph.node if g.plain_conv(n)]:
+        channels = g.array(conv.input[1]).shape[0]
+        extra = math.ceil(channels / multiple) * multiple - channels
+        sinks = g.sinks_of(conv.output[0]) if extra else None
         if sinks is None:
             continue
-        extra = target - channels
-        replace(conv.input[1], np.concatenate([weight, np.zeros((extra, *weight.shape[1:]), weight.dtype)]))
-        if len(conv.input) > 2 and conv.input[2]:
-            bias = array(conv.input[2])
-            replace(conv.input[2], np.concatenate([bias, np.zeros(extra, bias.dtype)]))
-        for kind, sink, flatten in sinks:
-            w = array(sink.input[1])
-            if kind == "conv":
-                replace(sink.input[1], np.concatenate([w, np.zeros((w.shape[0], extra, *w.shape[2:]), w.dtype)], axis=1))
-            else:
-                axis = 0 if _attr(sink, "transB", 0) == 0 else 1
-                pad = [(0, 0), (0, 0)]
-                pad[axis] = (0, extra)
-                replace(sink.input[1], np.pad(w, pad))
-                if flatten.op_type == "Reshape":
-                    replace(flatten.input[1], np.array([array(flatten.input[1])[0], target], dtype=np.int64))
+        g.pad(conv, sinks, extra)
         padded += 1
     if padded:
-        del graph.value_info[:]  # inferred again with the new channel counts
+        del model.graph.value_info[:]  # inferred again with the new channel counts
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     return model, padded

@@ -90,7 +90,7 @@ class Data(Strict):
     test_batch_size: int = Field(default=1000, ge=1, le=65536)
     augment: Augment = Field(default_factory=Augment)
     # "fast" (default): the split stays one uint8 tensor on the training device, augmented
-    # batch-wise with the same parameter ranges (toolkit.data.fast; tests/test_fastdata.py checks
+    # batch-wise with the same parameter ranges (toolkit.data.fast; tests/data/test_fastdata.py checks
     # the distributions). "dataloader": torchvision dataset + per-sample torchvision /
     # albumentations transforms + DataLoader, as the seeds ran it. Over 20 fine4 epochs the two
     # reach the same accuracy (final: fast 99.35 and 99.50 for seed 1 on two hosts, 99.59, 99.36

@@ -1,7 +1,7 @@
 """Model zoo: every architecture of the seeds, registered by name.
 
 Recipes, the CLI listing and the tests all read ``MODELS``; a model is added in one place.
-Each entry records the parameter count its write-up documents, and ``tests/test_models.py``
+Each entry records the parameter count its write-up documents, and ``tests/models/test_models.py``
 asserts it. Where a write-up leaves a choice open, the docstring of the builder says which
 reading was taken and why.
 """

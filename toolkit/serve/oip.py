@@ -35,12 +35,11 @@ import numpy as np
 from toolkit import __version__
 from toolkit.inference.catalog import Catalog, Entry
 from toolkit.core.errors import ToolkitError, first_line, shown
-from toolkit.core.manifest import triton_model_name
+from toolkit.core.manifest import MAX_BATCH, triton_model_name
 from toolkit.inference.preprocess import MAX_SIDE, model_pixels, to_input
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE_INPUT = "image"  # the BYTES input: encoded image files
-DEFAULT_MAX_BATCH = 256  # when the export records none: `toolkit export --max-batch`'s default (Triton's max_batch_size, an engine's profile)
 DEFAULT_MAX_BODY = 16 * 2**20
 _NUMPY = {"FP32": np.float32, "UINT8": np.uint8}
 _DATATYPE = {"float32": "FP32", "uint8": "UINT8"}
@@ -108,7 +107,7 @@ def protocol_models(catalog: Catalog) -> tuple[dict[str, Model], list[str]]:
             continue
         recorded = manifest.triton.models.get(name) if manifest.triton else None
         max_batch = art.get("max_batch") or (recorded and (recorded.model_extra or {}).get("max_batch_size"))
-        models[name] = Model(name, entry, int(max_batch or DEFAULT_MAX_BATCH), manifest.input.name,
+        models[name] = Model(name, entry, int(max_batch or MAX_BATCH), manifest.input.name,
                              _DATATYPE[manifest.input.dtype], list(manifest.input.shape[1:]), manifest.output.name, list(manifest.classes))
     return models, left
 

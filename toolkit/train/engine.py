@@ -11,7 +11,7 @@ on the device: nothing in an epoch waits for the host.
   to warm up (cuDNN's algorithm search, the optimizer's momentum buffers); they are real steps.
   The last, smaller batch of an epoch runs uncaptured.
 - On the CPU the same step function runs uncaptured, so every semantic of the step is tested in
-  CI: it gives the weights and metrics of the eager loop exactly (tests/test_engine.py).
+  CI: it gives the weights and metrics of the eager loop exactly (tests/train/test_engine.py).
 
 ``choose`` says which engine a run uses and why, in one line; the eager loop (``toolkit.train.loop``)
 remains the reference and the fallback.

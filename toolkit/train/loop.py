@@ -58,7 +58,7 @@ def build_optimizer(recipe: Recipe, model: torch.nn.Module, fused: bool = True) 
     learning rate from a device tensor, and the eager loop uses the same so the two agree exactly).
     ``fused=False``: torch's default implementation, for several processes: fused SGD under DDP on
     the CPU (gloo) trained fine4 to 41% where the default reached 86-90% (2 epochs, 10,000 images,
-    tests/test_train.py; cause not established), and several processes train with the eager loop."""
+    tests/train/test_train.py; cause not established), and several processes train with the eager loop."""
     o = recipe.optimizer
     return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov,
                            fused=fused or None)

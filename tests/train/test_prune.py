@@ -2,7 +2,7 @@
 
 
 
-from tests.conftest import quiet
+from tests.helpers import quiet
 from toolkit.models.checkpoint import load_checkpoint, model_from_checkpoint
 from toolkit.export import export
 from toolkit.train.prune import prune

@@ -14,7 +14,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from tests.conftest import free_port, mnist_test_set
+from tests.helpers import free_port, mnist_test_set
 from toolkit.inference.catalog import Catalog
 from toolkit.core.manifest import Manifest, triton_model_name
 from toolkit.serve.oip import Batcher

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bench import preparation_eval as pe
-from tests.conftest import manifest_for
+from tests.helpers import manifest_for
 from toolkit.inference.catalog import Catalog
 from toolkit.inference.preprocess import model_pixels, png_bytes, read_test_split
 

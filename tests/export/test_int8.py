@@ -14,7 +14,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from tests.conftest import RECIPES, quiet
+from tests.helpers import quiet
 from toolkit.core.environment import int8_kernels_saturate
 from toolkit.core.manifest import Manifest
 

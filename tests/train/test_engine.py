@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.conftest import RECIPES, quiet
-from tests.test_train import _assert_same_run
+from tests.helpers import RECIPES, quiet
+from tests.train.test_train import _assert_same_run
 from toolkit.train.engine import StepEngine, choose, lr_per_step
 from toolkit.core.errors import ToolkitError
 from toolkit.data.fast import TensorLoader, apply_batch, sample_params
@@ -32,14 +32,10 @@ CASES = {
 
 
 @pytest.fixture
-def case_root(request, mnist_root, tmp_path, monkeypatch):
-    from bench.cifar_files import register, write_cifar
-
+def case_root(request, mnist_root):
     if CASES[request.param][2] == "mnist":
         return request.param, mnist_root
-    root = tmp_path / "cifar"
-    register(write_cifar(root), monkeypatch.setattr)
-    return request.param, root
+    return request.param, request.getfixturevalue("cifar_root")
 
 
 @pytest.mark.parametrize("case_root", list(CASES), indirect=True)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from tests.conftest import one_line_error, quiet, run_cli
+from tests.helpers import one_line_error, quiet, run_cli
 from toolkit.models.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
 from toolkit.core.errors import ToolkitError
 from toolkit.export import export
@@ -89,7 +89,7 @@ def test_the_model_cards_python_snippet_runs_and_gives_the_models_answer(fine4_e
     the logits of the deployed path (toolkit.inference.preprocess + the same file)."""
     import re as re_mod
 
-    from tests.conftest import mnist_test_set
+    from tests.helpers import mnist_test_set
     from toolkit.inference.preprocess import model_input
 
     card = (fine4_export / "MODEL_CARD.md").read_text()
@@ -540,7 +540,7 @@ def test_uint8_input_export_runs_on_raw_pixels_in_plain_onnx_runtime(fine4_run, 
     export's labels on the normalized test set for every image; the file says what it takes."""
     import onnxruntime as ort
 
-    from tests.conftest import mnist_test_set
+    from tests.helpers import mnist_test_set
     from toolkit.inference.preprocess import normalize
     from toolkit.check.verify import verify
 
@@ -573,7 +573,7 @@ def test_nhwc_uint8_export_takes_decoded_images_as_they_are(fine4_run, fine4_exp
     the layout a decoded image has; plain ONNX Runtime on the full test set gives the float export's labels."""
     import onnxruntime as ort
 
-    from tests.conftest import mnist_test_set
+    from tests.helpers import mnist_test_set
     from toolkit.inference.preprocess import normalize
 
     entry = export(fine4_run.run_dir, out=tmp_path, input_dtype="uint8", layout="nhwc", console=quiet())

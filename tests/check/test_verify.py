@@ -8,7 +8,7 @@ import sys
 import pytest
 from rich.console import Console
 
-from tests.conftest import RECIPES, quiet
+from tests.helpers import RECIPES, quiet
 from toolkit.export import export
 from toolkit.core.manifest import Manifest
 from toolkit.models.recipes import load_recipe
@@ -136,7 +136,7 @@ def test_a_wrong_normalization_in_the_manifest_fails_verify(fine4_export, mnist_
     still matches) must fail verify, with an error line naming the artifacts and the report."""
     import shutil
 
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     bad = tmp_path / fine4_export.name
     shutil.copytree(fine4_export, bad)

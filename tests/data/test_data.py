@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.cifar_files import CIFAR10_CLASSES
-from tests.conftest import RECIPES
+from tests.helpers import RECIPES
 from toolkit.data import loaders as data_mod
 from toolkit.data import sources
 from toolkit.core.datasets import facts
@@ -61,11 +60,11 @@ def test_mnist_rotation_is_applied_to_training_images(mnist_root):
     assert abs(a.mean() - b.mean()) < 0.05  # but it is still the same digit, rotated a little
 
 
-def test_cifar10_real_loader_on_generated_files(cifar_root):
+def test_cifar10_real_loader_on_generated_files(cifar_root, cifar_classes):
     train = data_mod.load_split("cifar10", cifar_root, train=True, download=False)
     test = data_mod.load_split("cifar10", cifar_root, train=False, download=False)
     assert (len(train), len(test)) == (200, 50)
-    assert data_mod.class_names("cifar10", train) == CIFAR10_CLASSES
+    assert data_mod.class_names("cifar10", train) == cifar_classes
     img, label = test[3]
     assert img.size == (32, 32) and img.mode == "RGB" and label == 3
 

@@ -1,6 +1,6 @@
 """The inference images without Docker: each Dockerfile target's own install line, entry command
 and health check, run in a fresh virtual environment laid out like the image's /app (quicker than
-tests/test_docker.py, which builds the images, and runs where no Docker engine does).
+tests/serve/test_docker.py, which builds the images, and runs where no Docker engine does).
 
 The demo install has no torch and answers gradio_client on 100 real MNIST test digits; the api
 install has neither torch nor Gradio and answers tritonclient.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, demo_correct_on_digits, free_port, v2_correct_on_digits
+from tests.helpers import REPO, demo_correct_on_digits, free_port, v2_correct_on_digits
 
 pytestmark = pytest.mark.slow
 

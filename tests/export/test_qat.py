@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from tests.conftest import quiet, run_cli, one_line_error
+from tests.helpers import quiet, run_cli, one_line_error
 from toolkit.core.manifest import Manifest
 from toolkit.models.registry import MODELS, create_model
 

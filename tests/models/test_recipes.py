@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import RECIPES, write_recipe_variant
+from tests.helpers import RECIPES, write_recipe_variant
 from toolkit.core.errors import ToolkitError
 from toolkit.models.registry import count_params
 from toolkit.core.datasets import facts
@@ -158,7 +158,7 @@ def test_a_runs_recipe_toml_trains_the_same_run_again(mnist_root, tmp_path):
 
     import torch
 
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     limits = ["--epochs", "1", "--train-limit", "1000", "--test-limit", "500", "--data-dir", str(mnist_root)]
     first = run_cli("train", "fine4", "--set", "optimizer.lr=0.02", "--set", "data.batch_size=32", *limits, "--out", tmp_path / "a")
@@ -206,7 +206,7 @@ def test_a_recipe_that_is_a_fifo_is_refused_without_reading_it(tmp_path):
 def test_the_seed_is_bounded_on_the_command_line_and_in_train(mnist_root, tmp_path):
     from toolkit.train.run import parse_seeds, train
 
-    from tests.conftest import quiet
+    from tests.helpers import quiet
 
     with pytest.raises(ToolkitError, match="--seed must be between 0 and 4,294,967,295"):
         train(load_recipe(RECIPES / "fine4.toml"), device="cpu", data_dir=mnist_root, out=tmp_path, seed=2**64, console=quiet())

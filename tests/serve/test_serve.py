@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.conftest import free_port, manifest_for, mnist_test_set
+from tests.helpers import free_port, manifest_for, mnist_test_set
 from toolkit.core.errors import ToolkitError
 from toolkit.inference.catalog import Catalog, find_exports
 from toolkit.inference.preprocess import mnist_digit, model_pixels, open_image, resized_image, to_input
@@ -306,14 +306,13 @@ def test_serve_cli_refuses_a_missing_folder_in_one_line(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1 and "no such export folder" in lines[0], proc.stderr
 
 
-def test_cifar_export_is_served_beside_mnist(cifar_root, serving_export, tmp_path):
+def test_cifar_export_is_served_beside_mnist(cifar_root, cifar_classes, serving_export, tmp_path):
     """A CIFAR-10 model (ft6, one epoch on the generated CIFAR files) in the same server as fine4:
     the CIFAR artifact gets 32x32 RGB preprocessing, CIFAR class names, and the answer the ONNX
     model gives when called directly."""
     from gradio_client import Client, handle_file
 
-    from bench.cifar_files import CIFAR10_CLASSES
-    from tests.conftest import RECIPES, quiet
+    from tests.helpers import RECIPES, quiet
     from toolkit.export import export
     from toolkit.models.recipes import load_recipe
     from toolkit.inference.runtime import ort_runner
@@ -330,11 +329,11 @@ def test_cifar_export_is_served_beside_mnist(cifar_root, serving_export, tmp_pat
     rgba = np.random.default_rng(3).integers(0, 256, (90, 150, 4), dtype=np.uint8)
     Image.fromarray(rgba, "RGBA").save(photo)
     x = to_input(resized_image(open_image(str(photo)), 32, 3), catalog.entries[cifar_key].manifest)
-    direct = CIFAR10_CLASSES[int(ort_runner(cifar_export / "model.fp32.onnx", "ort-cpu")(x).argmax())]
+    direct = cifar_classes[int(ort_runner(cifar_export / "model.fp32.onnx", "ort-cpu")(x).argmax())]
 
     running, url = serve([serving_export, cifar_export], port=free_port(), examples=0, block=False, console=None)
     try:
         result = Client(url, verbose=False).predict(handle_file(str(photo)), cifar_key, api_name="/predict")
     finally:
         running.close()
-    assert result["label"] == direct and {c["label"] for c in result["confidences"]} <= set(CIFAR10_CLASSES)
+    assert result["label"] == direct and {c["label"] for c in result["confidences"]} <= set(cifar_classes)

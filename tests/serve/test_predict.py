@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port, mnist_test_set, run_cli
+from tests.helpers import free_port, mnist_test_set, run_cli
 from toolkit.inference.catalog import Catalog
 from toolkit.serve.predict import collect_inputs, predict
 
@@ -110,7 +110,7 @@ def test_inputs_are_collected_from_files_folders_and_globs(tmp_path):
 
 
 def test_predict_without_images_or_with_a_wrong_artifact_is_one_line(serving_export, tmp_path):
-    from tests.conftest import one_line_error
+    from tests.helpers import one_line_error
 
     assert "no images given" in one_line_error(run_cli("predict", serving_export, "--exports", tmp_path))
     png = tmp_path / "x.png"

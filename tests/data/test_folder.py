@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from tests.conftest import RECIPES, quiet
+from tests.helpers import REPO, RECIPES, quiet
 from toolkit.data import loaders as data_mod
 from toolkit.data import sources
 from toolkit.inference import folder
@@ -205,7 +205,7 @@ def test_the_readme_folder_recipe_trains_on_rgb_pictures(tmp_path, cache):
     from toolkit.models.checkpoint import load_checkpoint
     from toolkit.train.run import train
 
-    readme = (Path(__file__).resolve().parent.parent / "docs" / "training.md").read_text()
+    readme = (REPO / "docs" / "training.md").read_text()
     text = re.search(r"```toml\n(# pets\.toml\n.*?)```", readme, re.S).group(1)
     (tmp_path / "pets.toml").write_text(text)
     rng = np.random.default_rng(0)

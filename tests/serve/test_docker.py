@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import REPO, demo_correct_on_digits, free_port, v2_correct_on_digits
+from tests.helpers import REPO, demo_correct_on_digits, free_port, v2_correct_on_digits
 
 pytestmark = pytest.mark.slow
 LOCAL_BASE = "toolkit-base:local"

@@ -1,7 +1,7 @@
 """TensorRT as far as it can be proven without a GPU: every kind of export, and every model family,
 parsed by TensorRT's ONNX parser and built into an engine ahead of time on the CPU by TensorRT-RTX
 (the `tensorrt_rtx` package, real wheels on PyPI; `pip install -e '.[dev]'` installs it on Linux
-x86-64). Built, not run: running an engine needs an NVIDIA GPU (tests/test_export.py does that
+x86-64). Built, not run: running an engine needs an NVIDIA GPU (tests/export/test_export.py does that
 with full TensorRT where there is one). With TOOLKIT_REQUIRE_TRT=1 (CI) a missing TensorRT-RTX
 fails these tests instead of skipping them."""
 
@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.conftest import quiet
+from tests.helpers import quiet
 from toolkit.core.manifest import InputSpec, Manifest, Normalization
 from toolkit.export import export
 from toolkit.export.to_trt import build_trt_engine, fold_int32_dequantize

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torchvision import transforms
 
-from tests.conftest import RECIPES
+from tests.helpers import RECIPES
 from toolkit.data import loaders as data_mod
 from toolkit.data import sources
 from toolkit.core.datasets import facts

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import RECIPES, quiet
+from tests.helpers import RECIPES, quiet
 from toolkit.models.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
 from toolkit.core.errors import ToolkitError
 from toolkit.train.evaluate import evaluate_checkpoint
@@ -245,7 +245,7 @@ def test_compiled_training_step_matches_eager(mnist_root, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU training path not testable here: no CUDA GPU is visible to PyTorch "
                     "(bf16 autocast, channels-last, the step engine's CUDA graphs and --compile run only on one; "
-                    "tests/test_engine.py checks the engine's step on the CPU)")
+                    "tests/train/test_engine.py checks the engine's step on the CPU)")
 def test_gpu_training_learns_and_the_engines_agree(mnist_root, tmp_path):
     """The CUDA path of ``toolkit train``: fine4, 2 epochs on all 60,000 training images, through
     the eager loop and through the graph engine (the step captured in CUDA graphs), then 1 epoch

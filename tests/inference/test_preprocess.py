@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import RECIPES, manifest_for
+from tests.helpers import RECIPES, manifest_for
 from toolkit.data import loaders as data_mod
 from toolkit.data import sources
 from toolkit.inference import preprocess

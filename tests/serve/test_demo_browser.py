@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port, mnist_test_set
+from tests.helpers import free_port, mnist_test_set
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # as the machine's own browser tests run it: no sandbox as root, and no background calls out
