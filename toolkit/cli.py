@@ -232,6 +232,10 @@ def export(
     qat_images: Optional[int] = typer.Option(None, "--qat-images", min=1, help="QAT: fine-tune on this many training images (default: all but "
                                              "the 2,000 held out for --auto-fallback)."),
     max_batch: int = typer.Option(MAX_BATCH, "--max-batch", min=1, help="TensorRT: largest batch of the optimization profile; Triton: max_batch_size."),
+    trt_arch: Optional[str] = typer.Option(None, "--trt-arch", help="TensorRT-RTX (no GPU here: the engine is built ahead of time): the GPU "
+                                           "architectures to build for, comma-separated, from sm75, sm80, sm86, sm89, sm120, sm121 "
+                                           "(e.g. sm89 for an RTX 4090). Default: TensorRT-RTX's own (8.0, 8.6, 8.9, 12.0 and later). "
+                                           "Full TensorRT builds for this machine's GPU and takes no --trt-arch."),
     pad_channels: Optional[int] = typer.Option(None, "--pad-channels", min=0, help="Zero-pad conv channels to this multiple where outputs stay exactly the same (16: ONNX Runtime's AVX-512 block, 8: AVX2): faster batch-1 latency on ONNX Runtime CPU for models with odd channel counts. 0: off. Default: as the existing export, else off. Changing it re-exports the fp32 ONNX and drops the artifacts derived from it."),
     input_dtype: str = typer.Option("float32", "--input", help="float32: the graph takes normalized float tensors. uint8: it takes raw "
                                     "uint8 NCHW pixels and normalizes them itself (no preprocessing code needed in C++, C#, JavaScript ...); "
@@ -248,7 +252,8 @@ def export(
 
     entry = run_export(run, fmt=fmt, precision=precision, out=out, runs=runs, data_dir=data_dir, calib_size=calib_size,
                        calib_method=calib_method, auto_fallback=auto_fallback, int8_activations=int8_activations, int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images,
-                       max_batch=max_batch, pad_channels=pad_channels, input_dtype=input_dtype, layout=layout, console=_console(as_json))
+                       max_batch=max_batch, pad_channels=pad_channels, input_dtype=input_dtype, layout=layout,
+                       trt_arch=tuple(a.strip().lower() for a in trt_arch.split(",") if a.strip()) if trt_arch else None, console=_console(as_json))
     if as_json:
         _emit(entry)
 

@@ -129,3 +129,147 @@ def test_an_engine_built_ahead_of_time_is_named_as_not_runnable_here(builder_pac
     assert "built ahead of time by TensorRT-RTX" in skipped["model.fp16.engine"] and "not here" in skipped["model.fp16.engine"]
     catalog = Catalog.from_dirs([tmp_path])
     assert any("model.fp16.engine" in why and "built ahead of time by TensorRT-RTX" in why for why in catalog.skipped), catalog.skipped
+
+
+# ---- TensorRT's rules, checked without TensorRT (toolkit.core.trt_rules), held against TensorRT-RTX's own parser
+
+def _graph(nodes, inits, input_type=onnx.TensorProto.FLOAT, domains=()):
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", input_type, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), *[helper.make_opsetid(d, 1) for d in domains]])
+    model.ir_version = 8
+    return model
+
+
+def _rule_cases() -> dict:
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((4, 4, 3, 3), np.float32), "w")
+
+    def qdq(zero_type, zero):
+        scale, z = numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(zero, zero_type), "z")
+        return _graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q_in"),
+                       helper.make_node("DequantizeLinear", ["q", "s", "z"], ["d"], name="dq_in"),
+                       helper.make_node("Conv", ["d", "w"], ["y"], name="conv")], [scale, z, weight])
+
+    # name: (graph, the node and rule words the check must name; None: TensorRT takes it)
+    return {
+        "plain conv": (_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], [weight]), None),
+        "symmetric int8 Q/DQ": (qdq(np.int8, 0), None),
+        "ONNX Runtime kernel": (_graph([helper.make_node("FusedConv", ["x", "w"], ["y"], name="fused", domain="com.microsoft", activation="Relu")],
+                                       [weight], domains=["com.microsoft"]), ("FusedConv 'fused'", "domain 'com.microsoft'")),
+        "integer conv": (_graph([helper.make_node("Cast", ["x"], ["xi"], to=onnx.TensorProto.INT8),
+                                 helper.make_node("ConvInteger", ["xi", "wi"], ["yi"], name="convint"),
+                                 helper.make_node("Cast", ["yi"], ["y"], to=onnx.TensorProto.FLOAT)],
+                                [numpy_helper.from_array(np.ones((4, 4, 3, 3), np.int8), "wi")]), ("ConvInteger 'convint'", "not supported")),
+        "uint8 activations (ONNX Runtime's asymmetric)": (qdq(np.uint8, 128), ("QuantizeLinear 'q_in'", "non-zero uint8 zero point")),
+        "int8 with a zero point": (qdq(np.int8, 3), ("QuantizeLinear 'q_in'", "non-zero int8 zero point")),
+        "uint8 transposed": (_graph([helper.make_node("Transpose", ["x"], ["t"], name="nhwc", perm=[0, 2, 3, 1]),
+                                     helper.make_node("Cast", ["t"], ["y"], to=onnx.TensorProto.FLOAT)], [], input_type=onnx.TensorProto.UINT8),
+                             ("Transpose 'nhwc'", "uint8")),
+    }
+
+
+def _tensorrt_takes(proto, builder_package) -> bool:
+    """Whether the installed TensorRT (or TensorRT-RTX) parses ``proto`` and builds an engine of it."""
+    import importlib
+
+    trt = importlib.import_module("tensorrt" if builder_package == "tensorrt" else "tensorrt_rtx")
+    logger = trt.Logger(trt.Logger.INTERNAL_ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    if not trt.OnnxParser(network, logger).parse(proto.SerializeToString()):
+        return False
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    profile.set_shape("x", (1, 4, 8, 8), (1, 4, 8, 8), (1, 4, 8, 8))
+    config.add_optimization_profile(profile)
+    return builder.build_serialized_network(network, config) is not None
+
+
+@pytest.mark.parametrize("case", list(_rule_cases()))
+def test_the_static_rules_name_the_node_and_agree_with_tensorrt(case, builder_package):
+    from toolkit.core.trt_rules import summary, violations
+
+    proto, expected = _rule_cases()[case]
+    found = violations(proto)
+    if expected is None:
+        assert found == [] and summary(found) == "ok"
+    else:
+        assert found and all(word in str(found[0]) for word in expected), summary(found)
+    assert _tensorrt_takes(proto, builder_package) == (expected is None)  # TensorRT's own verdict is the same
+
+
+def test_the_cpu_int8_file_is_named_as_not_for_tensorrt_and_tensorrt_refuses_it(builder_package, fine4_run, mnist_root, tmp_path):
+    """The uint8-activation int8 file (ONNX Runtime's fast CPU format) breaks TensorRT's symmetric rule:
+    verify says so per file, and TensorRT's parser refuses the same graph."""
+    from toolkit.check.verify import verify
+    from toolkit.core.trt_rules import check_file
+
+    export(fine4_run.run_dir, fmt="onnx", precision="fp32", out=tmp_path, console=quiet())
+    entry = export(fine4_run.run_dir, fmt="onnx", precision="int8", int8_activations="uint8", out=tmp_path, data_dir=mnist_root,
+                   download=False, console=quiet())
+    export_dir = Path(entry["export_dir"])
+    found = check_file(export_dir / "model.int8.onnx")
+    assert found and "zero point" in found[0].rule
+    proto = onnx.load(str(export_dir / "model.int8.onnx"))
+    fold_int32_dequantize(proto)
+    assert not _tensorrt_takes(proto, builder_package)
+    report = verify(export_dir, data_dir=mnist_root, limit=500, download=False, console=quiet())
+    assert report["tensorrt_rules"]["model.fp32.onnx"] == "ok"
+    assert "zero point" in report["tensorrt_rules"]["model.int8.onnx"]
+    assert "model.int8.onnx: QuantizeLinear" in (export_dir / "parity.md").read_text()
+
+
+def test_a_pruned_run_builds_engines(builder_package, fine4_run, mnist_root, tmp_path):
+    from toolkit.train.prune import prune
+
+    pruned = prune(fine4_run.checkpoint, method="channel", amount=0.3, finetune_epochs=1, out=tmp_path / "runs", data_dir=mnist_root,
+                   device="cpu", train_limit=2000, test_limit=500, download=False, console=quiet())
+    run_dir = Path(pruned["run_dir"]) if "run_dir" in pruned else Path(pruned["checkpoint"]).parent
+    for precision in ("fp32", "int8"):
+        entry = export(run_dir, fmt="trt", precision=precision, out=tmp_path / "exports", data_dir=mnist_root, download=False, console=quiet())
+        source = "model.int8.onnx" if precision == "int8" else "model.fp32.onnx"
+        _check_engine(Path(entry["export_dir"]) / entry["file"], precision, builder_package, source)
+
+
+def test_trt_arch_chooses_the_gpus_of_an_ahead_of_time_engine(builder_package, fine4_run, tmp_path):
+    from toolkit.core.errors import ToolkitError
+
+    if builder_package != "tensorrt-rtx":
+        with pytest.raises(ToolkitError, match="--trt-arch"):
+            export(fine4_run.run_dir, fmt="trt", precision="fp32", out=tmp_path, trt_arch=("sm89",), console=quiet())
+        return
+    entry = export(fine4_run.run_dir, fmt="trt", precision="fp32", out=tmp_path, trt_arch=("sm89", "sm120"), console=quiet())
+    built = json.loads((Path(entry["export_dir"]) / "model.fp32.json").read_text())
+    assert built["compute_capability"] == ["sm89", "sm120"] and built["ahead_of_time"] is True
+    card = (Path(entry["export_dir"]) / "MODEL_CARD.md").read_text()
+    assert "model.fp32.engine: built ahead of time on a CPU by TensorRT-RTX" in card and "sm89, sm120" in card
+    with pytest.raises(ToolkitError, match="'sm90' is not a GPU architecture TensorRT-RTX builds for"):
+        export(fine4_run.run_dir, fmt="trt", precision="fp32", out=tmp_path, trt_arch=("sm90",), console=quiet())
+    with pytest.raises(ToolkitError, match="--trt-arch applies to --format trt only"):
+        export(fine4_run.run_dir, fmt="onnx", precision="fp32", out=tmp_path, trt_arch=("sm89",), console=quiet())
+
+
+def test_a_failed_build_keeps_the_builders_log(builder_package, tmp_path):
+    """A graph within the static rules that TensorRT's parser still refuses (Det): one line naming the
+    node, and the builder's log kept where the line says."""
+    from onnx import helper, numpy_helper
+
+    from toolkit.core.errors import ToolkitError
+
+    graph = helper.make_graph([helper.make_node("Det", ["x"], ["d"], name="det"), helper.make_node("Unsqueeze", ["d", "axes"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              initializer=[numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "det.onnx"))
+    log = tmp_path / "out" / "det.fp32.trt-build.log"
+    with pytest.raises(ToolkitError) as caught:
+        build_trt_engine(tmp_path / "det.onnx", tmp_path / "det.engine", "fp32", "x", (4, 4), 4, tmp_path / "cache", log_path=log)
+    message = str(caught.value)
+    assert "\n" not in message and "Det" in message and str(log) in message
+    assert "Det" in log.read_text() and not (tmp_path / "det.engine").exists()

@@ -28,6 +28,7 @@ from toolkit.core.files import atomic_write, locked, remove_stale_temps, resolve
 from toolkit.core.environment import cpu_info, cpu_line
 from toolkit.core.manifest import Manifest, Parity, Verified, latest_export
 from toolkit.core.model_card import write_model_card
+from toolkit.core.trt_rules import check_file, summary
 from toolkit.core.parity import GATES, PARITY_FIELDS, REPORT, REPORT_MD, accuracy, compare, pending, settle_report
 from toolkit.models.recipes import Recipe
 from toolkit.inference.runtime import make_runner, not_runnable_reason, runtimes_for
@@ -166,12 +167,16 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
         "results": results,
         "skipped": skipped,
         "passed": bool(results) and all(r["passed"] for r in results),
+        # TensorRT's rules, read from each ONNX file (toolkit.core.trt_rules): "ok" or the broken rule; not a gate
+        "tensorrt_rules": {art.file: summary(check_file(export_dir / art.file)) for art in manifest.artifacts if art.format == "onnx"},
         **({"diagnosis": diagnosis} if diagnosis else {}),
     }
     _record(export_dir, report, console)
     console.print(parity_table(report))
     for s in skipped:
         console.print(f"[yellow]skipped {s['artifact']}: {s['reason']}[/]")
+    for file, found in report["tensorrt_rules"].items():
+        console.print(f"verify: {file} for TensorRT: " + ("takes it (operators, Q/DQ, input)" if found == "ok" else f"would refuse it: {found}"))
     console.print(f"verify: wrote {export_dir / 'parity.md'}, parity.json and MODEL_CARD.md; parity recorded in the manifest")
     if not report["passed"] and results:
         console.print(f"[red]error:[/] {failure_line(report)}")
@@ -206,6 +211,10 @@ def parity_markdown(report: dict) -> str:
         )
     for s in report["skipped"]:
         lines.append(f"| {s['artifact']} | — | — | — | — | — | — | — | — | not run: {s['reason']} |")
+    rules = report.get("tensorrt_rules") or {}
+    if rules:
+        lines += ["", "TensorRT's rules, checked on each ONNX file without TensorRT (operators, symmetric Q/DQ, uint8 only cast): "
+                  + "; ".join(f"{file}: {found}" for file, found in rules.items()) + "."]
     lines += ["", "Δ 95% interval: the difference the test images can resolve. Only images that one model gets right and the other "
               "wrong carry Δ; the exact McNemar test on them (`parity.json`: `gained`, `lost`, `mcnemar_p`) gives the interval. "
               "An interval that holds 0 means the two are not told apart on these images; the gate itself is on Δ."]

@@ -109,6 +109,8 @@ def describe() -> dict:
         info["tensorrt"] = importlib.import_module("tensorrt").__version__
     except ImportError:
         info["tensorrt"] = None
+    # builds engines ahead of time on a CPU (toolkit export --format trt where full TensorRT cannot run)
+    info["tensorrt_rtx"] = _version("tensorrt_rtx_cu13_bindings") or _version("tensorrt_rtx")
     info["gradio"] = _version("gradio")
     return info
 
@@ -125,6 +127,6 @@ def env_table(info: dict):
             value = cpu_line(value)
         elif isinstance(value, list):
             value = ", ".join(value)
-        table.add_row(key, escape("not installed" if value is None and key in ("torch", "onnx", "onnxruntime", "tensorrt", "gradio")
+        table.add_row(key, escape("not installed" if value is None and key in ("torch", "onnx", "onnxruntime", "tensorrt", "tensorrt_rtx", "gradio")
                                   else str(value)))
     return table

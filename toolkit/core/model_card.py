@@ -85,7 +85,21 @@ def _input_output(manifest: Manifest) -> list[str]:
     ]
     for art in manifest.artifacts:
         lines.append(f"| {art.file} | {art.format} | {art.precision} | {art.bytes:,} | `{art.sha256[:16]}…` |")
+    engines = [(art.file, art.get("built_for")) for art in manifest.artifacts if art.format == "trt" and isinstance(art.get("built_for"), dict)]
+    if engines:
+        lines.append("")
+    for file, built in engines:
+        if built.get("ahead_of_time"):
+            lines.append(f"- {file}: built ahead of time on a CPU by TensorRT-RTX {built.get('tensorrt_rtx')} for "
+                         f"{_targets(built.get('compute_capability'))}; built, not run here: it runs with TensorRT-RTX's runtime on such a GPU.")
+        else:
+            lines.append(f"- {file}: built by TensorRT {built.get('tensorrt')} on {built.get('gpu')} (compute capability "
+                         f"{built.get('compute_capability')}); it runs on that GPU model only.")
     return lines
+
+
+def _targets(found) -> str:
+    return ", ".join(found) if isinstance(found, list) else str(found)
 
 
 def _parity(export_dir: Path, manifest: Manifest) -> list[str]:

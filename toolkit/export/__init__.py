@@ -84,6 +84,7 @@ class ExportOptions:
     pad_channels: int | None = None
     download: bool = True
     max_batch: int = MAX_BATCH
+    trt_arch: tuple[str, ...] | None = None  # TensorRT-RTX's target GPU architectures (None: its default)
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,7 @@ def export(
     qat_images: int | None = None,
     gate_pp: float | None = None,
     max_batch: int = MAX_BATCH,
+    trt_arch: tuple[str, ...] | None = None,
     pad_channels: int | None = None,
     input_dtype: str = "float32",
     layout: str = "NCHW",
@@ -252,17 +254,21 @@ def export(
     console = console or Console(stderr=True)
     layout = _checked(fmt, precision, input_dtype, layout, pad_channels=pad_channels, auto_fallback=auto_fallback, int8_activations=int8_activations,
                       int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images)
+    if trt_arch and fmt != "trt":
+        raise ToolkitError("--trt-arch applies to --format trt only")
     if fmt == "trt":  # which builder, said before any work; none: one line, and exports/ untouched
-        from toolkit.export.to_trt import builder_line
+        from toolkit.export.to_trt import builder_line, check_archs
 
-        console.print(builder_line())
+        trt_arch = check_archs(trt_arch)
+        console.print(builder_line(trt_arch))
     ckpt = load_checkpoint(ref if ref is not None else latest_run(runs))
     export_dir = Path(out) / export_name(ckpt, input_dtype, layout)
     if (export_dir / MANIFEST_NAME).exists() or (export_dir / MANIFEST_NAME).is_symlink():
         Manifest.load(export_dir)  # refuse a broken or hostile export before touching anything
     options = ExportOptions(data_dir=data_dir, calib_size=calib_size, calib_method=calib_method, auto_fallback=auto_fallback,
                             int8_activations=int8_activations, int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images,
-                            gate_pp=gate_pp, pad_channels=pad_channels, download=download, max_batch=max_batch)
+                            gate_pp=gate_pp, pad_channels=pad_channels, download=download, max_batch=max_batch,
+                            trt_arch=trt_arch)
     with locked(export_dir, say=console.print):
         _remove_leftovers(export_dir, console)
         with staged(export_dir) as stage:
@@ -388,9 +394,13 @@ def _engine(job: Job, step: Step, path: Path) -> dict:
         converted = job.stage / ".rtx.fp16.onnx"
         convert_fp16(source, converted)
         source = converted
+    log = job.export_dir.parent / f"{job.export_dir.name}.{step.precision}.trt-build.log"  # outside the stage: kept on failure
     try:
-        return build_trt_engine(source, path, step.precision, job.manifest.input.name, tuple(job.manifest.input.shape[1:]),
-                                job.options.max_batch, confined(job.stage, "timing.cache", str(job.export_dir)), source_name=step.source)
+        built = build_trt_engine(source, path, step.precision, job.manifest.input.name, tuple(job.manifest.input.shape[1:]),
+                                 job.options.max_batch, confined(job.stage, "timing.cache", str(job.export_dir)), source_name=step.source,
+                                 archs=job.options.trt_arch, log_path=log)
+        log.unlink(missing_ok=True)  # an earlier failure's log
+        return built
     finally:
         if typed:
             source.unlink(missing_ok=True)

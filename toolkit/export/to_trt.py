@@ -24,10 +24,29 @@ from onnx import numpy_helper
 
 from toolkit.core.errors import ToolkitError, first_line
 from toolkit.core.files import atomic_write
+from toolkit.core.trt_rules import summary, violations
 from toolkit.inference.runtime import current_gpu, engine_sidecar, trt_missing_reason
 
 WORKSPACE_BYTES = 1 << 30
 RTX_DEFAULT_TARGETS = "compute capability 8.0, 8.6, 8.9, 12.0 and later (TensorRT-RTX's default)"
+# --trt-arch: TensorRT-RTX's ComputeCapability names, lower-cased (1.7 knows sm75, sm80, sm86, sm89,
+# sm120, sm121; no Hopper sm90: an H100 or H200 runs no TensorRT-RTX engine)
+TRT_ARCHS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+
+
+def check_archs(archs: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    """``--trt-arch`` checked: TensorRT-RTX architecture names, or None for the builder's default."""
+    if not archs:
+        return None
+    wrong = [a for a in archs if a not in TRT_ARCHS]
+    if wrong:
+        raise ToolkitError(f"--trt-arch {','.join(archs)}: {wrong[0]!r} is not a GPU architecture TensorRT-RTX builds for "
+                           f"(one or more of {', '.join(TRT_ARCHS)})")
+    return tuple(dict.fromkeys(archs))
+
+
+def targets_line(archs: tuple[str, ...] | None) -> str:
+    return f"{', '.join(archs)} (--trt-arch)" if archs else RTX_DEFAULT_TARGETS
 
 
 def builder() -> tuple[object, str, bool]:
@@ -46,13 +65,41 @@ def builder() -> tuple[object, str, bool]:
     return tensorrt_rtx, "tensorrt-rtx", True
 
 
-def builder_line() -> str:
-    """One line for the user: which package builds, and whether the engine can run here."""
+def builder_line(archs: tuple[str, ...] | None = None) -> str:
+    """One line for the user: which package builds, for which GPUs, and whether the engine can run here."""
     trt, package, aot = builder()
     if aot:
-        return (f"TensorRT-RTX {trt.__version__} builds this engine ahead of time on the CPU, for {RTX_DEFAULT_TARGETS}; "
+        return (f"TensorRT-RTX {trt.__version__} builds this engine ahead of time on the CPU, for {targets_line(archs)}; "
                 "it is built, not run: no GPU here")
+    if archs:
+        raise ToolkitError("--trt-arch chooses the GPUs of an engine built ahead of time by TensorRT-RTX; full TensorRT "
+                           "builds for this machine's GPU: leave --trt-arch out")
     return f"TensorRT {trt.__version__} builds this engine for this machine's GPU"
+
+
+def _logger(trt):
+    """A TensorRT logger that keeps every message of warning level and above (the build log)."""
+
+    class Kept(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.lines: list[str] = []
+
+        def log(self, severity, msg):
+            if severity <= trt.ILogger.Severity.WARNING:
+                self.lines.append(f"[{severity.name}] {msg}")
+
+    return Kept()
+
+
+def _fail(message: str, logger, log_path: Path | None) -> ToolkitError:
+    """The one-line error of a failed parse or build; the builder's log kept at ``log_path``."""
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(log_path, "w") as f:
+            f.write("\n".join(logger.lines) + "\n")
+        message += f" (the builder's log: {log_path})"
+    return ToolkitError(message)
 
 
 def fold_int32_dequantize(proto: onnx.ModelProto) -> int:
@@ -95,22 +142,33 @@ def fold_int32_dequantize(proto: onnx.ModelProto) -> int:
 
 
 def build_trt_engine(onnx_path: Path, engine_path: Path, precision: str, input_name: str, input_shape: tuple[int, ...], max_batch: int,
-                     timing_cache: Path, source_name: str | None = None) -> dict:
+                     timing_cache: Path, source_name: str | None = None, archs: tuple[str, ...] | None = None,
+                     log_path: Path | None = None) -> dict:
     """``input_shape``: one image's shape in the graph's layout (CHW or HWC); the profile spans batch 1..max_batch.
-    ``source_name``: the artifact the engine is made from, as the sidecar records it (default: ``onnx_path``'s name)."""
+    ``source_name``: the artifact the engine is made from, as the sidecar records it (default: ``onnx_path``'s name).
+    ``archs``: TensorRT-RTX's target GPU architectures (``TRT_ARCHS``; None: its default). A graph that
+    breaks TensorRT's rules (``toolkit.core.trt_rules``) is refused before the builder runs; a failed
+    parse or build keeps the builder's log at ``log_path``."""
     trt, package, aot = builder()
-    logger = trt.Logger(trt.Logger.WARNING)
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    fold_int32_dequantize(proto)
+    broken = violations(proto)
+    if broken:
+        raise ToolkitError(f"{source_name or onnx_path.name} breaks TensorRT's rules: {summary(broken)}")
+    logger = _logger(trt)
     network_builder = trt.Builder(logger)
     network = network_builder.create_network(0)  # explicit batch is the only mode
     parser = trt.OnnxParser(network, logger)
-    proto = onnx.load(str(onnx_path), load_external_data=False)
-    fold_int32_dequantize(proto)
     if not parser.parse(proto.SerializeToString()):
         errors = "; ".join(first_line(Exception(str(parser.get_error(i)))) for i in range(parser.num_errors))
-        raise ToolkitError(f"{package} could not parse {onnx_path.name}: {errors}")
+        raise _fail(f"{package} could not parse {onnx_path.name}: {errors}", logger, log_path)
 
     config = network_builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if aot and archs:
+        config.num_compute_capabilities = len(archs)
+        for i, arch in enumerate(archs):
+            config.set_compute_capability(getattr(trt.ComputeCapability, arch.upper()), i)
     if not aot:  # TensorRT-RTX chooses precisions from the graph (strong typing, Q/DQ), and has no such flags
         if precision == "fp16":
             config.set_flag(trt.BuilderFlag.FP16)
@@ -133,7 +191,7 @@ def build_trt_engine(onnx_path: Path, engine_path: Path, precision: str, input_n
 
     serialized = network_builder.build_serialized_network(network, config)
     if serialized is None:
-        raise ToolkitError(f"{package} failed to build a {precision} engine from {onnx_path.name} (see the log above)")
+        raise _fail(f"{package} failed to build a {precision} engine from {onnx_path.name}", logger, log_path)
     with atomic_write(engine_path) as f:
         f.write(bytes(serialized))
     if cache is not None:
@@ -141,7 +199,7 @@ def build_trt_engine(onnx_path: Path, engine_path: Path, precision: str, input_n
             f.write(bytes(cache.serialize()))
     if aot:
         built_for = {"builder": package, "tensorrt_rtx": trt.__version__, "ahead_of_time": True, "gpu": None,
-                     "compute_capability": RTX_DEFAULT_TARGETS, "precision": precision, "max_batch": max_batch, "onnx": source_name or onnx_path.name}
+                     "compute_capability": list(archs) if archs else RTX_DEFAULT_TARGETS, "precision": precision, "max_batch": max_batch, "onnx": source_name or onnx_path.name}
     else:
         gpu = current_gpu()
         built_for = {"builder": package, "tensorrt": trt.__version__, "gpu": gpu["name"], "compute_capability": gpu["compute_capability"],
