@@ -1,10 +1,10 @@
 # Two inference images from one file, both torch-free, serving the contents of exports/ as a
 # non-root user on all interfaces of the container:
 #
-#   demo (the default target): toolkit[serve] (ONNX Runtime, NumPy, Pillow, Gradio); `toolkit serve`:
+#   demo (the default target): the serve extra (ONNX Runtime, NumPy, Pillow, Gradio); `toolkit serve`:
 #         the Gradio demo on / and the v2 inference API (KServe v2, tritonclient) on /v2
 #         docker build -t toolkit-demo . && docker run --rm -p 127.0.0.1:7860:7860 toolkit-demo
-#   api:  toolkit[api] (ONNX Runtime, NumPy, Pillow, Starlette, uvicorn; no Gradio); `toolkit serve
+#   api:  the api extra (ONNX Runtime, NumPy, Pillow, Starlette, uvicorn; no Gradio); `toolkit serve
 #         --api-only`: the v2 inference API alone, for programs
 #         docker build --target api -t toolkit-api . && docker run --rm -p 127.0.0.1:7860:7860 toolkit-api
 #   GPU (TensorRT + ONNX Runtime CUDA; base image with CUDA and Python 3.10+):
@@ -42,7 +42,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
 CMD ["toolkit", "serve", "--api-only", "exports"]
 
 # the demo image (default: the last target); GPU=1 swaps ONNX Runtime for its CUDA build and adds
-# TensorRT with cuda-python (toolkit[trt])
+# TensorRT with cuda-python (the trt extra)
 FROM source AS demo
 ARG GPU=0
 RUN pip install ".[serve]" && if [ "$GPU" = "1" ]; then pip uninstall -y onnxruntime && pip install ".[trt]"; fi \

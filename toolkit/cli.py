@@ -183,7 +183,9 @@ def evaluate(
     from toolkit.models.checkpoint import latest_run
     from toolkit.train.evaluate import evaluate_checkpoint
 
-    report = evaluate_checkpoint(checkpoint or latest_run(runs), data_dir=data_dir, device=device, console=_console(as_json))
+    console = _console(as_json)
+    report = evaluate_checkpoint(checkpoint or latest_run(runs, say=lambda line: console.print(f"eval: {line}")), data_dir=data_dir,
+                                 device=device, console=console)
     if as_json:
         _emit(report)
 
@@ -221,7 +223,12 @@ def export(
     calib_size: int = typer.Option(512, "--calib-size", min=1, help="Training images used to calibrate int8."),
     calib_method: str = typer.Option("minmax", "--calib-method", help="minmax | entropy | percentile."),
     auto_fallback: bool = typer.Option(False, "--auto-fallback", help="int8: keep the most sensitive layers in float until the int8 gate holds (measured on held-out training images)."),
-    int8_activations: str = typer.Option("int8", "--int8-activations", help="int8: symmetric, runs on ONNX Runtime and builds TensorRT engines | uint8: asymmetric, faster on ONNX Runtime's x86 CPU kernels, no TensorRT."),
+    target: Optional[str] = typer.Option(None, "--target", help="Where the int8 file will run. cpu: uint8 activations and int8 weights, the "
+                                         "format ONNX Runtime's x86 kernels run fastest. tensorrt: symmetric int8 (explicit quantization), "
+                                         "what TensorRT builds from. Default: tensorrt with --format trt, else cpu."),
+    int8_activations: Optional[str] = typer.Option(None, "--int8-activations", help="Overrides --target's activation type. int8: symmetric, "
+                                                   "runs on ONNX Runtime and builds TensorRT engines | uint8: asymmetric, faster on ONNX "
+                                                   "Runtime's x86 CPU kernels, no TensorRT."),
     int8_weights: int = typer.Option(8, "--int8-weights", help="8: full int8 weights (TensorRT, GPUs, CPUs with VNNI/AMX; an x86 CPU without VNNI "
                                      "runs them unfused: exact, but no int8 speed-up) | 7: ONNX Runtime's reduce_range, fused int8 kernels on "
                                      "every x86 CPU, at a cost in accuracy."),
@@ -251,7 +258,7 @@ def export(
     from toolkit.export import export as run_export
 
     entry = run_export(run, fmt=fmt, precision=precision, out=out, runs=runs, data_dir=data_dir, calib_size=calib_size,
-                       calib_method=calib_method, auto_fallback=auto_fallback, int8_activations=int8_activations, int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images,
+                       calib_method=calib_method, auto_fallback=auto_fallback, int8_activations=int8_activations, target=target, int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images,
                        max_batch=max_batch, pad_channels=pad_channels, input_dtype=input_dtype, layout=layout,
                        trt_arch=tuple(a.strip().lower() for a in trt_arch.split(",") if a.strip()) if trt_arch else None, console=_console(as_json))
     if as_json:
@@ -396,7 +403,7 @@ def _failure(exc: BaseException) -> tuple[str, int]:
     """The one line and exit status for an error that is not a ToolkitError."""
     if isinstance(exc, ModuleNotFoundError) and INSTALL_HINTS.get((exc.name or "").split(".")[0]):
         extra = INSTALL_HINTS[(exc.name or "").split(".")[0]]
-        return f"this command needs {exc.name}, which is not installed: pip install 'toolkit[{extra}]'", 2
+        return f"this command needs {exc.name}, which is not installed: pip install '.[{extra}]' in the toolkit's repository", 2
     if is_no_space(exc):
         return "no space left on the device" + (f" ({exc.filename})" if getattr(exc, "filename", None) else ""), 2
     if isinstance(exc, MemoryError):

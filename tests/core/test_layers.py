@@ -1,6 +1,6 @@
 """The package's layering, shown by its folders (README, Layout): a module imports only from its
 own folder or the folders of lower layers; the four stages never import each other; core/ and
-inference/ never import torch (so `pip install toolkit[serve]` runs without it). Read from the
+inference/ never import torch (so `pip install '.[serve]'` runs without it). Read from the
 source with ``ast``, so a lazy import inside a function counts too."""
 
 from __future__ import annotations

@@ -120,8 +120,31 @@ def test_the_cache_is_used_and_a_changed_folder_is_decoded_again(fashion_folder,
     assert "bad.jpg" in str(err.value) and "data.strict" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_size_and_channels_are_inferred_when_every_image_agrees(tmp_path, fashion_folder):
+    """#31: an image-folder recipe need not state size and channels when every training image has one
+    square size and all are grey (or all colour); it says what it inferred; when they differ it asks,
+    naming the sizes or modes it found."""
+    text = recipe_file(tmp_path, fashion_folder).read_text().replace("size = 28\nchannels = 1\n", "")
+    (tmp_path / "plain.toml").write_text(text)
+    recipe = load_recipe(tmp_path / "plain.toml")
+    assert recipe.data.size == 28 and recipe.data.channels == 1
+    assert recipe._inferred.startswith(f"data.size = 28, data.channels = 1: inferred from {fashion_folder}") and "28x28 grey" in recipe._inferred
+    assert load_recipe(recipe_file(tmp_path, fashion_folder))._inferred is None  # stated: nothing inferred
+    for name, sizes, modes, asked in (("sizes", (32, 48), ("RGB", "RGB"), "give data.size (the images are 32x32 (4), 48x48 (4))"),
+                                      ("modes", (32, 32), ("L", "RGB"), "give data.channels (some images are grey, some colour: L (4), RGB (4))")):
+        folder_dir = tmp_path / name
+        for cls, size, mode in zip("ab", sizes, modes):
+            (folder_dir / cls).mkdir(parents=True)
+            for i in range(5):  # 4 training images per class, 1 held out for the test split
+                Image.new(mode, (size, size)).save(folder_dir / cls / f"{i}.png")
+        (tmp_path / f"{name}.toml").write_text(text.replace(json.dumps(str(fashion_folder)), json.dumps(str(folder_dir))))
+        with pytest.raises(ToolkitError) as err:
+            load_recipe(tmp_path / f"{name}.toml")
+        assert asked in str(err.value) and "cannot be inferred" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_folder_recipes_are_checked_in_one_line(tmp_path, fashion_folder):
-    with pytest.raises(ToolkitError, match="needs root, size, channels"):
+    with pytest.raises(ToolkitError, match="dataset = 'folder' needs root"):
         load_recipe(RECIPES / "fashion_gap.toml", ["data.dataset=folder"])
     with pytest.raises(ToolkitError, match="root is for dataset = 'folder'"):
         load_recipe(RECIPES / "fine4.toml", ["data.root=/tmp"])

@@ -273,3 +273,29 @@ def test_a_failed_build_keeps_the_builders_log(builder_package, tmp_path):
     message = str(caught.value)
     assert "\n" not in message and "Det" in message and str(log) in message
     assert "Det" in log.read_text() and not (tmp_path / "det.engine").exists()
+
+
+def test_the_default_int8_is_for_cpus_and_an_engine_requantizes_it_for_tensorrt(builder_package, fine4_run, mnist_root, tmp_path):
+    """#30: a plain ONNX int8 export targets the CPU (uint8 activations: ONNX Runtime's fast x86 format),
+    says so in one line and in the model card; --format trt on the same export quantizes it again for
+    TensorRT (symmetric), says so, and builds."""
+    from rich.console import Console
+
+    from toolkit.core.errors import ToolkitError
+
+    console = Console(record=True, width=400)
+    entry = export(fine4_run.run_dir, precision="int8", out=tmp_path, data_dir=mnist_root, download=False, console=console)
+    assert entry["target"] == "cpu" and entry["activations"] == "uint8"
+    assert "int8 for CPUs: uint8 activations and int8 weights" in console.export_text()
+    export_dir = Path(entry["export_dir"])
+    assert "- model.int8.onnx: int8 for CPUs" in (export_dir / "MODEL_CARD.md").read_text()
+    console = Console(record=True, width=400)
+    built = export(fine4_run.run_dir, fmt="trt", precision="int8", out=tmp_path, data_dir=mnist_root, download=False, console=console)
+    assert "has uint8 activations (the CPU target's format)" in console.export_text()
+    source = Manifest.load(export_dir).artifact("model.int8.onnx")
+    assert source.get("target") == "tensorrt" and source.get("activations") == "int8"
+    _check_engine(export_dir / built["file"], "int8", builder_package, "model.int8.onnx")
+    with pytest.raises(ToolkitError, match="--format trt builds for TensorRT"):
+        export(fine4_run.run_dir, fmt="trt", precision="int8", target="cpu", out=tmp_path, console=quiet())
+    with pytest.raises(ToolkitError, match="unknown target 'gpu'"):
+        export(fine4_run.run_dir, precision="int8", target="gpu", out=tmp_path, console=quiet())

@@ -128,7 +128,7 @@ def test_cli_prints_one_line_and_exits_nonzero(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_set_overrides_any_recipe_key_and_is_checked_like_the_file():
+def test_set_overrides_any_recipe_key_and_is_checked_like_the_file(tmp_path):
     from toolkit.models.recipes import load_recipe
 
     recipe = load_recipe("fine4", ["optimizer.lr=0.02", "data.batch_size=256", "data.augment.hflip=0.5", "model.options.dropout=0.1",
@@ -137,17 +137,21 @@ def test_set_overrides_any_recipe_key_and_is_checked_like_the_file():
     assert recipe.data.augment.hflip == 0.5 and recipe.data.augment.rotation == 7.0  # the rest of the table stays
     assert recipe.model.options["dropout"] == 0.1 and recipe.scheduler.name == "cosine" and recipe.description == "my run"
     for overrides, expected in (
-        (["optimizer.lr=-1"], "fine4.toml: optimizer.lr: Input should be greater than 0"),
-        (["optimizer.lrr=1"], "fine4.toml: optimizer.lrr: unknown key"),
-        (["data.batch_size=big"], "fine4.toml: data.batch_size: "),
+        (["optimizer.lr=-1"], "--set 'optimizer.lr=-1': optimizer.lr: Input should be greater than 0"),  # the --set is to blame (#31)
+        (["optimizer.lrr=1"], "--set 'optimizer.lrr=1': optimizer.lrr: unknown key"),
+        (["data.batch_size=big"], "--set 'data.batch_size=big': data.batch_size: "),
         (["lr"], "--set 'lr': give KEY=VALUE"),
         (["optimizer.lr.x=1"], "optimizer.lr is a value"),
-        (["model.options.widths=3"], "fine4.toml: model.options: "),
+        (["model.options.widths=3"], "--set 'model.options.widths=3': model.options: "),
         (['description="x"\n[evil]\na=1'], "the value is more than one TOML value"),
         (['description="x"\nseed=5'], "the value is more than one TOML value"),
     ):
         with pytest.raises(ToolkitError, match=re.escape(expected)):
             load_recipe("fine4", overrides)
+    # a bad value in the file itself is the file's, whatever else --set changed
+    bad = write_recipe_variant(tmp_path, lambda d: d["optimizer"].update(lr=-1))
+    with pytest.raises(ToolkitError, match=re.escape("bad.toml: optimizer.lr: Input should be greater than 0")):
+        load_recipe(bad, ["data.batch_size=64"])
 
 
 def test_a_runs_recipe_toml_trains_the_same_run_again(mnist_root, tmp_path):

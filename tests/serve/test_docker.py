@@ -117,7 +117,7 @@ def test_demo_image_serves_100_real_digits_then_stops_cleanly(images, mnist_root
 
 
 def test_api_image_answers_tritonclient_then_stops_cleanly(images, mnist_root, serving_export):
-    pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed (it is in toolkit[dev])")
+    pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed (it is in the dev extra)")
     port = free_port()
     cid = _run(images["api"], port)
     try:  # the same answers as the export in this process (checked inside), and mostly right

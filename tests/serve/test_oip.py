@@ -20,7 +20,7 @@ from toolkit.core.manifest import Manifest, triton_model_name
 from toolkit.serve.oip import Batcher
 from toolkit.inference.preprocess import model_input, png_bytes
 
-http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed (it is in toolkit[dev])")
+http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed (it is in the dev extra)")
 
 
 @pytest.fixture(scope="module", params=["beside the demo", "api only"])

@@ -166,7 +166,7 @@ def test_inference_install_has_no_torch(image_venv):
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert str(venv) in ok.stdout  # the installed copy, not the checkout
     train = subprocess.run([str(venv / "bin" / "toolkit"), "train", "fine4"], cwd=app, env=env, capture_output=True, text=True)
-    assert train.returncode == 2 and "pip install 'toolkit[train]'" in train.stderr and "Traceback" not in train.stderr
+    assert train.returncode == 2 and "pip install '.[train]'" in train.stderr and "Traceback" not in train.stderr
 
 
 def test_image_entry_command_serves_100_real_digits(image_venv, mnist_root, tmp_path):
@@ -196,7 +196,7 @@ def test_api_install_has_neither_torch_nor_gradio_and_is_smaller(api_venv, image
     # the demo needs the serve extra, and says so in one line
     demo = subprocess.run([str(venv / "bin" / "toolkit"), "serve", "exports", "--port", str(free_port())], cwd=app, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert demo.returncode == 2 and "pip install 'toolkit[serve]'" in demo.stderr and "Traceback" not in demo.stderr
+    assert demo.returncode == 2 and "pip install '.[serve]'" in demo.stderr and "Traceback" not in demo.stderr
     api_mib, demo_mib = _site_packages_mib(venv), _site_packages_mib(image_venv[1])
     print(f"installed: api {api_mib:.0f} MiB, demo {demo_mib:.0f} MiB")
     # measured 2026-11-24: api 220 MiB, demo 410 MiB (ONNX Runtime and NumPy are most of the api's);
@@ -205,7 +205,7 @@ def test_api_install_has_neither_torch_nor_gradio_and_is_smaller(api_venv, image
 
 
 def test_api_entry_command_answers_tritonclient_on_100_real_digits(api_venv, mnist_root, serving_export, tmp_path):
-    pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed (it is in toolkit[dev])")
+    pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed (it is in the dev extra)")
     app, venv, env, spec = api_venv
     port = free_port()
     server, log, _ = _start(spec, app, env, port, tmp_path)

@@ -34,7 +34,8 @@ def test_short_fine4_training_learns(fine4_run, mnist_root):
     assert result.params == 7974 and result.epochs == 2
     files = sorted(p.name for p in result.run_dir.iterdir())
     tensorboard = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []  # the extra writes event files
-    assert files == sorted(["best.pt", "curves.png", "last.pt", "metrics.csv", "recipe.toml", *tensorboard])
+    assert files == sorted(["best.pt", "curves.png", "last.pt", "metrics.csv", "recipe.toml", "summary.json", *tensorboard])
+    assert json.loads((result.run_dir / "summary.json").read_text()) == result.as_json()  # written when the run ended (#31)
     assert (result.run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = (result.run_dir / "metrics.csv").read_text().splitlines()
     assert lines[0] == "epoch,train_loss,train_acc,test_loss,test_acc,lr,seconds" and len(lines) == 3
@@ -296,7 +297,7 @@ def test_the_summary_compares_with_the_seed_only_when_the_run_follows_the_recipe
 def test_tensorboard_event_files_hold_every_epochs_metrics(mnist_root, tmp_path):
     """With the tensorboard extra installed, each run writes per-epoch scalars beside metrics.csv;
     they are the same numbers."""
-    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install 'toolkit[tensorboard]')")
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed (pip install '.[tensorboard]')")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     result = train(load_recipe(RECIPES / "fine4.toml"), epochs=2, train_limit=600, test_limit=300, data_dir=mnist_root, out=tmp_path,

@@ -17,6 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from toolkit.core import speed
 from toolkit.core.environment import cpu_info, cpu_line
 from toolkit.core.errors import ToolkitError
 from toolkit.core.files import atomic_write
@@ -46,7 +47,7 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
     """``threads`` caps the intra-op threads of every runtime (PyTorch too, for a fair comparison);
     on a small model at batch 1, or a host shared with other work, fewer threads can be faster."""
     console = console or Console(stderr=True)
-    export_dir = Path(export_dir) if export_dir else latest_export(exports)
+    export_dir = Path(export_dir) if export_dir else latest_export(exports, say=lambda line: console.print(f"bench: {line}"))
     manifest = Manifest.load(export_dir)
     warning = int8_warning(manifest)
     if warning:
@@ -59,14 +60,16 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
                            f"{too_big[0] * image_bytes / 2**30:,.1f} GiB; at most {MAX_BATCH_BYTES // image_bytes:,} images fit the "
                            f"{MAX_BATCH_BYTES / 2**30:g} GiB input limit")
 
+    load = speed.load_average()  # before timing: other work's load, not the bench's own
     targets = []
     if include_torch:
-        targets.append(("checkpoint", "fp32", "pytorch-eager", torch_runner(model_from_checkpoint(source_checkpoint(manifest))), {}, "float32"))
+        targets.append(("checkpoint", "fp32", "pytorch-eager", torch_runner(model_from_checkpoint(source_checkpoint(manifest))), {}, "float32",
+                        manifest.source.sha256))
     for art in manifest.artifacts:
         for runtime in runtimes_for(art):
             parity = art.parity.get(runtime)
             targets.append((art.file, art.precision, runtime, make_runner(export_dir, art, runtime, threads, classes=len(manifest.classes)),
-                            parity.model_dump() if parity else {}, manifest.input.dtype))
+                            parity.model_dump() if parity else {}, manifest.input.dtype, art.sha256))
 
     torch_threads = None
     if threads and include_torch:
@@ -79,22 +82,52 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
     finally:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
-    report = {"export_dir": str(export_dir), "machine": cpu_line(), "cpu": cpu_info(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "warmup": warmup, "threads": threads or "default", "results": rows}
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for r in rows:
+        r["date"] = date
+    rows = _merged(speed.load(export_dir), rows, targets, cpu_info(), threads)
+    speed.relative(rows)
+    report = {"export_dir": str(export_dir), "machine": cpu_line(), "cpu": cpu_info(), "date": date,
+              "warmup": warmup, "threads": threads or "default", "busy": speed.busy(load, threads, [r for r in rows if r["date"] == date]),
+              "results": rows}
     with atomic_write(export_dir / "bench.json", "w") as f:
         json.dump(report, f, indent=2)
     with atomic_write(export_dir / "bench.md", "w") as f:
         f.write(bench_markdown(report))
     write_model_card(export_dir, manifest)
     console.print(bench_table(report))
+    for line in notes(report):
+        console.print(f"[yellow]{line}[/]")
     console.print(f"bench: wrote {export_dir / 'bench.md'}, bench.json and MODEL_CARD.md")
     return report
+
+
+def _merged(previous: dict | None, rows: list[dict], targets, here: dict, threads) -> list[dict]:
+    """The new rows, and the previous bench's rows of other batch sizes (a quick ``--batch 1`` keeps
+    the batch-32 figures of a full bench) where they are of the same machine, thread setting and
+    artifact bytes."""
+    if previous is None or not speed.same_machine(previous, here) or previous.get("threads") != (threads or "default"):
+        return rows
+    current = {(t[0], t[2]): t[6] for t in targets}
+    new = {(r["artifact"], r["runtime"], r["batch"]) for r in rows}
+    kept = [r for r in previous["results"] if isinstance(r, dict) and (r.get("artifact"), r.get("runtime"), r.get("batch")) not in new
+            and r.get("sha256") is not None and current.get((r.get("artifact"), r.get("runtime"))) == r.get("sha256")]
+    return sorted(kept + rows, key=lambda r: (r["artifact"] != "checkpoint", r["artifact"], r["runtime"], r["batch"]))
+
+
+def notes(report: dict) -> list[str]:
+    """What the figures mean for deployment: int8 slower than fp32 here, a busy machine."""
+    lines = [f"{file} is slower than fp32 here (at best {ratio:.2f}x model.fp32.onnx's images/s): deploy fp32 on this machine"
+             for file, ratio in speed.slower_than_fp32(report).items()]
+    if report.get("busy"):
+        lines.append(f"measured while the machine was busy ({report['busy']}): the figures understate what a quiet machine does")
+    return lines
 
 
 def _time_targets(targets, batches, shape, warmup, min_iters, min_seconds, max_iters, console) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
-    for name, precision, runtime, run, parity, dtype in targets:
+    for name, precision, runtime, run, parity, dtype, sha in targets:
         for batch in batches:
             # random pixels; a float input takes them as they are (the values do not change the timing)
             x = rng.integers(0, 256, (batch, *shape), dtype=np.uint8).astype(dtype)
@@ -104,7 +137,7 @@ def _time_targets(targets, batches, shape, warmup, min_iters, min_seconds, max_i
                 "p50_us": round(float(np.percentile(t, 50)), 1), "p90_us": round(float(np.percentile(t, 90)), 1),
                 "p99_us": round(float(np.percentile(t, 99)), 1), "images_per_s": round(batch * 1e6 / float(t.mean()), 1),
                 "accuracy": parity.get("accuracy"), "delta_pp": parity.get("delta_pp"), "agreement": parity.get("agreement"),
-                "passed": parity.get("passed"),
+                "passed": parity.get("passed"), "sha256": sha,
             })
             console.print(f"{name} on {runtime}, batch {batch}: p50 {rows[-1]['p50_us']:.0f} µs, {rows[-1]['images_per_s']:,.0f} img/s ({len(t)} iterations)")
     return rows
@@ -120,23 +153,35 @@ def _fmt_parity(r: dict) -> tuple[str, str, str]:
 def bench_markdown(report: dict) -> str:
     lines = [
         f"Machine: {report['machine']}; {report['date']}; intra-op threads: {report.get('threads', 'default')}; "
-        f"{report['warmup']} warm-up calls, then the stated number of timed calls.",
+        f"{report['warmup']} warm-up calls, then the stated number of timed calls. × fp32: images/s over model.fp32.onnx's "
+        "on the same runtime and batch.",
         "",
-        "| artifact | runtime | batch | p50 µs | p90 µs | p99 µs | images/s | iterations | accuracy | Δ pp | agreement |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| artifact | runtime | batch | p50 µs | p90 µs | p99 µs | images/s | × fp32 | iterations | accuracy | Δ pp | agreement |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         acc, delta, agree = _fmt_parity(r)
         lines.append(f"| {r['artifact']} | {r['runtime']} | {r['batch']} | {r['p50_us']:.1f} | {r['p90_us']:.1f} | {r['p99_us']:.1f} | "
-                     f"{r['images_per_s']:,.0f} | {r['iterations']} | {acc} | {delta} | {agree} |")
+                     f"{r['images_per_s']:,.0f} | {_times(r)} | {r['iterations']} | {acc} | {delta} | {agree} |")
+    dates = sorted({r.get("date") for r in report["results"] if r.get("date") and r.get("date") != report["date"]})
+    if dates:
+        lines += ["", f"Rows of other batch sizes kept from earlier benches on this machine ({', '.join(dates)})."]
+    lines += [""] + [f"**{line}**" for line in notes(report)] if notes(report) else []
     return "\n".join(lines) + "\n"
+
+
+def _times(r: dict) -> str:
+    ratio = r.get("vs_fp32")
+    if ratio is None:
+        return ""
+    return f"{ratio:.2f}×" + (" (slower: deploy fp32)" if ratio < 1 and r.get("precision") == "int8" else "")
 
 
 def bench_table(report: dict) -> Table:
     table = Table(title=f"benchmark ({report['machine']})")
-    for col in ("artifact", "runtime", "batch", "p50 µs", "p90 µs", "p99 µs", "img/s", "iters", "accuracy", "Δ pp", "agreement"):
+    for col in ("artifact", "runtime", "batch", "p50 µs", "p90 µs", "p99 µs", "img/s", "× fp32", "iters", "accuracy", "Δ pp", "agreement"):
         table.add_column(col, justify="left" if col in ("artifact", "runtime") else "right")
     for r in report["results"]:
         table.add_row(r["artifact"], r["runtime"], str(r["batch"]), f"{r['p50_us']:.1f}", f"{r['p90_us']:.1f}", f"{r['p99_us']:.1f}",
-                      f"{r['images_per_s']:,.0f}", str(r["iterations"]), *_fmt_parity(r))
+                      f"{r['images_per_s']:,.0f}", _times(r), str(r["iterations"]), *_fmt_parity(r))
     return table

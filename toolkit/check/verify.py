@@ -135,7 +135,7 @@ def _record(export_dir: Path, report: dict, console: Console) -> None:
 def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, limit: int | None = None, download: bool = True, console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     gates = {**GATES, **(gates or {})}
-    export_dir = Path(export_dir) if export_dir else latest_export(exports)
+    export_dir = Path(export_dir) if export_dir else latest_export(exports, say=lambda line: console.print(f"verify: {line}"))
     manifest = Manifest.load(export_dir)
     if not manifest.artifacts:
         raise ToolkitError(f"{export_dir}: the manifest lists no artifacts")

@@ -229,6 +229,24 @@ def lock_path(directory: Path) -> Path:
     return directory.parent / f".{directory.name}.lock"
 
 
+def in_use(directory: Path) -> bool:
+    """Whether another process holds ``directory``'s lock now (a run still training, an export being written)."""
+    from filelock import FileLock, Timeout
+
+    path = lock_path(directory)
+    if not path.exists():  # a holder keeps its lock file while it holds it
+        return False
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    except OSError:
+        return False
+    lock.release()
+    return False
+
+
 @contextlib.contextmanager
 def locked(directory: Path, *, wait: bool = True, say: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold the lock of a run or export directory: one toolkit process writes in it at a time.

@@ -25,6 +25,15 @@ from toolkit.core.files import atomic_write, confined, name_problem, read_text_l
 
 FORMAT = "toolkit-manifest/1"
 MAX_BATCH = 256  # the default largest batch: Triton's max_batch_size, a TensorRT engine's profile, the v2 API's limit
+# where an int8 file is meant to run (toolkit export --target)
+TARGETS = ("cpu", "tensorrt")
+# what each target's int8 file is, said at export and in the model card
+TARGET_LINES = {
+    "cpu": "int8 for CPUs: uint8 activations and int8 weights, the format ONNX Runtime's x86 kernels run fastest "
+           "(--target tensorrt: TensorRT's symmetric int8)",
+    "tensorrt": "int8 for TensorRT: symmetric int8 activations and weights with Q/DQ pairs (explicit quantization); it runs on "
+                "ONNX Runtime too, slower than fp32 on its x86 CPU kernels",
+}
 NAME = "manifest.json"
 MAX_BYTES = 16 << 20  # a manifest is a few KB; a larger file is not one
 MAX_SIDE = 4096  # pixels a side of a model input
@@ -160,11 +169,13 @@ class TritonModel(_Schema):
     source: PlainName
 
 
-def triton_model_name(recipe: str, artifact: Artifact) -> str:
+def triton_model_name(recipe: str, artifact: Artifact, inp: "InputSpec | None" = None) -> str:
     """A served artifact's model name, in the Triton repository and on `toolkit serve`'s v2 API:
-    ``<recipe>_<precision>[_trt]`` (the recipe name is a plain name: the schema checks it)."""
+    ``<recipe>_<precision>[_uint8][_nhwc][_trt]`` (the recipe name is a plain name: the schema checks
+    it). ``<recipe>_fp32`` always takes float32 NCHW tensors: an input variant's name says its input."""
+    variant = ("_uint8" if inp is not None and inp.dtype == "uint8" else "") + ("_nhwc" if inp is not None and inp.layout == "NHWC" else "")
     suffix = "_trt" if artifact.format == "trt" else ""
-    return f"{recipe}_{artifact.precision}{suffix}".replace("-", "_")
+    return f"{recipe}_{artifact.precision}{variant}{suffix}".replace("-", "_")
 
 
 class Triton(_Schema):
@@ -297,9 +308,25 @@ class Manifest(_Schema):
         return confined(Path(export_dir), artifact.file, f"{Path(export_dir) / NAME}: artifact file")
 
 
-def latest_export(exports_dir: str | Path = "exports") -> Path:
-    """The most recently written export directory (staging copies, whose names start with '.', never count)."""
+def _is_main(export_dir: Path) -> bool:
+    """A run's main export: its graphs take float32 NCHW tensors (not a ``--input uint8`` or ``--layout NHWC`` variant)."""
+    try:
+        spec = json.loads((export_dir / NAME).read_text()).get("input", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(spec, dict) and spec.get("dtype") == "float32" and spec.get("layout", "NCHW") == "NCHW"
+
+
+def latest_export(exports_dir: str | Path = "exports", say=None) -> Path:
+    """The most recently written *main* export (float32 NCHW input; else, when there is none, the most
+    recently written export of any kind). Staging copies (names starting with '.') never count.
+    ``say`` hears which export it is."""
     found = [p.parent for p in Path(exports_dir).glob(f"*/{NAME}") if not p.parent.name.startswith(".")]
     if not found:
         raise ToolkitError(f"no export under {exports_dir}/ (run `toolkit export` first, or pass an export directory)")
-    return max(found, key=lambda p: (p / NAME).stat().st_mtime)
+    main = [p for p in found if _is_main(p)]
+    picked = max(main or found, key=lambda p: (p / NAME).stat().st_mtime)
+    if say:
+        variants = len(found) - len(main) if main else 0
+        say(f"the latest {'main ' if main else ''}export: {picked}" + (f" ({variants} input variant(s) beside it: pass one to use it)" if variants else ""))
+    return picked

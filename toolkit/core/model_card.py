@@ -11,7 +11,8 @@ from pathlib import Path
 
 from toolkit.core.datasets import preparation_for
 from toolkit.core.files import atomic_write
-from toolkit.core.manifest import Manifest
+from toolkit.core import speed
+from toolkit.core.manifest import TARGET_LINES, Manifest
 
 NAME = "MODEL_CARD.md"
 PREPARATION = {
@@ -86,8 +87,11 @@ def _input_output(manifest: Manifest) -> list[str]:
     for art in manifest.artifacts:
         lines.append(f"| {art.file} | {art.format} | {art.precision} | {art.bytes:,} | `{art.sha256[:16]}…` |")
     engines = [(art.file, art.get("built_for")) for art in manifest.artifacts if art.format == "trt" and isinstance(art.get("built_for"), dict)]
-    if engines:
+    if engines or any(a.get("target") for a in manifest.artifacts):
         lines.append("")
+    for art in manifest.artifacts:
+        if art.precision == "int8" and art.format == "onnx" and art.get("target") in TARGET_LINES:
+            lines.append(f"- {art.file}: {TARGET_LINES[art.get('target')]}.")
     for file, built in engines:
         if built.get("ahead_of_time"):
             lines.append(f"- {file}: built ahead of time on a CPU by TensorRT-RTX {built.get('tensorrt_rtx')} for "
@@ -134,13 +138,18 @@ def _speed(export_dir: Path, bench: dict | None) -> list[str]:
     if not rows:
         lines.append(f"Not measured yet: run `toolkit bench {export_dir}`.")
     else:
-        lines += [f"On {bench.get('machine', 'an unrecorded machine')}, {bench.get('date', '')}; see bench.md for p90/p99.", "",
-                  "| artifact | runtime | batch | p50 µs | images/s |", "|---|---|---:|---:|---:|"]
+        busy = f" Measured while the machine was busy ({bench['busy']}): a quiet machine does better." if bench.get("busy") else ""
+        lines += [f"On {bench.get('machine', 'an unrecorded machine')}, {bench.get('date', '')}; see bench.md for p90/p99.{busy}", "",
+                  "| artifact | runtime | batch | p50 µs | images/s | × fp32 |", "|---|---|---:|---:|---:|---:|"]
         for r in rows:
             try:
-                lines.append(f"| {r['artifact']} | {r['runtime']} | {r['batch']} | {r['p50_us']:.1f} | {r['images_per_s']:,.0f} |")
+                ratio = f"{r['vs_fp32']:.2f}×" if isinstance(r.get("vs_fp32"), (int, float)) else ""
+                lines.append(f"| {r['artifact']} | {r['runtime']} | {r['batch']} | {r['p50_us']:.1f} | {r['images_per_s']:,.0f} | {ratio} |")
             except (KeyError, TypeError, ValueError):
                 continue
+        for file, ratio in speed.slower_than_fp32(bench).items():
+            lines += ["", f"**{file} is slower than fp32 on this machine** (at best {ratio:.2f}× model.fp32.onnx's images/s): "
+                          "deploy fp32 here; int8 pays where its kernels are fast (see docs/export.md)."]
     return lines
 
 
@@ -167,19 +176,23 @@ def _usage(export_dir: Path, manifest: Manifest) -> list[str]:
         "",
         "## How to call it",
         "",
-        "With the toolkit (`pip install 'toolkit[serve]'` is enough: no torch), files, folders or globs:",
+        "With the toolkit (its `serve` extra is enough, no torch: `pip install '.[serve]'` in the toolkit's repository), files, folders or globs:",
         "",
         "```",
         f"toolkit predict {export_dir} image.png more/images/ --top-k 3 --json",
         "```",
         "",
-        "In plain ONNX Runtime (`pixels`: a uint8 HxW or HxWxC array already prepared as above; "
-        "`toolkit.inference.preprocess.model_pixels` does that for any image file):",
+        "In Python with ONNX Runtime (runs as written, with an image file `image.png`; without the toolkit, `pixels` "
+        "is a uint8 HxW or HxWxC array prepared as above):",
         "",
         "```python",
         "import numpy as np",
         "import onnxruntime as ort",
         "",
+        "from toolkit.core.manifest import Manifest",
+        "from toolkit.inference.preprocess import model_pixels",
+        "",
+        f'pixels = model_pixels("image.png", Manifest.load("{export_dir}"))  # decoded and prepared as the training images were',
         f'session = ort.InferenceSession("{export_dir / onnx}", providers=["CPUExecutionProvider"])',
         *prepare.rstrip("\n").split("\n"),
         f'logits = session.run(None, {{"{inp.name}": x}})[0]',

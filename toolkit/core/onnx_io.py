@@ -59,3 +59,18 @@ def batch_reader(images, input_name: str, batch: int = 64):
             return None if nxt is None else {input_name: nxt}
 
     return Batches()
+
+
+def tidy(proto: onnx.ModelProto) -> dict:
+    """In place: drop the initializers no node reads (ONNX Runtime warns of each on every load) and
+    the opset imports of domains no node uses (a quantizer imports nine); what was dropped."""
+    graph = proto.graph
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    unused = [i for i in graph.initializer if i.name not in read]
+    for init in unused:
+        graph.initializer.remove(init)
+    used_domains = {node.domain or "" for node in graph.node} | {""}
+    extra = [o for o in proto.opset_import if (o.domain or "") not in used_domains and o.domain != "ai.onnx"]
+    for opset in extra:
+        proto.opset_import.remove(opset)
+    return {"initializers": [i.name for i in unused], "domains": [o.domain for o in extra]}

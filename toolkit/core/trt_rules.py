@@ -75,7 +75,7 @@ def _qdq_rules(node: onnx.NodeProto, label: str, inits: dict) -> list[Violation]
     zero = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if zero is not None and numpy_helper.to_array(zero).any():
         kind = TensorProto.DataType.Name(zero.data_type).lower()
-        return [Violation(label, f"non-zero {kind} zero point: TensorRT's quantization is symmetric (export int8 with --int8-activations int8)")]
+        return [Violation(label, f"non-zero {kind} zero point: TensorRT's quantization is symmetric (export with --target tensorrt)")]
     return []
 
 

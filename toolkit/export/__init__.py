@@ -22,7 +22,7 @@ from toolkit.core.errors import ToolkitError, check_choice
 from toolkit.core.files import confined, locked, plain_name, recover_swap, remove_stale_dirs, remove_stale_temps, umask_mode, write_error
 from toolkit.core.parity import settle_report
 from toolkit.core.manifest import NAME as MANIFEST_NAME
-from toolkit.core.manifest import MAX_BATCH, Artifact, Manifest, TritonModel
+from toolkit.core.manifest import MAX_BATCH, TARGET_LINES, TARGETS, Artifact, Manifest, TritonModel
 from toolkit.core.model_card import write_model_card
 
 FORMATS = ("onnx", "trt", "triton")
@@ -77,6 +77,7 @@ class ExportOptions:
     calib_method: str = "minmax"
     auto_fallback: bool = False
     int8_activations: str = "int8"
+    target: str = "cpu"  # where the int8 file is meant to run: TARGETS
     int8_weights: int = 8
     qat_epochs: int = 0
     qat_images: int | None = None
@@ -199,12 +200,26 @@ def _drop_stale(stage: Path, manifest: Manifest, console: Console, changed: set[
         _remove_triton(stage)
 
 
-def _checked(fmt: str, precision: str, input_dtype: str, layout: str, *, pad_channels, auto_fallback, int8_activations, int8_weights,
+def _target(fmt: str, target: str | None, int8_activations: str | None) -> tuple[str, str]:
+    """(the deployment target, the int8 activation type): --format trt means TensorRT, else a CPU;
+    --int8-activations, where given, must suit the target."""
+    target = target or ("tensorrt" if fmt == "trt" else "cpu")
+    check_choice("target", target, TARGETS)
+    if fmt == "trt" and target != "tensorrt":
+        raise ToolkitError("--format trt builds for TensorRT: leave --target out (or give --target tensorrt)")
+    if int8_activations is None:
+        return target, "int8" if target == "tensorrt" else "uint8"
+    check_choice("int8 activation type", int8_activations, ("int8", "uint8"))
+    if target == "tensorrt" and int8_activations != "int8":
+        raise ToolkitError("TensorRT's explicit quantization needs symmetric int8 activations: leave --int8-activations out (or at int8)")
+    return target, int8_activations
+
+
+def _checked(fmt: str, precision: str, input_dtype: str, layout: str, *, pad_channels, auto_fallback, int8_weights,
              qat_epochs, qat_images) -> str:
     """Refuse a bad combination of export options in one line, before any work; the layout, upper-cased."""
     check_choice("format", fmt, FORMATS)
     check_choice("precision", precision, PRECISIONS)
-    check_choice("int8 activation type", int8_activations, ("int8", "uint8"))
     check_choice("int8 weight bits", int8_weights, (8, 7))
     check_choice("input type", input_dtype, ("float32", "uint8"))
     layout = layout.upper()
@@ -217,8 +232,6 @@ def _checked(fmt: str, precision: str, input_dtype: str, layout: str, *, pad_cha
         raise ToolkitError("--qat-epochs must be 0 (off) or more, --qat-images 1 or more")
     if qat_epochs and precision != "int8":
         raise ToolkitError("--qat-epochs applies to --precision int8 only")
-    if fmt == "trt" and precision == "int8" and int8_activations != "int8":
-        raise ToolkitError("TensorRT's explicit quantization needs symmetric int8 activations: leave --int8-activations at int8")
     return layout
 
 
@@ -233,7 +246,8 @@ def export(
     calib_size: int = 512,
     calib_method: str = "minmax",
     auto_fallback: bool = False,
-    int8_activations: str = "int8",
+    int8_activations: str | None = None,
+    target: str | None = None,
     int8_weights: int = 8,
     qat_epochs: int = 0,
     qat_images: int | None = None,
@@ -252,7 +266,8 @@ def export(
     ``pad_channels``: None keeps the existing fp32 ONNX's padding, 0 turns padding off. One export at a
     time per export directory: a second one waits for the first (``files.locked``), so none is ever lost."""
     console = console or Console(stderr=True)
-    layout = _checked(fmt, precision, input_dtype, layout, pad_channels=pad_channels, auto_fallback=auto_fallback, int8_activations=int8_activations,
+    target, int8_activations = _target(fmt, target, int8_activations)
+    layout = _checked(fmt, precision, input_dtype, layout, pad_channels=pad_channels, auto_fallback=auto_fallback,
                       int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images)
     if trt_arch and fmt != "trt":
         raise ToolkitError("--trt-arch applies to --format trt only")
@@ -261,12 +276,12 @@ def export(
 
         trt_arch = check_archs(trt_arch)
         console.print(builder_line(trt_arch))
-    ckpt = load_checkpoint(ref if ref is not None else latest_run(runs))
+    ckpt = load_checkpoint(ref if ref is not None else latest_run(runs, say=lambda line: console.print(f"export: {line}")))
     export_dir = Path(out) / export_name(ckpt, input_dtype, layout)
     if (export_dir / MANIFEST_NAME).exists() or (export_dir / MANIFEST_NAME).is_symlink():
         Manifest.load(export_dir)  # refuse a broken or hostile export before touching anything
     options = ExportOptions(data_dir=data_dir, calib_size=calib_size, calib_method=calib_method, auto_fallback=auto_fallback,
-                            int8_activations=int8_activations, int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images,
+                            int8_activations=int8_activations, target=target, int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images,
                             gate_pp=gate_pp, pad_channels=pad_channels, download=download, max_batch=max_batch,
                             trt_arch=trt_arch)
     with locked(export_dir, say=console.print):
@@ -326,7 +341,7 @@ def _make(job: Job, file: str, target: bool) -> Artifact:
             if wanted:
                 console.print(f"[yellow]--pad-channels {wanted}: zero channels make every file larger (fine4's fp32 file +73%) for a "
                               "lower batch-1 latency on ONNX Runtime's CPU kernels; the outputs stay the same[/]")
-        elif existing is not None and not is_target:
+        elif existing is not None and not is_target and not _remake_for_tensorrt(job, step, existing):
             continue
         _check_trt_source(manifest, step)
         console.print(f"export: {step.file} ({step.format} {step.precision}"
@@ -338,6 +353,16 @@ def _make(job: Job, file: str, target: bool) -> Artifact:
         made = manifest.upsert(Artifact.of(path, step.format, step.precision, **fields))
         _drop_stale(stage, manifest, console, changed={step.file} if existing is not None and existing.sha256 != made.sha256 else set())
     return manifest.artifact(file)
+
+
+def _remake_for_tensorrt(job: Job, step: Step, existing: Artifact) -> bool:
+    """Whether the int8 ONNX file must be quantized again before a TensorRT engine is built from it:
+    it is the CPU target's (uint8 activations), which TensorRT cannot take."""
+    if step.precision != "int8" or step.format != "onnx" or job.options.target != "tensorrt" or existing.get("activations", "int8") == "int8":
+        return False
+    job.console.print(f"[yellow]{step.file} has uint8 activations (the CPU target's format), which TensorRT cannot build from: "
+                      "quantizing it again for TensorRT (symmetric int8), in place of the CPU file[/]")
+    return True
 
 
 def _check_trt_source(manifest: Manifest, step: Step) -> None:
@@ -367,6 +392,8 @@ def _int8_onnx(job: Job, step: Step, path: Path) -> dict:
     from toolkit.export import quantize
 
     o, source = job.options, job.stage / step.source
+    chosen = o.int8_activations == ("int8" if o.target == "tensorrt" else "uint8")  # the target's own, not --int8-activations
+    job.console.print("export: " + (TARGET_LINES[o.target] if chosen else f"int8 for {o.target} with {o.int8_activations} activations (--int8-activations)"))
     calib, held_x, held_y = quantize.training_slices(job.manifest, o.data_dir, o.calib_size, download=o.download)
     qat_fields = {}
     if o.qat_epochs:
@@ -379,7 +406,7 @@ def _int8_onnx(job: Job, step: Step, path: Path) -> dict:
         fields = quantize.quantize_int8(source, path, calib, o.calib_method, activations=o.int8_activations, weight_bits=o.int8_weights)
     if qat_fields:
         source.unlink(missing_ok=True)
-    return {**fields, **qat_fields}
+    return {**fields, **qat_fields, "target": o.target}
 
 
 def _engine(job: Job, step: Step, path: Path) -> dict:
@@ -466,7 +493,7 @@ def _triton(job: Job, precision: str) -> dict:
     names = []
     for art in served:
         record = write_triton_model(stage, manifest.source.recipe, manifest.classes, art,
-                                    stage / source if art.format == "onnx" else graph_source, job.options.max_batch)
+                                    stage / source if art.format == "onnx" else graph_source, job.options.max_batch, manifest.input)
         manifest.triton.models[record["name"]] = TritonModel(**record)
         names.append(record["name"])
     console.print(f"Triton model{'s' if len(names) > 1 else ''} {', '.join(names)} -> {export_dir / REPOSITORY}")

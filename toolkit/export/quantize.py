@@ -22,7 +22,7 @@ from toolkit.data.sources import source_for_export
 from toolkit.core.errors import ToolkitError, check_choice
 from toolkit.core.files import atomic_write
 from toolkit.core.manifest import Manifest
-from toolkit.core.onnx_io import batch_reader, load_onnx
+from toolkit.core.onnx_io import batch_reader, load_onnx, tidy
 from toolkit.inference.preprocess import model_input
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
@@ -129,6 +129,7 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
     float_outputs(proto)
     if activations == "uint8":
         integer_pads(proto)
+    tidy(proto)  # loads clean: no unused initializer (the float logits' scale), only the default domain
     onnx.checker.check_model(proto)
     src_meta = {p.key: p.value for p in source.metadata_props}
     del proto.metadata_props[:]

@@ -15,7 +15,7 @@ import onnx
 
 from toolkit.core.errors import ToolkitError
 from toolkit.core.files import atomic_write, confined, sha256_file
-from toolkit.core.manifest import Artifact, Manifest, triton_model_name
+from toolkit.core.manifest import Artifact, InputSpec, Manifest, triton_model_name
 from toolkit.core.onnx_io import load_onnx
 
 REPOSITORY = "triton"
@@ -84,12 +84,13 @@ instance_group [
 """
 
 
-def write_triton_model(export_dir: Path, recipe: str, classes: list[str], artifact: Artifact, onnx_source: Path, max_batch: int) -> dict:
+def write_triton_model(export_dir: Path, recipe: str, classes: list[str], artifact: Artifact, onnx_source: Path, max_batch: int,
+                       inp: InputSpec | None = None) -> dict:
     """Add one artifact to ``export_dir/triton/`` and return its record for the manifest.
 
     ``onnx_source`` is the ONNX graph whose input/output the model has (for an engine: the ONNX
     it was built from)."""
-    name = triton_model_name(recipe, artifact)
+    name = triton_model_name(recipe, artifact, inp)
     is_plan = artifact.format == "trt"
     platform, file = ("tensorrt_plan", "model.plan") if is_plan else ("onnxruntime_onnx", "model.onnx")
     inp, out = graph_io(onnx_source)

@@ -18,6 +18,7 @@ import numpy as np
 from toolkit.core.datasets import preparation_for
 from toolkit.core.environment import cpu_info, cpu_line
 from toolkit.core.errors import ToolkitError, shown
+from toolkit.core import speed
 from toolkit.core.manifest import NAME as MANIFEST_NAME
 from toolkit.core.manifest import Artifact, Manifest
 from toolkit.inference.preprocess import model_pixels, to_input
@@ -102,10 +103,13 @@ class Catalog:
                         continue
                 runtime = next(r for r in RUNTIME_PREFERENCE if r in runtimes)
                 catalog.entries[key] = Entry(key, export_dir, manifest, art, runtime)
-        # serving order, fixed once: newest export first, fp32 before lower precisions
+        # serving order, fixed once: newest export first; within one, the fastest artifact that passed its
+        # parity gate by the export's latest bench on this machine, then fp32 before lower precisions
         rank = {"fp32": 0, "fp16": 1, "int8": 2}
-        newest = {d: -(d / MANIFEST_NAME).stat().st_mtime for d in {e.export_dir for e in catalog.entries.values()}}
-        ordered = sorted(catalog.entries.values(), key=lambda e: (newest[e.export_dir], e.manifest.name,
+        dirs = {e.export_dir for e in catalog.entries.values()}
+        newest = {d: -(d / MANIFEST_NAME).stat().st_mtime for d in dirs}
+        fastest = {d: catalog._measured(d) for d in dirs}
+        ordered = sorted(catalog.entries.values(), key=lambda e: (newest[e.export_dir], e.manifest.name, e.artifact.file != fastest[e.export_dir],
                                                                   rank.get(e.artifact.precision, 9), e.artifact.file))
         catalog.entries = {e.key: e for e in ordered}
         if not catalog.entries:
@@ -113,6 +117,20 @@ class Catalog:
             raise ToolkitError(f"nothing to serve under {where}: run `toolkit train` and `toolkit export` first"
                                + (f" ({'; '.join(catalog.skipped)})" if catalog.skipped else ""))
         return catalog
+
+    def _measured(self, export_dir: Path) -> str | None:
+        """The export's fastest artifact that passed its parity gate, by its latest bench if that ran on
+        this machine (else None: fp32 first); warns of int8 files that are slower than fp32 here."""
+        report = speed.load(export_dir)
+        if report is None or not speed.same_machine(report, cpu_info()):
+            return None
+        served = [e for e in self.entries.values() if e.export_dir == export_dir]
+        name = served[0].manifest.name if served else export_dir.name
+        for file, ratio in speed.slower_than_fp32(report).items():
+            self.warnings.append(f"{name}/{file} is slower than fp32 on this machine ({ratio:.2f}x model.fp32.onnx's images/s by the "
+                                 "latest toolkit bench): deploy fp32 here")
+        passed = {e.artifact.file for e in served if e.artifact.parity and all(p.passed for p in e.artifact.parity.values())}
+        return speed.fastest(report, passed, batch=1)
 
     def keys(self, family_name: str | None = None) -> list[str]:
         """Keys in serving order (newest export first, fp32 before lower precisions), of one family or all."""

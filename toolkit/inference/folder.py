@@ -180,6 +180,39 @@ def _key(spec: FolderSpec, classes: list[str], train, test) -> str:
     return h.hexdigest()[:32]
 
 
+GREY_MODES = frozenset({"1", "L", "I", "I;16", "F"})  # Pillow's one-channel modes (LA, P, RGB, RGBA ...: colour or alpha)
+
+
+def infer_shape(root: Path, seed: int = 0) -> tuple[int, int, str]:
+    """(size, channels, how it was found) for a folder whose recipe does not state them: every
+    training image's header is read (no pixels decoded). One square size and all grey (or all not):
+    that size and 1 (or 3) channels; else a one-line error that asks for ``data.size`` / ``data.channels``."""
+    from PIL import Image
+
+    _, train, _ = listing(FolderSpec(Path(root), 1, 1, 0.2, seed))
+    sizes, modes = {}, {}
+    for path, _ in train:
+        try:
+            with Image.open(path) as im:
+                sizes[im.size] = sizes.get(im.size, 0) + 1
+                modes[im.mode] = modes.get(im.mode, 0) + 1
+        except Exception:  # noqa: BLE001 - Pillow raises several kinds; an unreadable file is skipped (or refused) when decoded
+            continue
+    if not sizes:
+        raise ToolkitError(f"{root}: no readable training image to infer data.size and data.channels from")
+    grey = {m in GREY_MODES for m in modes}
+    problems = []
+    if len(sizes) > 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
+        common = ", ".join(f"{w}x{h} ({n:,})" for (w, h), n in sorted(sizes.items(), key=lambda kv: -kv[1])[:3])
+        problems.append(f"data.size (the images are {common}{' ...' if len(sizes) > 3 else ''})")
+    if len(grey) > 1:
+        problems.append("data.channels (some images are grey, some colour: " + ", ".join(f"{m} ({n:,})" for m, n in sorted(modes.items())) + ")")
+    if problems:
+        raise ToolkitError(f"{root}: give {' and '.join(problems)} in the recipe: the images differ, so they cannot be inferred")
+    (width, _), channels = next(iter(sizes)), 1 if grey == {True} else 3
+    return width, channels, f"every one of {len(train):,} training images is {width}x{width} {'grey' if channels == 1 else 'colour'}"
+
+
 def decode(path: Path, size: int, channels: int) -> np.ndarray:
     """One file as the model takes it: (channels, size, size) uint8, through the deployed preprocessing."""
     pixels = preprocess.resized_image(preprocess.open_image(path), size, channels)

@@ -21,7 +21,7 @@ from toolkit.core.manifest import Artifact, Manifest
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
-TRT_INSTALL_HINT = "install `toolkit[trt]` (the `tensorrt` Python package) on a machine with an NVIDIA GPU and driver"
+TRT_INSTALL_HINT = "install the `trt` extra (`pip install '.[trt]'`: the `tensorrt` Python package) on a machine with an NVIDIA GPU and driver"
 
 
 def ort_providers() -> list[str]:

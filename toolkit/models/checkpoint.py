@@ -126,12 +126,38 @@ def source_checkpoint(manifest) -> dict:
     return load_checkpoint(path)
 
 
-def latest_run(runs_dir: str | Path = "runs") -> Path:
-    """The most recently written run directory that has a checkpoint."""
-    runs = [p for p in Path(runs_dir).glob("*/") if not p.name.startswith(".") and (p / "best.pt").is_file()]
+SUMMARY = "summary.json"  # written when a run has ended (its RunResult): a run without it is training, or stopped
+
+
+def unfinished(run_dir: Path) -> str | None:
+    """Why a run directory is not a finished run (None: finished): still training (its lock is held),
+    or stopped before its end (no summary.json; runs from before it: no curves.png either)."""
+    from toolkit.core.files import in_use
+
+    if in_use(run_dir):
+        return "still training"
+    if not (run_dir / SUMMARY).is_file() and not (run_dir / "curves.png").is_file():
+        return f"stopped before its last epoch (continue it: toolkit train --resume {run_dir})"
+    return None
+
+
+def latest_run(runs_dir: str | Path = "runs", say=None) -> Path:
+    """The most recently written *finished* run directory (``unfinished``): newer runs still training
+    or stopped are passed over, each with one line to ``say``; ``say`` also hears which run it is."""
+    runs = sorted((p for p in Path(runs_dir).glob("*/") if not p.name.startswith(".") and (p / "best.pt").is_file()),
+                  key=lambda p: (p / "best.pt").stat().st_mtime, reverse=True)
     if not runs:
         raise ToolkitError(f"no trained run under {runs_dir}/ (run `toolkit train RECIPE` first, or pass a run directory)")
-    return max(runs, key=lambda p: (p / "best.pt").stat().st_mtime)
+    for run in runs:
+        why = unfinished(run)
+        if why is None:
+            if say:
+                say(f"the latest finished run: {run}")
+            return run
+        if say:
+            say(f"passed over {run}: {why}")
+    raise ToolkitError(f"no finished run under {runs_dir}/: the newest, {runs[0]}, is {unfinished(runs[0]).split(' (')[0]}; "
+                       "pass a run directory to use its best.pt as it is")
 
 
 # ----------------------------------------------------------------------------- run directories

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from toolkit.core.datasets import facts
 from toolkit.core.errors import ToolkitError, first_line, shown
@@ -105,12 +105,11 @@ class Data(Strict):
             if folder_keys:
                 raise ValueError(f"{folder_keys[0]} is for dataset = 'folder' (an image folder), not for {self.dataset}")
             return self
-        missing = [k for k in ("root", "size", "channels") if getattr(self, k) is None]
-        if missing:
-            raise ValueError(f"dataset = 'folder' needs {', '.join(missing)} (the image folder, the side its images are resized to, 1 or 3 channels)")
+        if self.root is None:
+            raise ValueError("dataset = 'folder' needs root (the image folder; size and channels are read from its images when not given)")
         for key in ("mean", "std"):
             value = getattr(self, key)
-            if value is not None and (len(value) != self.channels or any(v <= 0 and key == "std" for v in value)):
+            if value is not None and self.channels is not None and (len(value) != self.channels or any(v <= 0 and key == "std" for v in value)):
                 raise ValueError(f"{key} needs {self.channels} value(s), one per channel" + (", each above 0" if key == "std" else ""))
         if self.pipeline != "fast":
             raise ValueError("an image folder trains on the fast pipeline (its decoded images are cached in memory)")
@@ -207,6 +206,7 @@ MAX_SEED = 2**32 - 1  # what every generator the run seeds (torch, Python, NumPy
 
 class Recipe(Strict):
     name: str = ""  # parse_recipe fills in the file's stem
+    _inferred: str | None = PrivateAttr(default=None)  # what load_recipe read from an image folder (size, channels)
     description: str = ""
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     epochs: int = Field(ge=1, le=10000)
@@ -277,13 +277,25 @@ def resolve_recipe_path(ref: str | Path) -> Path:
     raise ToolkitError(f"recipe not found: {ref} (give a path to a .toml file or a name from `toolkit recipes`)")
 
 
-def parse_recipe(data: dict, path: Path) -> Recipe:
+def blamed(path: Path, overrides: list[str] | None, key: str) -> str:
+    """Where a bad value of ``key`` came from: the ``--set`` that set it (or a key under it, or the
+    table above it), else the recipe file."""
+    for item in reversed(overrides or []):
+        set_key = item.partition("=")[0].strip()
+        if key and (key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + ".")):
+            return f"--set {shown(item)}"
+    return str(path)
+
+
+def parse_recipe(data: dict, path: Path, overrides: list[str] | None = None) -> Recipe:
     data = dict(data)
     data.setdefault("name", path.stem)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise ToolkitError(format_validation_error(path, exc)) from None
+        line = format_validation_error(path, exc)
+        key = line[len(str(path)) + 2:].partition(":")[0]
+        raise ToolkitError(format_validation_error(blamed(path, overrides, key), exc)) from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -331,18 +343,21 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
             # another scheduler kind takes other keys: keep only what was set for it
             set_keys = {o.partition("=")[0].split(".", 1)[1] for o in overrides if o.startswith("scheduler.")}
             data["scheduler"] = {k: v for k, v in data["scheduler"].items() if k in set_keys}
-    recipe = parse_recipe(data, path)
+    data = _with_folder_shape(data, path)
+    inferred = data.pop("_inferred", None)
+    recipe = parse_recipe(data, path, overrides)
+    recipe._inferred = inferred
     # catch bad model options at load time, not at the first epoch
     with reading(path, "recipe"):
         classes = class_count(recipe)
         given = recipe._options().get("num_classes")
         if given is not None and given != classes:  # the loss would index past the model's outputs in the first step
-            raise ToolkitError(f"{path}: model.options.num_classes = {shown(given)}, but {recipe.data.dataset} has {classes} classes "
+            raise ToolkitError(f"{blamed(path, overrides, 'model.options.num_classes')}: model.options.num_classes = {shown(given)}, but {recipe.data.dataset} has {classes} classes "
                                "(leave it out: the data set decides it)")
         try:
             model = recipe.build_model(num_classes=classes)
         except Exception as exc:  # noqa: BLE001 - whatever the options make the builder do, it is the recipe's fault
-            raise ToolkitError(f"{path}: model.options: {first_line(exc)}") from None
+            raise ToolkitError(f"{blamed(path, overrides, 'model.options')}: model.options: {first_line(exc)}") from None
         if recipe.data.dataset == "folder":  # a size the model's fixed pooling cannot take fails here, not in epoch 1
             import torch
 
@@ -353,6 +368,23 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
                 raise ToolkitError(f"{path}: model {recipe.model.name!r} does not take {recipe.data.size}x{recipe.data.size} images "
                                    f"(data.size): {first_line(exc)}") from None
     return recipe
+
+
+def _with_folder_shape(data: dict, path: Path) -> dict:
+    """An image-folder recipe without ``size`` or ``channels``: both read from its training images
+    (``toolkit.inference.folder.infer_shape``) and written into the recipe (so into the run's
+    recipe.toml), with ``inferred`` saying how."""
+    d = data.get("data")
+    if not isinstance(d, dict) or d.get("dataset") != "folder" or not isinstance(d.get("root"), str) or ("size" in d and "channels" in d):
+        return data
+    from toolkit.inference.folder import infer_shape
+
+    root = Path(d["root"]).expanduser()  # relative: to the working directory, as training reads it
+    with reading(path, "recipe"):
+        size, channels, how = infer_shape(root)
+    found = {k: v for k, v in (("size", size), ("channels", channels)) if k not in d}
+    said = f"{', '.join(f'data.{k} = {v}' for k, v in found.items())}: inferred from {root} ({how})"
+    return {**data, "data": {**d, **found}, "_inferred": said}
 
 
 def class_count(recipe: Recipe) -> int:

@@ -101,7 +101,7 @@ def protocol_models(catalog: Catalog) -> tuple[dict[str, Model], list[str]]:
         manifest, art = entry.manifest, entry.artifact
         if entry.runtime == "pytorch":
             continue
-        name = triton_model_name(manifest.source.recipe, art)
+        name = triton_model_name(manifest.source.recipe, art, manifest.input)
         if name in models:
             left.append(f"{entry.key}: not on the v2 API, its name {name} is {models[name].entry.key}'s (newest first)")
             continue

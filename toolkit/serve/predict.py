@@ -82,9 +82,9 @@ def _checkpoint_catalog(ref: Path) -> Catalog:
     return catalog
 
 
-def load_catalog(model: Path | None, exports: Path = Path("exports"), threads: int | None = None) -> Catalog:
+def load_catalog(model: Path | None, exports: Path = Path("exports"), threads: int | None = None, say=None) -> Catalog:
     if model is None:
-        model = latest_export(exports)
+        model = latest_export(exports, say=say)
     model = Path(model)
     if model.is_dir() and (model / MANIFEST_NAME).is_file():
         catalog = Catalog.from_dirs([model])
@@ -106,7 +106,7 @@ def predict(model: Path | None, inputs: list[str], *, artifact: str | None = Non
     console = console or Console(stderr=True)
     if not inputs:
         raise ToolkitError("no images given: pass image files, folders or glob patterns")
-    catalog = load_catalog(model, exports, threads)
+    catalog = load_catalog(model, exports, threads, say=lambda line: console.print(f"predict: {line}", soft_wrap=True, markup=False))
     entry = catalog.entry(artifact)
     if entry.artifact.precision == "int8":
         for line in catalog.warnings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 
 from toolkit.core.files import atomic_write
@@ -20,7 +21,7 @@ TENSORBOARD = "tensorboard"  # the run's TensorBoard event files: tensorboard --
 
 def tensorboard_writer(run_dir: Path, first_epoch: int):
     """A TensorBoard writer into ``run_dir/tensorboard/``, or None when the ``tensorboard`` package is
-    not installed (the ``toolkit[tensorboard]`` extra). A resumed run continues the same curves."""
+    not installed (the ``tensorboard`` extra). A resumed run continues the same curves."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -90,3 +91,9 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             ax.legend()
     fig.tight_layout()
     save_png(fig, path)
+
+
+def write_summary(result: dict, path: Path) -> None:
+    """summary.json: the run's result, written when it ends (its absence: still training, or stopped)."""
+    with atomic_write(path, "w") as f:
+        json.dump(result, f, indent=2)

@@ -30,7 +30,7 @@ from toolkit.data import loaders as data_mod
 from toolkit.data.sources import Source, source_for
 from toolkit.train import engine as step_engine
 from toolkit.train import logs
-from toolkit.models.checkpoint import checkpoint_dict, load_checkpoint, model_from_checkpoint, new_run_dir, non_finite, save_checkpoint
+from toolkit.models.checkpoint import SUMMARY, checkpoint_dict, load_checkpoint, model_from_checkpoint, new_run_dir, non_finite, save_checkpoint
 from toolkit.core.errors import ToolkitError, check_choice
 from toolkit.core.files import locked, reading, remove_stale_temps
 from toolkit.models.registry import count_params
@@ -453,8 +453,11 @@ def _set_up(recipe: Recipe | None, opts: TrainOptions, console: Console) -> Sess
     resume = Resume.load(opts.resume) if opts.resume is not None else None
     if resume is not None:
         recipe, opts = resume.options(opts)
+    inferred = getattr(recipe, "_inferred", None)  # an image folder's size and channels, read from its images
     recipe = opts.checked(recipe)
     dev, rank, world, console = _processes(opts.device, console)
+    if inferred:
+        console.print(f"{inferred}; recorded in the run's recipe.toml")
 
     source = source_for(recipe, opts.data_dir, download=opts.download)
     recipe = source.recipe
@@ -675,6 +678,9 @@ def fit_epochs(recipe: Recipe | None = None, options: TrainOptions | None = None
         board.close()
     if s.state.rows and s.main_process:
         logs.plot_curves(s.state.rows, s.run_dir / "curves.png")
+    result = _result(s, seconds, stopped_early)
+    if s.main_process:  # the run has ended: later verbs' "latest run" may pick it (checkpoint.unfinished)
+        logs.write_summary(result.as_json(), s.run_dir / SUMMARY)
     if s.world > 1:
         torch.distributed.barrier()  # rank 0's files are complete before anyone returns
-    return _result(s, seconds, stopped_early)
+    return result

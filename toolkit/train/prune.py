@@ -19,11 +19,12 @@ from rich.table import Table
 from torch import nn
 
 from toolkit.data.sources import source_for
-from toolkit.models.checkpoint import checkpoint_dict, latest_run, load_checkpoint, model_from_checkpoint, new_run_dir, save_checkpoint
+from toolkit.models.checkpoint import SUMMARY, checkpoint_dict, latest_run, load_checkpoint, model_from_checkpoint, new_run_dir, save_checkpoint
 from toolkit.core.errors import ToolkitError, check_choice
 from toolkit.core.files import resolve_data_dir
 from toolkit.models.registry import count_params
 from toolkit.models.recipes import Recipe
+from toolkit.train.logs import write_summary
 from toolkit.train.loop import evaluate, fit, make_loader_for_eval, pick_device
 
 METHODS = ("l1-unstructured", "channel")
@@ -101,7 +102,7 @@ def prune(
         raise ToolkitError(f"--amount must be between 0 and 1 (exclusive), not {amount}")
     if finetune_epochs < 0:
         raise ToolkitError("--finetune-epochs must be 0 or more")
-    ckpt = load_checkpoint(ref if ref is not None else latest_run(runs))
+    ckpt = load_checkpoint(ref if ref is not None else latest_run(runs, say=console.print))
     recipe = Recipe.model_validate(ckpt["recipe"])
     shape = ckpt["meta"]["input_shape"]
     model = model_from_checkpoint(ckpt)
@@ -140,6 +141,7 @@ def prune(
         run_dir = new_run_dir(runs_out, name)
         meta = {**ckpt["meta"], **info, "params": count_params(model), "epoch": 0, "test_acc": pruned["test_acc"]}
         save_checkpoint(checkpoint_dict(recipe.model_copy(update={"epochs": 1}), model, meta, []), run_dir / "best.pt")
+        write_summary({"run_dir": str(run_dir), "checkpoint": str(run_dir / "best.pt"), "epochs": 0, "pruned": info["pruned"]}, run_dir / SUMMARY)
         final = model
     after = {**model_stats(final, shape), "test_acc": round(accuracy(final), 4)}
     report = {"method": method, "amount": amount, "finetune_epochs": finetune_epochs, "source": ckpt["path"], "run_dir": str(run_dir),
