@@ -120,9 +120,8 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
             # AMX use them. ONNX Runtime's fused integer kernels on x86 CPUs without VNNI (AVX2's
             # vpmaddubsw) add uint8 x int8 products in pairs into int16, which saturates with 8-bit
             # weights; there `runtime.int8_unfused` runs such a file unfused, exactly. 7-bit weights
-            # (reduce_range, `--int8-weights 7`) fit those kernels at a cost in accuracy. Measured on an
-            # AMD EPYC (AVX2, no VNNI), fine4 1 epoch on 10,000 images, 77.70% fp32: 8-bit fused 62.70%,
-            # 8-bit unfused 77.57%, 7-bit 76.44% (docs/benchmarks.md).
+            # (reduce_range, `--int8-weights 7`) fit those kernels at a cost in accuracy (the figures:
+            # docs/benchmarks.md, "Figures behind the code").
             reduce_range=weight_bits == 7,
         )
         proto = onnx.load(str(out))
@@ -195,11 +194,8 @@ def float_outputs(proto: onnx.ModelProto) -> int:
     """Remove the QuantizeLinear -> DequantizeLinear pair that ``quantize_static`` puts on each graph
     output, in place, so the model's outputs (the logits) stay float; returns how many. Quantized
     logits take one of 255 values: near-tied classes become exactly equal, and argmax then answers
-    the lower class index, a bias that flips answers one way. Measured on fine4 after 1 epoch on
-    10,000 images (77.70%): 125 of 10,000 test images had their top two int8 logits exactly tied,
-    46 of the 88 answers int8 changed were such ties, and the changes went 23 gained to 34 lost
-    (-0.11 pp; QAT: 17 to 51, -0.34 pp); with float logits 41 to 23 (+0.18 pp; QAT 33 to 27, +0.06
-    pp), agreement up in each case (docs/benchmarks.md). The last layer still takes int8 inputs and
+    the lower class index, a bias that flips answers one way (measured: docs/benchmarks.md, "Figures
+    behind the code"). The last layer still takes int8 inputs and
     weights (ONNX Runtime's QGemm and TensorRT both output float there), so nothing is lost in speed."""
     graph = proto.graph
     _, producer, users = _graph_index(graph)

@@ -93,9 +93,7 @@ class Data(Strict):
     # batch-wise with the same parameter ranges (toolkit.data.fast; tests/data/test_fastdata.py checks
     # the distributions). "dataloader": torchvision dataset + per-sample torchvision /
     # albumentations transforms + DataLoader, as the seeds ran it. Over 20 fine4 epochs the two
-    # reach the same accuracy (final: fast 99.35 and 99.50 for seed 1 on two hosts, 99.59, 99.36
-    # for seeds 2, 3; dataloader 99.55, 99.34 for seeds 1, 2; docs/benchmarks.md): the seed moves
-    # the result more than the pipeline does.
+    # reach the same accuracy: the seed moves the result more than the pipeline does (docs/benchmarks.md).
     pipeline: Literal["fast", "dataloader"] = "fast"
 
     @model_validator(mode="after")

@@ -62,8 +62,7 @@ class MnistOptNet(nn.Module):
     (28, pool 14, pool 7) and leaves the last two unpadded (7->5->3); ``early_padding=0``
     leaves the first four unpadded (28->26->24->22, pool 11->9->7, pool 3) and pads the last
     two. The default is the reading that reproduced the Fine series' accuracy (MnistGapNet),
-    which the write-ups present as the same design; with it, opt2 on this project's 2-core CPU
-    ended at 99.48% best / 99.47% final (seed: 99.34% / 99.33%).
+    which the write-ups present as the same design (opt2's figures: the README's recipe table).
     A ReLU sits between the two Linear layers (without it they would collapse into one).
     Opt-2 adds Dropout(p) after every conv block but the first, as the seed's diagram marks.
     """
@@ -95,9 +94,8 @@ class MnistGapNet(nn.Module):
     - ``early_padding=0``: the first five convs are unpadded (28->26->24->22, pool 11->9->7,
       pool 3) and the last two use padding 1; 0.6x the multiply-adds.
 
-    Measured with fine4 on this project's 2-core CPU (20 epochs, seed 1): reading 1 reproduces
-    the seed (see the README's recipe table); reading 0 ended at 99.25% final / 99.35% best,
-    short of the seed's 99.53% / 99.54%, with a clearly higher test loss (0.0228 vs 0.0155).
+    Reading 1 reproduces the seed; reading 0 falls short of it (docs/benchmarks.md, "Figures
+    behind the code").
     """
 
     def __init__(self, dropout: float = 0.05, early_padding: int = 1, num_classes: int = 10, in_channels: int = 1):
@@ -360,11 +358,10 @@ class ResNetV2(nn.Module):
     - head: BN -> ReLU -> global average pool -> Dropout(0.1) -> Linear(256, 100).
 
     That is 5,941,316 trainable parameters with 100 classes, and it is the network behind the
-    74.86%. The write-up's "~2.7M parameters" is a mistake of the write-up. The reading this
-    toolkit used before the source was found (three stages of 7 blocks at [32, 64, 128], i.e.
-    ResNet-44 as 6n+2 with n = 7, and He et al.'s block: a bare conv stem, bare 1x1 projections,
-    identity shortcuts from x; 2,647,684 parameters) stays available as the model
-    ``resnet44v2_3stage`` (``stages=(7, 7, 7)``, ``widths=(32, 64, 128)``, ``design="he2016"``).
+    74.86%. The write-up's "~2.7M parameters" is a mistake of the write-up. A three-stage
+    reading (three stages of 7 blocks at [32, 64, 128], i.e. ResNet-44 as 6n+2 with n = 7, and
+    He et al.'s block: a bare conv stem, bare 1x1 projections, identity shortcuts from x;
+    2,647,684 parameters) is available as the model ``resnet44v2_3stage`` (``stages=(7, 7, 7)``, ``widths=(32, 64, 128)``, ``design="he2016"``).
     """
 
     def __init__(
