@@ -235,6 +235,20 @@ def _checked(fmt: str, precision: str, input_dtype: str, layout: str, *, pad_cha
     return layout
 
 
+def _trt_builder(fmt: str, trt_arch: tuple[str, ...] | None, console: Console) -> tuple[str, ...] | None:
+    """For --format trt: which builder builds, for which GPUs, said before any work (none: one line,
+    and exports/ untouched); the checked --trt-arch."""
+    if fmt != "trt":
+        if trt_arch:
+            raise ToolkitError("--trt-arch applies to --format trt only")
+        return None
+    from toolkit.export.to_trt import builder_line, check_archs
+
+    trt_arch = check_archs(trt_arch)
+    console.print(builder_line(trt_arch))
+    return trt_arch
+
+
 def export(
     ref: str | Path | None = None,
     *,
@@ -269,13 +283,7 @@ def export(
     target, int8_activations = _target(fmt, target, int8_activations)
     layout = _checked(fmt, precision, input_dtype, layout, pad_channels=pad_channels, auto_fallback=auto_fallback,
                       int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images)
-    if trt_arch and fmt != "trt":
-        raise ToolkitError("--trt-arch applies to --format trt only")
-    if fmt == "trt":  # which builder, said before any work; none: one line, and exports/ untouched
-        from toolkit.export.to_trt import builder_line, check_archs
-
-        trt_arch = check_archs(trt_arch)
-        console.print(builder_line(trt_arch))
+    trt_arch = _trt_builder(fmt, trt_arch, console)
     ckpt = load_checkpoint(ref if ref is not None else latest_run(runs, say=lambda line: console.print(f"export: {line}")))
     export_dir = Path(out) / export_name(ckpt, input_dtype, layout)
     if (export_dir / MANIFEST_NAME).exists() or (export_dir / MANIFEST_NAME).is_symlink():

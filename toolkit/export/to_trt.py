@@ -141,6 +141,34 @@ def fold_int32_dequantize(proto: onnx.ModelProto) -> int:
     return folded
 
 
+def _config(trt, network_builder, precision: str, aot: bool, archs: tuple[str, ...] | None):
+    """The builder configuration: workspace, target GPUs (TensorRT-RTX ahead of time), precision flags."""
+    config = network_builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if aot and archs:
+        config.num_compute_capabilities = len(archs)
+        for i, arch in enumerate(archs):
+            config.set_compute_capability(getattr(trt.ComputeCapability, arch.upper()), i)
+    if not aot:  # TensorRT-RTX chooses precisions from the graph (strong typing, Q/DQ), and has no such flags
+        if precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif precision == "int8":
+            # the QDQ nodes fix the scales; the flag lets TensorRT pick int8 kernels for them,
+            # FP16 lets the layers left in float (auto-fallback) run in half precision
+            config.set_flag(trt.BuilderFlag.INT8)
+            config.set_flag(trt.BuilderFlag.FP16)
+    return config
+
+
+def _target_record(trt, aot: bool, archs: tuple[str, ...] | None) -> dict:
+    """What the sidecar says the engine was built for: GPU architectures (ahead of time) or this GPU."""
+    if aot:
+        return {"tensorrt_rtx": trt.__version__, "ahead_of_time": True, "gpu": None,
+                "compute_capability": list(archs) if archs else RTX_DEFAULT_TARGETS}
+    gpu = current_gpu()
+    return {"tensorrt": trt.__version__, "gpu": gpu["name"], "compute_capability": gpu["compute_capability"]}
+
+
 def build_trt_engine(onnx_path: Path, engine_path: Path, precision: str, input_name: str, input_shape: tuple[int, ...], max_batch: int,
                      timing_cache: Path, source_name: str | None = None, archs: tuple[str, ...] | None = None,
                      log_path: Path | None = None) -> dict:
@@ -163,25 +191,10 @@ def build_trt_engine(onnx_path: Path, engine_path: Path, precision: str, input_n
         errors = "; ".join(first_line(Exception(str(parser.get_error(i)))) for i in range(parser.num_errors))
         raise _fail(f"{package} could not parse {onnx_path.name}: {errors}", logger, log_path)
 
-    config = network_builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    if aot and archs:
-        config.num_compute_capabilities = len(archs)
-        for i, arch in enumerate(archs):
-            config.set_compute_capability(getattr(trt.ComputeCapability, arch.upper()), i)
-    if not aot:  # TensorRT-RTX chooses precisions from the graph (strong typing, Q/DQ), and has no such flags
-        if precision == "fp16":
-            config.set_flag(trt.BuilderFlag.FP16)
-        elif precision == "int8":
-            # the QDQ nodes fix the scales; the flag lets TensorRT pick int8 kernels for them,
-            # FP16 lets the layers left in float (auto-fallback) run in half precision
-            config.set_flag(trt.BuilderFlag.INT8)
-            config.set_flag(trt.BuilderFlag.FP16)
-
+    config = _config(trt, network_builder, precision, aot, archs)
     shape = tuple(input_shape)
-    opt_batch = min(32, max_batch)
     profile = network_builder.create_optimization_profile()
-    profile.set_shape(input_name, (1, *shape), (opt_batch, *shape), (max_batch, *shape))
+    profile.set_shape(input_name, (1, *shape), (min(32, max_batch), *shape), (max_batch, *shape))
     config.add_optimization_profile(profile)
 
     cache = None
@@ -197,13 +210,8 @@ def build_trt_engine(onnx_path: Path, engine_path: Path, precision: str, input_n
     if cache is not None:
         with atomic_write(timing_cache) as f:
             f.write(bytes(cache.serialize()))
-    if aot:
-        built_for = {"builder": package, "tensorrt_rtx": trt.__version__, "ahead_of_time": True, "gpu": None,
-                     "compute_capability": list(archs) if archs else RTX_DEFAULT_TARGETS, "precision": precision, "max_batch": max_batch, "onnx": source_name or onnx_path.name}
-    else:
-        gpu = current_gpu()
-        built_for = {"builder": package, "tensorrt": trt.__version__, "gpu": gpu["name"], "compute_capability": gpu["compute_capability"],
-                     "precision": precision, "max_batch": max_batch, "onnx": source_name or onnx_path.name}
+    built_for = {"builder": package, **_target_record(trt, aot, archs), "precision": precision, "max_batch": max_batch,
+                 "onnx": source_name or onnx_path.name}
     with atomic_write(engine_sidecar(engine_path), "w") as f:
         json.dump(built_for, f, indent=2)
     return {"built_for": built_for, "max_batch": max_batch}

@@ -81,6 +81,17 @@ def prune_channels(model: nn.Module, amount: float, input_shape) -> None:
     pruner.step()
 
 
+def _cut(model: nn.Module, method: str, amount: float, shape, name: str):
+    """Prune ``model`` in place; the hook that keeps unstructured sparsity through fine-tuning (or None)."""
+    if method == "l1-unstructured":
+        return prune_l1_unstructured(model, amount)
+    try:
+        prune_channels(model, amount, shape)
+    except Exception as exc:  # torch-pruning's tracer meets an op it cannot follow
+        raise ToolkitError(f"channel pruning of {name} failed: {(str(exc).splitlines() or ['?'])[0]}") from None
+    return None
+
+
 def prune(
     ref=None,
     *,
@@ -118,14 +129,7 @@ def prune(
         return evaluate(m.to(dev), loader, dev)[1]
 
     before = {**model_stats(model, shape), "test_acc": round(accuracy(model), 4)}
-    after_step = None
-    if method == "l1-unstructured":
-        after_step = prune_l1_unstructured(model, amount)
-    else:
-        try:
-            prune_channels(model, amount, shape)
-        except Exception as exc:  # torch-pruning's tracer meets an op it cannot follow
-            raise ToolkitError(f"channel pruning of {recipe.model.name} failed: {(str(exc).splitlines() or ['?'])[0]}") from None
+    after_step = _cut(model, method, amount, shape, recipe.model.name)
     pruned = {**model_stats(model, shape), "test_acc": round(accuracy(model), 4)}
 
     name = f"{recipe.name}-{method.split('-')[0]}{round(amount * 100)}"
