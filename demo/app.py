@@ -31,7 +31,10 @@ are prepared as each model's dataset was (resized, or for Fashion-MNIST grey, li
 BLANK_DRAWING = ("nothing was drawn: pick the brush (the pen button above the canvas) first, then draw the digit "
                  "large and dark, and press Classify drawing")
 # a small upload (a 28x28 digit) fills its box, enlarged pixel for pixel, instead of showing as a thumbnail
-CSS = ".toolkit-upload img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }"
+CSS = (".toolkit-upload img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }"
+       # the dropdown's arrow sits over the right end of its text box: keep the text out from under it, and
+       # end a label too long for the box with an ellipsis rather than behind the arrow
+       " .toolkit-choice input { padding-right: 2.25em !important; text-overflow: ellipsis; }")
 SKETCH_HINT = "Pick the brush (the pen button), then draw one digit"
 
 
@@ -89,9 +92,11 @@ def _tab(catalog: Catalog, family_name: str, classify, classify_sketch, examples
                     "then restart `toolkit serve` with its export folder.")
         return
     _, height, width = catalog.entries[keys[0]].manifest.chw
+    # full width, above both columns: an artifact's label (run, file, runtime, parity) is long
+    choice = gr.Dropdown(choices=[(catalog.entries[k].label, k) for k in keys], value=keys[0], label="Model / artifact",
+                         elem_id=f"{family_name}-choice", elem_classes=["toolkit-choice"])
     with gr.Row():
         with gr.Column():
-            choice = gr.Dropdown(choices=[(catalog.entries[k].label, k) for k in keys], value=keys[0], label="Model / artifact")
             if classify_sketch is not None:
                 with gr.Tab("Draw"):
                     sketch = gr.Sketchpad(

@@ -243,7 +243,7 @@ def export(
                                            "architectures to build for, comma-separated, from sm75, sm80, sm86, sm89, sm120, sm121 "
                                            "(e.g. sm89 for an RTX 4090). Default: TensorRT-RTX's own (8.0, 8.6, 8.9, 12.0 and later). "
                                            "Full TensorRT builds for this machine's GPU and takes no --trt-arch."),
-    pad_channels: Optional[int] = typer.Option(None, "--pad-channels", min=0, help="Zero-pad conv channels to this multiple where outputs stay exactly the same (16: ONNX Runtime's AVX-512 block, 8: AVX2): faster batch-1 latency on ONNX Runtime CPU for models with odd channel counts. 0: off. Default: as the existing export, else off. Changing it re-exports the fp32 ONNX and drops the artifacts derived from it."),
+    pad_channels: Optional[int] = typer.Option(None, "--pad-channels", min=0, help="Zero-pad conv channels to this multiple where outputs stay exactly the same (16: ONNX Runtime's AVX-512 block, 8: AVX2): faster batch-1 latency on ONNX Runtime CPU for models with odd channel counts. 0: off (for the int8 file too). Default: as the existing export, else off; the CPU target's int8 file is padded to 16 on its own (exact, and faster there). Changing it re-exports the fp32 ONNX and drops the artifacts derived from it."),
     input_dtype: str = typer.Option("float32", "--input", help="float32: the graph takes normalized float tensors. uint8: it takes raw "
                                     "uint8 NCHW pixels and normalizes them itself (no preprocessing code needed in C++, C#, JavaScript ...); "
                                     "written as its own export, exports/<run>-uint8/."),

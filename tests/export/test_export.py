@@ -369,6 +369,7 @@ def test_uint8_activation_option(fine4_run, mnist_root, tmp_path):
 
     entry = export(fine4_run.run_dir, precision="int8", int8_activations="uint8", out=tmp_path, data_dir=mnist_root, download=False, console=quiet())
     assert entry["activations"] == "uint8"
+    assert entry["pad_channels"] == 16 and entry["padded_convs"] == 6  # the CPU target's file: verified below, within the gate
     proto = onnx.load(str(Path(entry["export_dir"]) / "model.int8.onnx"))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     zero_points = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
@@ -380,6 +381,43 @@ def test_uint8_activation_option(fine4_run, mnist_root, tmp_path):
         export(fine4_run.run_dir, fmt="trt", precision="int8", int8_activations="uint8", out=tmp_path, console=quiet())
     with pytest.raises(ToolkitError, match="unknown int8 activation type 'int4'"):
         export(fine4_run.run_dir, precision="int8", int8_activations="int4", out=tmp_path, console=quiet())
+
+
+@pytest.mark.parametrize("model", ["mnist_gap", "mnist_opt"])
+def test_padding_the_int8_files_channels_changes_no_output(model, tmp_path):
+    """#30: the CPU target's int8 file has its convs' channels padded to 16 (ONNX Runtime's integer
+    kernels are slow on the MNIST nets' 8-12 channels). The padded channels only meet zero weights
+    and quantize to exact zeros, so every logit is the unpadded file's, bit for bit; the same
+    layers are quantized and named (auto-fallback's names still hold)."""
+    from bench.int8_speed import export_random_model
+    from toolkit.export.quantize import CPU_PAD_CHANNELS, quantize_int8
+
+    fp32 = tmp_path / "fp32.onnx"
+    shape = export_random_model(model, fp32)
+    rng = np.random.default_rng(0)
+    calib, x = rng.standard_normal((64, *shape), dtype=np.float32), rng.standard_normal((256, *shape), dtype=np.float32)
+    plain = quantize_int8(fp32, tmp_path / "plain.onnx", calib, activations="uint8")
+    padded = quantize_int8(fp32, tmp_path / "padded.onnx", calib, activations="uint8", pad_channels=CPU_PAD_CHANNELS)
+    assert "pad_channels" not in plain and padded["pad_channels"] == 16 and padded["padded_convs"] > 0
+    names = [[n.name for n in onnx.load(str(tmp_path / f)).graph.node] for f in ("plain.onnx", "padded.onnx")]
+    assert names[0] == names[1]
+    np.testing.assert_array_equal(ort_runner(tmp_path / "padded.onnx", "ort-cpu")(x), ort_runner(tmp_path / "plain.onnx", "ort-cpu")(x))
+
+
+def test_cpu_int8_padding_is_the_cpu_targets_alone(fine4_run, mnist_root, tmp_path):
+    """The padding is said at export; --pad-channels 0 turns it off; TensorRT's int8 file is not padded."""
+    from rich.console import Console
+
+    console = Console(record=True, width=400)
+    entry = export(fine4_run.run_dir, precision="int8", out=tmp_path / "cpu", data_dir=mnist_root, download=False, console=console)
+    assert entry["pad_channels"] == 16 and "6 conv(s) of the int8 file zero-padded to 16 channels" in console.export_text()
+    from toolkit.core.manifest import Manifest
+
+    fp32 = Manifest.load(entry["export_dir"]).artifact("model.fp32.onnx")
+    assert fp32.get("pad_channels") is None  # the float file keeps its own padding (off)
+    off = export(fine4_run.run_dir, precision="int8", pad_channels=0, out=tmp_path / "off", data_dir=mnist_root, download=False, console=quiet())
+    trt = export(fine4_run.run_dir, precision="int8", target="tensorrt", out=tmp_path / "trt", data_dir=mnist_root, download=False, console=quiet())
+    assert "pad_channels" not in off and "pad_channels" not in trt
 
 
 def test_uint8_keeps_resnet_blocks_in_int8_and_symmetric_int8_keeps_relus(tmp_path, monkeypatch):

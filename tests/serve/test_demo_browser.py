@@ -110,3 +110,39 @@ def test_browser_drawing_on_the_sketchpad_is_recognized(demo_url, mnist_root):
             expect(page.locator("#mnist-label .output-class")).to_have_text(str(first_example), timeout=60_000)
         finally:
             browser.close()
+
+
+# a label's width in the dropdown's own font, the room its text box leaves it, and where that room ends
+_LABEL_ROOM = """(e, labels) => {
+  const s = getComputedStyle(e), c = document.createElement('canvas').getContext('2d');
+  c.font = s.font;
+  return {room: e.clientWidth - parseFloat(s.paddingLeft) - parseFloat(s.paddingRight),
+          text_right: e.getBoundingClientRect().right - parseFloat(s.paddingRight),
+          widths: labels.map(l => c.measureText(l).width)};
+}"""
+
+
+def test_browser_artifact_labels_fit_their_dropdown(demo_url, serving_export):
+    """#33: the artifact dropdown's arrow covered the end of its label ("(Δ +0.00)"). In a 1024-pixel
+    window every served label, and the longest one with a failed gate, fits the text box, and the text
+    box ends before the arrow begins (a label too long for a narrower window ends in an ellipsis)."""
+    from playwright.sync_api import sync_playwright
+
+    from toolkit.inference.catalog import Catalog
+
+    labels = [entry.label for entry in Catalog.from_dirs([serving_export]).entries.values()]
+    labels.append(max(labels, key=len).removesuffix("]") + ", FAILED its parity gate]")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1024, "height": 768})
+            page.goto(demo_url, wait_until="domcontentloaded")
+            box = page.locator("#mnist-choice input")
+            box.wait_for(timeout=60_000)
+            assert box.input_value() in labels
+            measured = box.evaluate(_LABEL_ROOM, labels)
+            arrow = page.locator("#mnist-choice .icon-wrap").bounding_box()
+        finally:
+            browser.close()
+    assert measured["text_right"] <= arrow["x"], (measured, arrow)
+    assert max(measured["widths"]) <= measured["room"], (labels, measured)

@@ -406,14 +406,19 @@ def _int8_onnx(job: Job, step: Step, path: Path) -> dict:
     qat_fields = {}
     if o.qat_epochs:
         source, qat_fields = _qat_source(job)
+    # the CPU target pads its own file's conv channels (quantize.CPU_PAD_CHANNELS) unless --pad-channels 0
+    bits = dict(activations=o.int8_activations, weight_bits=o.int8_weights,
+                pad_channels=quantize.CPU_PAD_CHANNELS if o.target == "cpu" and o.pad_channels != 0 else 0)
     if o.auto_fallback:
         gate = o.gate_pp if o.gate_pp is not None else GATES["int8"]["delta_pp"]
-        fields = quantize.auto_fallback(source, path, calib, held_x, held_y, gate, o.calib_method, job.console,
-                                        activations=o.int8_activations, weight_bits=o.int8_weights)
+        fields = quantize.auto_fallback(source, path, calib, held_x, held_y, gate, o.calib_method, job.console, **bits)
     else:
-        fields = quantize.quantize_int8(source, path, calib, o.calib_method, activations=o.int8_activations, weight_bits=o.int8_weights)
+        fields = quantize.quantize_int8(source, path, calib, o.calib_method, **bits)
     if qat_fields:
         source.unlink(missing_ok=True)
+    if fields.get("padded_convs"):
+        job.console.print(f"export: {fields['padded_convs']} conv(s) of the int8 file zero-padded to {fields['pad_channels']} channels, "
+                          "where ONNX Runtime's CPU integer kernels are fast (the outputs stay the same; --pad-channels 0: not padded)")
     return {**fields, **qat_fields, "target": o.target}
 
 

@@ -26,6 +26,13 @@ from toolkit.core.onnx_io import batch_reader, load_onnx, tidy
 from toolkit.inference.preprocess import model_input
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
+# The CPU target's int8 file has its conv channels zero-padded to this multiple (exact: the padded
+# channels only meet zero weights). ONNX Runtime's x86 integer convolutions are slow on channel
+# counts like the MNIST nets' 8, 10 and 12; padded, fine4's uint8 file went from 0.6x to 1.1x
+# fp32 at batch 32 (docs/benchmarks.md, "int8 on the small nets"). 16 is AVX-512's block and a
+# multiple of AVX2's 8. The float files keep their own padding (--pad-channels), since padding
+# slows fp32 at batch 32.
+CPU_PAD_CHANNELS = 16
 WEIGHT_BITS = (8, 7)  # 7: ONNX Runtime's reduce_range, for x86 CPUs without VNNI (see quantize_int8)
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 # uint8 (ONNX Runtime CPU): with asymmetric activations a quantized ReLU is only a zero point, so
@@ -84,10 +91,12 @@ def quantizable_nodes(path: Path, activations: str = "int8") -> list[str]:
 
 
 def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minmax", exclude: list[str] | None = None, only: list[str] | None = None,
-                  activations: str = "int8", weight_bits: int = 8) -> dict:
+                  activations: str = "int8", weight_bits: int = 8, pad_channels: int = 0) -> dict:
     """``activations="int8"`` (default): symmetric int8, which TensorRT needs. ``"uint8"``:
     asymmetric uint8 activations, the format ONNX Runtime's x86 kernels are fastest with, and
-    Adds and ReLUs quantized too (``CPU_QUANTIZED_OPS``); such a model does not build a TensorRT engine."""
+    Adds and ReLUs quantized too (``CPU_QUANTIZED_OPS``); such a model does not build a TensorRT engine.
+    ``pad_channels`` > 0: conv channels zero-padded to that multiple first (``pad_conv_channels``;
+    node names stay, so ``exclude``/``only`` name the same layers); recorded when any conv was padded."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -98,7 +107,16 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
     check_choice("int8 weight bits", weight_bits, WEIGHT_BITS)
     source = load_onnx(fp32)  # self-contained: quant_pre_process below reads the file itself
     input_name = source.graph.input[0].name
+    padded = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if pad_channels:
+            from toolkit.export.pad_channels import pad_conv_channels
+
+            proto, count = pad_conv_channels(source, pad_channels)
+            if count:
+                fp32 = Path(tmp) / "padded.onnx"
+                onnx.save(proto, str(fp32))
+                padded = {"pad_channels": pad_channels, "padded_convs": count}
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         out = Path(tmp) / "int8.onnx"
@@ -137,7 +155,7 @@ def quantize_int8(fp32: Path, dst: Path, calib: np.ndarray, method: str = "minma
     with atomic_write(dst) as f:
         f.write(proto.SerializeToString())
     return {"calibration": {"images": int(len(calib)), "method": method, "split": "train"}, "activations": activations, "weight_bits": weight_bits,
-            "float_layers": list(exclude or [])}
+            "float_layers": list(exclude or []), **padded}
 
 
 def _graph_index(graph) -> tuple[dict, dict, dict]:
@@ -282,10 +300,10 @@ def _latency_ms(path: Path, x: np.ndarray, reps: int = 30, weight_bits: int | No
 
 
 def auto_fallback(fp32: Path, dst: Path, calib: np.ndarray, holdout_x: np.ndarray, holdout_y: np.ndarray, gate_pp: float, method: str, console: Console,
-                  activations: str = "int8", weight_bits: int = 8) -> dict:
+                  activations: str = "int8", weight_bits: int = 8, pad_channels: int = 0) -> dict:
     """Quantize; while the held-out accuracy drop exceeds the gate, keep the next most sensitive layer in float."""
     fp32_acc, _ = _accuracy(fp32, holdout_x, holdout_y)
-    bits = dict(activations=activations, weight_bits=weight_bits)
+    bits = dict(activations=activations, weight_bits=weight_bits, pad_channels=pad_channels)
     fields = quantize_int8(fp32, dst, calib, method, **bits)
     full_acc, _ = _accuracy(dst, holdout_x, holdout_y, weight_bits)
     full_bytes, full_ms = dst.stat().st_size, _latency_ms(dst, holdout_x, weight_bits=weight_bits)

@@ -63,7 +63,7 @@ class Entry:
         checked = f", parity {parity.accuracy:.2f}% (Δ {parity.delta_pp:+.2f})" if parity else ", parity not checked"
         if parity and not parity.passed:
             checked += ", FAILED its parity gate"
-        return f"{self.key} [{art.format} {art.precision} on {self.runtime}{checked}]"
+        return f"{self.key} [{art.precision}, {self.runtime}{checked}]"  # the file name says the format
 
 
 @dataclass
