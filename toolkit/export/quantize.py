@@ -301,7 +301,10 @@ def _latency_ms(path: Path, x: np.ndarray, reps: int = 30, weight_bits: int | No
 
 def auto_fallback(fp32: Path, dst: Path, calib: np.ndarray, holdout_x: np.ndarray, holdout_y: np.ndarray, gate_pp: float, method: str, console: Console,
                   activations: str = "int8", weight_bits: int = 8, pad_channels: int = 0) -> dict:
-    """Quantize; while the held-out accuracy drop exceeds the gate, keep the next most sensitive layer in float."""
+    """Quantize; while the held-out accuracy differs from fp32's by more than the gate, either way (as
+    ``toolkit verify``'s gate: an int8 file that scores higher is another model too), keep the next
+    most sensitive layer in float. A layer's sensitivity is how far its quantization alone moves the
+    held-out accuracy, either way; ``sensitivity`` records the signed drop."""
     fp32_acc, _ = _accuracy(fp32, holdout_x, holdout_y)
     bits = dict(activations=activations, weight_bits=weight_bits, pad_channels=pad_channels)
     fields = quantize_int8(fp32, dst, calib, method, **bits)
@@ -309,7 +312,7 @@ def auto_fallback(fp32: Path, dst: Path, calib: np.ndarray, holdout_x: np.ndarra
     full_bytes, full_ms = dst.stat().st_size, _latency_ms(dst, holdout_x, weight_bits=weight_bits)
     report = {"gate_pp": gate_pp, "holdout_images": int(len(holdout_y)), "holdout_fp32_acc": round(fp32_acc, 4),
               "holdout_full_int8_acc": round(full_acc, 4), "float_layers": [], "sensitivity": {}}
-    if fp32_acc - full_acc <= gate_pp:
+    if abs(fp32_acc - full_acc) <= gate_pp:
         console.print(f"auto-fallback: full int8 is within the gate on {len(holdout_y):,} held-out training images ({full_acc - fp32_acc:+.2f} pp); nothing kept in float")
         report["holdout_int8_acc"] = round(full_acc, 4)
         return {**fields, "auto_fallback": report}
@@ -322,13 +325,13 @@ def auto_fallback(fp32: Path, dst: Path, calib: np.ndarray, holdout_x: np.ndarra
             quantize_int8(fp32, probe, calib, method, only=[node], **bits)
             acc, _ = _accuracy(probe, holdout_x, holdout_y, weight_bits)
             report["sensitivity"][node] = round(fp32_acc - acc, 4)
-    ranked = sorted(nodes, key=lambda n: report["sensitivity"][n], reverse=True)
+    ranked = sorted(nodes, key=lambda n: abs(report["sensitivity"][n]), reverse=True)
     acc = full_acc
     for k in range(1, len(ranked) + 1):
         fields = quantize_int8(fp32, dst, calib, method, exclude=ranked[:k], **bits)
         acc, _ = _accuracy(dst, holdout_x, holdout_y, weight_bits)
         console.print(f"auto-fallback: {k} layer(s) in float ({', '.join(ranked[:k])}): held-out {acc:.2f}% vs fp32 {fp32_acc:.2f}%")
-        if fp32_acc - acc <= gate_pp:
+        if abs(fp32_acc - acc) <= gate_pp:
             break
     report.update(
         float_layers=ranked[:k],
