@@ -16,7 +16,7 @@ What it does, in order:
 3. `toolkit serve` in the background until it prints "ready", then the tritonclient example of
    docs/serving.md as printed (its `normalized_digits` and `digit.png` made from MNIST test digits),
    then SIGTERM: the server must stop cleanly (exit 0).
-4. `--beside`: right after the list's trainings, a 20-epoch `toolkit train recipes/fine4.toml` starts
+4. `--beside`: right after the trainings before the first export, a 20-epoch `toolkit train recipes/fine4.toml` starts
    in the same runs/ folder and keeps running (the newest run, unfinished: the defaults must pass it over).
 
 Writes OUT/walkthrough.json and OUT/walkthrough.md (each command, exit status, seconds, first and
@@ -52,10 +52,10 @@ def readme_commands(readme: str) -> list[str]:
 
 def serving_example(doc: str) -> str:
     """docs/serving.md's tritonclient code block, as printed (its indentation removed)."""
-    match = re.search(r"```python\n(.*?import numpy as np, tritonclient\.http as http.*?)```", doc, re.S)
-    if match is None:
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "tritonclient" in b]
+    if not blocks:
         raise SystemExit("docs/serving.md has no tritonclient example")
-    return "\n".join(line.strip() for line in match.group(1).splitlines())
+    return "\n".join(line.strip() for line in blocks[0].splitlines())
 
 
 def make_inputs(clone: Path, data_dir: Path) -> None:
@@ -157,7 +157,8 @@ def main() -> None:
         rows.append(install)
         make_inputs(clone, data_dir)
         commands = readme_commands((clone / "README.md").read_text())
-        trainings = [i for i, c in enumerate(commands) if c.startswith("toolkit train ")]
+        first_export = next(i for i, c in enumerate(commands) if c.startswith("toolkit export"))
+        trainings = [i for i, c in enumerate(commands[:first_export]) if c.startswith("toolkit train ")]
         for index, command in enumerate(commands):
             argv = shlex.split(command)
             if argv[:2] == ["toolkit", "train"]:

@@ -179,6 +179,25 @@ def test_catalog_lists_what_runs_here_and_refuses_unknown_names(serving_export, 
         Catalog.from_dirs([tmp_path / "missing"])
 
 
+def test_the_default_is_the_newest_main_export_not_a_variant_made_after_it(serving_export, tmp_path):
+    """#33: the README's list makes an `--input uint8` variant after the main export; the demo's default
+    (the first key) stays the main export's, the variant's artifacts after it."""
+    import os
+
+    parent = tmp_path / "exports"
+    name = serving_export.name
+    for suffix in ("", "-uint8"):
+        shutil.copytree(serving_export, parent / f"{name}{suffix}")
+    path = parent / f"{name}-uint8" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["input"]["dtype"], manifest["name"] = "uint8", f"{name}-uint8"
+    path.write_text(json.dumps(manifest))
+    os.utime(parent / name / "manifest.json", (1e9, 1e9))  # the main export the older
+    catalog = Catalog.from_dirs([parent])
+    exports = [key.split("/")[0] for key in catalog.keys()]
+    assert exports == [name, name, f"{name}-uint8", f"{name}-uint8"], (exports, catalog.skipped)
+
+
 def test_engine_without_tensorrt_is_listed_as_not_served(serving_export, tmp_path):
     from toolkit.core.files import sha256_file
     from toolkit.inference.runtime import trt_missing_reason

@@ -103,14 +103,19 @@ class Catalog:
                         continue
                 runtime = next(r for r in RUNTIME_PREFERENCE if r in runtimes)
                 catalog.entries[key] = Entry(key, export_dir, manifest, art, runtime)
-        # serving order, fixed once: newest export first; within one, the fastest artifact that passed its
-        # parity gate by the export's latest bench on this machine, then fp32 before lower precisions
+        # serving order, fixed once: main exports (float32 NCHW input) before input variants made after
+        # them (`--input uint8`, `--layout NHWC`), newest first; within one, the fastest artifact that
+        # passed its parity gate by the export's latest bench on this machine, then fp32 before lower precisions
         rank = {"fp32": 0, "fp16": 1, "int8": 2}
         dirs = {e.export_dir for e in catalog.entries.values()}
         newest = {d: -(d / MANIFEST_NAME).stat().st_mtime for d in dirs}
         fastest = {d: catalog._measured(d) for d in dirs}
-        ordered = sorted(catalog.entries.values(), key=lambda e: (newest[e.export_dir], e.manifest.name, e.artifact.file != fastest[e.export_dir],
-                                                                  rank.get(e.artifact.precision, 9), e.artifact.file))
+
+        def variant(e: Entry) -> bool:
+            return (e.manifest.input.dtype, e.manifest.input.layout) != ("float32", "NCHW")
+
+        ordered = sorted(catalog.entries.values(), key=lambda e: (variant(e), newest[e.export_dir], e.manifest.name,
+                                                                  e.artifact.file != fastest[e.export_dir], rank.get(e.artifact.precision, 9), e.artifact.file))
         catalog.entries = {e.key: e for e in ordered}
         if not catalog.entries:
             where = ", ".join(str(d) for d in dirs)
@@ -133,7 +138,8 @@ class Catalog:
         return speed.fastest(report, passed, batch=1)
 
     def keys(self, family_name: str | None = None) -> list[str]:
-        """Keys in serving order (newest export first, fp32 before lower precisions), of one family or all."""
+        """Keys in serving order (main exports before input variants, newest first; the fastest passing
+        artifact, then fp32 before lower precisions), of one family or all."""
         return [k for k, e in self.entries.items() if family_name is None or family(e.manifest) == family_name]
 
     def entry(self, key: str | None) -> Entry:
