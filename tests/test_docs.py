@@ -78,3 +78,20 @@ def test_the_cheap_commands_of_the_guides_run_as_written(command):
     for words in written:
         proc = run_cli(*words[1:], cwd=REPO, timeout=120)
         assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+
+
+def test_the_walkthrough_script_reads_the_readme_and_the_serving_example():
+    """bench/walkthrough.py runs the README's first block in order and docs/serving.md's tritonclient
+    example (the closing notes' fresh-clone runs): what it reads is what a reader sees there."""
+    from bench.walkthrough import readme_commands, serving_example
+
+    readme = (REPO / "README.md").read_text()
+    commands = readme_commands(readme)
+    first_block = readme.split("```", 2)[1]
+    assert commands and len(commands) == len(re.findall(r"^toolkit ", first_block, re.M))
+    assert commands[0].startswith("toolkit train") and "toolkit serve" in commands
+    # the list's exports, serve and Triton repository are one run's: the run-making lines after them come last
+    assert commands.index("toolkit serve") < commands.index("toolkit prune --method channel")
+    example = serving_example((REPO / "docs" / "serving.md").read_text())
+    assert "tritonclient.http" in example and 'client.infer("fine4_fp32"' in example
+    compile(example, "serving.md", "exec")  # it parses as Python, as printed
