@@ -423,12 +423,13 @@ def test_uint8_activation_option(fine4_run, mnist_root, tmp_path):
         export(fine4_run.run_dir, precision="int8", int8_activations="int4", out=tmp_path, console=quiet())
 
 
-@pytest.mark.parametrize("model", ["mnist_gap", "mnist_opt"])
+@pytest.mark.parametrize("model", ["mnist_gap", "mnist_opt", "resnet20"])
 def test_padding_the_int8_files_channels_changes_no_output(model, tmp_path):
     """#30: the CPU target's int8 file has its convs' channels padded to 16 (ONNX Runtime's integer
-    kernels are slow on the MNIST nets' 8-12 channels). The padded channels only meet zero weights
-    and quantize to exact zeros, so every logit is the unpadded file's, bit for bit; the same
-    layers are quantized and named (auto-fallback's names still hold)."""
+    kernels are slow on the MNIST nets' 8-12 channels) and the image's 1 or 3 channels to 4 in
+    front of the first conv. The padded channels only meet zero weights and quantize to exact
+    zeros, so every logit is the unpadded file's, bit for bit; the same layers are quantized and
+    named (auto-fallback's names still hold), the input's Pad added before them."""
     from bench.int8_speed import export_random_model
     from toolkit.export.quantize import CPU_PAD_CHANNELS, quantize_int8
 
@@ -438,9 +439,13 @@ def test_padding_the_int8_files_channels_changes_no_output(model, tmp_path):
     calib, x = rng.standard_normal((64, *shape), dtype=np.float32), rng.standard_normal((256, *shape), dtype=np.float32)
     plain = quantize_int8(fp32, tmp_path / "plain.onnx", calib, activations="uint8")
     padded = quantize_int8(fp32, tmp_path / "padded.onnx", calib, activations="uint8", pad_channels=CPU_PAD_CHANNELS)
-    assert "pad_channels" not in plain and padded["pad_channels"] == 16 and padded["padded_convs"] > 0
-    names = [[n.name for n in onnx.load(str(tmp_path / f)).graph.node] for f in ("plain.onnx", "padded.onnx")]
-    assert names[0] == names[1]
+    assert "pad_channels" not in plain and padded["pad_channels"] == 16 and padded["padded_conv_inputs"] == 1
+    assert (padded["padded_convs"] > 0) == (model != "resnet20")  # ResNet20's 16/32/64 channels need none
+    nodes = [onnx.load(str(tmp_path / f)).graph.node for f in ("plain.onnx", "padded.onnx")]
+    pads = [n for n in nodes[1] if n.name.endswith("_channel_pad")]
+    assert len(pads) == 1 and pads[0].input[0] == "input_QuantizeLinear_Output"  # the uint8 image, padded in uint8
+    layers = [[n.name for n in graph if n.op_type in ("Conv", "Gemm", "Add")] for graph in nodes]
+    assert layers[0] and layers[0] == layers[1]
     np.testing.assert_array_equal(ort_runner(tmp_path / "padded.onnx", "ort-cpu")(x), ort_runner(tmp_path / "plain.onnx", "ort-cpu")(x))
 
 
@@ -595,6 +600,42 @@ def test_pad_conv_channels_keeps_outputs_and_pads_only_where_exact(tmp_path):
     assert count == 1 and _conv_channels(tmp_path / "odd8.onnx") == [6, 6, 6, 6, 8]
     xo = np.random.default_rng(1).standard_normal((2, 3, 8, 8), dtype=np.float32)
     np.testing.assert_allclose(ort_runner(tmp_path / "odd8.onnx", "ort-cpu")(xo), ort_runner(odd, "ort-cpu")(xo), atol=1e-5, rtol=0)
+
+
+def test_pad_conv_inputs_pads_each_read_tensor_once_and_keeps_outputs(tmp_path):
+    """Input channels not a multiple of 4 get zero channels from one Pad per tensor (two convs
+    reading the image share it) and zero weights for them; a multiple of 4 and a depthwise conv
+    (no input weights to pad) are left alone; the outputs stay the same."""
+    from bench.int8_speed import export_module
+    from toolkit.export.pad_channels import pad_conv_inputs
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 6, 3, padding=1)
+            self.b = torch.nn.Conv2d(3, 6, 1)
+            self.c = torch.nn.Conv2d(6, 8, 3, padding=1)
+            self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.d = torch.nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = torch.relu(self.c(torch.relu(self.a(x) + self.b(x))))
+            return self.d(torch.relu(self.dw(y))).mean((2, 3))
+
+    path = tmp_path / "two.onnx"
+    export_module(Two(), "two", [3, 8, 8], path)
+    padded, count = pad_conv_inputs(onnx.load(str(path)), 4)
+    onnx.checker.check_model(padded, full_check=True)
+    inits = {i.name: list(i.dims) for i in padded.graph.initializer}
+    convs = [n for n in padded.graph.node if n.op_type == "Conv"]
+    # a and b read the image (3 -> 4, one Pad), c reads 6 channels (-> 8), dw and d are left alone
+    assert count == 3 and [inits[n.input[1]][1] for n in convs] == [4, 4, 8, 1, 8]
+    pads = [n for n in padded.graph.node if n.op_type == "Pad"]
+    assert len(pads) == 2 and {p.output[0] for p in pads} == {convs[0].input[0], convs[2].input[0]} and convs[0].input[0] == convs[1].input[0]
+    onnx.save(padded, tmp_path / "two4.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8), dtype=np.float32)
+    np.testing.assert_allclose(ort_runner(tmp_path / "two4.onnx", "ort-cpu")(x), ort_runner(path, "ort-cpu")(x), atol=1e-5, rtol=0)
+    assert pad_conv_inputs(padded, 4)[1] == 0  # nothing left to pad
 
 
 def test_export_pad_channels_is_exact_recorded_and_kept(fine4_run, mnist_root, tmp_path):

@@ -416,9 +416,11 @@ def _int8_onnx(job: Job, step: Step, path: Path) -> dict:
         fields = quantize.quantize_int8(source, path, calib, o.calib_method, **bits)
     if qat_fields:
         source.unlink(missing_ok=True)
-    if fields.get("padded_convs"):
-        job.console.print(f"export: {fields['padded_convs']} conv(s) of the int8 file zero-padded to {fields['pad_channels']} channels, "
-                          "where ONNX Runtime's CPU integer kernels are fast (the outputs stay the same; --pad-channels 0: not padded)")
+    if fields.get("padded_convs") or fields.get("padded_conv_inputs"):
+        inputs = fields.get("padded_conv_inputs", 0)
+        job.console.print(f"export: {fields['padded_convs']} conv(s) of the int8 file zero-padded to {fields['pad_channels']} channels"
+                          + (f" and {inputs} conv input(s) to a multiple of {quantize.CPU_PAD_CONV_INPUTS}" if inputs else "")
+                          + ", where ONNX Runtime's CPU integer kernels are fast (the outputs stay the same; --pad-channels 0: not padded)")
     return {**fields, **qat_fields, "target": o.target}
 
 

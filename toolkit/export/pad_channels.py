@@ -127,6 +127,47 @@ class _Graph:
                 self.replace(flatten.input[1], np.array([self.array(flatten.input[1])[0], weight.shape[0] + extra], dtype=np.int64))
 
 
+def pad_conv_inputs(proto: onnx.ModelProto, multiple: int = 4) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``proto`` in which every plain conv whose input channels are not a multiple of
+    ``multiple`` reads its input through a Pad that adds zero channels, with zero weights for them
+    (each output unchanged), and how many convs were given one. Convs reading one tensor share
+    one Pad. For ONNX Runtime's x86 integer convolutions, which take input channels in groups of 4
+    bytes (the VNNI and AVX2 dot products): an image's 1 or 3 channels send the first conv to a
+    slower general path (ResNet20's first conv, batch 32: 592 us with 3 channels, 247 us padded to
+    4; docs/benchmarks.md). In a uint8 file the Pad runs on uint8 (``quantize.integer_pads``)."""
+    if multiple < 1:
+        raise ValueError("multiple must be at least 1")
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    g = _Graph(model)
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for conv in [n for n in model.graph.node if g.plain_conv(n)]:
+        if g.array(conv.input[1]).shape[1] % multiple:
+            readers[conv.input[0]].append(conv)
+    padded = 0
+    for tensor, convs in readers.items():
+        channels = {g.array(c.input[1]).shape[1] for c in convs}
+        if len(channels) != 1:
+            continue  # one tensor, one channel count: never otherwise in a valid graph
+        count = channels.pop()
+        extra = math.ceil(count / multiple) * multiple - count
+        name = f"{tensor}_channel_pad"
+        pads = onnx.numpy_helper.from_array(np.array([0, 0, 0, 0, 0, extra, 0, 0], dtype=np.int64), f"{name}_pads")
+        model.graph.initializer.append(pads)
+        nodes = list(model.graph.node)
+        first = min(nodes.index(c) for c in convs)
+        model.graph.node.insert(first, onnx.helper.make_node("Pad", [tensor, pads.name], [f"{name}_output"], name=name, mode="constant"))
+        for conv in convs:
+            w = g.array(conv.input[1])
+            g.replace(conv.input[1], np.concatenate([w, np.zeros((w.shape[0], extra, *w.shape[2:]), w.dtype)], axis=1))
+            conv.input[0] = f"{name}_output"
+            padded += 1
+    if padded:
+        del model.graph.value_info[:]
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    return model, padded
+
+
 def pad_conv_channels(proto: onnx.ModelProto, multiple: int = 16) -> tuple[onnx.ModelProto, int]:
     """A copy of ``proto`` with padded conv channels, and how many convs were padded."""
     if multiple < 1:
