@@ -85,7 +85,7 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     for r in rows:
         r["date"] = date
-    rows = _merged(speed.load(export_dir), rows, targets, cpu_info(), threads)
+    rows = _merged(speed.load(export_dir, warn=lambda line: console.print(line, markup=False, soft_wrap=True)), rows, targets, cpu_info(), threads)
     speed.relative(rows)
     report = {"export_dir": str(export_dir), "machine": cpu_line(), "cpu": cpu_info(), "date": date,
               "warmup": warmup, "threads": threads or "default", "busy": speed.busy(load, threads, [r for r in rows if r["date"] == date]),
@@ -110,15 +110,14 @@ def _merged(previous: dict | None, rows: list[dict], targets, here: dict, thread
         return rows
     current = {(t[0], t[2]): t[6] for t in targets}
     new = {(r["artifact"], r["runtime"], r["batch"]) for r in rows}
-    kept = [r for r in previous["results"] if isinstance(r, dict) and (r.get("artifact"), r.get("runtime"), r.get("batch")) not in new
+    kept = [r for r in previous["results"] if speed.timed(r) and (r.get("artifact"), r.get("runtime"), r.get("batch")) not in new
             and r.get("sha256") is not None and current.get((r.get("artifact"), r.get("runtime"))) == r.get("sha256")]
     return sorted(kept + rows, key=lambda r: (r["artifact"] != "checkpoint", r["artifact"], r["runtime"], r["batch"]))
 
 
 def notes(report: dict) -> list[str]:
     """What the figures mean for deployment: int8 slower than fp32 here, a busy machine."""
-    lines = [f"{file} is slower than fp32 here (at best {ratio:.2f}x model.fp32.onnx's images/s): deploy fp32 on this machine"
-             for file, ratio in speed.slower_than_fp32(report).items()]
+    lines = [speed.slower_line(file, report) for file in speed.slower_than_fp32(report)]
     if report.get("busy"):
         lines.append(f"measured while the machine was busy ({report['busy']}): the figures understate what a quiet machine does")
     return lines
@@ -162,19 +161,12 @@ def bench_markdown(report: dict) -> str:
     for r in report["results"]:
         acc, delta, agree = _fmt_parity(r)
         lines.append(f"| {r['artifact']} | {r['runtime']} | {r['batch']} | {r['p50_us']:.1f} | {r['p90_us']:.1f} | {r['p99_us']:.1f} | "
-                     f"{r['images_per_s']:,.0f} | {_times(r)} | {r['iterations']} | {acc} | {delta} | {agree} |")
+                     f"{r['images_per_s']:,.0f} | {speed.times_fp32(r)} | {r['iterations']} | {acc} | {delta} | {agree} |")
     dates = sorted({r.get("date") for r in report["results"] if r.get("date") and r.get("date") != report["date"]})
     if dates:
         lines += ["", f"Rows of other batch sizes kept from earlier benches on this machine ({', '.join(dates)})."]
     lines += [""] + [f"**{line}**" for line in notes(report)] if notes(report) else []
     return "\n".join(lines) + "\n"
-
-
-def _times(r: dict) -> str:
-    ratio = r.get("vs_fp32")
-    if ratio is None:
-        return ""
-    return f"{ratio:.2f}×" + (" (slower: deploy fp32)" if ratio < 1 and r.get("precision") == "int8" else "")
 
 
 def bench_table(report: dict) -> Table:
@@ -183,5 +175,5 @@ def bench_table(report: dict) -> Table:
         table.add_column(col, justify="left" if col in ("artifact", "runtime") else "right")
     for r in report["results"]:
         table.add_row(r["artifact"], r["runtime"], str(r["batch"]), f"{r['p50_us']:.1f}", f"{r['p90_us']:.1f}", f"{r['p99_us']:.1f}",
-                      f"{r['images_per_s']:,.0f}", _times(r), str(r["iterations"]), *_fmt_parity(r))
+                      f"{r['images_per_s']:,.0f}", speed.times_fp32(r), str(r["iterations"]), *_fmt_parity(r))
     return table

@@ -6,7 +6,6 @@ is, how closely each matches the trained model (``toolkit verify``), how fast it
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from toolkit.core.datasets import preparation_for
@@ -22,14 +21,6 @@ PREPARATION = {
                "trimmed and its longest side fitted to the frame (`toolkit.inference.preprocess.garment`)",
     "resize": "converted to the model's channels and resized to its side (`toolkit.inference.preprocess.resized_image`)",
 }
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _pct(value) -> str:
@@ -143,13 +134,11 @@ def _speed(export_dir: Path, bench: dict | None) -> list[str]:
                   "| artifact | runtime | batch | p50 µs | images/s | × fp32 |", "|---|---|---:|---:|---:|---:|"]
         for r in rows:
             try:
-                ratio = f"{r['vs_fp32']:.2f}×" if isinstance(r.get("vs_fp32"), (int, float)) else ""
-                lines.append(f"| {r['artifact']} | {r['runtime']} | {r['batch']} | {r['p50_us']:.1f} | {r['images_per_s']:,.0f} | {ratio} |")
+                lines.append(f"| {r['artifact']} | {r['runtime']} | {r['batch']} | {r['p50_us']:.1f} | {r['images_per_s']:,.0f} | {speed.times_fp32(r)} |")
             except (KeyError, TypeError, ValueError):
                 continue
-        for file, ratio in speed.slower_than_fp32(bench).items():
-            lines += ["", f"**{file} is slower than fp32 on this machine** (at best {ratio:.2f}× model.fp32.onnx's images/s): "
-                          "deploy fp32 here; int8 pays where its kernels are fast (see docs/export.md)."]
+        for file in speed.slower_than_fp32(bench):
+            lines += ["", f"**{speed.slower_line(file, bench)}**; int8 pays where its kernels are fast (see docs/export.md)."]
     return lines
 
 
@@ -226,5 +215,5 @@ def write_model_card(directory: Path, manifest: Manifest, shown_as: Path | None 
     export directory the card should name)."""
     path = Path(directory) / NAME
     with atomic_write(path, "w") as f:
-        f.write(model_card(Path(shown_as or directory), manifest, _read_json(Path(directory) / "bench.json")))
+        f.write(model_card(Path(shown_as or directory), manifest, speed.load(Path(directory), warn=lambda line: None)))
     return path

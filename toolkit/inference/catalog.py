@@ -126,14 +126,13 @@ class Catalog:
     def _measured(self, export_dir: Path) -> str | None:
         """The export's fastest artifact that passed its parity gate, by its latest bench if that ran on
         this machine (else None: fp32 first); warns of int8 files that are slower than fp32 here."""
-        report = speed.load(export_dir)
+        report = speed.load(export_dir, warn=self.warnings.append)
         if report is None or not speed.same_machine(report, cpu_info()):
             return None
         served = [e for e in self.entries.values() if e.export_dir == export_dir]
         name = served[0].manifest.name if served else export_dir.name
-        for file, ratio in speed.slower_than_fp32(report).items():
-            self.warnings.append(f"{name}/{file} is slower than fp32 on this machine ({ratio:.2f}x model.fp32.onnx's images/s by the "
-                                 "latest toolkit bench): deploy fp32 here")
+        for file in speed.slower_than_fp32(report):
+            self.warnings.append(f"{name}/{speed.slower_line(file, report)} (by the latest toolkit bench)")
         passed = {e.artifact.file for e in served if e.artifact.parity and all(p.passed for p in e.artifact.parity.values())}
         return speed.fastest(report, passed, batch=1)
 
