@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
@@ -494,3 +495,148 @@ def test_serve_stops_cleanly_on_sigterm_and_sigint(serving_export, tmp_path, sig
     assert proc.returncode == 0 and text.strip().splitlines()[-1] == "stopped" and "Traceback" not in text
     with socket.socket() as probe:  # the port is free again
         probe.bind(("127.0.0.1", port))
+
+
+# ----------------------------------------------------------------------------- a graph from disk (#40)
+
+def _tampered_graph(kind: str, real: Path) -> bytes:
+    """``real`` (fp32 fine4) damaged one way: bytes that do not parse, or a graph that parses but is not
+    what its manifest describes."""
+    import onnx
+    from onnx import helper
+
+    data = real.read_bytes()
+    if kind == "random bytes":
+        return np.random.default_rng(40).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    if kind == "cut short":
+        return data[:20_000]
+    proto = onnx.load_from_string(data)
+    graph = proto.graph
+    if kind == "foreign-domain operator":
+        out = graph.output[0].name
+        graph.node.append(helper.make_node("Foo", [out], [out + "_evil"], name="evil", domain="evil.ops"))
+        graph.output[0].name = out + "_evil"
+        proto.opset_import.append(helper.make_opsetid("evil.ops", 1))
+    elif kind == "another input size":
+        graph.input[0].type.tensor_type.shape.dim[2].dim_value = 32
+    elif kind == "uint8 input":
+        graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.UINT8
+    elif kind == "7 scores":
+        graph.output[0].type.tensor_type.shape.dim[1].dim_value = 7
+    return proto.SerializeToString()
+
+
+TAMPERED = ["random bytes", "cut short", "foreign-domain operator", "another input size", "uint8 input", "7 scores"]
+
+
+@pytest.mark.parametrize("kind", TAMPERED)
+def test_a_tampered_graph_behind_a_matching_hash_is_one_line_for_every_command(fine4_run, fine4_export, mnist_root, tmp_path, kind):
+    """#40: model.fp32.onnx replaced (its sha256 and size written into the manifest, so the manifest
+    vouches for it): deriving int8, fp16 TensorRT or a Triton repository gave "internal error
+    (DecodeError / Fail ...)" or accepted a foreign operator. Every command that reads it now gives
+    one line naming the file, and the export is left as it was."""
+    from tests.helpers import quiet
+    from toolkit.check.bench import bench
+    from toolkit.check.verify import verify
+    from toolkit.export import export
+
+    out = tmp_path / "exports"
+    export_dir = out / fine4_export.name
+    shutil.copytree(fine4_export, export_dir)
+    bad = export_dir / "model.fp32.onnx"
+    bad.write_bytes(_tampered_graph(kind, fine4_export / "model.fp32.onnx"))
+
+    def vouch(manifest):
+        art = next(a for a in manifest["artifacts"] if a["file"] == "model.fp32.onnx")
+        art.update(sha256=sha256_file(bad), bytes=bad.stat().st_size)
+
+    edit_manifest(export_dir, vouch)
+    before = tree(out)
+    commands = {
+        "export int8": lambda: export(fine4_run.run_dir, fmt="onnx", precision="int8", out=out, data_dir=mnist_root, download=False, console=quiet()),
+        "export fp16 engine": lambda: export(fine4_run.run_dir, fmt="trt", precision="fp16", out=out, console=quiet()),
+        "export triton": lambda: export(fine4_run.run_dir, fmt="triton", precision="fp32", out=out, console=quiet()),
+        "verify": lambda: verify(export_dir, data_dir=mnist_root, limit=200, download=False, console=quiet()),
+        "bench": lambda: bench(export_dir, batches=(1,), min_seconds=0.0, min_iters=2, include_torch=False, console=quiet()),
+    }
+    for name, command in commands.items():
+        with pytest.raises(ToolkitError) as err:
+            command()
+        line = str(err.value)
+        if name == "export fp16 engine" and "cannot build a TensorRT engine here" in line:
+            continue  # no builder installed (TensorRT-RTX is in the dev extra)
+        assert "\n" not in line and "model.fp32.onnx" in line, (name, line)
+        assert tree(out) == before, name
+
+
+@pytest.mark.parametrize("lie", ["delta outside its gate", "delta not accuracy minus reference", "agreement below its gate"])
+def test_a_parity_record_that_contradicts_itself_is_read_as_failed(fine4_export, mnist_root, tmp_path, lie):
+    """#40: an artifact recorded as passed with accuracy 10% and Δ −48.28 pp against its gate was picked by
+    predict and serve ("parity 10.00% (Δ −48.28)"). A record whose own figures contradict its "passed" is
+    read as failed, with one line saying so, even where a bench says it is the fastest."""
+    from rich.console import Console
+
+    from toolkit.check.verify import verify
+    from toolkit.core import speed
+    from toolkit.core.environment import cpu_info
+    from toolkit.core.manifest import Manifest
+    from toolkit.inference.catalog import Catalog
+    from toolkit.serve.predict import predict
+
+    export_dir = tmp_path / fine4_export.name
+    shutil.copytree(fine4_export, export_dir)
+    (export_dir / "bench.json").unlink(missing_ok=True)
+    verify(export_dir, data_dir=mnist_root, limit=500, download=False, console=Console(quiet=True))
+    reference = Manifest.load(export_dir).parity.reference_acc
+
+    def lie_about_int8(manifest):
+        art = next(a for a in manifest["artifacts"] if a["file"] == "model.int8.onnx")
+        for parity in art["parity"].values():
+            parity["passed"] = True
+            if lie == "delta outside its gate":
+                parity.update(accuracy=10.0, delta_pp=10.0 - reference)
+            elif lie == "delta not accuracy minus reference":
+                parity.update(accuracy=10.0, delta_pp=0.0)
+            else:
+                parity.update(agreement=10.0, gate={"delta_pp": 0.5, "agreement": 99.0})
+
+    edit_manifest(export_dir, lie_about_int8)
+    rows = [{"artifact": f, "precision": p, "runtime": "ort-cpu", "batch": 1, "images_per_s": v}
+            for f, p, v in (("model.fp32.onnx", "fp32", 1000.0), ("model.int8.onnx", "int8", 5000.0))]
+    speed.relative(rows)
+    (export_dir / "bench.json").write_text(json.dumps({"cpu": cpu_info(), "results": rows}))
+    manifest = Manifest.load(export_dir)
+    assert not any(p.passed for p in manifest.artifact("model.int8.onnx").parity.values())
+    (line,) = manifest.contradictions
+    assert line.startswith("model.int8.onnx (ort-cpu): its parity record says passed, but its ") and "treated as failed" in line
+    catalog = Catalog.from_dirs([export_dir])
+    assert catalog.entry(None).artifact.file == "model.fp32.onnx"  # never the lying int8 file, however fast
+    assert f"warning: {manifest.name}/{line}" in catalog.warnings
+    assert "FAILED its parity gate" in catalog.entry(f"{manifest.name}/model.int8.onnx").label
+    png = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(png)
+    console = Console(record=True, width=400)
+    predict(export_dir, [str(png)], console=console)
+    assert f"warning: {manifest.name}/{line}" in console.export_text()
+
+
+@pytest.mark.parametrize("text, words", [
+    ("١,٢", "in the digits 0-9"), ("1_0,2", "in the digits 0-9"), ("+1,2", "in the digits 0-9"), ("1,-2", "in the digits 0-9"),
+    ("1,,2", "in the digits 0-9"), ("1,2,", "in the digits 0-9"), ("1,1", "lists a seed twice"), ("01,1", "lists a seed twice"),
+    (",".join(map(str, range(65))), "2 to 64 different seeds"), (",".join(map(str, range(20_000))), "2 to 64 different seeds"),
+    ("7", "2 to 64 different seeds"), ("1,4294967296", "2 to 64 different seeds"), ("1," + "9" * 5000, "in the digits 0-9"),
+])
+def test_seeds_are_ascii_digits_at_most_64_and_distinct(text, words):
+    """#40: --seeds took 20,000 seeds and started training, and read Arabic-Indic digits, `1_0` and `+1`
+    as numbers (Python's int() does). Only ASCII digits, 2 to 64 distinct seeds."""
+    from toolkit.train.run import parse_seeds
+
+    with pytest.raises(ToolkitError, match=words) as err:
+        parse_seeds(text)
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400
+    assert parse_seeds("1, 2,3") == [1, 2, 3] and parse_seeds(",".join(map(str, range(64)))) == list(range(64))
+
+
+def test_seeds_refused_before_anything_is_written(tmp_path):
+    proc = run_cli("train", "fine4", "--seeds", "١,٢", "--out", tmp_path / "runs")
+    assert "--seeds takes whole numbers in the digits 0-9" in one_line_error(proc) and not (tmp_path / "runs").exists()

@@ -260,7 +260,7 @@ def export(
     entry = run_export(run, fmt=fmt, precision=precision, out=out, runs=runs, data_dir=data_dir, calib_size=calib_size,
                        calib_method=calib_method, auto_fallback=auto_fallback, int8_activations=int8_activations, target=target, int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images,
                        max_batch=max_batch, pad_channels=pad_channels, input_dtype=input_dtype, layout=layout,
-                       trt_arch=tuple(a.strip().lower() for a in trt_arch.split(",") if a.strip()) if trt_arch else None, console=_console(as_json))
+                       trt_arch=tuple(a.strip().lower() for a in trt_arch.split(",")) if trt_arch is not None else None, console=_console(as_json))
     if as_json:
         _emit(entry)
 

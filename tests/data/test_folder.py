@@ -294,6 +294,50 @@ def test_symbolic_links_out_of_the_dataset_are_refused_and_never_opened(tmp_path
     assert classes == ["one", "zero"] and names == ["0.png", "0.png", "1.png", "1.png", "again.png"]
 
 
+@pytest.mark.parametrize("where", ["an image", "a class folder", "a sub-folder's image", "two links to each other"])
+def test_a_symlink_loop_is_one_line_naming_the_file(tmp_path, where):
+    """#40: `zero/self.png -> self.png` gave "internal error (RuntimeError: Symlink loop ...)"."""
+    root = _tiny_folder(tmp_path / "d")
+    if where == "an image":
+        loop = root / "zero" / "self.png"
+        loop.symlink_to("self.png")
+    elif where == "a class folder":
+        loop = root / "loop"
+        loop.symlink_to("loop")
+    elif where == "a sub-folder's image":
+        (root / "one" / "deeper").mkdir()
+        loop = root / "one" / "deeper" / "x.png"
+        loop.symlink_to("x.png")
+    else:
+        loop = root / "one" / "a.png"
+        loop.symlink_to("b.png")
+        (root / "one" / "b.png").symlink_to("a.png")
+    with pytest.raises(ToolkitError, match="symbolic link that loops") as err:
+        folder.listing(folder.FolderSpec(root, 8, 1))
+    assert "\n" not in str(err.value) and str(loop.parent) in str(err.value)
+
+
+def test_class_names_are_one_unicode_form_and_two_spellings_of_one_name_are_refused(tmp_path):
+    """#40: a class folder "café" written composed (é) and decomposed (e + U+0301) became two classes that
+    print the same. A decomposed name is read composed (NFC); both spellings at once are refused."""
+    import unicodedata
+
+    composed, decomposed = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert composed != decomposed
+    root = _tiny_folder(tmp_path / "one-spelling", ("zero", decomposed))
+    classes, train, _ = folder.listing(folder.FolderSpec(root, 8, 1))
+    assert classes == sorted(["zero", composed]) and len(train) >= 2
+    root = _tiny_folder(tmp_path / "two-spellings", ("zero", composed, decomposed))
+    with pytest.raises(ToolkitError, match="the same name written two ways in Unicode") as err:
+        folder.listing(folder.FolderSpec(root, 8, 1))
+    assert "\n" not in str(err.value)
+    split = tmp_path / "split"  # train/ in one spelling, test/ in the other: one class
+    for part, name in (("train", composed), ("test", decomposed)):
+        _tiny_folder(split / part, ("zero", name))
+    classes, train, test = folder.listing(folder.FolderSpec(split, 8, 1))
+    assert classes == sorted(["zero", composed]) and {label for _, label in test} == {0, 1}
+
+
 def test_a_class_whose_files_are_all_unreadable_is_refused_like_an_empty_one(tmp_path, cache):
     """Files that are not images are skipped (data.strict = false); a class left with none of its
     training files readable would train as a class with no images: refused, naming it."""

@@ -744,10 +744,11 @@ def test_a_changed_artifact_drops_what_was_made_from_it(fine4_run, mnist_root, t
 _SWAP_KILL = r"""
 import os, shutil, signal, sys
 from pathlib import Path
+import toolkit.export as ex
 from toolkit.export import export
 
 run, out, export_dir, point = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
-real_replace, real_rmtree = os.replace, shutil.rmtree
+real_replace, real_rmtree, real_exchange = os.replace, shutil.rmtree, ex.exchange
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 def replace(src, dst, *args, **kwargs):
@@ -757,41 +758,94 @@ def replace(src, dst, *args, **kwargs):
     real_replace(src, dst, *args, **kwargs)
     if (point == "after-aside" and src == export_dir) or (point == "after-swap" and dst == export_dir):
         die()
+def exchange(a, b):
+    if point == "before-exchange":
+        die()
+    done = real_exchange(a, b)
+    if point == "after-exchange":
+        die()
+    return done
 def rmtree(path, *args, **kwargs):
-    if point == "during-removal" and ".old-" in Path(path).name:
+    if point == "during-removal" and (".old-" in Path(path).name or ".staging-" in Path(path).name) and Path(path).is_dir():
         os.unlink(next(p for p in Path(path).iterdir() if p.name.endswith(".onnx")))  # part of the old copy is gone
         die()
     real_rmtree(path, *args, **kwargs)
 os.replace, shutil.rmtree = replace, rmtree
+ex.exchange = exchange if sys.argv[5] == "exchange" else (lambda a, b: False)
 export(run, fmt="onnx", precision="fp16", out=out)
 """
 
+SWAP_POINTS = [("two renames", p) for p in ("before-aside", "after-aside", "after-swap", "during-removal")] + \
+    [("exchange", p) for p in ("before-exchange", "after-exchange", "during-removal")]
 
-@pytest.mark.parametrize("point", ["before-aside", "after-aside", "after-swap", "during-removal"])
-def test_an_export_killed_at_each_step_of_its_swap_loses_nothing(fine4_run, fine4_export, tmp_path, point):
-    """kill -9 at each system call of the swap that puts a new export in place (move the export
-    aside, move the new copy in, remove the old copy). Between the two moves the aside copy is the
-    only copy: the next export must move it back, never delete it. After the kill and one more
-    export, every earlier file (the int8 model, a verify report) is there and no leftovers remain."""
-    from toolkit.export import export
-    from toolkit.core.manifest import Manifest
 
+def _killed_swap(fine4_run, fine4_export, tmp_path, mode: str, point: str) -> tuple[Path, Path]:
+    """An export of fp16 killed (SIGKILL) at ``point`` of its swap, on a copy of ``fine4_export`` that
+    has a verify report: (exports folder, export directory)."""
     out = tmp_path / "exports"
     export_dir = out / fine4_export.name
     shutil.copytree(fine4_export, export_dir)
     (export_dir / "parity.json").write_text('{"earlier": "verify results"}')
-    proc = subprocess.run([sys.executable, "-c", _SWAP_KILL, str(fine4_run.run_dir), str(out), str(export_dir), point],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _SWAP_KILL, str(fine4_run.run_dir), str(out), str(export_dir), point,
+                           "exchange" if mode == "exchange" else "renames"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert export_dir.is_dir() or list(out.glob(f".{export_dir.name}.old-*")), "the only copy is gone"
+    if mode == "exchange":
+        assert export_dir.is_dir()  # one atomic step: never a moment without the export
+    return out, export_dir
+
+
+@pytest.mark.parametrize("mode, point", SWAP_POINTS)
+def test_an_export_killed_at_each_step_of_its_swap_loses_nothing(fine4_run, fine4_export, tmp_path, mode, point):
+    """kill -9 at each system call of the swap that puts a new export in place: one atomic exchange
+    where the system has it (Linux renameat2), else two renames (move the export aside, move the new
+    copy in, remove the old copy), where the aside copy is the only copy in between: the next export
+    must move it back, never delete it. After the kill and one more export, every earlier file (the
+    int8 model, a verify report) is there and no leftovers remain."""
+    from toolkit.export import export
+    from toolkit.core.manifest import Manifest
+
+    out, export_dir = _killed_swap(fine4_run, fine4_export, tmp_path, mode, point)
     buf = io.StringIO()
     export(fine4_run.run_dir, fmt="onnx", precision="fp16", out=out, console=Console(file=buf, width=300))
-    if point == "after-aside":
-        assert "restored" in buf.getvalue() and "moved aside" in buf.getvalue()
     manifest = Manifest.load(export_dir)  # every listed file present with its sha256
     assert {a.file for a in manifest.artifacts} >= {"model.fp32.onnx", "model.int8.onnx", "model.fp16.onnx"}
     assert (export_dir / "parity.json").read_text() == '{"earlier": "verify results"}'
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")) == []
+
+
+@pytest.mark.parametrize("reader", ["verify", "bench", "predict", "serve", "export"])
+@pytest.mark.parametrize("by", ["path", "latest"])
+def test_every_reader_finds_an_export_whose_swap_was_killed_between_its_renames(fine4_run, fine4_export, mnist_root, tmp_path, reader, by):
+    """#40: killed between the two renames, the export's only copy is .<name>.old-<pid>: verify said "no
+    manifest.json", predict gave an error row, serve did not list it. Every reader now finishes the
+    swap under the export's lock before reading, given the export's path or "the latest export"."""
+    from PIL import Image
+
+    from tests.helpers import run_cli
+
+    out, export_dir = _killed_swap(fine4_run, fine4_export, tmp_path, "two renames", "after-aside")
+    assert not export_dir.exists()
+    png = tmp_path / "digit.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(png)
+    target = [str(export_dir)] if by == "path" else ["--exports", str(out)] if reader != "export" else []
+    args = {"verify": ["verify", *target, "--data-dir", str(mnist_root)],
+            "bench": ["bench", *target, "--batch", "1", "--min-seconds", "0"],
+            "predict": ["predict", *(target if by == "path" else []), str(png), *([] if by == "path" else target)],
+            "serve": None,
+            "export": ["export", str(fine4_run.run_dir), "--precision", "fp16", "--out", str(out)]}[reader]
+    if reader == "serve":
+        from toolkit.inference.catalog import Catalog
+
+        catalog = Catalog.from_dirs([export_dir] if by == "path" else [out])
+        assert f"{export_dir.name}/model.fp32.onnx" in catalog.entries
+    else:
+        proc = run_cli(*args, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        said = proc.stderr + proc.stdout
+        assert "restored" in said and "moved aside" in said, said[-2000:]
+    assert export_dir.is_dir() and (export_dir / "parity.json").exists() or reader == "verify"
+    assert not list(out.glob(f".{export_dir.name}.old-*"))
 
 
 def test_an_empty_onnx_file_that_matches_its_manifest_is_a_one_line_error(fine4_run, fine4_export, tmp_path):

@@ -253,6 +253,43 @@ def test_trt_arch_chooses_the_gpus_of_an_ahead_of_time_engine(builder_package, f
         export(fine4_run.run_dir, fmt="onnx", precision="fp32", out=tmp_path, trt_arch=("sm89",), console=quiet())
 
 
+@pytest.mark.parametrize("archs", [("",), ("sm89", ""), ()])
+def test_an_empty_trt_arch_name_is_refused(fine4_run, tmp_path, archs):
+    """#40: `--trt-arch ,` silently meant the builder's default. An empty name is refused in one line,
+    before anything is built, for every format."""
+    from toolkit.core.errors import ToolkitError
+
+    for fmt in ("trt", "onnx"):
+        with pytest.raises(ToolkitError, match="--trt-arch") as err:
+            export(fine4_run.run_dir, fmt=fmt, precision="fp32", out=tmp_path / "out", trt_arch=archs, console=quiet())
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_every_allowed_arch_builds_or_the_error_names_the_one_refused(builder_package, fine4_run, tmp_path):
+    """#40: `--trt-arch sm75,sm120` failed to build although each name is allowed, with no word of which.
+    Each allowed name alone and beside another: it builds, or the one line names the target the builder
+    refused and why (TensorRT-RTX compiles every target's kernels; Turing has no FP32 GEMM)."""
+    from toolkit.core.errors import ToolkitError
+    from toolkit.export.to_trt import TRT_ARCHS
+
+    if builder_package != "tensorrt-rtx":
+        pytest.skip("--trt-arch is TensorRT-RTX's (ahead of time); full TensorRT builds for its own GPU")
+    refused = {}
+    for arch in TRT_ARCHS:
+        try:
+            export(fine4_run.run_dir, fmt="trt", precision="fp32", out=tmp_path / arch, trt_arch=(arch,), console=quiet())
+        except ToolkitError as exc:
+            assert "\n" not in str(exc) and f"{arch} refused by the builder: " in str(exc), str(exc)
+            refused[arch] = str(exc)
+    assert len(refused) < len(TRT_ARCHS)  # most targets build this model
+    for arch in refused:  # beside one that builds, the error still names the one refused
+        other = next(a for a in TRT_ARCHS if a not in refused)
+        with pytest.raises(ToolkitError, match=f"{arch} refused by the builder: .*leave it out of --trt-arch"):
+            export(fine4_run.run_dir, fmt="trt", precision="fp32", out=tmp_path / f"{arch}-{other}", trt_arch=(arch, other), console=quiet())
+    print("refused:", refused)
+
+
 def test_a_failed_build_keeps_the_builders_log(builder_package, tmp_path):
     """A graph within the static rules that TensorRT's parser still refuses (Det): one line naming the
     node, and the builder's log kept where the line says."""

@@ -186,3 +186,99 @@ def test_a_fifo_or_a_folder_is_not_a_regular_file(tmp_path):
         assert "\n" not in str(err.value)
     with pytest.raises(ToolkitError, match="no such image file"):
         preprocess.open_image(str(tmp_path / "missing.png"))
+
+
+# ----------------------------------------------------------------------------- what a pixel budget counts (#40)
+
+def _encoded(im, fmt: str, **options) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def _lying_ico(inner_side: int) -> bytes:
+    """An ICO whose directory says 16x16 and which holds a PNG of ``inner_side`` pixels a side."""
+    import struct
+
+    from PIL import Image
+
+    png = _encoded(Image.new("L", (inner_side, inner_side)), "PNG")
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png
+
+
+def _gif_with_small_screen(side: int) -> bytes:
+    """A GIF whose logical screen says 16x16 while its first frame is ``side`` pixels a side."""
+    import struct
+
+    from PIL import Image
+
+    data = bytearray(_encoded(Image.new("L", (side, side)), "GIF"))
+    data[6:10] = struct.pack("<HH", 16, 16)
+    return bytes(data)
+
+
+def _containers() -> dict[str, bytes]:
+    from PIL import Image
+
+    small, huge = Image.new("RGB", (16, 16), (200, 10, 10)), Image.new("RGB", (4000, 4000))
+    return {
+        "gif: first frame larger than its screen": _gif_with_small_screen(3000),
+        "gif: a huge later frame": _encoded(small, "GIF", save_all=True, append_images=[huge]),
+        "tiff: a huge later page": _encoded(small, "TIFF", save_all=True, append_images=[huge]),
+        "mpo: a huge later frame": _encoded(small, "MPO", save_all=True, append_images=[huge]),
+        "webp: animated": _encoded(small, "WEBP", save_all=True, append_images=[small.rotate(90)]),
+        "png: animated, a later frame": _encoded(small, "PNG", save_all=True, append_images=[small.rotate(90)]),
+    }
+
+
+@pytest.mark.parametrize("case", list(_containers()))
+def test_the_pixels_counted_from_the_header_are_the_pixels_decoded(case):
+    """A pixel budget counts ``decoded_pixels`` (the header alone); ``open_image`` decodes exactly that
+    many, whatever frames or pages a container carries after the first."""
+    data = _containers()[case]
+    counted = preprocess.decoded_pixels(data)
+    im = preprocess.open_image(data)
+    assert counted == im.size[0] * im.size[1] > 0, (case, counted, im.size)
+
+
+@pytest.mark.parametrize("fmt", ["ICO (a 9000x9000 PNG inside a 16x16 entry)", "ICNS", "TGA", "PCX", "SGI", "QOI", "DDS", "PSD-like junk"])
+def test_a_container_with_inner_sizes_or_an_unaccepted_format_is_refused_before_any_decoding(fmt, monkeypatch):
+    """#40: an ICO whose header says 16x16 while it holds a 9000x9000 PNG was decoded in full while its
+    pixels were counted. Formats whose header does not give what is decoded (ICO, ICNS) and formats
+    outside the accepted list are refused from the header, with nothing decoded."""
+    from PIL import Image, ImageFile
+
+    data = _lying_ico(9000) if fmt.startswith("ICO") else b"8BPS" + bytes(100) if fmt == "PSD-like junk" else \
+        _encoded(Image.new("RGB", (64, 64)), fmt)
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size) or real_load(self))
+    assert preprocess.decoded_pixels(data) == 0
+    with pytest.raises(ToolkitError, match=r"not an image in an accepted format \(PNG, JPEG, GIF, BMP, WebP, TIFF or PNM\)"):
+        preprocess.open_image(data)
+    assert loads == []
+
+
+def _png_with_invalid_apng_chunk() -> bytes:
+    """A PNG with an acTL chunk that says 0 frames: Pillow reads it with a UserWarning ("Invalid APNG")."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    png = _encoded(Image.new("L", (28, 28), 128), "PNG")
+    body = b"acTL" + struct.pack(">II", 0, 0)
+    chunk = struct.pack(">I", 8) + body + struct.pack(">I", zlib.crc32(body))
+    return png[:33] + chunk + png[33:]  # after the signature (8) and IHDR (25)
+
+
+def test_a_warning_pillow_gives_about_a_file_is_a_one_line_refusal(capfd):
+    """#40: Pillow's raw UserWarning line in the server log. A file Pillow has doubts about is refused in
+    one line instead, and nothing is printed."""
+    with pytest.raises(ToolkitError, match="could not be read .*Invalid APNG") as err:
+        preprocess.open_image(_png_with_invalid_apng_chunk())
+    assert "\n" not in str(err.value)
+    assert preprocess.decoded_pixels(_png_with_invalid_apng_chunk()) == 0
+    assert "Warning" not in capfd.readouterr().err

@@ -327,6 +327,8 @@ def test_decoding_is_bounded_per_request_and_per_server_and_a_digit_is_not_stall
                 break
             threading.Event().wait(0.05)
         assert running.service.pixels.in_use == 2 * per_request * 4096 * 4096 and held == [per_request]
+        with urllib.request.urlopen(f"{url}v2/health/live", timeout=30) as live:  # the event loop is free
+            assert live.status == 200
         status, result = _post(infer, _images_body([png_bytes(digits[0][0])]))
         assert status == 200 and np.argmax(result["outputs"][0]["data"]) == digits[1][0] and not finished
         third, answer = _post(infer, _images_body([big] * per_request))
@@ -336,6 +338,68 @@ def test_decoding_is_bounded_per_request_and_per_server_and_a_digit_is_not_stall
         for t in threads:
             t.join(120)
     assert finished == [200, 200] and running.service.pixels.in_use == 0  # decoded for real once released; budget given back
+
+
+def test_lying_containers_are_answered_from_their_headers_and_never_decoded(v2_server, serving_export, digits, monkeypatch):
+    """#40: 60 ICOs whose headers say 16x16 and which hold a 9000x9000 PNG each (79 KB apiece) held the
+    server 47 s, /v2/health/live with it. Now a format whose header does not give what is decoded is
+    refused from its header (400, one line) and nothing is decoded; a GIF whose first frame is larger
+    than its screen is counted by its frame (413 over the request's bound), also without decoding."""
+    from PIL import ImageFile
+
+    from tests.inference.test_preprocess import _gif_with_small_screen, _lying_ico
+    from toolkit.serve import oip
+
+    running, url = v2_server
+    fp32, _ = _names(serving_export)
+    infer = f"{url}v2/models/{fp32}/infer"
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self.size) or real_load(self))
+    status, answer = _post(infer, _images_body([_lying_ico(9000)] * 60))
+    assert status == 400 and "not an image in an accepted format" in answer["error"] and "\n" not in answer["error"], answer
+    per_request = oip.MAX_REQUEST_PIXELS // (3000 * 3000) + 1
+    status, answer = _post(infer, _images_body([_gif_with_small_screen(3000)] * per_request))
+    assert status == 413 and "megapixels" in answer["error"], answer
+    assert decoded == []
+    with urllib.request.urlopen(f"{url}v2/health/live", timeout=30) as live:
+        assert live.status == 200
+    status, result = _post(infer, _images_body([png_bytes(digits[0][0])]))
+    assert status == 200 and np.argmax(result["outputs"][0]["data"]) == digits[1][0]
+
+
+def test_a_decode_that_outlasts_its_bound_is_a_503_and_its_budget_comes_back(serving_export):
+    """No request waits for its decoding longer than the service's bound: 503, one line; the pixels it
+    took are given back when the decoding really ends (the thread cannot be stopped), not before."""
+    import threading
+
+    from toolkit.serve import oip
+
+    service = oip.Service(Catalog.from_dirs([serving_export]), decode_timeout_s=0.2)
+    model = next(iter(service.models.values()))
+    release = threading.Event()
+    real = oip.images_to_tensor
+    try:
+        oip.images_to_tensor = lambda files, m: (release.wait(60), real(files, m))[1]
+        big = _largest_png()
+
+        async def run():
+            with pytest.raises(oip.ProtocolError) as err:
+                await service.decode([big], model)
+            assert err.value.status == 503 and "longer than 0.2 s" in str(err.value)
+            assert service.pixels.in_use == 4096 * 4096  # still decoding: still counted
+            release.set()
+            for _ in range(600):
+                if not service.pixels.in_use:
+                    break
+                await asyncio.sleep(0.05)
+            assert service.pixels.in_use == 0
+
+        asyncio.run(run())
+    finally:
+        oip.images_to_tensor = real
+        release.set()
+        service.close()
 
 
 def test_random_bodies_never_get_a_5xx_and_the_server_keeps_answering(v2_server, serving_export, digits):

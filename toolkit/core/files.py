@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -181,6 +182,42 @@ def remove_stale_temps(directory: Path) -> list[str]:
     return removed
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+@functools.cache
+def _renameat2():
+    """glibc's renameat2, or None (another C library or system)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``): there is no
+    moment at which either name is missing. False where the system or file system cannot (then the
+    caller swaps in two renames and readers finish a swap a kill interrupted: ``recover_swap``)."""
+    import ctypes
+
+    fn = _renameat2()
+    if fn is None:
+        return False
+    at_cwd = -100  # AT_FDCWD
+    if fn(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(a))
+
+
 def recover_swap(directory: Path, aside: "re.Pattern[str]") -> str | None:
     """Finish or undo a swap of ``directory`` that a killed process left half-done. A writer moves
     the directory aside (a sibling whose name matches ``aside``), moves its new copy in, then
@@ -198,6 +235,41 @@ def recover_swap(directory: Path, aside: "re.Pattern[str]") -> str | None:
         done = f"restored {directory} from the copy an interrupted writer had moved aside"
     for stale in found:
         shutil.rmtree(stale, ignore_errors=True)
+    return done
+
+
+SWAP_ASIDE = ".old-"  # an export swapped in two renames moves its old copy aside as .<name>.old-<pid>
+
+
+def aside_pattern(name: str) -> "re.Pattern[str]":
+    return re.compile(rf"^\.{re.escape(name)}{re.escape(SWAP_ASIDE)}[0-9]+$")
+
+
+def finish_interrupted_swaps(parent: Path, name: str | None = None, say: Callable[[str], None] | None = None) -> list[str]:
+    """Before reading: every directory in ``parent`` (or only ``name``) whose swap a kill interrupted
+    between its two renames is moved back from its aside copy, under its lock, so a reader never
+    sees an export as missing while its only copy lies aside. Said to ``say`` (else standard error).
+    Where the lock cannot be taken (a read-only folder) nothing is done and the reader goes on."""
+    import sys
+
+    parent = Path(parent)
+    try:
+        names = {m.group(1) for e in os.scandir(parent) if (m := re.match(rf"^\.(.+){re.escape(SWAP_ASIDE)}[0-9]+$", e.name))}
+    except OSError:
+        return []
+    done = []
+    for missing in sorted(names if name is None else names & {name}):
+        directory = parent / missing
+        if directory.exists() or directory.is_symlink() or name_problem(missing):
+            continue
+        try:
+            with locked(directory):
+                line = recover_swap(directory, aside_pattern(missing))
+        except (ToolkitError, OSError):
+            continue
+        if line:
+            done.append(line)
+            (say or (lambda text: print(text, file=sys.stderr)))(line)
     return done
 
 

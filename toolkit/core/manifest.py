@@ -17,11 +17,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from toolkit.core.datasets import DATASETS
 from toolkit.core.errors import ToolkitError, shown
-from toolkit.core.files import atomic_write, confined, name_problem, read_text_limited, reading, sha256_file
+from toolkit.core.parity import GATES
+from toolkit.core.files import atomic_write, confined, finish_interrupted_swaps, name_problem, read_text_limited, reading, sha256_file
 
 FORMAT = "toolkit-manifest/1"
 MAX_BATCH = 256  # the default largest batch: Triton's max_batch_size, a TensorRT engine's profile, the v2 API's limit
@@ -119,6 +120,11 @@ class Source(_Schema):
 
 
 
+class Gate(_Schema):
+    delta_pp: float = Field(ge=0)
+    agreement: float = Field(ge=0, le=100)
+
+
 class Parity(_Schema):
     """One artifact's parity on one runtime, as ``toolkit verify`` measured it (percentages unrounded)."""
 
@@ -128,6 +134,21 @@ class Parity(_Schema):
     max_abs_logit_diff: float
     pipeline_agreement: Optional[float] = None  # manifests from before the image-file path lack it
     passed: bool
+    gate: Optional[Gate] = None  # the gate it was held to (manifests from before it: the precision's default)
+
+    def contradiction(self, precision: str, reference_acc: float | None) -> str | None:
+        """Why a record that says ``passed`` cannot have passed, or None: its Δ or agreement outside its
+        own gate, or a Δ that is not its accuracy minus the reference's."""
+        if not self.passed:
+            return None
+        gate = self.gate or Gate(**GATES[precision])
+        if abs(self.delta_pp) > gate.delta_pp + 1e-9:
+            return f"its Δ {self.delta_pp:+.2f} pp is outside its gate of ±{gate.delta_pp:g} pp"
+        if self.agreement < gate.agreement - 1e-9:
+            return f"its agreement {self.agreement:.2f}% is below its gate's {gate.agreement:g}%"
+        if reference_acc is not None and abs(self.accuracy - reference_acc - self.delta_pp) > 0.01:
+            return f"its Δ {self.delta_pp:+.2f} pp is not its accuracy {self.accuracy:.2f}% minus the reference's {reference_acc:.2f}%"
+        return None
 
 
 class Verified(_Schema):
@@ -202,6 +223,7 @@ def _format_error(path: Path, exc: ValidationError) -> str:
 
 
 class Manifest(_Schema):
+    _contradictions: list[str] = PrivateAttr(default_factory=list)
     format: Literal["toolkit-manifest/1"]
     name: PlainName
     model: str = Field(min_length=1, max_length=200)
@@ -235,7 +257,22 @@ class Manifest(_Schema):
         files = [a.file for a in self.artifacts]
         if len(set(files)) != len(files):
             raise ValueError("an artifact file is listed twice")
+        # a record must agree with itself: a "passed" its own figures contradict is read as failed, and said
+        reference = self.parity.reference_acc if self.parity is not None else None
+        self._contradictions = []
+        for art in self.artifacts:
+            for runtime, parity in art.parity.items():
+                why = parity.contradiction(art.precision, reference)
+                if why:
+                    parity.passed = False
+                    self._contradictions.append(f"{art.file} ({runtime}): its parity record says passed, but {why}; "
+                                                "treated as failed (run `toolkit verify` again)")
         return self
+
+    @property
+    def contradictions(self) -> list[str]:
+        """One line per parity record that said passed against its own figures (now read as failed)."""
+        return list(getattr(self, "_contradictions", []))
 
     @property
     def chw(self) -> tuple[int, int, int]:
@@ -268,6 +305,8 @@ class Manifest(_Schema):
         """The export's manifest, checked against the schema; with ``verify_files``, every artifact's
         size and sha256 checked too. Anything wrong is one ToolkitError line naming the file."""
         export_dir = Path(export_dir)
+        if not export_dir.exists():  # its only copy may lie aside: a swap killed between its two renames
+            finish_interrupted_swaps(export_dir.parent, export_dir.name)
         path = confined(export_dir, NAME, str(export_dir))
         if not path.is_file():
             raise ToolkitError(f"no {NAME} in {export_dir} (run `toolkit export` first)")
@@ -321,6 +360,7 @@ def latest_export(exports_dir: str | Path = "exports", say=None) -> Path:
     """The most recently written *main* export (float32 NCHW input; else, when there is none, the most
     recently written export of any kind). Staging copies (names starting with '.') never count.
     ``say`` hears which export it is."""
+    finish_interrupted_swaps(Path(exports_dir))
     found = [p.parent for p in Path(exports_dir).glob(f"*/{NAME}") if not p.parent.name.startswith(".")]
     if not found:
         raise ToolkitError(f"no export under {exports_dir}/ (run `toolkit export` first, or pass an export directory)")

@@ -31,6 +31,59 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     return proto
 
 
+# the operator domains of the graphs toolkit makes and the runtimes it targets run: ONNX's own, and
+# ONNX Runtime's kernels; an operator of any other domain is a graph toolkit did not make
+KNOWN_DOMAINS = ("", "ai.onnx", "com.microsoft")
+_DTYPES = {"float32": onnx.TensorProto.FLOAT, "uint8": onnx.TensorProto.UINT8}
+
+
+def graph_problem(proto: onnx.ModelProto, input_spec, classes: int) -> str | None:
+    """Why a parsed graph is not one an export of this manifest holds, or None: an operator of a
+    foreign domain, an input other than the manifest's one (element type and fixed sides), or
+    outputs other than one score per class."""
+    foreign = next((n for n in _nodes(proto.graph) if (n.domain or "") not in KNOWN_DOMAINS), None)
+    if foreign is not None:
+        return (f"node {foreign.name or foreign.op_type} is the operator {foreign.domain}::{foreign.op_type}, of a domain "
+                f"toolkit does not make (known: ai.onnx, com.microsoft)")
+    graph = proto.graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    if len(inputs) != 1:
+        return f"it takes {len(inputs)} inputs, not the one image batch its manifest describes"
+    tensor = inputs[0].type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+    want = list(input_spec.shape[1:])
+    if tensor.elem_type != _DTYPES[input_spec.dtype] or len(dims) != 1 + len(want) or \
+            any(d is not None and d != w for d, w in zip(dims[1:], want)):
+        shown_dims = ["batch" if d is None else d for d in dims]
+        return f"its input is {onnx.TensorProto.DataType.Name(tensor.elem_type).lower()} {shown_dims}, not the manifest's {input_spec.dtype} {input_spec.shape}"
+    shapes = [[d.dim_value if d.HasField("dim_value") else None for d in o.type.tensor_type.shape.dim] for o in graph.output]
+    if len(shapes) != 1 or len(shapes[0]) != 2 or shapes[0][-1] not in (None, classes):
+        return f"its outputs {shapes} are not one score per class for its manifest's {classes} classes"
+    return None
+
+
+def load_checked(path: Path, input_spec, classes: int) -> onnx.ModelProto:
+    """An ONNX file read from disk is untrusted until this passes: parsed and valid (``load_onnx``),
+    and the graph an export of this manifest holds (``graph_problem``); else one ToolkitError line."""
+    proto = load_onnx(path)
+    problem = graph_problem(proto, input_spec, classes)
+    if problem:
+        raise ToolkitError(f"{path}: {problem}; export it again")
+    return proto
+
+
+def _nodes(graph: onnx.GraphProto):
+    """Every node of a graph, subgraphs included."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from _nodes(attr.g)
+            for sub in attr.graphs:
+                yield from _nodes(sub)
+
+
 def _tensors(graph: onnx.GraphProto):
     """Every tensor of a graph: initializers and node attributes, subgraphs included."""
     yield from graph.initializer

@@ -80,7 +80,9 @@ def _qdq_rules(node: onnx.NodeProto, label: str, inits: dict) -> list[Violation]
 
 
 def check_file(path: Path) -> list[Violation]:
-    return violations(onnx.load(str(path), load_external_data=False))
+    from toolkit.core.onnx_io import load_onnx
+
+    return violations(load_onnx(path))
 
 
 def summary(found: list[Violation]) -> str:

@@ -19,14 +19,15 @@ from rich.console import Console
 
 from toolkit.models.checkpoint import latest_run, load_checkpoint, model_from_checkpoint
 from toolkit.core.errors import ToolkitError, check_choice
-from toolkit.core.files import confined, locked, plain_name, recover_swap, remove_stale_dirs, remove_stale_temps, umask_mode, write_error
+from toolkit.core.files import SWAP_ASIDE, aside_pattern, confined, exchange, locked, plain_name, recover_swap, remove_stale_dirs, remove_stale_temps, umask_mode, write_error
+from toolkit.core.onnx_io import load_checked
 from toolkit.core.parity import settle_report
 from toolkit.core.manifest import NAME as MANIFEST_NAME
 from toolkit.core.manifest import MAX_BATCH, TARGET_LINES, TARGETS, Artifact, Manifest, TritonModel
 from toolkit.core.model_card import write_model_card
 
 FORMATS = ("onnx", "trt", "triton")
-STAGING, OLD = ".staging-", ".old-"  # sibling work directories: .<export>.staging-*, .<export>.old-<pid>
+STAGING, OLD = ".staging-", SWAP_ASIDE  # sibling work directories: .<export>.staging-*, .<export>.old-<pid>
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -45,8 +46,11 @@ def staged(export_dir: Path) -> Iterator[Path]:
             shutil.copytree(export_dir, stage, symlinks=True, dirs_exist_ok=True)
         yield stage
         os.chmod(stage, umask_mode(0o777))
+        if export_dir.exists() and exchange(stage, export_dir):  # one atomic step: no moment without the export
+            shutil.rmtree(stage, ignore_errors=True)  # the old copy now (a kill here: the next writer removes it)
+            return
         old = None
-        if export_dir.exists():
+        if export_dir.exists():  # no atomic exchange here: two renames, and readers finish a swap a kill interrupted
             old = parent / f".{export_dir.name}{OLD}{os.getpid()}"
             os.replace(export_dir, old)
         try:
@@ -239,7 +243,7 @@ def _trt_builder(fmt: str, trt_arch: tuple[str, ...] | None, console: Console) -
     """For --format trt: which builder builds, for which GPUs, said before any work (none: one line,
     and exports/ untouched); the checked --trt-arch."""
     if fmt != "trt":
-        if trt_arch:
+        if trt_arch is not None:
             raise ToolkitError("--trt-arch applies to --format trt only")
         return None
     from toolkit.export.to_trt import builder_line, check_archs
@@ -316,7 +320,7 @@ def _remove_leftovers(export_dir: Path, console: Console) -> None:
     but not committed (dropped) or committed but not yet in place (finished). Only while holding
     the export's lock (otherwise they may be another writer's)."""
     name = re.escape(export_dir.name)
-    restored = recover_swap(export_dir, re.compile(rf"^\.{name}{re.escape(OLD)}[0-9]+$"))
+    restored = recover_swap(export_dir, aside_pattern(export_dir.name))
     if restored:
         console.print(f"[yellow]{restored}[/]")
     remove_stale_dirs(export_dir.parent, re.compile(rf"^\.{name}{re.escape(STAGING)}[A-Za-z0-9_]{{8}}$"))
@@ -352,6 +356,8 @@ def _make(job: Job, file: str, target: bool) -> Artifact:
         elif existing is not None and not is_target and not _remake_for_tensorrt(job, step, existing):
             continue
         _check_trt_source(manifest, step)
+        if step.source is not None:  # a file from disk is untrusted until parsed and checked against the manifest
+            load_checked(stage / step.source, manifest.input, len(manifest.classes))
         console.print(f"export: {step.file} ({step.format} {step.precision}"
                       + (f", from {step.source})" if step.source else f", from {Path(ckpt['path']).name})"))
         path = stage / step.file
@@ -507,6 +513,8 @@ def _triton(job: Job, precision: str) -> dict:
         manifest.triton = Triton(repository=REPOSITORY, models={})
     names = []
     for art in served:
+        onnx_file = stage / source if art.format == "onnx" else graph_source
+        load_checked(onnx_file, manifest.input, len(manifest.classes))  # the same checks as every derivation
         record = write_triton_model(stage, manifest.source.recipe, manifest.classes, art,
                                     stage / source if art.format == "onnx" else graph_source, job.options.max_batch, manifest.input)
         manifest.triton.models[record["name"]] = TritonModel(**record)

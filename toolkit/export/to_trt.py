@@ -17,12 +17,14 @@ layer, which is what this module's tests check for every kind of export.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import onnx
 from onnx import numpy_helper
 
-from toolkit.core.errors import ToolkitError, first_line
+from toolkit.core.onnx_io import load_onnx
+from toolkit.core.errors import ToolkitError, first_line, shown
 from toolkit.core.files import atomic_write
 from toolkit.core.trt_rules import summary, violations
 from toolkit.inference.runtime import current_gpu, engine_sidecar, trt_missing_reason
@@ -36,8 +38,11 @@ TRT_ARCHS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 
 def check_archs(archs: tuple[str, ...] | None) -> tuple[str, ...] | None:
     """``--trt-arch`` checked: TensorRT-RTX architecture names, or None for the builder's default."""
-    if not archs:
+    if archs is None:
         return None
+    if not archs or any(not a for a in archs):
+        raise ToolkitError(f"--trt-arch {shown(','.join(archs))}: an empty name; give one or more of {', '.join(TRT_ARCHS)}, "
+                           "separated by commas (or leave --trt-arch out for the builder's default)")
     wrong = [a for a in archs if a not in TRT_ARCHS]
     if wrong:
         raise ToolkitError(f"--trt-arch {','.join(archs)}: {wrong[0]!r} is not a GPU architecture TensorRT-RTX builds for "
@@ -92,8 +97,22 @@ def _logger(trt):
     return Kept()
 
 
+def refused_arch(lines: list[str]) -> str | None:
+    """The GPU architecture a failed ahead-of-time build names in its log, and why: TensorRT-RTX compiles
+    every target's kernels, and one target can lack one (Turing, SM75: no FP32 GEMM), or None."""
+    for line in lines:
+        found = re.search(r"\(SM(\d+)\)\s*:?\s*(.*?)(?: In \w+ at |$)", line) if line.startswith("[ERROR]") else None
+        if found:
+            return f"sm{found.group(1)} refused by the builder: {found.group(2).strip().rstrip('.')}"
+    return None
+
+
 def _fail(message: str, logger, log_path: Path | None) -> ToolkitError:
-    """The one-line error of a failed parse or build; the builder's log kept at ``log_path``."""
+    """The one-line error of a failed parse or build (with the target the builder refused, where it names
+    one); the builder's log kept at ``log_path``."""
+    arch = refused_arch(logger.lines)
+    if arch:
+        message += f": {arch} (leave it out of --trt-arch)"
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(log_path, "w") as f:
@@ -178,7 +197,7 @@ def build_trt_engine(onnx_path: Path, engine_path: Path, precision: str, input_n
     breaks TensorRT's rules (``toolkit.core.trt_rules``) is refused before the builder runs; a failed
     parse or build keeps the builder's log at ``log_path``."""
     trt, package, aot = builder()
-    proto = onnx.load(str(onnx_path), load_external_data=False)
+    proto = load_onnx(onnx_path)  # parsed at the boundary: a damaged file is one line, not a DecodeError
     fold_int32_dequantize(proto)
     broken = violations(proto)
     if broken:

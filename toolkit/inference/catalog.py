@@ -19,6 +19,7 @@ from toolkit.core.datasets import preparation_for
 from toolkit.core.environment import cpu_info, cpu_line
 from toolkit.core.errors import ToolkitError, shown
 from toolkit.core import speed
+from toolkit.core.files import finish_interrupted_swaps
 from toolkit.core.manifest import NAME as MANIFEST_NAME
 from toolkit.core.manifest import Artifact, Manifest
 from toolkit.inference.preprocess import model_pixels, to_input
@@ -88,6 +89,7 @@ class Catalog:
             warning = int8_warning(manifest)
             if warning:
                 catalog.warnings.append(warning)
+            catalog.warnings.extend(f"warning: {manifest.name}/{line}" for line in manifest.contradictions)
             for art in manifest.artifacts:
                 key = f"{manifest.name}/{art.file}"
                 runtimes = runtimes_for(art)
@@ -229,11 +231,14 @@ def find_exports(dirs: list[Path]) -> list[Path]:
     found: list[Path] = []
     for d in dirs:
         d = Path(d)
+        if not d.exists():  # an export whose swap a kill interrupted: its only copy lies aside
+            finish_interrupted_swaps(d.parent, d.name)
         if not d.is_dir():
             raise ToolkitError(f"{d}: no such export folder")
         if (d / MANIFEST_NAME).is_file():
             found.append(d)
         else:  # names starting with '.' are an export's staging copies
+            finish_interrupted_swaps(d)
             found.extend(sorted(p.parent for p in d.glob(f"*/{MANIFEST_NAME}") if not p.parent.name.startswith(".")))
     return found
 

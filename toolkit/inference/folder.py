@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import random
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -101,20 +102,30 @@ def _visible(path: Path | str) -> bool:
 def _within(path: Path, root: Path) -> Path:
     """``path``, refused when it is (or lies under) a symbolic link that leads out of the dataset folder:
     a dataset is what its folder holds, never /usr or /etc/passwd because a link said so."""
-    if not path.resolve().is_relative_to(root.resolve()):
+    try:
+        resolved = path.resolve()
+    except (RuntimeError, OSError):  # Python names a symbolic link loop a RuntimeError
+        raise ToolkitError(f"{path} is a symbolic link that loops (it leads back to itself): remove it or point it at a file") from None
+    if not resolved.is_relative_to(root.resolve()):
         raise ToolkitError(f"{path} is a symbolic link that leads out of the dataset folder {root}: copy what it points to into the folder")
     return path
 
 
-def _class_dirs(folder: Path, root: Path) -> list[Path]:
-    """The class folders of ``folder``, their names checked as any name read from outside (no control
-    characters, no newline: a class name becomes a line of Triton's labels file and of every table)."""
-    found = []
-    for p in folder.iterdir():
+def _class_dirs(folder: Path, root: Path) -> dict[str, Path]:
+    """The class folders of ``folder`` by class name, their names checked as any name read from outside
+    (no control characters, no newline: a class name becomes a line of Triton's labels file and of every
+    table) and in Unicode's composed form (NFC): "café" written composed or decomposed is one name, and
+    two folders whose names differ only so are refused (they would print as the same class twice)."""
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir(), key=lambda p: p.name):
         if _visible(p) and _within(p, root).is_dir():
             plain_name(p.name, f"{folder}: class folder")
-            found.append(p)
-    return sorted(found, key=lambda p: p.name)
+            name = unicodedata.normalize("NFC", p.name)
+            if name in found:
+                raise ToolkitError(f"{folder}: class folders {shown(found[name].name)} and {shown(p.name)} are the same name "
+                                   "written two ways in Unicode (composed and decomposed); keep one")
+            found[name] = p
+    return dict(sorted(found.items()))
 
 
 def _files(folder: Path, root: Path) -> list[Path]:
@@ -138,20 +149,21 @@ def listing(spec: FolderSpec) -> tuple[list[str], list[tuple[Path, int]], list[t
         raise ToolkitError(f"image folder not found: {root} (data.root in the recipe)")
     train_dir, test_dir = root / "train", root / "test"
     if train_dir.is_dir() and test_dir.is_dir():
-        classes = [p.name for p in _class_dirs(train_dir, root)]
-        test_classes = [p.name for p in _class_dirs(test_dir, root)]
-        unknown = sorted(set(test_classes) - set(classes))
+        train_dirs, test_dirs = _class_dirs(train_dir, root), _class_dirs(test_dir, root)
+        classes = list(train_dirs)
+        unknown = sorted(set(test_dirs) - set(classes))
         if unknown:
             raise ToolkitError(f"{test_dir}: class folder {shown(unknown[0])} has no training folder in {train_dir}")
-        train = [(f, i) for i, c in enumerate(classes) for f in _files(train_dir / c, root)]
-        test = [(f, classes.index(c)) for c in test_classes for f in _files(test_dir / c, root)]
+        train = [(f, i) for i, c in enumerate(classes) for f in _files(train_dirs[c], root)]
+        test = [(f, classes.index(c)) for c, d in test_dirs.items() for f in _files(d, root)]
     else:
         if not 0 < spec.split < 1:
             raise ToolkitError(f"{root}: no train/ and test/ folders, so data.split must be a fraction between 0 and 1 to hold out a test split")
-        classes = [p.name for p in _class_dirs(root, root)]
+        class_dirs = _class_dirs(root, root)
+        classes = list(class_dirs)
         train, test = [], []
         for i, c in enumerate(classes):
-            files = _files(root / c, root)
+            files = _files(class_dirs[c], root)
             random.Random(f"{spec.seed}:{c}").shuffle(files)  # seeded per class: adding a class moves no other class's files
             n_test = round(len(files) * spec.split)
             if len(files) >= 2:

@@ -5,7 +5,7 @@ One torch-free path, used by everything that feeds an exported model: the demo a
 own test transform) and int8 calibration. It needs NumPy and Pillow only, so the ``[serve]``
 install has it.
 
-    decode   open_image: any file Pillow reads, limits checked before pixels are decoded,
+    decode   open_image: an image in an accepted format, limits checked before pixels are decoded,
              EXIF orientation applied, transparency composited onto white
     prepare  model_pixels: the model's uint8 input, HxW or HxWxC, by the dataset's named
              preparation (datasets.Preparation): "digit" (mnist_digit) or "resize"
@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,10 +39,78 @@ MAX_SIDE = 4096  # pixels a side; larger images are refused before decoding
 SUPPORTED_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK"}
 WORK_SIDE = 256  # pixels: a digit is prepared at most this large, a phone photo costs what a sketch does
 MNIST_STROKE = 2.4  # stroke width of the median MNIST test digit in its 20x20 box (2 x area / perimeter)
+# Pillow's formats whose header gives the size of the frame that is decoded (the first; JPEG opens MPO,
+# with more frames after it, PPM covers PGM/PBM/PNM). ICO and ICNS hold inner images of their own sizes.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
+ACCEPTED_NAMES = "PNG, JPEG, GIF, BMP, WebP, TIFF or PNM"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".pnm")
 
 
 # ----------------------------------------------------------------------------- decode
+
+_FILTERS_LOCK = threading.Lock()
+_READER_MODULES = r"PIL\.(\w+ImagePlugin|ImageFile|TiffTags)$"
+
+
+def _pillow():
+    """Pillow's Image module, with the warnings its readers give about a file made errors (filters by
+    module, put in front once and again whenever something reset the filters: thread-safe, unlike
+    catch_warnings around each decode in a server's threads): a file Pillow has doubts about is
+    refused in one line, never log noise."""
+    from PIL import Image
+
+    if not any(f[0] == "error" and getattr(f[3], "pattern", None) == _READER_MODULES for f in warnings.filters):
+        with _FILTERS_LOCK:
+            warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+            warnings.filterwarnings("error", module=_READER_MODULES)
+    return Image
+
+
+def _stream(source):
+    """(name shown in errors, what Pillow opens) for a path or encoded bytes."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "the file", io.BytesIO(bytes(source))
+    path = Path(source)
+    if not path.is_file():
+        if path.exists():  # a FIFO, a device, a folder: never opened (a FIFO would block)
+            raise ToolkitError(f"{shown(path.name)} is not a regular file (a folder, FIFO or device): give an image file")
+        raise ToolkitError(f"no such image file: {shown(path.name)}")
+    return shown(path.name), path
+
+
+def _opened(name: str, stream) -> "Image.Image":
+    """Pillow's image of ``stream`` with its header read and nothing decoded, in an accepted format only:
+    formats whose header gives the size of the one frame ``load`` decodes (the first). A container
+    that decodes an inner image of its own size while opening (ICO) or when loaded (ICNS), and every
+    other format, is refused before any pixel is decoded. Any warning Pillow gives is the refusal."""
+    Image = _pillow()
+    try:
+        im = Image.open(stream, formats=ACCEPTED_FORMATS)  # reads the header only
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ToolkitError(f"the image is too large: at most {MAX_SIDE}x{MAX_SIDE} pixels") from None
+    except Warning as w:
+        raise ToolkitError(f"{name} could not be read ({first_line(w)})") from None
+    except Exception:  # noqa: BLE001 - whatever a decoder raises on a file it cannot read
+        raise ToolkitError(f"{name} is not an image in an accepted format ({ACCEPTED_NAMES})") from None
+    w, h = im.size
+    if w == 0 or h == 0:
+        raise ToolkitError(f"the image is empty ({w}x{h} pixels)")
+    if w > MAX_SIDE or h > MAX_SIDE:
+        raise ToolkitError(f"the image is {w}x{h} pixels: at most {MAX_SIDE}x{MAX_SIDE}")
+    return im
+
+
+def decoded_pixels(source) -> int:
+    """The pixels ``open_image`` would decode from ``source`` (a path or encoded bytes), read from the
+    header alone: what a pixel budget must count. An image it refuses counts 0 (refused when decoded)."""
+    try:
+        name, stream = _stream(source)
+        with _opened(name, stream) as im:
+            w, h = im.size
+    except ToolkitError:
+        return 0
+    return w * h
+
 
 def open_image(source) -> "Image.Image":
     """A fully decoded, upright Pillow image from a path, encoded bytes, a Pillow image or an array;
@@ -56,35 +125,22 @@ def open_image(source) -> "Image.Image":
         source = Image.fromarray(np.ascontiguousarray(source))
     if isinstance(source, Image.Image):
         im = source
+        w, h = im.size
+        if w == 0 or h == 0:
+            raise ToolkitError(f"the image is empty ({w}x{h} pixels)")
+        if w > MAX_SIDE or h > MAX_SIDE:
+            raise ToolkitError(f"the image is {w}x{h} pixels: at most {MAX_SIDE}x{MAX_SIDE}")
     else:
-        if isinstance(source, (bytes, bytearray)):
-            name, stream = "the image", io.BytesIO(source)
-        else:
-            path = Path(source)
-            if not path.is_file():
-                if path.exists():  # a FIFO, a device, a folder: never opened (a FIFO would block)
-                    raise ToolkitError(f"{shown(path.name)} is not a regular file (a folder, FIFO or device): give an image file")
-                raise ToolkitError(f"no such image file: {shown(path.name)}")
-            name, stream = shown(path.name), path
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                im = Image.open(stream)  # reads the header only
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ToolkitError(f"the image is too large: at most {MAX_SIDE}x{MAX_SIDE} pixels") from None
-        except Exception:  # noqa: BLE001 - whatever a decoder raises on a file it cannot read
-            raise ToolkitError(f"{name} is not an image Pillow can read (PNG, JPEG, GIF, BMP, WebP, TIFF ...)") from None
-    w, h = im.size
-    if w == 0 or h == 0:
-        raise ToolkitError(f"the image is empty ({w}x{h} pixels)")
-    if w > MAX_SIDE or h > MAX_SIDE:
-        raise ToolkitError(f"the image is {w}x{h} pixels: at most {MAX_SIDE}x{MAX_SIDE}")
+        im = _opened(*_stream(source))
     if im.mode not in SUPPORTED_MODES:
         raise ToolkitError(f"unsupported image mode {im.mode!r}: use 8-bit grayscale, palette, RGB or RGBA")
+    declared = im.size
     try:
         im.load()
-    except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data, or a warning Pillow gave
         raise ToolkitError(f"the image could not be decoded ({type(exc).__name__}: {first_line(exc)})") from None
+    if im.size != declared:  # what was decoded is not what the header said: never what was budgeted
+        raise ToolkitError(f"the image decoded to {im.size[0]}x{im.size[1]} pixels, not the {declared[0]}x{declared[1]} its header declares")
     return upright(im)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import functools
 import io
 import json
@@ -36,7 +37,7 @@ from toolkit import __version__
 from toolkit.inference.catalog import Catalog, Entry
 from toolkit.core.errors import ToolkitError, first_line, shown
 from toolkit.core.manifest import MAX_BATCH, triton_model_name
-from toolkit.inference.preprocess import MAX_SIDE, model_pixels, to_input
+from toolkit.inference.preprocess import MAX_SIDE, decoded_pixels, model_pixels, to_input
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE_INPUT = "image"  # the BYTES input: encoded image files
@@ -50,6 +51,7 @@ EXTENSIONS = ["classification", "binary_tensor_data", "model_repository"]
 # a lane of its own, so a few requests of the largest images cannot stall a digit behind them.
 MAX_REQUEST_PIXELS = 2 * MAX_SIDE**2  # two images of the largest size one may have
 MAX_INFLIGHT_PIXELS = 4 * MAX_SIDE**2  # being decoded together, server-wide (~64 Mpx: a few hundred MB at most)
+DECODE_TIMEOUT_S = 30.0  # the longest a request waits for its images to be decoded (503 then)
 SMALL_REQUEST_PIXELS = 2**20  # a request of up to a megapixel in all (a photo, a batch of digits) takes the small lane
 
 
@@ -297,19 +299,9 @@ def read_inputs(request: dict, blob: bytes, model: Model) -> tuple[str, np.ndarr
 
 
 def declared_pixels(files: list[bytes]) -> int:
-    """The pixels the encoded images say they hold, from their headers alone (nothing is decoded).
-    A file whose header cannot be read counts nothing: decoding it fails at once with its reason."""
-    from PIL import Image
-
-    total = 0
-    for f in files:
-        try:
-            with Image.open(io.BytesIO(f)) as im:
-                w, h = im.size
-        except Exception:  # noqa: BLE001 - not an image, or one over the decoder's own bomb limit: refused when decoded
-            continue
-        total += w * h
-    return total
+    """The pixels decoding these encoded images would produce, from their headers alone (nothing is
+    decoded: ``preprocess.decoded_pixels``). A file that would be refused counts nothing."""
+    return sum(decoded_pixels(f) for f in files)
 
 
 @functools.cache
@@ -442,6 +434,8 @@ class Service:
     pixels: PixelBudget = field(default_factory=PixelBudget)
     decode_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="toolkit-decode"))
     small_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="toolkit-decode-small"))
+    probe_pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="toolkit-probe"))
+    decode_timeout_s: float = DECODE_TIMEOUT_S
 
     def __post_init__(self):
         self.models, self.left_out = protocol_models(self.catalog)
@@ -481,30 +475,45 @@ class Service:
         return response_body(model, request, logits, wanted)
 
     async def decode(self, files: list[bytes], model: Model) -> np.ndarray:
-        """The images decoded within the pixel budget. A request of up to a megapixel decodes in the
+        """The images decoded within the pixel budget, off the event loop. Their pixels are counted from
+        the headers first, in a thread of its own (the headers of the accepted formats give the size of
+        what is decoded; other formats are refused unread). A request of up to a megapixel decodes in the
         small lane (one thread: a megapixel at a time, whatever waits holds only its encoded bytes).
         A larger one: over the per-request bound, 413; while the large lane's budget is spent on
-        others, 429 at once (a client retries, nobody queues)."""
+        others, 429 at once (a client retries, nobody queues). No request waits for its decoding more
+        than ``decode_timeout_s`` (503); the budget is given back when the decoding really ends."""
         loop = asyncio.get_running_loop()
-        pixels = declared_pixels(files)
+        pixels = await loop.run_in_executor(self.probe_pool, declared_pixels, files)
         if pixels <= SMALL_REQUEST_PIXELS:  # the small lane: one thread, so at most a megapixel decoding at a time
-            return await loop.run_in_executor(self.small_pool, images_to_tensor, files, model)
+            return await self._bounded(loop.run_in_executor(self.small_pool, images_to_tensor, files, model))
         if pixels > self.max_request_pixels:
             raise ProtocolError(f"the images hold {pixels / 1e6:.1f} megapixels; at most {self.max_request_pixels / 1e6:.1f} in one request", 413)
         if not self.pixels.take(pixels):
             raise ProtocolError(f"the server is decoding {self.pixels.in_use / 1e6:.1f} megapixels for other requests; retry in a moment", 429)
+        work = loop.run_in_executor(self.decode_pool, images_to_tensor, files, model)
+        work.add_done_callback(lambda _: self._decoded(pixels))
+        return await self._bounded(work)
+
+    async def _bounded(self, work: "asyncio.Future") -> np.ndarray:
         try:
-            return await loop.run_in_executor(self.decode_pool, images_to_tensor, files, model)
-        finally:
-            self.pixels.give(pixels)
-            if not self.pixels.in_use:  # the last large decode: its memory goes back to the system
-                await loop.run_in_executor(self.decode_pool, release_memory)
+            return await asyncio.wait_for(asyncio.shield(work), self.decode_timeout_s)
+        except asyncio.TimeoutError:
+            raise ProtocolError(f"decoding the images took longer than {self.decode_timeout_s:g} s; send smaller images", 503) from None
+
+    def _decoded(self, pixels: int) -> None:
+        """A large decode ended (on the event loop's thread): its pixels go back to the budget, and after
+        the last one its memory goes back to the system."""
+        self.pixels.give(pixels)
+        if not self.pixels.in_use:
+            with contextlib.suppress(RuntimeError):  # the pool is shut down: the server is stopping
+                self.decode_pool.submit(release_memory)
 
     def close(self) -> None:
         for batcher in self.batchers.values():
             batcher.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
         self.small_pool.shutdown(wait=False, cancel_futures=True)
+        self.probe_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def routes(service: Service) -> list:

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from toolkit.inference.catalog import Catalog, Entry
 from toolkit.core.errors import ToolkitError
-from toolkit.core.files import atomic_write
+from toolkit.core.files import atomic_write, finish_interrupted_swaps
 from toolkit.core.manifest import NAME as MANIFEST_NAME
 from toolkit.core.manifest import latest_export
 from toolkit.inference.preprocess import IMAGE_SUFFIXES
@@ -30,6 +30,8 @@ CHECKPOINT_NAMES = ("best.pt", "last.pt")
 def is_model_ref(path: str | Path) -> bool:
     """An export directory, a run directory or a checkpoint file: what predict takes its model from."""
     p = Path(path)
+    if not p.exists():  # an export whose swap a kill interrupted: its only copy lies aside
+        finish_interrupted_swaps(p.parent, p.name)
     if p.is_dir():
         return (p / MANIFEST_NAME).is_file() or any((p / n).is_file() for n in CHECKPOINT_NAMES)
     return p.suffix == ".pt" and p.is_file()

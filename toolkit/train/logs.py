@@ -63,8 +63,11 @@ def write_metrics_csv(rows: list[dict], path: Path) -> None:
 
 
 def csv_rows(path: Path) -> int:
-    """The data rows of a metrics.csv (-1 when it is missing or unreadable)."""
+    """The data rows of a metrics.csv (-1 when it is missing, unreadable or not a regular file: a FIFO
+    would block the read)."""
     try:
+        if not Path(path).is_file():
+            return -1
         with open(path, newline="") as f:
             return sum(1 for _ in csv.DictReader(f))
     except (OSError, csv.Error, UnicodeDecodeError):

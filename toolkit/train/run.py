@@ -10,6 +10,7 @@ import io
 import json
 import statistics
 from datetime import datetime
+import re
 from pathlib import Path
 
 from rich.console import Console
@@ -19,6 +20,8 @@ from toolkit.core.errors import ToolkitError, cut, shown
 from toolkit.core.files import atomic_write, make_dir
 from toolkit.train.loop import COMPILE_MODES, RunResult, fit_epochs, pick_device, run_to_end
 from toolkit.models.recipes import MAX_SEED, Recipe
+
+MAX_SEEDS = 64  # runs one --seeds trains: each is a whole training
 
 __all__ = ["COMPILE_MODES", "RunResult", "train", "train_seeds", "print_summary", "differences"]
 
@@ -103,13 +106,15 @@ class _Prefixed(io.TextIOBase):
 
 
 def parse_seeds(text: str) -> list[int]:
-    """``"1,2,3"`` -> [1, 2, 3]: distinct whole numbers of 0 or more."""
-    try:
-        seeds = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ToolkitError(f"--seeds takes whole numbers separated by commas (e.g. 1,2,3), not {shown(text)}") from None
-    if len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > MAX_SEED or len(seeds) < 2:
-        raise ToolkitError(f"--seeds needs two or more different seeds from 0 to {MAX_SEED:,}, not {shown(text)}")
+    """``"1,2,3"`` -> [1, 2, 3]: two to ``MAX_SEEDS`` distinct whole numbers from 0 to ``MAX_SEED``, written
+    in ASCII digits (no sign, no underscore, no other script's digits: Python's int() takes all three)."""
+    if not re.fullmatch(r"[0-9]{1,10}(,[0-9]{1,10})*", text.replace(" ", ""), flags=re.ASCII):
+        raise ToolkitError(f"--seeds takes whole numbers in the digits 0-9 separated by commas (e.g. 1,2,3), not {shown(text)}")
+    seeds = [int(part) for part in text.replace(" ", "").split(",")]
+    if len(set(seeds)) != len(seeds):
+        raise ToolkitError(f"--seeds lists a seed twice: {shown(text)}")
+    if len(seeds) < 2 or len(seeds) > MAX_SEEDS or max(seeds) > MAX_SEED:
+        raise ToolkitError(f"--seeds needs 2 to {MAX_SEEDS} different seeds from 0 to {MAX_SEED:,}, not {shown(text)}")
     return seeds
 
 
