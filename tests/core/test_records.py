@@ -41,14 +41,29 @@ def test_depth_size_and_kind_are_checked_before_parsing(tmp_path):
     assert records.load_optional(tmp_path / "missing.json", "record", warn=said.append) is None and len(said) == 1
 
 
+KEYS = ["artifact", "batch", "images_per_s", "precision", "runtime", "vs_fp32", "cpu", "features", "results", "model", "cores"]
+
+
 def _random_value(rng: np.random.Generator, depth: int = 0):
-    kind = rng.integers(0, 9 if depth < 4 else 6)
-    return [None, True, int(rng.integers(-10**6, 10**6)), float(rng.normal() * 1e3), "x" * int(rng.integers(0, 20)),
-            float("nan") if rng.random() < 0.5 else "1e999",
-            [_random_value(rng, depth + 1) for _ in range(rng.integers(0, 4))],
-            {k: _random_value(rng, depth + 1) for k in rng.choice(["artifact", "batch", "images_per_s", "precision", "runtime", "vs_fp32",
-                                                                    "cpu", "features", "results", "model", "cores"], rng.integers(0, 5))},
-            {"results": [_random_value(rng, depth + 1)]}][kind]
+    """A random JSON value: scalars of every type, non-finite numbers, and (above depth 3: never) lists and objects."""
+    kind = int(rng.integers(0, 9 if depth < 3 else 6))
+    if kind == 0:
+        return None
+    if kind == 1:
+        return bool(rng.random() < 0.5)
+    if kind == 2:
+        return int(rng.integers(-10**6, 10**6))
+    if kind == 3:
+        return float(rng.normal() * 1e3)
+    if kind == 4:
+        return "x" * int(rng.integers(0, 20))
+    if kind == 5:
+        return float("nan") if rng.random() < 0.5 else 1e308 * 10
+    if kind == 6:
+        return [_random_value(rng, depth + 1) for _ in range(int(rng.integers(0, 4)))]
+    if kind == 7:
+        return {str(k): _random_value(rng, depth + 1) for k in rng.choice(KEYS, int(rng.integers(0, 5)))}
+    return {"results": [_random_value(rng, depth + 1)]}
 
 
 def _bench_case(rng: np.random.Generator, good: dict) -> object:

@@ -24,6 +24,7 @@ from toolkit.core.files import atomic_write
 from toolkit.inference.catalog import int8_warning
 from toolkit.core.manifest import Manifest, latest_export
 from toolkit.core.model_card import write_model_card
+from toolkit.core.onnx_io import check_artifacts
 from toolkit.models.checkpoint import model_from_checkpoint, source_checkpoint, torch_runner
 from toolkit.inference.runtime import make_runner, runtimes_for
 
@@ -49,6 +50,7 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
     console = console or Console(stderr=True)
     export_dir = Path(export_dir) if export_dir else latest_export(exports, say=lambda line: console.print(f"bench: {line}"))
     manifest = Manifest.load(export_dir)
+    check_artifacts(export_dir, manifest)  # a graph from disk is untrusted until parsed and checked
     warning = int8_warning(manifest)
     if warning:
         console.print(warning, soft_wrap=True, markup=False)

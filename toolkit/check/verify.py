@@ -28,6 +28,7 @@ from toolkit.core.files import atomic_write, locked, remove_stale_temps, resolve
 from toolkit.core.environment import cpu_info, cpu_line
 from toolkit.core.manifest import Manifest, Parity, Verified, latest_export
 from toolkit.core.model_card import write_model_card
+from toolkit.core.onnx_io import check_artifacts
 from toolkit.core.trt_rules import check_file, summary
 from toolkit.core.parity import GATES, PARITY_FIELDS, REPORT, REPORT_MD, accuracy, compare, pending, settle_report
 from toolkit.models.recipes import Recipe
@@ -137,6 +138,7 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
     gates = {**GATES, **(gates or {})}
     export_dir = Path(export_dir) if export_dir else latest_export(exports, say=lambda line: console.print(f"verify: {line}"))
     manifest = Manifest.load(export_dir)
+    check_artifacts(export_dir, manifest)  # a graph from disk is untrusted until parsed and checked
     if not manifest.artifacts:
         raise ToolkitError(f"{export_dir}: the manifest lists no artifacts")
     root = resolve_data_dir(data_dir, manifest.source.data_dir)

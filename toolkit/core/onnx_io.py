@@ -63,14 +63,25 @@ def graph_problem(proto: onnx.ModelProto, input_spec, classes: int) -> str | Non
     return None
 
 
-def load_checked(path: Path, input_spec, classes: int) -> onnx.ModelProto:
+def load_checked(path: Path, input_spec, classes: int, shown_as: Path | None = None) -> onnx.ModelProto:
     """An ONNX file read from disk is untrusted until this passes: parsed and valid (``load_onnx``),
-    and the graph an export of this manifest holds (``graph_problem``); else one ToolkitError line."""
-    proto = load_onnx(path)
+    and the graph an export of this manifest holds (``graph_problem``); else one ToolkitError line
+    naming the file (as ``shown_as``: the export's path of a file read from its staging copy)."""
+    try:
+        proto = load_onnx(path)
+    except ToolkitError as exc:
+        raise ToolkitError(str(exc).replace(str(path), str(shown_as or path), 1)) from None
     problem = graph_problem(proto, input_spec, classes)
     if problem:
-        raise ToolkitError(f"{path}: {problem}; export it again")
+        raise ToolkitError(f"{shown_as or path}: {problem}; export it again")
     return proto
+
+
+def check_artifacts(export_dir: Path, manifest) -> None:
+    """Every ONNX artifact of an export checked as ``load_checked`` does, before a reader runs any."""
+    for art in manifest.artifacts:
+        if art.format == "onnx":
+            load_checked(manifest.path(export_dir, art), manifest.input, len(manifest.classes))
 
 
 def _nodes(graph: onnx.GraphProto):

@@ -57,10 +57,11 @@ def _read(path: Path, what: str, limit: int) -> object:
         raise
     except OSError as exc:
         raise ToolkitError(f"{path}: cannot read the {what} ({exc.strerror or first_line(exc)})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ToolkitError(f"{path}: not a regular file (a folder, FIFO or device), so not a {what}")
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise ToolkitError(f"{path}: not a regular file (a folder, FIFO or device), so not a {what}")
         if info.st_size > limit:
             raise ToolkitError(f"{path}: {info.st_size:,} bytes is too large for a {what} (at most {limit:,})")
         raw = f.read(limit + 1)

@@ -357,7 +357,7 @@ def _make(job: Job, file: str, target: bool) -> Artifact:
             continue
         _check_trt_source(manifest, step)
         if step.source is not None:  # a file from disk is untrusted until parsed and checked against the manifest
-            load_checked(stage / step.source, manifest.input, len(manifest.classes))
+            load_checked(stage / step.source, manifest.input, len(manifest.classes), shown_as=job.export_dir / step.source)
         console.print(f"export: {step.file} ({step.format} {step.precision}"
                       + (f", from {step.source})" if step.source else f", from {Path(ckpt['path']).name})"))
         path = stage / step.file
@@ -514,7 +514,7 @@ def _triton(job: Job, precision: str) -> dict:
     names = []
     for art in served:
         onnx_file = stage / source if art.format == "onnx" else graph_source
-        load_checked(onnx_file, manifest.input, len(manifest.classes))  # the same checks as every derivation
+        load_checked(onnx_file, manifest.input, len(manifest.classes), shown_as=export_dir / onnx_file.name)  # as every derivation
         record = write_triton_model(stage, manifest.source.recipe, manifest.classes, art,
                                     stage / source if art.format == "onnx" else graph_source, job.options.max_batch, manifest.input)
         manifest.triton.models[record["name"]] = TritonModel(**record)
