@@ -14,6 +14,11 @@ Prints a markdown table: variety, images, accuracy. Seeded: the same fonts give 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
+
 import argparse
 import io
 import json

@@ -78,7 +78,8 @@ def main() -> None:
             results[name] = {"p50_us": round(float(np.percentile(t, 50)), 1), "images_per_s": round(args.batch * 1e6 / float(t.mean()), 1),
                              "iterations": int(len(t)), "bytes": path.stat().st_size}
     report = {"model": args.model, "batch": args.batch, "activations": args.activations,
-              "int8_padded_convs": quantized.get("padded_convs", 0), "int8_padded_conv_inputs": quantized.get("padded_conv_inputs", 0), "int8_pad_channels": quantized.get("pad_channels", 0), "machine": machine(), "cpu_int8_flags": cpu_info()["features"], **results,
+              "int8_padded_convs": quantized.get("padded_convs", 0), "int8_padded_conv_inputs": quantized.get("padded_conv_inputs", 0),
+              "int8_pad_channels": quantized.get("pad_channels", 0), "machine": machine(), "cpu_int8_flags": cpu_info()["features"], **results,
               "int8_over_fp32_throughput": round(results["int8"]["images_per_s"] / results["fp32"]["images_per_s"], 3)}
     print(json.dumps(report, indent=2))
     if args.json_out:

@@ -192,9 +192,11 @@ def main() -> None:
         toolkit_best, toolkit_final, each_epoch = toolkit_accuracy(Path(tmp) / "runs")
         epoch_seconds = sum(each_epoch)
     result = {
-        "recipe": args.recipe, "epochs": args.epochs, "images": "real" if recipe.data.dataset == "mnist" else f"generated, {n_train // args.epochs} per epoch", "device": args.device, "pipeline": args.pipeline, "compile": args.compile, "dataset": facts(recipe.data.dataset).name,
+        "recipe": args.recipe, "epochs": args.epochs, "images": "real" if recipe.data.dataset == "mnist" else f"generated, {n_train // args.epochs} per epoch",
+        "device": args.device, "pipeline": args.pipeline, "compile": args.compile, "dataset": facts(recipe.data.dataset).name,
         # unrounded: a reader (or a test) recomputes one from the other exactly; the line below rounds for people
-        "engine": args.engine, "train_images": n_train, "toolkit_seconds": toolkit, "toolkit_epoch_seconds": epoch_seconds, "toolkit_seconds_each_epoch": each_epoch,
+        "engine": args.engine, "train_images": n_train, "toolkit_seconds": toolkit, "toolkit_epoch_seconds": epoch_seconds,
+        "toolkit_seconds_each_epoch": each_epoch,
         "toolkit_images_per_s": n_train / toolkit, "toolkit_best_test_acc": toolkit_best, "toolkit_final_test_acc": toolkit_final,
         "machine": machine_name(args.device), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -207,7 +209,8 @@ def main() -> None:
     line += (f"toolkit {toolkit:.1f}s whole process, {epoch_seconds:.2f}s in its epochs ({', '.join(f'{e:.2f}' for e in each_epoch)}; "
              f"{result['toolkit_images_per_s']:,.0f} img/s)")
     if seeds is not None:
-        line += f", {result['speedup_over_seeds']:.2f}x the seeds (ratio {result['ratio_toolkit_over_seeds']:.2f}); final test accuracy seeds {result['seeds_final_test_acc']:.2f}%"
+        line += (f", {result['speedup_over_seeds']:.2f}x the seeds (ratio {result['ratio_toolkit_over_seeds']:.2f}); "
+                 f"final test accuracy seeds {result['seeds_final_test_acc']:.2f}%")
     print(line + f"; toolkit final {toolkit_final:.2f}% (best {toolkit_best:.2f}%)")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")

@@ -12,9 +12,9 @@ What it does, in order:
    said in the log: `--epochs N` on each `toolkit train` (the README's note: the trainings shortened),
    a `pets.toml` recipe with a small image folder of real MNIST test digits (3 classes, size and
    channels left to be inferred), `runs/<run>` = the latest finished run, and `digits/` and
-   `photo.jpg` for `toolkit predict`.
+   `photo.jpg` for the guides' `toolkit predict` lines (the README's uses docs/examples/).
 3. `toolkit serve` in the background until it prints "ready", then the tritonclient example of
-   docs/serving.md as printed (its `normalized_digits` and `digit.png` made from MNIST test digits),
+   docs/serving.md as printed (it loads its digit from docs/examples/ in the clone: nothing supplied),
    then SIGTERM: the server must stop cleanly (exit 0).
 4. `--beside`: right after the trainings before the first export, a 20-epoch `toolkit train recipes/fine4.toml` starts
    in the same runs/ folder and keeps running (the newest run, unfinished: the defaults must pass it over).
@@ -50,12 +50,20 @@ def readme_commands(readme: str) -> list[str]:
     return commands
 
 
+def code_blocks(doc: str, language: str) -> list[str]:
+    """The doc's fenced code blocks of ``language``, as printed (the indentation of a list item removed)."""
+    found = []
+    for indent, body in re.findall(rf"^([ \t]*)```{language}\n(.*?)^[ \t]*```", doc, re.S | re.M):
+        found.append("\n".join(line[len(indent):] if line.startswith(indent) else line.lstrip() for line in body.splitlines()))
+    return found
+
+
 def serving_example(doc: str) -> str:
-    """docs/serving.md's tritonclient code block, as printed (its indentation removed)."""
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "tritonclient" in b]
+    """docs/serving.md's tritonclient code block, as printed."""
+    blocks = [b for b in code_blocks(doc, "python") if "tritonclient" in b]
     if not blocks:
         raise SystemExit("docs/serving.md has no tritonclient example")
-    return "\n".join(line.strip() for line in blocks[0].splitlines())
+    return blocks[0]
 
 
 def make_inputs(clone: Path, data_dir: Path) -> None:
@@ -80,9 +88,6 @@ def make_inputs(clone: Path, data_dir: Path) -> None:
     for i in range(5):
         Image.fromarray(images[i]).save(clone / "digits" / f"{i}-label{labels[i]}.png")
     Image.fromarray(images[5]).convert("RGB").save(clone / "photo.jpg")
-    Image.fromarray(images[0]).save(clone / "digit.png")
-    x = (images[:4].astype(np.float32) / 255.0 - 0.1307) / 0.3081
-    np.save(clone / "normalized_digits.npy", x[:, None])
 
 
 def latest_finished_run(runs: Path) -> Path:
@@ -115,10 +120,7 @@ def serve_and_call(clone: Path, env: dict, example: str, log) -> list[dict]:
     ready = {"command": "toolkit serve", "rc": None if server.poll() is None else server.returncode, "seconds": round(time.perf_counter() - t0, 1),
              "first": lines[0].strip() if lines else "", "last": lines[-1].strip() if lines else ""}
     rows = [ready]
-    script = ("import numpy as np\nnormalized_digits = np.load('normalized_digits.npy')[:1]\n" + example
-              + "\nprint('logits', client.infer('fine4_fp32', [x]).as_numpy('logits').argmax(1))\n"
-              + "print('classes', client.infer('fine4_fp32', [png], outputs=[http.InferRequestedOutput('logits', class_count=3)]).as_numpy('logits'))\n")
-    (clone / "example.py").write_text(script)
+    (clone / "example.py").write_text(example)  # as printed: it loads what it uses from the repository
     if ready["rc"] is None:
         rows.append(run_command([sys.executable if not env.get("VIRTUAL_ENV") else str(Path(env["VIRTUAL_ENV"]) / "bin" / "python"), "example.py"],
                                 clone, env, log, timeout=300))

@@ -88,7 +88,8 @@ def _tab(catalog: Catalog, family_name: str, classify, classify_sketch, examples
     keys = catalog.keys(family_name)
     if not keys:
         what = "an MNIST recipe" if family_name == MNIST_FAMILY else "a CIFAR or Fashion-MNIST recipe, or one of your own image folder"
-        gr.Markdown(f"No {'MNIST' if family_name == MNIST_FAMILY else 'picture'} export is being served. Train and export {what} (`toolkit recipes` lists them), "
+        gr.Markdown(f"No {'MNIST' if family_name == MNIST_FAMILY else 'picture'} export is being served. Train "
+            f"and export {what} (`toolkit recipes` lists them), "
                     "then restart `toolkit serve` with its export folder.")
         return
     _, height, width = catalog.entries[keys[0]].manifest.chw

@@ -300,7 +300,8 @@ def test_broken_manifests_are_one_line(world, case, mnist_root):
         edit_manifest(export_dir, lambda m: m.update(dataset="svhn"))
     else:
         edit_manifest(export_dir, lambda m: m["input"].update(shape=["batch", 1, 10**9, 10**9]))
-    words = {"unknown-dataset": "dataset: unknown dataset 'svhn'", "missing-field": "classes: Field required", "wrong-type": "artifacts[0].bytes", "nan": "normalization.scale",
+    words = {"unknown-dataset": "dataset: unknown dataset 'svhn'", "missing-field": "classes: Field required", "wrong-type": "artifacts[0].bytes",
+             "nan": "normalization.scale",
              "not-json": "not a valid toolkit manifest", "nested-100k": "not a valid toolkit manifest", "huge-shape": "input.shape"}[case]
     before = tree(root)
     for args in (["verify", export_dir, "--data-dir", mnist_root], ["bench", export_dir, "--batch", "1", "--min-seconds", "0"]):

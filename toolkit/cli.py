@@ -16,6 +16,7 @@ from rich.markup import escape
 from toolkit.core.errors import Interrupted, ToolkitError, cut, first_line
 from toolkit.core.files import is_no_space
 from toolkit.core.manifest import MAX_BATCH
+from toolkit.core.parity import GATES
 
 
 def _flag_type(self, ctx):
@@ -108,14 +109,16 @@ def train(
                                         "of best/final accuracy (mean ± sd) in OUT/<recipe>-seeds-<time>.md and .json. On a GPU the seeds "
                                         "train together (one CUDA stream each); on the CPU one after the other."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run directory from its last.pt."),
-    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="fast (data resident on the device, batch-wise augmentation) | dataloader (per-sample transforms, as the seeds ran). Default: the recipe's."),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", help="fast (data resident on the device, batch-wise augmentation) | dataloader (per-sample "
+        "transforms, as the seeds ran). Default: the recipe's."),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes (dataloader pipeline)."),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", min=1, help="Use only the first N training images (smoke runs)."),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", min=1, help="Use only the first N test images (smoke runs)."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", metavar="KEY=VALUE", help="Change one recipe setting, "
                                                   "e.g. --set optimizer.lr=0.02 --set data.batch_size=256 (any dotted recipe key; "
                                                   "repeat for more). Checked like the recipe file. The run's recipe.toml records the result."),
-    compile_mode: str = typer.Option("none", "--compile", help="torch.compile the training step: none | default | reduce-overhead (adds CUDA graphs on a GPU) | max-autotune. Compiling costs tens of seconds up front."),
+    compile_mode: str = typer.Option("none", "--compile", help="torch.compile the training step: none | default | reduce-overhead (adds CUDA graphs on a "
+        "GPU) | max-autotune. Compiling costs tens of seconds up front."),
     engine: str = typer.Option("auto", "--engine", help="auto | eager | graph. graph: each training step is one unit on the device "
                                "(batch, augmentation, forward, backward, fused SGD, schedule, metrics), captured in CUDA graphs of 32 steps on a GPU and "
                                "run uncaptured on the CPU; eager: the step-by-step loop (the reference). auto: graph where the run allows it "
@@ -123,7 +126,9 @@ def train(
     threads: Threads = None,
     as_json: AsJson = False,
 ) -> None:
-    """Train a recipe (a file, a built-in name such as fine4, or a run's recipe.toml); writes runs/<recipe>-<timestamp>/ with best.pt, last.pt, recipe.toml (the resolved recipe), metrics.csv, curves.png. A recipe with dataset = "folder" trains on a folder of your own images (one sub-folder per class; README, "Your own images")."""
+    """Train a recipe (a file, a built-in name such as fine4, or a run's recipe.toml); writes runs/<recipe>-<timestamp>/
+    with best.pt, last.pt, recipe.toml (the resolved recipe), metrics.csv, curves.png. A recipe with dataset = "folder"
+    trains on a folder of your own images (one sub-folder per class; docs/training.md, "Your own images")."""
     _threads(threads)
     from toolkit.models.recipes import load_recipe
     from toolkit.train.run import train as run_training
@@ -193,7 +198,8 @@ def evaluate(
 @app.command()
 def prune(
     run: RunRef = None,
-    method: str = typer.Option("channel", "--method", help="channel (removes channels: smaller params, MACs, ONNX) | l1-unstructured (global magnitude sparsity)."),
+    method: str = typer.Option("channel", "--method", help="channel (removes channels: smaller params, MACs, ONNX) | l1-unstructured (global "
+        "magnitude sparsity)."),
     amount: float = typer.Option(0.3, "--amount", help="Fraction of channels (channel) or weights (l1-unstructured) to remove."),
     finetune_epochs: int = typer.Option(2, "--finetune-epochs", min=0, help="Fine-tuning epochs with the recipe's optimizer."),
     runs: Path = typer.Option(Path("runs"), "--runs", help="Where to look for the latest run; the pruned run is written beside its source."),
@@ -215,14 +221,17 @@ def prune(
 @app.command()
 def export(
     run: RunRef = None,
-    fmt: str = typer.Option("onnx", "--format", help="onnx | trt (TensorRT engine; needs toolkit\\[trt] and an NVIDIA GPU) | triton (a Triton Inference Server model repository in <export>/triton/, from the ONNX artifact and any engine of --precision)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx | trt (TensorRT engine; needs toolkit\\[trt] and an NVIDIA GPU) | triton (a Triton "
+        "Inference Server model repository in <export>/triton/, from the ONNX artifact and any "
+        "engine of --precision)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (static QDQ quantization, calibrated on training images)."),
     out: Path = typer.Option(Path("exports"), "--out", help="Parent folder of export directories."),
     runs: Runs = Path("runs"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP + " Needed for int8 calibration."),
     calib_size: int = typer.Option(512, "--calib-size", min=1, help="Training images used to calibrate int8."),
     calib_method: str = typer.Option("minmax", "--calib-method", help="minmax | entropy | percentile."),
-    auto_fallback: bool = typer.Option(False, "--auto-fallback", help="int8: keep the most sensitive layers in float until the int8 gate holds (measured on held-out training images)."),
+    auto_fallback: bool = typer.Option(False, "--auto-fallback", help="int8: keep the most sensitive layers in float until the int8 gate holds (measured on "
+        "held-out training images)."),
     target: Optional[str] = typer.Option(None, "--target", help="Where the int8 file will run. cpu: uint8 activations and int8 weights, the "
                                          "format ONNX Runtime's x86 kernels run fastest. tensorrt: symmetric int8 (explicit quantization), "
                                          "what TensorRT builds from. Default: tensorrt with --format trt, else cpu."),
@@ -243,7 +252,12 @@ def export(
                                            "architectures to build for, comma-separated, from sm75, sm80, sm86, sm89, sm120, sm121 "
                                            "(e.g. sm89 for an RTX 4090). Default: TensorRT-RTX's own (8.0, 8.6, 8.9, 12.0 and later). "
                                            "Full TensorRT builds for this machine's GPU and takes no --trt-arch."),
-    pad_channels: Optional[int] = typer.Option(None, "--pad-channels", min=0, help="Zero-pad conv channels to this multiple where outputs stay exactly the same (16: ONNX Runtime's AVX-512 block, 8: AVX2): faster batch-1 latency on ONNX Runtime CPU for models with odd channel counts. 0: off (for the int8 file too). Default: as the existing export, else off; the CPU target's int8 file is padded to 16 on its own (exact, and faster there). Changing it re-exports the fp32 ONNX and drops the artifacts derived from it."),
+    pad_channels: Optional[int] = typer.Option(None, "--pad-channels", min=0, help="Zero-pad conv channels to this multiple where outputs "
+        "stay exactly the same (16: ONNX "
+        "Runtime's AVX-512 block, 8: AVX2): faster batch-1 latency on ONNX Runtime CPU for models "
+        "with odd channel counts. 0: off (for the int8 file too). Default: as the existing export, "
+        "else off; the CPU target's int8 file is padded to 16 on its own (exact, and faster "
+        "there). Changing it re-exports the fp32 ONNX and drops the artifacts derived from it."),
     input_dtype: str = typer.Option("float32", "--input", help="float32: the graph takes normalized float tensors. uint8: it takes raw "
                                     "uint8 NCHW pixels and normalizes them itself (no preprocessing code needed in C++, C#, JavaScript ...); "
                                     "written as its own export, exports/<run>-uint8/."),
@@ -258,7 +272,8 @@ def export(
     from toolkit.export import export as run_export
 
     entry = run_export(run, fmt=fmt, precision=precision, out=out, runs=runs, data_dir=data_dir, calib_size=calib_size,
-                       calib_method=calib_method, auto_fallback=auto_fallback, int8_activations=int8_activations, target=target, int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images,
+                       calib_method=calib_method, auto_fallback=auto_fallback, int8_activations=int8_activations, target=target,
+                       int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images,
                        max_batch=max_batch, pad_channels=pad_channels, input_dtype=input_dtype, layout=layout,
                        trt_arch=tuple(a.strip().lower() for a in trt_arch.split(",")) if trt_arch is not None else None, console=_console(as_json))
     if as_json:
@@ -270,10 +285,10 @@ def verify(
     export_dir: Optional[Path] = typer.Argument(None, help="Export directory (default: the latest under --exports)."),
     exports: Exports = Path("exports"),
     data_dir: DataDir = None,
-    fp32_delta: float = typer.Option(0.02, "--fp32-delta", min=0, help="fp32 gate: largest |accuracy delta| in points."),
-    fp32_agreement: float = typer.Option(99.9, "--fp32-agreement", min=0, max=100, help="fp32 gate: least top-1 agreement (%)."),
-    fp16_delta: float = typer.Option(0.1, "--fp16-delta", min=0, help="fp16 gate: largest |accuracy delta| in points."),
-    int8_delta: float = typer.Option(0.5, "--int8-delta", min=0, help="int8 gate: largest |accuracy delta| in points."),
+    fp32_delta: float = typer.Option(GATES["fp32"]["delta_pp"], "--fp32-delta", min=0, help="fp32 gate: largest |accuracy delta| in points."),
+    fp32_agreement: float = typer.Option(GATES["fp32"]["agreement"], "--fp32-agreement", min=0, max=100, help="fp32 gate: least top-1 agreement (%)."),
+    fp16_delta: float = typer.Option(GATES["fp16"]["delta_pp"], "--fp16-delta", min=0, help="fp16 gate: largest |accuracy delta| in points."),
+    int8_delta: float = typer.Option(GATES["int8"]["delta_pp"], "--int8-delta", min=0, help="int8 gate: largest |accuracy delta| in points."),
     threads: Threads = None,
     as_json: AsJson = False,
 ) -> None:
@@ -281,8 +296,8 @@ def verify(
     _threads(threads)
     from toolkit.check.verify import verify as run_verify
 
-    gates = {"fp32": {"delta_pp": fp32_delta, "agreement": fp32_agreement}, "fp16": {"delta_pp": fp16_delta, "agreement": 0.0},
-             "int8": {"delta_pp": int8_delta, "agreement": 0.0}}
+    gates = {"fp32": {**GATES["fp32"], "delta_pp": fp32_delta, "agreement": fp32_agreement}, "fp16": {**GATES["fp16"], "delta_pp": fp16_delta},
+             "int8": {**GATES["int8"], "delta_pp": int8_delta}}
     report = run_verify(export_dir, exports=exports, data_dir=data_dir, gates=gates, console=_console(as_json))
     if as_json:
         _emit(report)
@@ -321,7 +336,8 @@ def predict(
                                       "or a .pt checkpoint; without one, the latest export under --exports."),
     exports: Exports = Path("exports"),
     artifact: Optional[str] = typer.Option(None, "--artifact", help="Which artifact of the export, as the demo names it: "
-                                           "<export>/<file>, e.g. fine4-20261123-101500/model.int8.onnx (default: its fp32 model)."),
+                                           "<export>/<file>, e.g. fine4-20261123-101500/model.int8.onnx (default: the fastest artifact that passed its "
+                                           "parity gate by this machine's latest toolkit bench; without one, the fp32 model)."),
     top_k: int = typer.Option(1, "--top-k", min=1, help="Classes reported per image."),
     batch: int = typer.Option(1, "--batch", min=1, help="Images per model run (1 runs exactly as the demo does)."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Also write the rows to this CSV file."),
@@ -371,7 +387,8 @@ def serve(
     data_dir: DataDir = None,
     top_k: int = typer.Option(3, "--top-k", min=1, help="Classes shown per prediction."),
     examples: int = typer.Option(8, "--examples", min=0, help="Real MNIST test digits offered as examples (sampled at start-up, when the data is there)."),
-    max_upload: str = typer.Option("10mb", "--max-upload", help="Largest upload: a demo file or a /v2 request body, in decimal units (10mb = 10,000,000 bytes)."),
+    max_upload: str = typer.Option("10mb", "--max-upload", help="Largest upload: a demo file or a /v2 request body, in decimal units (10mb = 10,000,000 "
+        "bytes)."),
     share: bool = typer.Option(False, "--share", help="Also open a public gradio.live link (off by default; needs the internet)."),
     api_only: bool = typer.Option(False, "--api-only", help="Serve only the v2 inference API (no Gradio demo; needs only toolkit\\[api])."),
     batch_delay_ms: float = typer.Option(1.0, "--batch-delay-ms", min=0, max=100, help="v2 API: how long a batch may wait for more "

@@ -129,6 +129,13 @@ def test_an_engine_built_ahead_of_time_is_named_as_not_runnable_here(builder_pac
     assert "built ahead of time by TensorRT-RTX" in skipped["model.fp16.engine"] and "not here" in skipped["model.fp16.engine"]
     catalog = Catalog.from_dirs([tmp_path])
     assert any("model.fp16.engine" in why and "built ahead of time by TensorRT-RTX" in why for why in catalog.skipped), catalog.skipped
+    # asked for by name (predict --artifact, the demo's API): it exists, so not "unknown", and why it cannot run here (#41)
+    from toolkit.core.errors import ToolkitError
+
+    key = f"{Path(entry['export_dir']).name}/model.fp16.engine"
+    with pytest.raises(ToolkitError, match="cannot run here: .*built ahead of time by TensorRT-RTX") as err:
+        catalog.entry(key)
+    assert "unknown artifact" not in str(err.value) and "\n" not in str(err.value)
 
 
 # ---- TensorRT's rules, checked without TensorRT (toolkit.core.trt_rules), held against TensorRT-RTX's own parser

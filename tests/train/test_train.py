@@ -386,3 +386,20 @@ def test_resume_rebuilds_the_metrics_row_a_kill_lost(mnist_root, tmp_path):
     resumed = train(None, resume=run.run_dir, epochs=2, **kw)
     assert resumed.epochs == 2 and path.read_text() == full
     assert [r["epoch"] for r in csv.DictReader(path.open())] == ["1", "2"]
+
+
+def test_a_busy_machine_is_said_on_the_first_epoch_line(mnist_root, tmp_path, monkeypatch):
+    """#41: train on a busy machine gave no hint why an epoch took 10 minutes (bench did say so). The load
+    of other work before training began, above the cores it uses, is said once, on the first epoch line."""
+    import io
+
+    from rich.console import Console
+
+    from toolkit.train import loop
+
+    monkeypatch.setattr(loop.speed, "load_average", lambda: 50.0)
+    text = io.StringIO()
+    train(load_recipe(RECIPES / "fine4.toml"), device="cpu", data_dir=mnist_root, out=tmp_path, epochs=2, train_limit=512, test_limit=256,
+          download=False, console=Console(file=text, width=400))
+    lines = [line for line in text.getvalue().splitlines() if line.lstrip().startswith("epoch ")]
+    assert len(lines) == 2 and "(a busy machine: load 50.0 on " in lines[0] and "busy" not in lines[1], lines

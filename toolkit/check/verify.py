@@ -133,7 +133,8 @@ def _record(export_dir: Path, report: dict, console: Console) -> None:
         write_model_card(export_dir, current)
 
 
-def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, limit: int | None = None, download: bool = True, console: Console | None = None) -> dict:
+def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, limit: int | None = None, download: bool = True,
+           console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
     gates = {**GATES, **(gates or {})}
     export_dir = Path(export_dir) if export_dir else latest_export(exports, say=lambda line: console.print(f"verify: {line}"))

@@ -197,7 +197,8 @@ def _usage(export_dir: Path, manifest: Manifest) -> list[str]:
     for art in manifest.artifacts:
         tuned = art.get("qat")
         if tuned:
-            lines += ["", f"{art.file} was made from the model fine-tuned {tuned['epochs']} epoch{'' if tuned['epochs'] == 1 else 's'} with fake quantization (QAT, "
+            epochs = f"{tuned['epochs']} epoch{'' if tuned['epochs'] == 1 else 's'}"
+            lines += ["", f"{art.file} was made from the model fine-tuned {epochs} with fake quantization (QAT, "
                       f"distilled from the trained model on {tuned['images']:,} training images); its parity above is against the "
                       "trained model itself."]
     if manifest.triton is not None and manifest.triton.models:

@@ -19,7 +19,8 @@ from rich.console import Console
 
 from toolkit.models.checkpoint import latest_run, load_checkpoint, model_from_checkpoint
 from toolkit.core.errors import ToolkitError, check_choice
-from toolkit.core.files import SWAP_ASIDE, aside_pattern, confined, exchange, locked, plain_name, recover_swap, remove_stale_dirs, remove_stale_temps, umask_mode, write_error
+from toolkit.core.files import (SWAP_ASIDE, aside_pattern, confined, exchange, locked, plain_name, recover_swap, remove_stale_dirs,
+                                remove_stale_temps, umask_mode, write_error)
 from toolkit.core.onnx_io import load_checked
 from toolkit.core.parity import settle_report
 from toolkit.core.manifest import NAME as MANIFEST_NAME

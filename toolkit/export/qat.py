@@ -241,7 +241,8 @@ def fine_tune(model: nn.Module, images: np.ndarray, calib: np.ndarray, *, epochs
             console.print(f"qat: epoch {epoch}/{epochs}: distillation loss {losses[-1]:.5f}, fake-quantized model agrees with the "
                           f"float model on {100 * agree / len(x_all):.2f}% of {len(x_all):,} training images")
     tuned = quant.remove().eval()
-    report = {"epochs": epochs, "batchnorms_folded": folded, "layers": len(quant.layers), "ranges_from_export": matched, "images": int(len(x_all)), "loss": "distillation (KL) from the trained model", "optimizer": "adam",
+    report = {"epochs": epochs, "batchnorms_folded": folded, "layers": len(quant.layers), "ranges_from_export": matched, "images": int(len(x_all)),
+              "loss": "distillation (KL) from the trained model", "optimizer": "adam",
               "learning_rate": LEARNING_RATE, "batch_size": BATCH_SIZE, "distillation_loss": [round(v, 6) for v in losses],
               "seconds": round(time.perf_counter() - started, 2)}
     return tuned, report

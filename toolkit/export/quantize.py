@@ -320,7 +320,8 @@ def auto_fallback(fp32: Path, dst: Path, calib: np.ndarray, holdout_x: np.ndarra
     report = {"gate_pp": gate_pp, "holdout_images": int(len(holdout_y)), "holdout_fp32_acc": round(fp32_acc, 4),
               "holdout_full_int8_acc": round(full_acc, 4), "float_layers": [], "sensitivity": {}}
     if abs(fp32_acc - full_acc) <= gate_pp:
-        console.print(f"auto-fallback: full int8 is within the gate on {len(holdout_y):,} held-out training images ({full_acc - fp32_acc:+.2f} pp); nothing kept in float")
+        console.print(f"auto-fallback: full int8 is within the gate on {len(holdout_y):,} held-out training "
+            f"images ({full_acc - fp32_acc:+.2f} pp); nothing kept in float")
         report["holdout_int8_acc"] = round(full_acc, 4)
         return {**fields, "auto_fallback": report}
 

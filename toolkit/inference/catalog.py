@@ -147,6 +147,9 @@ class Catalog:
         if not key:
             return next(iter(self.entries.values()))
         if key not in self.entries:
+            why = next((line[len(key) + 2:] for line in self.skipped if line.startswith(f"{key}: ")), None)
+            if why is not None:  # it exists, and cannot run here: say why, not "unknown"
+                raise ToolkitError(f"{shown(key)} cannot run here: {why}; served here: {', '.join(self.keys())}")
             raise ToolkitError(f"unknown artifact {shown(key)}; served here: {', '.join(self.keys())}")
         return self.entries[key]
 

@@ -166,7 +166,8 @@ def check_engine_compatible(engine_path: Path) -> None:
         raise ToolkitError(f"{sidecar}: not an engine sidecar (no JSON object)")
     here = {"tensorrt": trt.__version__, "gpu": current_gpu()["name"]}
     if built.get("tensorrt") != here["tensorrt"]:
-        raise ToolkitError(f"{engine_path}: built with TensorRT {built.get('tensorrt')}, this machine has {here['tensorrt']}; rebuild it with `toolkit export --format trt`")
+        raise ToolkitError(f"{engine_path}: built with TensorRT {built.get('tensorrt')}, this machine has "
+            f"{here['tensorrt']}; rebuild it with `toolkit export --format trt`")
     if built.get("gpu") != here["gpu"]:
         raise ToolkitError(f"{engine_path}: built for {built.get('gpu')}, this machine has {here['gpu']}; rebuild it with `toolkit export --format trt`")
 

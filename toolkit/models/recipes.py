@@ -8,6 +8,8 @@ becomes a directory name, so it must be a plain one (``files.plain_name``).
 
 from __future__ import annotations
 
+import difflib
+
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
@@ -258,6 +260,12 @@ def format_validation_error(where: str | Path, exc: ValidationError) -> str:
     # discriminated unions add the tag ("step", "plateau", ...) to the location; drop it
     loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in {"step", "plateau", "cosine", "piecewise", "none"}))
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":  # a misspelt required key arrives as an unknown key beside it: name it
+        parent, name = tuple(err["loc"][:-1]), str(err["loc"][-1])
+        unknown = [str(e["loc"][-1]) for e in exc.errors() if e["type"] == "extra_forbidden" and tuple(e["loc"][:-1]) == parent]
+        close = difflib.get_close_matches(name, unknown, n=1, cutoff=0.6)
+        if close:
+            msg += f" (did you mean {name}? {close[0]!r} is not a key)"
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif err["type"] == "finite_number":
@@ -350,7 +358,8 @@ def load_recipe(ref: str | Path, overrides: list[str] | None = None) -> Recipe:
         classes = class_count(recipe)
         given = recipe._options().get("num_classes")
         if given is not None and given != classes:  # the loss would index past the model's outputs in the first step
-            raise ToolkitError(f"{blamed(path, overrides, 'model.options.num_classes')}: model.options.num_classes = {shown(given)}, but {recipe.data.dataset} has {classes} classes "
+            raise ToolkitError(f"{blamed(path, overrides, 'model.options.num_classes')}: model.options.num_classes = "
+                f"{shown(given)}, but {recipe.data.dataset} has {classes} classes "
                                "(leave it out: the data set decides it)")
         try:
             model = recipe.build_model(num_classes=classes)

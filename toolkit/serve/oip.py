@@ -25,7 +25,6 @@ import base64
 import binascii
 import contextlib
 import functools
-import io
 import json
 import struct
 from concurrent.futures import ThreadPoolExecutor

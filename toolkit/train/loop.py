@@ -30,6 +30,7 @@ from toolkit.data import loaders as data_mod
 from toolkit.data.sources import Source, source_for
 from toolkit.train import engine as step_engine
 from toolkit.train import logs
+from toolkit.core import speed
 from toolkit.models.checkpoint import SUMMARY, checkpoint_dict, load_checkpoint, model_from_checkpoint, new_run_dir, non_finite, save_checkpoint
 from toolkit.core.errors import ToolkitError, check_choice
 from toolkit.core.files import locked, reading, remove_stale_temps
@@ -108,7 +109,8 @@ def progress_bar(console: Console) -> Progress:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, *, autocast: bool = False, progress: Progress | None = None, label: str = "test") -> tuple[float, float, torch.Tensor, torch.Tensor]:
+def evaluate(model, loader, device, *, autocast: bool = False, progress: Progress | None = None,
+             label: str = "test") -> tuple[float, float, torch.Tensor, torch.Tensor]:
     """Mean loss, accuracy (%), all predictions and all labels."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
@@ -394,6 +396,7 @@ class Session:
     val_loader: object = None  # the held-out part of the training split (data.validation), or None
     engine: object = None  # the step engine (toolkit.train.engine.StepEngine), or None for the eager loop
     resumed: bool = False
+    busy: str | None = None  # why the machine was busy when training began (the load of other work), or None
 
     @property
     def on_gpu(self) -> bool:
@@ -450,6 +453,7 @@ def _announce(s: Session) -> None:
 def _set_up(recipe: Recipe | None, opts: TrainOptions, console: Console) -> Session:
     """Recipe (or resumed run) -> device, processes, data, model, optimizer, scheduler, training
     state and run directory. The random generators are seeded and consumed in one fixed order."""
+    load_before = speed.load_average()  # other work's load: this process has not started computing yet
     resume = Resume.load(opts.resume) if opts.resume is not None else None
     if resume is not None:
         recipe, opts = resume.options(opts)
@@ -500,7 +504,8 @@ def _set_up(recipe: Recipe | None, opts: TrainOptions, console: Console) -> Sess
         **(opts.extra_meta or {}),
     }
     s = Session(recipe, opts, dev, world, rank == 0, console, run_dir, train_loader, test_loader, model, net, optimizer, scheduler,
-                sched_when, loader_rng, state, meta, params, val_loader, stepper, resumed=resume is not None)
+                sched_when, loader_rng, state, meta, params, val_loader, stepper, resumed=resume is not None,
+                busy=speed.busy(load_before, torch.get_num_threads(), []))
     _announce(s)
     console.print(engine_line)
     return s
@@ -585,10 +590,12 @@ def _score_epoch(s: Session, epoch: int, train_loss: float, train_acc: float, lr
            "test_acc": round(test_acc, 4), "lr": lr, "seconds": round(time.perf_counter() - t0, 3)}
     if s.val_loader is not None:
         row.update(val_loss=round(watch_loss, 6), val_acc=round(watch_acc, 4))
+    busy, s.busy = s.busy, None  # said once, on this process's first epoch line
     s.console.print(
         f"epoch {row['epoch']:>3}/{s.recipe.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}%  "
         + (f"val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}%  " if "val_acc" in row else "")
         + f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}%  lr {lr:.3g}  {row['seconds']:.1f}s"
+        + (f"  (a busy machine: {busy} before training began; epochs take longer)" if busy else "")
     )
     return row
 

@@ -36,7 +36,9 @@ def recipe_rows(directory: Path) -> list[dict]:
 
 def recipes_table(rows: list[dict]) -> Table:
     table = Table(title="recipes")
-    for col, justify in (("name", "left"), ("dataset", "left"), ("model", "left"), ("params", "right"), ("seed params", "right"), ("epochs", "right"), ("seed test acc best / final", "right")):
+    columns = (("name", "left"), ("dataset", "left"), ("model", "left"), ("params", "right"), ("write-up params", "right"), ("epochs", "right"),
+               ("write-up test acc best / final", "right"))
+    for col, justify in columns:
         table.add_column(col, justify=justify)
     for r in rows:
         table.add_row(
