@@ -28,7 +28,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY toolkit/ toolkit/
-COPY demo/ demo/
+
 RUN useradd --create-home --uid 10001 toolkit
 
 # the lean API image: no Gradio (the build leaves build/ and an .egg-info folder in /app: removed in the same layer)

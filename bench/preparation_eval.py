@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SKETCH_CANVAS = 300  # demo/app.py's gr.Sketchpad(canvas_size=(300, 300)) ...
+SKETCH_CANVAS = 300  # toolkit/serve/demo.py's gr.Sketchpad(canvas_size=(300, 300)) ...
 SKETCH_BRUSH = 16  # ... and its brush's default_size
 
 

@@ -15,9 +15,7 @@ PACKAGE = Path(toolkit.__file__).parent
 LAYERS = {"core": 1, "inference": 2, "models": 3, "data": 4, "train": 5, "export": 5, "check": 5, "serve": 5, "cli": 6}
 STAGE_LAYER = 5
 TORCH_FREE = {"core", "inference"}
-# demo/app.py (installed as toolkit.demo) is the serve stage's Gradio layout: part of that stage
-SAME_FOLDER = {"demo": "serve", "__main__": "cli"}
-DEMO = PACKAGE.parent / "demo" / "app.py"
+SAME_FOLDER = {"__main__": "cli"}
 # the one torch import below models/: environment reports torch's version and GPU when torch is
 # installed and already the caller's (never on the serving path, which has no torch installed)
 TORCH_ALLOWED = {"core/environment.py"}
@@ -25,8 +23,6 @@ TORCH_ALLOWED = {"core/environment.py"}
 
 def _folder_of(path: Path) -> str:
     """The folder (role) a file belongs to: toolkit/train/loop.py -> train, toolkit/cli.py -> cli."""
-    if path == DEMO:
-        return "serve"
     rel = path.relative_to(PACKAGE)
     name = rel.parts[0] if len(rel.parts) > 1 else rel.stem
     return SAME_FOLDER.get(name, name)
@@ -52,7 +48,7 @@ def _imports(path: Path) -> tuple[set[str], bool]:
 
 
 def _sources() -> list[Path]:
-    return [p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py"] + [DEMO]
+    return [p for p in PACKAGE.rglob("*.py") if p != PACKAGE / "__init__.py"]
 
 
 def test_every_module_is_in_a_role_folder():
@@ -71,7 +67,7 @@ def test_folders_import_only_their_own_or_lower_layers_and_stages_never_each_oth
             assert layer is not None, f"{path} imports toolkit.{folder}, which is no role folder"
             if layer > LAYERS[here] or (layer == STAGE_LAYER and LAYERS[here] == STAGE_LAYER):
                 crossings.append(f"{path.relative_to(PACKAGE.parent)} ({here}) imports {folder}")
-        rel = path.relative_to(PACKAGE).as_posix() if path != DEMO else "demo/app.py"
+        rel = path.relative_to(PACKAGE).as_posix()
         if here in TORCH_FREE and rel not in TORCH_ALLOWED and (uses_torch or imported - TORCH_FREE):
             torch_users.append(rel)
     assert not crossings, crossings

@@ -745,7 +745,7 @@ def test_a_changed_artifact_drops_what_was_made_from_it(fine4_run, mnist_root, t
 _SWAP_KILL = r"""
 import os, shutil, signal, sys
 from pathlib import Path
-import toolkit.export as ex
+import toolkit.export.plan as ex
 from toolkit.export import export
 
 run, out, export_dir, point = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]

@@ -57,7 +57,7 @@ def images(serving_export, tmp_path_factory):
     context = tmp_path_factory.mktemp("docker-context")
     for name in ("pyproject.toml", "README.md", "Dockerfile", ".dockerignore"):
         shutil.copy(REPO / name, context / name)
-    for folder in ("toolkit", "demo"):
+    for folder in ("toolkit",):
         shutil.copytree(REPO / folder, context / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(serving_export, context / "exports" / serving_export.name)
     built = {}

@@ -161,7 +161,7 @@ def test_inference_install_has_no_torch(image_venv):
     python = str(venv / "bin" / "python")
     probe = subprocess.run([python, "-c", "import torch"], cwd=app, env=env, capture_output=True, text=True)
     assert probe.returncode != 0 and "No module named 'torch'" in probe.stderr
-    ok = subprocess.run([python, "-c", "import toolkit.serve.server, toolkit.demo.app, onnxruntime, gradio, PIL, sys; "
+    ok = subprocess.run([python, "-c", "import toolkit.serve.server, toolkit.serve.demo, onnxruntime, gradio, PIL, sys; "
                          "assert 'torch' not in sys.modules; print(toolkit.serve.server.__file__)"], cwd="/", env=env, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert str(venv) in ok.stdout  # the installed copy, not the checkout

@@ -6,7 +6,7 @@ Everything here runs on the serving install (ONNX Runtime, NumPy, Pillow, Gradio
 serve comes from the exports' ``manifest.json`` through ``toolkit.inference.catalog``, which classifies an
 image exactly as `toolkit predict` does (``toolkit.inference.preprocess`` decodes it defensively and
 prepares it as the model's training data was). This module starts and stops the server; the
-Gradio layout itself lives in ``demo/app.py`` (``toolkit.demo.app``).
+Gradio layout itself lives in ``toolkit/serve/demo.py``.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def _api_alone(v2_routes: list):
 
 
 def _start_demo(catalog, service, v2_routes, host, port, data_dir, top_k, examples, share, max_upload, say) -> Running:
-    from toolkit.demo.app import CSS, build_demo
+    from toolkit.serve.demo import CSS, build_demo
 
     recorded = next((e.manifest.source.data_dir for e in catalog.entries.values() if e.manifest.source.data_dir), None)
     root = resolve_data_dir(data_dir, recorded)

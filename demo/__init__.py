@@ -1,1 +1,0 @@
-"""The Gradio demo, installed as ``toolkit.demo`` (see app.py)."""
