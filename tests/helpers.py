@@ -24,7 +24,7 @@ def quiet():
 
 def mnist_test_set(root: Path) -> tuple[np.ndarray, np.ndarray]:
     """The real MNIST test images (10000x28x28 uint8) and labels, read from the raw IDX files."""
-    from toolkit.inference.preprocess import read_test_split
+    from toolkit.inference.splits import read_test_split
 
     split = read_test_split("mnist", root)
     assert split is not None, f"no MNIST test files under {root}"

@@ -1,3 +1,3 @@
-"""toolkit: train the seeds' small image classifiers, then export, verify, benchmark and serve them."""
+"""toolkit: train the write-ups' small image classifiers, then export, verify, benchmark and serve them."""
 
 __version__ = "0.1.0"

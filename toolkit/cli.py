@@ -29,7 +29,7 @@ if _value_type is not None:  # older Typer shows no type for flags already
     typer.core.TyperOption.display_type_rich = _flag_type
 
 app = typer.Typer(
-    help="Train the seeds' small image classifiers from TOML recipes; prune, quantize and export them; "
+    help="Train the write-ups' small image classifiers from TOML recipes; prune, quantize and export them; "
     "prove accuracy parity of every artifact; benchmark them; serve them in a Gradio demo.",
     no_args_is_help=True,
     add_completion=False,
@@ -110,7 +110,7 @@ def train(
                                         "train together (one CUDA stream each); on the CPU one after the other."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run directory from its last.pt."),
     pipeline: Optional[str] = typer.Option(None, "--pipeline", help="fast (data resident on the device, batch-wise augmentation) | dataloader (per-sample "
-        "transforms, as the seeds ran). Default: the recipe's."),
+        "transforms, as the write-ups ran). Default: the recipe's."),
     workers: int = typer.Option(0, "--workers", min=0, help="DataLoader worker processes (dataloader pipeline)."),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", min=1, help="Use only the first N training images (smoke runs)."),
     test_limit: Optional[int] = typer.Option(None, "--test-limit", min=1, help="Use only the first N test images (smoke runs)."),
@@ -163,7 +163,7 @@ def recipes(
     directory: Optional[Path] = typer.Option(None, "--dir", help="Folder of recipe files (default: the bundled recipes/)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
 ) -> None:
-    """List every recipe: dataset, model, parameters, epochs and the seed's best test accuracy."""
+    """List every recipe: dataset, model, parameters, epochs and the write-up's best test accuracy."""
     from toolkit.train.report import recipe_rows, recipes_table
     from toolkit.models.recipes import RECIPES_DIR
 

@@ -97,7 +97,8 @@ def test_fused_kernels_lose_the_8_bit_model_on_a_cpu_that_saturates(underfit_exp
     far more than unfused (measured 62.70% vs 77.57%)."""
     if not int8_kernels_saturate():
         pytest.skip("this CPU has VNNI or AMX (or is not x86): its fused int8 kernels do not saturate")
-    from toolkit.inference.preprocess import model_input, read_test_split
+    from toolkit.inference.preprocess import model_input
+    from toolkit.inference.splits import read_test_split
     from toolkit.inference.runtime import ort_runner
 
     manifest = Manifest.load(underfit_export)
@@ -118,7 +119,8 @@ def test_int8_logits_stay_float(underfit_export, mnist_root):
     changed answers were ties, and they went 23 gained to 34 lost (-0.11 pp); with float logits 41
     to 23 (+0.18 pp). The file's outputs come from the last Gemm itself, and no two of its logits
     tie where the same logits on an int8 grid would."""
-    from toolkit.inference.preprocess import model_input, read_test_split
+    from toolkit.inference.preprocess import model_input
+    from toolkit.inference.splits import read_test_split
     from toolkit.export.quantize import float_outputs
     from toolkit.inference.runtime import int8_unfused, ort_runner
 

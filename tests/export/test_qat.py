@@ -156,7 +156,8 @@ def test_fine_tuning_sees_the_arithmetic_the_int8_file_runs(underfit_export, mni
     from toolkit.export import qat, quantize
     from toolkit.models.checkpoint import load_checkpoint, model_from_checkpoint
     from toolkit.export.to_onnx import export_onnx, onnx_metadata
-    from toolkit.inference.preprocess import model_input, read_test_split
+    from toolkit.inference.preprocess import model_input
+    from toolkit.inference.splits import read_test_split
     from toolkit.inference.runtime import ort_runner
 
     manifest = Manifest.load(underfit_export)

@@ -95,7 +95,8 @@ def test_folding_the_int32_bias_dequantization_keeps_the_outputs(fine4_export, m
     """TensorRT's parser refuses DequantizeLinear of an int32 input (ONNX Runtime's quantized biases:
     "input has type Int32 but must have type FP8, FP4, Int4, Int8, or UInt8", TensorRT-RTX 1.7.1).
     The engine is built from the graph with those constants folded to float: the same outputs."""
-    from toolkit.inference.preprocess import model_input, read_test_split
+    from toolkit.inference.preprocess import model_input
+    from toolkit.inference.splits import read_test_split
 
     source = fine4_export / "model.int8.onnx"
     proto = onnx.load(str(source))

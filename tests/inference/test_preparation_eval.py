@@ -15,7 +15,8 @@ import pytest
 from bench import preparation_eval as pe
 from tests.helpers import manifest_for
 from toolkit.inference.catalog import Catalog
-from toolkit.inference.preprocess import model_pixels, png_bytes, read_test_split
+from toolkit.inference.preprocess import model_pixels, png_bytes
+from toolkit.inference.splits import read_test_split
 
 PER_KIND = 500
 SLACK_PP = 0.5

@@ -12,7 +12,7 @@ import pytest
 from tests.helpers import RECIPES, manifest_for
 from toolkit.data import loaders as data_mod
 from toolkit.data import sources
-from toolkit.inference import preprocess
+from toolkit.inference import preprocess, splits
 from toolkit.core.datasets import DATASETS, facts
 from toolkit.core.errors import ToolkitError
 from toolkit.core.manifest import Normalization
@@ -25,7 +25,7 @@ def _with(recipe, **data_fields):
 
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
 def test_the_deployed_readers_give_torchvisions_test_split(mnist_root, dataset):
-    images, labels, classes = preprocess.read_test_split(dataset, mnist_root)
+    images, labels, classes = splits.read_test_split(dataset, mnist_root)
     x, y, tv_classes = data_mod.split_arrays(dataset, mnist_root, train=False, download=False)
     assert images.shape == (10_000, 1, 28, 28) and images.dtype == np.uint8
     assert np.array_equal(images, x.numpy()) and np.array_equal(labels, y.numpy()) and classes == tv_classes == list(facts(dataset).classes)
@@ -41,7 +41,7 @@ def test_fashion_mnist_facts_are_measured_and_its_images_pass_the_garment_prepar
     pixels = x.numpy().astype(np.float64) / 255
     spec = facts("fashion_mnist")
     assert abs(pixels.mean() - spec.mean[0]) < 5e-5 and abs(pixels.std() - spec.std[0]) < 5e-5
-    images, _, _ = preprocess.read_test_split("fashion_mnist", mnist_root)
+    images, _, _ = splits.read_test_split("fashion_mnist", mnist_root)
     manifest = manifest_for("fashion_mnist", classes=list(spec.classes))
     back = np.stack([preprocess.model_pixels(preprocess.png_bytes(img), manifest) for img in images[:500]])
     assert np.array_equal(back, images[:500, 0])
@@ -58,7 +58,7 @@ def test_deployed_normalization_is_the_training_test_transform_bit_for_bit(mnist
     MNIST test set, against preprocess.normalize with the normalization an export records."""
     recipe = _with(load_recipe(RECIPES / "fine4.toml"), pipeline=pipeline)
     x_train, labels = sources.test_inputs(recipe, mnist_root, download=False)
-    images, deployed_labels, _ = preprocess.read_test_split("mnist", mnist_root)
+    images, deployed_labels, _ = splits.read_test_split("mnist", mnist_root)
     spec = facts("mnist")
     x = preprocess.normalize(images, Normalization(scale=1 / 255, mean=list(spec.mean), std=list(spec.std)))
     assert x.dtype == np.float32 and x.shape == x_train.shape == (10_000, 1, 28, 28)
@@ -72,7 +72,7 @@ def test_albumentations_normalization_agrees_within_one_float32_rounding(mnist_r
     recipe = load_recipe(RECIPES / "fine4.toml")
     recipe = _with(recipe, pipeline="dataloader", augment=recipe.data.augment.model_copy(update={"library": "albumentations"}))
     x_train, _ = sources.test_inputs(recipe, mnist_root, download=False)
-    images, _, _ = preprocess.read_test_split("mnist", mnist_root)
+    images, _, _ = splits.read_test_split("mnist", mnist_root)
     spec = facts("mnist")
     x = preprocess.normalize(images, Normalization(scale=1 / 255, mean=list(spec.mean), std=list(spec.std)))
     diff = np.abs(x - x_train)
@@ -82,7 +82,7 @@ def test_albumentations_normalization_agrees_within_one_float32_rounding(mnist_r
 def test_png_files_of_the_test_set_decode_to_the_same_pixels(mnist_root):
     """The pipeline path verify uses: each real MNIST test image written as a PNG file and read back
     through the deployed preparation gives the dataset's pixels (all 10,000)."""
-    images, _, _ = preprocess.read_test_split("mnist", mnist_root)
+    images, _, _ = splits.read_test_split("mnist", mnist_root)
     manifest = manifest_for("mnist")
     back = np.stack([preprocess.model_pixels(preprocess.png_bytes(img), manifest) for img in images])
     assert np.array_equal(back, images[:, 0])
@@ -90,7 +90,7 @@ def test_png_files_of_the_test_set_decode_to_the_same_pixels(mnist_root):
 
 def test_cifar_test_split_readers_on_real_format_files(cifar_root):
     for dataset in ("cifar10", "cifar100"):
-        images, labels, classes = preprocess.read_test_split(dataset, cifar_root)
+        images, labels, classes = splits.read_test_split(dataset, cifar_root)
         x, y, tv_classes = data_mod.split_arrays(dataset, cifar_root, train=False, download=False)
         assert images.shape[1:] == (3, 32, 32) and np.array_equal(images, x.numpy()) and np.array_equal(labels, y.numpy())
         assert classes == tv_classes and len(classes) == facts(dataset).num_classes
@@ -111,18 +111,18 @@ def test_a_cifar_pickle_that_would_run_code_is_refused(cifar_root, tmp_path, mon
     batch = cifar_root / "cifar-10-batches-py" / "test_batch"
     batch.write_bytes(pickle.dumps({"data": _Boom(), "labels": []}))
     with pytest.raises(ToolkitError) as err:
-        preprocess.read_test_split("cifar10", cifar_root)
+        splits.read_test_split("cifar10", cifar_root)
     assert "\n" not in str(err.value) and "refused posix.system" in str(err.value) and not (tmp_path / "PWNED").exists()
 
 
 def test_missing_and_malformed_test_files(tmp_path):
-    assert preprocess.read_test_split("mnist", tmp_path) is None
+    assert splits.read_test_split("mnist", tmp_path) is None
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     (raw / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + (2).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\0" * 100)
     (raw / "t10k-labels-idx1-ubyte").write_bytes(b"not an idx file")
     with pytest.raises(ToolkitError) as err:
-        preprocess.read_test_split("mnist", tmp_path)
+        splits.read_test_split("mnist", tmp_path)
     assert "\n" not in str(err.value) and "t10k-" in str(err.value)
 
 
@@ -141,7 +141,7 @@ def test_normalize_refuses_a_single_image():
 
 
 def test_model_pixels_take_files_bytes_and_arrays_alike(mnist_root, tmp_path):
-    images, _, _ = preprocess.read_test_split("mnist", mnist_root)
+    images, _, _ = splits.read_test_split("mnist", mnist_root)
     manifest = manifest_for("mnist")
     path = Path(tmp_path) / "d.png"
     path.write_bytes(preprocess.png_bytes(images[7]))

@@ -287,11 +287,11 @@ def test_the_summary_compares_with_the_seed_only_when_the_run_follows_the_recipe
     departs = differences(recipe, {"epochs": 1, "train_limit": 10_000})
     assert departs == ["--epochs 1 (the recipe has 20)", "--train-limit 10,000"]
     text = summary(departs)
-    assert "seed" not in text.split("not compared")[0] and "99.53%" not in text
-    assert "not compared with the seed's write-up" in text and "(1 epoch, " in text
+    assert "write-up" not in text.split("not compared")[0] and "99.53%" not in text
+    assert "not compared with the write-up" in text and "(1 epoch, " in text
     assert differences(recipe, {"epochs": 20}) == [] and differences(recipe, {}) == []
     full = summary([])
-    assert "seed vs. this run" in full and "99.53%" in full and "7,974" in full
+    assert "write-up vs. this run" in full and "99.53%" in full and "7,974" in full
 
 
 def test_tensorboard_event_files_hold_every_epochs_metrics(mnist_root, tmp_path):

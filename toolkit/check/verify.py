@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from toolkit.data.sources import source_for
-from toolkit.inference import folder, preprocess
+from toolkit.inference import folder, preprocess, splits
 from toolkit.check.diagnosis import diagnosis_line, layer_errors
 from toolkit.models.checkpoint import model_from_checkpoint, source_checkpoint, torch_runner
 from toolkit.core.errors import ToolkitError
@@ -53,7 +53,7 @@ def deployed_inputs(manifest: Manifest, root: Path, limit: int | None = None) ->
         images, labels = found.x_test[:limit], found.y_test[:limit]
         sources = [spec.root / name for name in found.test_files[:limit]]
     else:
-        split = preprocess.read_test_split(manifest.dataset, root)
+        split = splits.read_test_split(manifest.dataset, root)
         if split is None:
             raise ToolkitError(f"no {manifest.dataset} test split under {root} that the deployed preprocessing can read")
         images, labels, _ = split

@@ -54,7 +54,7 @@ def albumentations_pipeline(aug: Augment, spec: DatasetFacts, train: bool):
             steps.append(A.HorizontalFlip(p=aug.hflip))
         if aug.shift_scale_rotate:
             ssr = aug.shift_scale_rotate
-            # the current API for the seeds' ShiftScaleRotate(shift_limit, scale_limit, rotate_limit)
+            # the current API for the write-ups' ShiftScaleRotate(shift_limit, scale_limit, rotate_limit)
             steps.append(
                 A.Affine(
                     translate_percent=(-ssr.shift, ssr.shift), scale=(1 - ssr.scale, 1 + ssr.scale), rotate=(-ssr.rotate, ssr.rotate), p=ssr.p

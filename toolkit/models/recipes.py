@@ -94,7 +94,7 @@ class Data(Strict):
     # "fast" (default): the split stays one uint8 tensor on the training device, augmented
     # batch-wise with the same parameter ranges (toolkit.data.fast; tests/data/test_fastdata.py checks
     # the distributions). "dataloader": torchvision dataset + per-sample torchvision /
-    # albumentations transforms + DataLoader, as the seeds ran it. Over 20 fine4 epochs the two
+    # albumentations transforms + DataLoader, as the write-ups ran it. Over 20 fine4 epochs the two
     # reach the same accuracy: the seed moves the result more than the pipeline does (docs/benchmarks.md).
     pipeline: Literal["fast", "dataloader"] = "fast"
 
@@ -142,7 +142,7 @@ class StepLR(Strict):
 
 
 class Plateau(Strict):
-    """ReduceLROnPlateau on the test loss each epoch, as the seeds did."""
+    """ReduceLROnPlateau on the test loss each epoch, as the write-ups did."""
 
     name: Literal["plateau"]
     factor: float = Field(gt=0, lt=1)
@@ -184,7 +184,7 @@ Scheduler = Annotated[Union[StepLR, Plateau, Cosine, Piecewise, NoSchedule], Fie
 class EarlyStopping(Strict):
     """``test_loss``: stop after ``patience`` epochs without a lower test loss (Keras default).
     ``gap``: stop once train accuracy exceeds test accuracy by ``max_gap`` points for
-    ``patience`` epochs in a row (the FT seeds' "15% gap for 10 epochs")."""
+    ``patience`` epochs in a row (the FT write-ups' "15% gap for 10 epochs")."""
 
     monitor: Literal["test_loss", "gap"]
     patience: int = Field(ge=1)

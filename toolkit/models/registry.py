@@ -1,4 +1,4 @@
-"""Model zoo: every architecture of the seeds, registered by name.
+"""Model zoo: every architecture of the write-ups, registered by name.
 
 Recipes, the CLI listing and the tests all read ``MODELS``; a model is added in one place.
 Each entry records the parameter count its write-up documents, and ``tests/models/test_models.py``
@@ -64,7 +64,7 @@ class MnistOptNet(nn.Module):
     two. The default is the reading that reproduced the Fine series' accuracy (MnistGapNet),
     which the write-ups present as the same design (opt2's figures: the README's recipe table).
     A ReLU sits between the two Linear layers (without it they would collapse into one).
-    Opt-2 adds Dropout(p) after every conv block but the first, as the seed's diagram marks.
+    Opt-2 adds Dropout(p) after every conv block but the first, as the write-up's diagram marks.
     """
 
     def __init__(self, dropout: float = 0.0, early_padding: int = 1, num_classes: int = 10, in_channels: int = 1):
@@ -86,7 +86,7 @@ class MnistGapNet(nn.Module):
 
     Bias-free 3x3 convs + BatchNorm, channels 12,12,12 | pool | 10,10 | pool | 16,8, then a
     3x3 global average pool, Linear(8, 28), ReLU, Linear(28, 10). Dropout(p) follows every
-    conv block but the first, as in the seed's diagram. The write-up does not give padding;
+    conv block but the first, as in the write-up's diagram. The write-up does not give padding;
     two readings give its 3x3 map before AvgPool2d(3) and the same 7,974 parameters:
 
     - ``early_padding=1`` (default): the first five convs keep their size (28, pool 14,
@@ -125,7 +125,7 @@ class DepthwiseSeparable(nn.Module):
 
 # Dilation of the "transition" conv that closes blocks 1-3. A 3x3 conv with padding 1 and
 # dilation d shrinks the map by 2(d-1): 32 -> 16 (d=9) -> 8 (d=5) -> 4 (d=3). That is how the
-# seed's "dilation rates 9, 5, 3" replace max-pooling in a network that has none.
+# the write-up's "dilation rates 9, 5, 3" replace max-pooling in a network that has none.
 POOL_DILATIONS = (9, 5, 3)
 
 
@@ -231,7 +231,7 @@ class DilatedDepthwiseNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-# --------------------------------------------------------------------------- ResNet20 (seed 003)
+# --------------------------------------------------------------------------- ResNet20 (write-up 003)
 
 
 class ZeroPadShortcut(nn.Module):
@@ -285,7 +285,7 @@ class ResNet20(nn.Module):
             raise ToolkitError(f"ResNet20 head must be 'plain', 'dropout' or 'dense', not {head!r}")
         if not 1 <= in_channels <= 4:
             raise ToolkitError(f"ResNet20 in_channels must be 1 to 4, not {in_channels!r}")
-        # in_channels: 3 for the seeds' CIFAR images; 1 adapts it to grey images (Fashion-MNIST's 28x28:
+        # in_channels: 3 for the write-ups' CIFAR images; 1 adapts it to grey images (Fashion-MNIST's 28x28:
         # the global average pool takes any side)
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 16, 3, padding=1, bias=True), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
         blocks: list[nn.Module] = []
@@ -309,13 +309,13 @@ class ResNet20(nn.Module):
         return self.classifier(self.pool(self.blocks(self.stem(x))))
 
 
-# --------------------------------------------------------------------------- ResNet44V2 (seed 004)
+# --------------------------------------------------------------------------- ResNet44V2 (write-up 004)
 
 
 class BasicBlockV2(nn.Module):
     """Pre-activation block: BN-ReLU, then conv3x3-BN-ReLU-conv3x3, plus the shortcut.
 
-    ``design="source"`` is seed 004's published code: the shortcut (identity, or a 1x1 conv -> BN
+    ``design="source"`` is write-up 004's published code: the shortcut (identity, or a 1x1 conv -> BN
     projection when the shape changes) takes the block's pre-activated input ReLU(BN(x)).
     ``design="he2016"`` is He et al.'s "identity mappings" reading: the identity shortcut takes x
     itself and the projection is a bare 1x1 conv.

@@ -28,7 +28,8 @@ from toolkit.inference.catalog import MNIST_FAMILY, Catalog
 from toolkit.core.errors import Interrupted, ToolkitError, first_line, shown
 from toolkit.core.files import resolve_data_dir
 from toolkit.serve.oip import Service
-from toolkit.inference.preprocess import as_image, read_test_split
+from toolkit.inference.preprocess import as_image
+from toolkit.inference.splits import read_test_split
 
 MAX_UPLOAD = "10mb"  # Gradio refuses bigger uploads before they reach Python
 

@@ -1,4 +1,4 @@
-"""Tables shared by the CLI and the README: recipes with the seeds' numbers."""
+"""Tables shared by the CLI and the docs: recipes with the write-ups' numbers."""
 
 from __future__ import annotations
 

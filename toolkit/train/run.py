@@ -1,7 +1,7 @@
 """`toolkit train`: a recipe becomes a run directory, through the training loop (toolkit.train.loop).
 
-The closing summary puts the seed's write-up beside the run only when the run follows the
-recipe: a run with fewer epochs or a limited data set is not "the seed's run".
+The closing summary puts the recipe's write-up beside the run only when the run follows the
+recipe: a run with fewer epochs or a limited data set is not "the write-up's run".
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = ["COMPILE_MODES", "RunResult", "train", "train_seeds", "print_summary"
 def train(recipe: Recipe | None = None, *, console: Console | None = None, overrides: list[str] | None = None, **options) -> RunResult:
     """Train ``recipe`` (or continue ``resume=RUN_DIR``); ``options`` are ``toolkit.train.loop.fit``'s;
     ``overrides``: the ``--set`` settings already applied to ``recipe`` (for the summary).
-    A run that departs from its recipe does not carry the seed's figures into its checkpoint and
+    A run that departs from its recipe does not carry the write-up's figures into its checkpoint and
     recipe.toml: they describe the recipe as written. Prints the closing summary on the main process."""
     return run_to_end(train_epochs(recipe, console=console, overrides=overrides, **options))
 
@@ -46,7 +46,7 @@ def train_epochs(recipe: Recipe | None = None, *, console: Console | None = None
 
 
 def differences(recipe: Recipe | None, options: dict) -> list[str]:
-    """How a run departs from its recipe in ways that change what the seed's numbers mean."""
+    """How a run departs from its recipe in ways that change what the write-up's numbers mean."""
     found = [f"--set {cut(o)}" for o in options.get("overrides") or []]  # a 120 KB value made rich's wrapping quadratic
     epochs = options.get("epochs")
     if recipe is not None and epochs is not None and epochs != recipe.epochs:
@@ -68,10 +68,10 @@ def print_summary(recipe: Recipe, result: RunResult, console: Console, departs: 
         return "—" if v is None else (f"{v:.2f}%" if pct else f"{v:,}")
 
     sr = None if departs else recipe.seed_results
-    table = Table(title=f"{recipe.name}: seed vs. this run" if sr else f"{recipe.name}: this run")
+    table = Table(title=f"{recipe.name}: write-up vs. this run" if sr else f"{recipe.name}: this run")
     table.add_column("")
     if sr:
-        table.add_column("seed", justify="right")
+        table.add_column("write-up", justify="right")
     table.add_column("this run", justify="right")
     rows = [("params", sr.params if sr else None, result.params, False),
             ("best test acc", sr.best_test_acc if sr else None, result.best_test_acc, True),
@@ -83,7 +83,7 @@ def print_summary(recipe: Recipe, result: RunResult, console: Console, departs: 
     table.add_row("epochs", *([str(recipe.epochs)] if sr else []), str(result.epochs))
     console.print(table)
     if departs and recipe.seed_results:
-        console.print(f"not compared with the seed's write-up: this run differs from the recipe ({'; '.join(departs)})")
+        console.print(f"not compared with the write-up: this run differs from the recipe ({'; '.join(departs)})")
     console.print(f"run: {result.run_dir}  ({_plural(result.epochs, 'epoch')}, {result.seconds:.1f}s)")
 
 
@@ -151,7 +151,7 @@ def train_seeds(recipe: Recipe, seeds: list[int], *, console: Console | None = N
                 results.update(_advance(seed, runs[seed]))
     ordered = [results[seed] for seed in seeds]
     summary = write_seed_summary(recipe, seeds, ordered, Path(options.get("out", "runs")), together)
-    follows = not differences(recipe, {**options, "overrides": overrides})  # else the seed's figure is not this run's bar
+    follows = not differences(recipe, {**options, "overrides": overrides})  # else the write-up's figure is not this run's bar
     console.print(seeds_table(recipe, seeds, ordered, compare=follows))
     console.print(f"summary: {summary}")
     return ordered, summary
@@ -194,7 +194,7 @@ def seeds_table(recipe: Recipe, seeds: list[int], results: list[RunResult], comp
     table.add_row("mean ± sd", f"{b['mean']:.2f} ± {b['sd']:.2f}%", f"{f['mean']:.2f} ± {f['sd']:.2f}%", "", "", "")
     sr = recipe.seed_results
     if compare and sr is not None and sr.test_acc is not None:
-        table.caption = f"the seed's write-up: {sr.test_acc:.2f}% final; this mean is {f['mean'] - sr.test_acc:+.2f} pp from it"
+        table.caption = f"the write-up: {sr.test_acc:.2f}% final; this mean is {f['mean'] - sr.test_acc:+.2f} pp from it"
     return table
 
 
