@@ -28,7 +28,7 @@ from toolkit.data.loaders import split_arrays  # noqa: E402
 from toolkit.core.datasets import facts  # noqa: E402
 from toolkit.train.engine import StepEngine, lr_per_step  # noqa: E402
 from toolkit.data.fast import TensorLoader  # noqa: E402
-from toolkit.train.loop import build_optimizer  # noqa: E402
+from toolkit.train.optim import build_optimizer  # noqa: E402
 from toolkit.models.recipes import load_recipe  # noqa: E402
 
 

@@ -56,7 +56,7 @@ def seed_pipeline(recipe_ref: str, epochs: int, data_dir: str, device: str, work
     from toolkit.data import sources
     from toolkit.core.datasets import facts
     from toolkit.models.recipes import load_recipe
-    from toolkit.train.loop import build_scheduler
+    from toolkit.train.optim import build_scheduler
 
     recipe = load_recipe(recipe_ref)
     torch.manual_seed(recipe.seed)

@@ -87,7 +87,7 @@ def test_choose_falls_back_for_several_processes_and_compile():
 
 
 def test_the_per_step_learning_rates_are_the_schedulers_and_leave_it_where_the_loop_would():
-    from toolkit.train.loop import build_optimizer, build_scheduler
+    from toolkit.train.optim import build_optimizer, build_scheduler
 
     recipe = load_recipe(RECIPES / "resnet20_baseline.toml", ["scheduler.boundaries=[3, 5]"])
     model = torch.nn.Linear(2, 2)

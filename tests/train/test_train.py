@@ -197,7 +197,7 @@ def test_two_process_ddp_matches_one_process(mnist_root, tmp_path):
     statistics were recomputed). Measured (Intel Xeon, AVX-512): epoch 2 train loss 0.1433 / acc
     95.68% (1 process), 0.1610 / 95.11% (2 processes); epoch 1 0.9861 / 0.9875. What this catches:
     fused SGD under DDP on the CPU trained to 41.35% (seed 1), which is why several processes use
-    torch's default SGD (loop.build_optimizer).
+    torch's default SGD (optim.build_optimizer).
     """
     recipe = load_recipe(RECIPES / "fine4.toml")
     recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"batch_size": 2 * recipe.data.batch_size})})
@@ -272,7 +272,7 @@ def test_the_summary_compares_with_the_seed_only_when_the_run_follows_the_recipe
     one line saying why; a run that follows the recipe gets the seed beside it. "1 epoch", not "1 epochs"."""
     from rich.console import Console
 
-    from toolkit.train.loop import RunResult
+    from toolkit.train.state import RunResult
     from toolkit.train.run import differences, print_summary
 
     recipe = load_recipe(RECIPES / "fine4.toml")
@@ -332,7 +332,7 @@ def test_later_stages_default_to_the_data_folder_training_used(mnist_root, tmp_p
 
 def test_a_validation_split_is_held_out_of_training_and_chooses_best_pt():
     """data.validation: a seeded fraction of the training split, disjoint from what trains."""
-    from toolkit.train.loop import validation_split
+    from toolkit.data.build import validation_split
 
     recipe = load_recipe(RECIPES / "fine4.toml", ["data.validation=0.1"])
     kept, held = validation_split(2000, recipe)

@@ -160,7 +160,7 @@ def augmented_split(dataset: str, root: Path, aug: Augment, *, train: bool, down
     return load_split(spec.name, root, train, transform=torchvision_pipeline(aug, spec, train), download=download)
 
 
-def _seed_worker(worker_id: int) -> None:
+def seed_worker(worker_id: int) -> None:
     # Ctrl-C and SIGTERM are the main process's to handle (it stops the workers); a worker that
     # inherited the CLI's handlers would print its own traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -179,7 +179,7 @@ def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, generator: torch
         shuffle=shuffle,
         generator=generator,
         num_workers=workers,
-        worker_init_fn=_seed_worker if workers else None,
+        worker_init_fn=seed_worker if workers else None,
         persistent_workers=False,  # fresh workers each epoch: their seeds come from `generator`, so resume is exact
         pin_memory=pin,
         drop_last=False,

@@ -100,7 +100,7 @@ def _check_contents(ckpt: dict, path: Path) -> None:
 
 
 def model_from_checkpoint(ckpt: dict) -> torch.nn.Module:
-    from toolkit.models.registry import apply_layer_widths
+    from toolkit.models.widths import apply_layer_widths
     from toolkit.models.recipes import Recipe
 
     with reading(ckpt.get("path", "checkpoint"), "checkpoint for this model"):
@@ -184,7 +184,7 @@ def new_run_dir(out: Path, name: str) -> Path:
 def checkpoint_dict(recipe, model: torch.nn.Module, meta: dict, rows: list[dict]) -> dict:
     """What best.pt / last.pt hold: weights, layer widths, the recipe (a ``recipes.Recipe``),
     metadata and metrics (plain values only)."""
-    from toolkit.models.registry import layer_widths
+    from toolkit.models.widths import layer_widths
 
     return {
         "format": FORMAT,

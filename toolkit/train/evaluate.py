@@ -12,7 +12,8 @@ from toolkit.data.sources import source_for
 from toolkit.models.checkpoint import load_checkpoint, model_from_checkpoint
 from toolkit.models.recipes import Recipe
 from toolkit.train.report import pyplot, save_png
-from toolkit.train.loop import evaluate, make_loader_for_eval, pick_device, progress_bar
+from toolkit.data.build import make_loader_for_eval
+from toolkit.train.loop import evaluate, pick_device, progress_bar
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The training loop (layer 2): data, model, optimizer, scheduler, loop, checkpoint — top to bottom.
+"""The training loop: set-up (data, model, optimizer, scheduler), the epoch loop, checkpoints — top to bottom.
 `toolkit train` (toolkit.train.run) runs it on a recipe; `toolkit prune` fine-tunes with it; `toolkit
 eval` uses its evaluation and loaders.
 
@@ -16,69 +16,26 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field, replace
-from typing import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from torch.optim.lr_scheduler import LRScheduler
-from torch.utils.data import Subset
 
-from toolkit.data import loaders as data_mod
-from toolkit.data.sources import Source, source_for
+from toolkit.data.build import build_loaders, num_samples
+from toolkit.data.sources import source_for
 from toolkit.train import engine as step_engine
 from toolkit.train import logs
+from toolkit.train.optim import build_optimizer, build_scheduler
+from toolkit.train.state import Resume, RunResult, TrainOptions, TrainState
 from toolkit.core import speed
-from toolkit.models.checkpoint import SUMMARY, checkpoint_dict, load_checkpoint, model_from_checkpoint, new_run_dir, non_finite, save_checkpoint
-from toolkit.core.errors import ToolkitError, check_choice
-from toolkit.core.files import locked, reading, remove_stale_temps
+from toolkit.models.checkpoint import SUMMARY, checkpoint_dict, new_run_dir, non_finite, save_checkpoint
+from toolkit.core.errors import ToolkitError
+from toolkit.core.files import locked
 from toolkit.models.registry import count_params
 from toolkit.core.progress import Progress
-from toolkit.models.recipes import MAX_SEED, Recipe
-
-# torch.compile modes; "reduce-overhead" also captures the step in CUDA graphs on a GPU
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
-
-
-class PiecewiseConstantLR(LRScheduler):
-    """Learning rate ``values[i]`` from step ``boundaries[i-1]`` on (Keras PiecewiseConstantDecay)."""
-
-    def __init__(self, optimizer, boundaries: list[int], values: list[float], last_epoch: int = -1):
-        self.boundaries, self.values = list(boundaries), list(values)
-        super().__init__(optimizer, last_epoch)
-
-    def get_lr(self) -> list[float]:
-        i = sum(self.last_epoch >= b for b in self.boundaries)
-        return [self.values[i] for _ in self.optimizer.param_groups]
-
-
-def build_optimizer(recipe: Recipe, model: torch.nn.Module, fused: bool = True) -> torch.optim.Optimizer:
-    """SGD, fused (one kernel per step for every parameter; the step engine needs it to read its
-    learning rate from a device tensor, and the eager loop uses the same so the two agree exactly).
-    ``fused=False``: torch's default implementation, for several processes: fused SGD under DDP on
-    the CPU (gloo) trained fine4 to 41% where the default reached 86-90% (2 epochs, 10,000 images,
-    tests/train/test_train.py; cause not established), and several processes train with the eager loop."""
-    o = recipe.optimizer
-    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov,
-                           fused=fused or None)
-
-
-def build_scheduler(recipe: Recipe, optimizer) -> tuple[object | None, str]:
-    """The scheduler and when it steps: 'epoch', 'plateau' (epoch, on test loss) or 'step'."""
-    s = recipe.scheduler
-    if s.name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, s.step_size, s.gamma), "epoch"
-    if s.name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=s.mode, factor=s.factor, patience=s.patience), "plateau"
-    if s.name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.t_max, eta_min=s.eta_min), "epoch"
-    if s.name == "piecewise":
-        for group in optimizer.param_groups:
-            group["lr"] = s.values[0]
-        return PiecewiseConstantLR(optimizer, s.boundaries, s.values), "step"
-    return None, "none"
+from toolkit.models.recipes import Recipe
 
 
 def _init_distributed(dev: torch.device) -> tuple[int, int]:
@@ -135,107 +92,6 @@ def evaluate(model, loader, device, *, autocast: bool = False, progress: Progres
     return loss / n, 100.0 * correct / n, preds_t, labels_t
 
 
-def build_loaders(source: Source, dev: torch.device, loader_rng: torch.Generator, *, workers: int = 0,
-                  train_limit: int | None = None, test_limit: int | None = None, shard: tuple[int, int] = (0, 1),
-                  console: Console | None = None):
-    """Train, test and validation loaders for the source's recipe and pipeline, the class names and
-    the dataset's facts; ``shard=(rank, world)`` splits them across processes. ``console`` hears
-    what the source reads first (an image folder's decoding and bad files)."""
-    recipe = source.recipe
-    source.prepare(console)
-    spec = source.facts()
-    if source.tensor_pipeline:
-        from toolkit.data.fast import TensorLoader
-
-        (x, y, classes), (xt, yt, _) = source.tensors(train=True), source.tensors(train=False)
-        x, y, xt, yt = x[:train_limit], y[:train_limit], xt[:test_limit], yt[:test_limit]
-        kept, held = validation_split(len(x), recipe)
-        norm = {"mean": spec.mean, "std": spec.std}
-        val_loader = None
-        if held is not None:
-            val_loader = TensorLoader(x[held], y[held], recipe.data.test_batch_size, normalization=norm, generator=None, shuffle=False,
-                                      device=dev, shard=shard)
-            x, y = x[kept], y[kept]
-        train_loader = TensorLoader(x, y, recipe.data.batch_size, normalization=norm, generator=loader_rng, shuffle=True,
-                                    augment=recipe.data.augment, device=dev, shard=shard)
-        test_loader = TensorLoader(xt, yt, recipe.data.test_batch_size, normalization=norm, generator=None, shuffle=False, device=dev, shard=shard)
-        return train_loader, test_loader, val_loader, classes, spec
-    train_ds, test_ds = source.dataset(train=True), source.dataset(train=False)
-    classes = source.class_names(train_ds)
-    if train_limit:
-        train_ds = Subset(train_ds, range(min(train_limit, len(train_ds))))
-    if test_limit:
-        test_ds = Subset(test_ds, range(min(test_limit, len(test_ds))))
-    kept, held = validation_split(len(train_ds), recipe)
-    val_loader = None
-    if held is not None:
-        # the held-out images get the test transform (normalization only), not the training augmentations
-        val_ds = Subset(source.dataset(train=True, augment=False), held.tolist())
-        val_loader = make_loader_for_eval(val_ds, recipe.data.test_batch_size, dev, workers=workers)
-        train_ds = Subset(train_ds, kept.tolist())
-    rank, world = shard
-    if world > 1:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=recipe.seed, drop_last=True)
-        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=recipe.data.batch_size, sampler=sampler, num_workers=workers,
-                                                   worker_init_fn=data_mod._seed_worker if workers else None, pin_memory=dev.type == "cuda")
-        test_ds = Subset(test_ds, range(rank, len(test_ds), world))
-    else:
-        train_loader = data_mod.make_loader(train_ds, recipe.data.batch_size, shuffle=True, generator=loader_rng, workers=workers, pin=dev.type == "cuda")
-    return train_loader, make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev, workers=workers), val_loader, classes, spec
-
-
-def validation_split(n: int, recipe: Recipe) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Indices of the training images kept for training and of those held out for validation
-    (``data.validation`` of them, drawn with the recipe's seed; sorted); (None, None) without one."""
-    fraction = recipe.data.validation_fraction
-    if not fraction:
-        return None, None
-    n_val = round(n * fraction)
-    if not 0 < n_val < n:
-        raise ToolkitError(f"data.validation = {fraction} holds out {n_val} of {n:,} training images: choose a fraction that leaves both sides some")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed))
-    return order[n_val:].sort().values, order[:n_val].sort().values
-
-
-def _num_samples(loader) -> int:
-    return loader.num_samples() if hasattr(loader, "num_samples") else len(loader.sampler if hasattr(loader.sampler, "num_replicas") else loader.dataset)
-
-
-def make_loader_for_eval(ds, batch_size: int, dev: torch.device, workers: int = 0):
-    return data_mod.make_loader(ds, batch_size, shuffle=False, generator=None, workers=workers, pin=dev.type == "cuda")
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    checkpoint: Path
-    best_test_acc: float
-    final_test_acc: float
-    epochs: int
-    seconds: float
-    params: int
-    stopped_early: bool = False
-    metrics: list[dict] = field(default_factory=list)
-    main_process: bool = True
-    recipe: Recipe | None = None  # as the run ran it (overrides applied)
-    selected_test_acc: float | None = None  # the test accuracy of best.pt's epoch, when a validation split chose it
-
-    def as_json(self) -> dict:
-        return {
-            "run_dir": str(self.run_dir),
-            "checkpoint": str(self.checkpoint),
-            "best_test_acc": round(self.best_test_acc, 4),
-            "final_test_acc": round(self.final_test_acc, 4),
-            "epochs": self.epochs,
-            "seconds": round(self.seconds, 2),
-            "params": self.params,
-            "stopped_early": self.stopped_early,
-            **({"selected_test_acc": round(self.selected_test_acc, 4)} if self.selected_test_acc is not None else {}),
-        }
-
-
 def _early_stop(recipe: Recipe, rows: list[dict]) -> bool:
     rule = recipe.early_stopping
     if rule is None or len(rows) < rule.patience:
@@ -245,130 +101,6 @@ def _early_stop(recipe: Recipe, rows: list[dict]) -> bool:
         return all(r["train_acc"] - r[f"{watch}_acc"] > rule.max_gap for r in rows[-rule.patience :])
     best_before = min(r[f"{watch}_loss"] for r in rows[: -rule.patience]) if len(rows) > rule.patience else float("inf")
     return min(r[f"{watch}_loss"] for r in rows[-rule.patience :]) >= best_before
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """How ``fit_epochs`` runs a recipe: the ``toolkit train`` options, and three in-process ones.
-
-    ``model`` starts from given weights instead of the recipe's fresh model (pruning fine-tunes
-    this way), ``after_step(model)`` runs after every optimizer step, ``extra_meta`` is stored in
-    the checkpoints. ``compile`` runs the training forward/backward through ``torch.compile`` in
-    that mode (``COMPILE_MODES``; checkpoints keep the plain module). ``engine``:
-    ``toolkit.train.engine.ENGINES`` (auto: the step engine where the run allows it)."""
-
-    device: str = "auto"
-    data_dir: str | Path | None = None
-    out: str | Path = "runs"
-    epochs: int | None = None
-    seed: int | None = None
-    resume: str | Path | None = None
-    workers: int = 0
-    train_limit: int | None = None
-    test_limit: int | None = None
-    download: bool = True
-    pipeline: str | None = None
-    run_name: str | None = None
-    compile: str = "none"
-    engine: str = "auto"
-    model: torch.nn.Module | None = None
-    after_step: Callable[[torch.nn.Module], None] | None = None
-    extra_meta: dict | None = None
-
-    def checked(self, recipe: Recipe | None) -> Recipe:
-        """The recipe as this run runs it (--epochs, --seed and --pipeline applied); refuses bad options."""
-        if recipe is None:
-            raise ToolkitError("give a recipe, or --resume RUN_DIR")
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise ToolkitError(f"--seed must be between 0 and {MAX_SEED:,}, not {self.seed}")
-        check_choice("compile mode", self.compile, COMPILE_MODES)
-        updates = {k: v for k, v in (("epochs", self.epochs), ("seed", self.seed)) if v is not None}
-        if self.pipeline is not None:
-            updates["data"] = recipe.data.model_copy(update={"pipeline": check_choice("pipeline", self.pipeline, ("fast", "dataloader"))})
-        return recipe.model_copy(update=updates).resolved()
-
-
-@dataclass
-class TrainState:
-    """Where a run stands between epochs: saved into ``last.pt`` and restored from it symmetrically
-    (the epoch, the best test accuracy, the metric rows, the optimizer, the scheduler and every
-    random generator), so a resumed run continues bit for bit."""
-
-    epoch: int = 0
-    best_acc: float = -1.0
-    rows: list[dict] = field(default_factory=list)
-
-    def save(self, optimizer, scheduler, loader_rng: torch.Generator, on_gpu: bool) -> dict:
-        return {
-            "epoch": self.epoch,
-            "best_acc": self.best_acc,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if on_gpu else None,
-            "loader_rng": loader_rng.get_state(),
-            "python_rng": random.getstate(),
-        }
-
-    @classmethod
-    def restore(cls, ckpt: dict, optimizer, scheduler, loader_rng: torch.Generator, on_gpu: bool) -> "TrainState":
-        with reading(ckpt["path"], "checkpoint to resume from"):
-            ts = ckpt["train_state"]
-            optimizer.load_state_dict(ts["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(ts["scheduler"])
-            torch.set_rng_state(ts["torch_rng"])
-            loader_rng.set_state(ts["loader_rng"])
-            random.setstate(ts["python_rng"])
-            if on_gpu and ts.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(ts["cuda_rng"])
-            return cls(epoch=int(ts["epoch"]), best_acc=float(ts["best_acc"]), rows=list(ckpt["metrics"]))
-
-
-@dataclass
-class Resume:
-    """Continuing a run from its ``last.pt``: everything resuming changes, in one place. The run keeps
-    its recipe, its data limits, its weights and checkpoint extras, its training state and its
-    folder; what an interrupted run left behind (temporary files, a metrics.csv one row short) is
-    put right before the first new epoch."""
-
-    ckpt: dict
-
-    @classmethod
-    def load(cls, where: str | Path) -> "Resume":
-        where = Path(where)
-        ckpt = load_checkpoint(where / "last.pt" if where.is_dir() else where)
-        if not isinstance(ckpt.get("train_state"), dict):
-            raise ToolkitError(f"{ckpt['path']}: holds no training state to resume from (resume from a run directory or its last.pt)")
-        return cls(ckpt)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.ckpt["path"]).parent
-
-    def options(self, opts: TrainOptions) -> tuple[Recipe, TrainOptions]:
-        """The run's own recipe, and the options with its data limits, weights and checkpoint extras."""
-        meta = self.ckpt["meta"]
-        recipe = Recipe.model_validate(self.ckpt["recipe"])
-        return recipe, replace(opts, train_limit=meta.get("train_limit"), test_limit=meta.get("test_limit"), model=model_from_checkpoint(self.ckpt),
-                               extra_meta={k: v for k, v in meta.items() if k in ("pruned",)})
-
-    def state(self, optimizer, scheduler, loader_rng: torch.Generator, on_gpu: bool, world: int) -> TrainState:
-        state = TrainState.restore(self.ckpt, optimizer, scheduler, loader_rng, on_gpu)
-        for group in optimizer.param_groups:  # as build_optimizer chose for this run, whatever the checkpoint's run used
-            group["fused"] = True if world == 1 else None
-        return state
-
-    @staticmethod
-    def tidy(run_dir: Path, rows: list[dict], console: Console) -> None:
-        """Put right what a kill left in the run directory (called under the run's lock)."""
-        stale = remove_stale_temps(run_dir)
-        if stale:
-            console.print(f"removed {len(stale)} temporary file(s) an interrupted run left in {run_dir}")
-        # last.pt is written before metrics.csv: a kill between them lost the last row, which the checkpoint holds
-        if logs.csv_rows(run_dir / "metrics.csv") != len(rows):
-            logs.write_metrics_csv(rows, run_dir / "metrics.csv")
-            console.print(f"metrics.csv rebuilt from last.pt ({len(rows)} epochs)")
 
 
 @dataclass
@@ -442,9 +174,9 @@ def _announce(s: Session) -> None:
     r, opts = s.recipe, s.opts
     s.console.print(
         f"[bold]{r.name}[/]: {r.model.name} ({s.params:,} params) on {r.data.dataset} "
-        f"[{_num_samples(s.train_loader):,} train / "
-        + (f"{_num_samples(s.val_loader):,} validation (best.pt, early stopping and plateau chosen on it) / " if s.val_loader is not None else "")
-        + f"{_num_samples(s.test_loader):,} test per process, {r.data.pipeline} pipeline], "
+        f"[{num_samples(s.train_loader):,} train / "
+        + (f"{num_samples(s.val_loader):,} validation (best.pt, early stopping and plateau chosen on it) / " if s.val_loader is not None else "")
+        + f"{num_samples(s.test_loader):,} test per process, {r.data.pipeline} pipeline], "
         f"{r.epochs} epoch{'s' if r.epochs != 1 else ''}, device {s.dev.type}"
         + (f" x {s.world} processes" if s.world > 1 else "") + (f", torch.compile {opts.compile}" if opts.compile != "none" else "") + f" -> {s.run_dir}"
     )

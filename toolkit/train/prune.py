@@ -25,7 +25,8 @@ from toolkit.core.files import resolve_data_dir
 from toolkit.models.registry import count_params
 from toolkit.models.recipes import Recipe
 from toolkit.train.logs import write_summary
-from toolkit.train.loop import evaluate, fit, make_loader_for_eval, pick_device
+from toolkit.data.build import make_loader_for_eval
+from toolkit.train.loop import evaluate, fit, pick_device
 
 METHODS = ("l1-unstructured", "channel")
 

@@ -18,7 +18,8 @@ from rich.table import Table
 
 from toolkit.core.errors import ToolkitError, cut, shown
 from toolkit.core.files import atomic_write, make_dir
-from toolkit.train.loop import COMPILE_MODES, RunResult, fit_epochs, pick_device, run_to_end
+from toolkit.train.loop import fit_epochs, pick_device, run_to_end
+from toolkit.train.state import COMPILE_MODES, RunResult
 from toolkit.models.recipes import MAX_SEED, Recipe
 
 MAX_SEEDS = 64  # runs one --seeds trains: each is a whole training
