@@ -215,5 +215,5 @@ def test_the_seed_is_bounded_on_the_command_line_and_in_train(mnist_root, tmp_pa
     with pytest.raises(ToolkitError, match="--seed must be between 0 and 4,294,967,295"):
         train(load_recipe(RECIPES / "fine4.toml"), device="cpu", data_dir=mnist_root, out=tmp_path, seed=2**64, console=quiet())
     assert not list(tmp_path.iterdir())  # refused before any run folder
-    with pytest.raises(ToolkitError, match="--seeds needs two or more different seeds from 0 to 4,294,967,295"):
+    with pytest.raises(ToolkitError, match="--seeds needs 2 to 64 different seeds from 0 to 4,294,967,295"):
         parse_seeds("1,18446744073709551616")

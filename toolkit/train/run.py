@@ -109,8 +109,8 @@ class _Prefixed(io.TextIOBase):
 def parse_seeds(text: str) -> list[int]:
     """``"1,2,3"`` -> [1, 2, 3]: two to ``MAX_SEEDS`` distinct whole numbers from 0 to ``MAX_SEED``, written
     in ASCII digits (no sign, no underscore, no other script's digits: Python's int() takes all three)."""
-    if not re.fullmatch(r"[0-9]{1,10}(,[0-9]{1,10})*", text.replace(" ", ""), flags=re.ASCII):
-        raise ToolkitError(f"--seeds takes whole numbers in the digits 0-9 separated by commas (e.g. 1,2,3), not {shown(text)}")
+    if not re.fullmatch(r"[0-9]{1,20}(,[0-9]{1,20})*", text.replace(" ", ""), flags=re.ASCII):
+        raise ToolkitError(f"--seeds takes whole numbers in the digits 0-9 (up to 20 of them) separated by commas (e.g. 1,2,3), not {shown(text)}")
     seeds = [int(part) for part in text.replace(" ", "").split(",")]
     if len(set(seeds)) != len(seeds):
         raise ToolkitError(f"--seeds lists a seed twice: {shown(text)}")
