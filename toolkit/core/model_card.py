@@ -148,19 +148,22 @@ def model_card(export_dir: Path, manifest: Manifest, bench: dict | None = None) 
     return "\n".join(lines) + "\n"
 
 
+def _preparation_lines(manifest: Manifest) -> list[str]:
+    """The Python lines that turn ``pixels`` (uint8 HxW or HxWxC) into the graph's input ``x``."""
+    inp, channels = manifest.input, manifest.chw[0]
+    to_nhwc = [] if inp.layout == "NCHW" else ["x = x.transpose(0, 2, 3, 1)  # this graph takes NHWC"]
+    lines = ["x = pixels[None, None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)[None]  # uint8 NCHW"]
+    if inp.dtype != "uint8":
+        mean = ", ".join(f"{m:g}" for m in manifest.normalization.mean)
+        std = ", ".join(f"{s:g}" for s in manifest.normalization.std)
+        lines.append(f"x = (x.astype(np.float32) / np.float32({1 / manifest.normalization.scale:g})"
+                     f" - np.float32([{mean}]).reshape(1, {channels}, 1, 1)) / np.float32([{std}]).reshape(1, {channels}, 1, 1)")
+    return lines + to_nhwc
+
+
 def _usage(export_dir: Path, manifest: Manifest) -> list[str]:
     inp = manifest.input
     onnx = next((a.file for a in manifest.artifacts if a.format == "onnx"), "model.fp32.onnx")
-    channels = manifest.chw[0]
-    to_nhwc = "" if inp.layout == "NCHW" else "x = x.transpose(0, 2, 3, 1)  # this graph takes NHWC\n"
-    if inp.dtype == "uint8":
-        prepare = f"x = pixels[None, None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)[None]  # uint8 NCHW\n{to_nhwc}"
-    else:
-        mean = ", ".join(f"{m:g}" for m in manifest.normalization.mean)
-        std = ", ".join(f"{s:g}" for s in manifest.normalization.std)
-        prepare = (f"x = pixels[None, None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)[None]  # uint8 NCHW\n"
-                   f"x = (x.astype(np.float32) / np.float32({1 / manifest.normalization.scale:g})"
-                   f" - np.float32([{mean}]).reshape(1, {channels}, 1, 1)) / np.float32([{std}]).reshape(1, {channels}, 1, 1)\n{to_nhwc}")
     lines = [
         "",
         "## How to call it",
@@ -183,11 +186,17 @@ def _usage(export_dir: Path, manifest: Manifest) -> list[str]:
         "",
         f'pixels = model_pixels("image.png", Manifest.load("{export_dir}"))  # decoded and prepared as the training images were',
         f'session = ort.InferenceSession("{export_dir / onnx}", providers=["CPUExecutionProvider"])',
-        *prepare.rstrip("\n").split("\n"),
+        *_preparation_lines(manifest),
         f'logits = session.run(None, {{"{inp.name}": x}})[0]',
         "label = int(logits.argmax(1)[0])",
         "```",
     ]
+    return lines + _notes(export_dir, manifest)
+
+
+def _notes(export_dir: Path, manifest: Manifest) -> list[str]:
+    """What else a caller needs: int8 on CPUs without VNNI, QAT, Triton."""
+    lines: list[str] = []
     eight_bit = [a.file for a in manifest.artifacts if a.precision == "int8" and a.format == "onnx" and a.get("weight_bits") == 8]
     if eight_bit:
         lines += ["", f"{', '.join(eight_bit)} on an x86 CPU without VNNI or AMX (`grep -o 'avx512_vnni\\|avx_vnni\\|amx_int8' /proc/cpuinfo` "

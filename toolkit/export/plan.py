@@ -354,7 +354,7 @@ def _make(job: Job, file: str, target: bool) -> Artifact:
                 console.print(f"[yellow]{step.file} had --pad-channels {existing.get('pad_channels', 0)}, exporting it with {wanted}: "
                               + (f"{', '.join(derived)} (made from it) will be dropped; export them again[/]" if derived else "nothing else is affected[/]"))
             if wanted:
-                console.print(f"[yellow]--pad-channels {wanted}: zero channels make every file larger (fine4's fp32 file +73%) for a "
+                console.print(f"[yellow]--pad-channels {wanted}: zero channels make every file larger (their weights are stored) for a "
                               "lower batch-1 latency on ONNX Runtime's CPU kernels; the outputs stay the same[/]")
         elif existing is not None and not is_target and not _remake_for_tensorrt(job, step, existing):
             continue

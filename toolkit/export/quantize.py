@@ -28,8 +28,8 @@ from toolkit.inference.preprocess import model_input
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 # The CPU target's int8 file has its conv channels zero-padded to this multiple (exact: the padded
 # channels only meet zero weights). ONNX Runtime's x86 integer convolutions are slow on channel
-# counts like the MNIST nets' 8, 10 and 12; padded, fine4's uint8 file went from 0.6x to 1.1x
-# fp32 at batch 32 (docs/benchmarks.md, "int8 on the small nets"). 16 is AVX-512's block and a
+# counts like the MNIST nets' 8, 10 and 12, and padded they run faster (measured: docs/benchmarks.md,
+# "int8 on the small nets"). 16 is AVX-512's block and a
 # multiple of AVX2's 8. The float files keep their own padding (--pad-channels), since padding
 # slows fp32 at batch 32.
 CPU_PAD_CHANNELS = 16

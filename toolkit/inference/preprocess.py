@@ -241,9 +241,8 @@ def mnist_digit(im) -> np.ndarray:
     thresholded (Otsu's method, and never below a fifth of the peak; a lone noisy pixel is not
     ink) and stretched to full white, a stroke much thinner than MNIST's is dilated towards it and
     one at least twice as thick is eroded towards it (bold type, markers). The width is measured
-    at half the strokes' level and only far outside MNIST's own range is it changed: eroding every
-    stroke 1.5x MNIST's width, measured on the soft edge too, broke the wide, soft strokes of
-    enlarged low-resolution scans. A 28x28 image is taken as an MNIST digit and left alone
+    at half the strokes' level and only far outside MNIST's own range is it changed, so the wide,
+    soft strokes of enlarged low-resolution scans are kept (docs/preparation.md). A 28x28 image is taken as an MNIST digit and left alone
     (inverted if it is dark on light).
     """
     from PIL import Image
@@ -278,23 +277,28 @@ def mnist_digit(im) -> np.ndarray:
     strokes *= _rank(mask, 3, np.maximum)
     rows, cols = np.nonzero(mask)
     top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-    crop = strokes[top:bottom, left:right]
-    long_side = max(crop.shape)
     # stroke width: twice the area over the perimeter of the ink at half the strokes' level, so that
     # the soft edge of a blurred or enlarged stroke is not counted as width
     core = ink > 0.5 * np.percentile(ink[mask], 90)
     edge = (core & ~_rank(core, 3, np.minimum))[top:bottom, left:right]  # on the whole image: the crop touches its ink
     width = 2.0 * core[top:bottom, left:right].sum() / max(1, edge.sum())
+    return fit_and_centre(_towards_mnist_stroke(strokes[top:bottom, left:right], width))
+
+
+def _towards_mnist_stroke(crop: np.ndarray, width: float) -> np.ndarray:
+    """The cropped digit with a stroke far from MNIST's width moved towards it: a marker's eroded, a thin
+    pen's dilated, never by more than a sliver of the digit's size."""
+    long_side = max(crop.shape)
     target = MNIST_STROKE * long_side / 20.0
-    limit = max(1, long_side // 12)  # never more than a sliver of the digit's size
+    limit = max(1, long_side // 12)
     if width > 2.0 * target:  # a marker: thinned towards MNIST's stroke
-        crop = _rank(crop, 2 * min(limit, int(round((width - target) / 2))) + 1, np.minimum)
-    elif width < 0.6 * target and round((target - width) / 2) >= 1:  # a thin pen: dilated towards it
+        return _rank(crop, 2 * min(limit, int(round((width - target) / 2))) + 1, np.minimum)
+    if width < 0.6 * target and round((target - width) / 2) >= 1:  # a thin pen: dilated towards it
         crop = _rank(np.pad(crop, limit), 2 * min(limit, int(round((target - width) / 2))) + 1, np.maximum)
         rows, cols = np.nonzero(crop > 0.15 * 255)  # the dilated digit, without the margin added for it
         if rows.size:
             crop = crop[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    return fit_and_centre(crop)
+    return crop
 
 
 def fit_and_centre(crop: np.ndarray, box: int = 20, frame: int = 28) -> np.ndarray:

@@ -231,6 +231,28 @@ def _shape(tensor: dict) -> list[int]:
     return shape
 
 
+def _image_files(tensor: dict, shape: list[int], size: int | None, blob: bytes, model: Model) -> list[bytes]:
+    """The encoded image files of a BYTES input: binary elements after the JSON header, or base64 strings in it."""
+    name, count = tensor.get("name"), int(np.prod(shape))
+    if name not in (IMAGE_INPUT, model.input_name):
+        raise ProtocolError(f"unknown input {shown(name)}: {model.name} takes {model.input_name} or {IMAGE_INPUT}")
+    if size is not None:
+        files = _bytes_elements(blob)
+    else:
+        data = tensor.get("data")
+        if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
+            raise ProtocolError(f"input {shown(name)}: BYTES data in JSON is a list of base64 strings")
+        try:
+            files = [base64.b64decode(d, validate=True) for d in data]
+        except (binascii.Error, ValueError):
+            raise ProtocolError(f"input {shown(name)}: an element is not base64") from None
+    if len(files) != count or count == 0:
+        raise ProtocolError(f"input {shown(name)}: shape {shape} says {count} images, the data has {len(files)}")
+    if shape[0] > model.max_batch:
+        raise ProtocolError(f"batch {shape[0]} is over {model.name}'s max batch size {model.max_batch}")
+    return files
+
+
 def read_inputs(request: dict, blob: bytes, model: Model) -> tuple[str, np.ndarray | list[bytes]]:
     """The request's one input: ("tensor", array of [N, *dims]) or ("images", [encoded file, ...])."""
     inputs = request.get("inputs")
@@ -250,25 +272,8 @@ def read_inputs(request: dict, blob: bytes, model: Model) -> tuple[str, np.ndarr
         raise ProtocolError("binary data follows the JSON header but no input has binary_data_size")
     if "shared_memory_region" in params:
         raise ProtocolError("shared memory is not supported here: send the data in the request")
-    count = int(np.prod(shape))
     if datatype == "BYTES":
-        if name not in (IMAGE_INPUT, model.input_name):
-            raise ProtocolError(f"unknown input {shown(name)}: {model.name} takes {model.input_name} or {IMAGE_INPUT}")
-        if size is not None:
-            files = _bytes_elements(blob)
-        else:
-            data = tensor.get("data")
-            if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
-                raise ProtocolError(f"input {shown(name)}: BYTES data in JSON is a list of base64 strings")
-            try:
-                files = [base64.b64decode(d, validate=True) for d in data]
-            except (binascii.Error, ValueError):
-                raise ProtocolError(f"input {shown(name)}: an element is not base64") from None
-        if len(files) != count or count == 0:
-            raise ProtocolError(f"input {shown(name)}: shape {shape} says {count} images, the data has {len(files)}")
-        if shape[0] > model.max_batch:
-            raise ProtocolError(f"batch {shape[0]} is over {model.name}'s max batch size {model.max_batch}")
-        return "images", files
+        return "images", _image_files(tensor, shape, size, blob, model)
     if name != model.input_name:
         raise ProtocolError(f"unknown input {shown(name)}: {model.name} takes {model.input_name} or {IMAGE_INPUT}")
     if datatype != model.datatype:
@@ -278,6 +283,7 @@ def read_inputs(request: dict, blob: bytes, model: Model) -> tuple[str, np.ndarr
     if shape[0] > model.max_batch:
         raise ProtocolError(f"batch {shape[0]} is over {model.name}'s max batch size {model.max_batch}")
     dtype = _NUMPY[datatype]
+    count = int(np.prod(shape))
     if size is not None:
         if size != count * np.dtype(dtype).itemsize:
             raise ProtocolError(f"input {name}: {size} bytes for shape {shape} of {datatype}")

@@ -1,6 +1,6 @@
-"""The step engine (layer 2): a training step that is one unit, run many steps per launch on a GPU.
+"""The step engine: a training step that is one unit, run many steps per launch on a GPU.
 
-One step takes its batch from the epoch's plan on the device (``fastdata.EpochPlan``: the order
+One step takes its batch from the epoch's plan on the device (``toolkit.data.fast.EpochPlan``: the order
 and every image's augmentation parameters, drawn ahead for the whole epoch), augments it there,
 runs forward, loss, backward and the fused SGD step with the learning rate read from a device
 tensor (the epoch's schedule laid out per step ahead of time), and adds to the metric sums, all
