@@ -545,6 +545,14 @@ def test_triton_repository_parses_with_tritons_schema_and_names_real_shapes(fine
         assert logits.shape == (3, *cfg_out.dims) == (3, 10)  # Triton's batch axis + the configured dims
         assert cfg_out.label_filename == "labels.txt"
         assert (repo / name / "labels.txt").read_text().split() == manifest.classes
+        # #42: on a GPU, ONNX Runtime's TensorRT accelerator builds an engine at load, where TensorRT can build the file
+        accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
+        if artifact == "model.fp32.onnx":
+            (trt,) = accelerators
+            assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP32" and trt.parameters["trt_engine_cache_enable"] == "1"
+        else:  # the CPU target's int8 file (uint8 activations): TensorRT cannot build it, ONNX Runtime's CUDA kernels run it
+            assert manifest.artifact(artifact).get("activations") == "uint8" and not accelerators
+        assert "GPU" in manifest.triton.models[name].model_extra["runs_on"]
     with pytest.raises(text_format.ParseError):  # the schema is real: a field Triton does not have is refused
         text_format.Parse('name: "x"\nmax_batch: 4\n', model_config_pb2.ModelConfig())
 

@@ -261,6 +261,40 @@ def test_trt_arch_chooses_the_gpus_of_an_ahead_of_time_engine(builder_package, f
         export(fine4_run.run_dir, fmt="onnx", precision="fp32", out=tmp_path, trt_arch=("sm89",), console=quiet())
 
 
+def test_a_tensorrt_rtx_engine_never_goes_into_a_triton_repository(builder_package, fine4_run, tmp_path):
+    """#42: the TensorRT-RTX engine went into the Triton repository as tensorrt_plan, which Triton's TensorRT
+    backend (standard TensorRT) cannot load. It is left out with one line saying why; the ONNX model of the
+    same precision goes in with ONNX Runtime's TensorRT accelerator, which builds an engine on the serving GPU.
+    Every config.pbtxt parses with Triton's schema, and its platform is what built the file."""
+    import io
+
+    from google.protobuf import text_format
+    from rich.console import Console
+    from tritonclient.grpc import model_config_pb2
+
+    if builder_package != "tensorrt-rtx":
+        pytest.skip("full TensorRT builds engines Triton can load: they may go in")
+    out = tmp_path / "exports"
+    export(fine4_run.run_dir, fmt="trt", precision="fp16", out=out, console=quiet())
+    said = io.StringIO()
+    entry = export(fine4_run.run_dir, fmt="triton", precision="fp16", out=out, console=Console(file=said, width=400))
+    assert "model.fp16.engine is left out of the Triton repository: TensorRT-RTX built it" in said.getvalue()
+    assert entry["models"] == ["fine4_fp16"]
+    repo = Path(entry["repository"])
+    manifest = Manifest.load(entry["export_dir"])
+    for model_dir in sorted(p for p in repo.iterdir() if p.is_dir()):
+        config = text_format.Parse((model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        source = manifest.artifact(manifest.triton.models[config.name].source)
+        assert config.platform == {"onnx": "onnxruntime_onnx", "trt": "tensorrt_plan"}[source.format]
+        assert source.format != "trt" or (source.get("built_for") or {}).get("builder") != "tensorrt-rtx"
+        assert not list(model_dir.glob("*/model.plan")) or source.format == "trt"
+    config = text_format.Parse((repo / "fine4_fp16" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    (trt,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert trt.name == "tensorrt" and trt.parameters["precision_mode"] == "FP16"
+    card = (Path(entry["export_dir"]) / "MODEL_CARD.md").read_text()
+    assert "`fine4_fp16` (model.fp16.onnx): runs on CPU, or any NVIDIA GPU: ONNX Runtime's TensorRT accelerator builds a FP16" in card
+
+
 @pytest.mark.parametrize("archs", [("",), ("sm89", ""), ()])
 def test_an_empty_trt_arch_name_is_refused(fine4_run, tmp_path, archs):
     """#40: `--trt-arch ,` silently meant the builder's default. An empty name is refused in one line,

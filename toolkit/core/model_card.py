@@ -213,7 +213,9 @@ def _notes(export_dir: Path, manifest: Manifest) -> list[str]:
     if manifest.triton is not None and manifest.triton.models:
         lines += ["", "As a Triton Inference Server model repository (models: "
                   + ", ".join(f"`{n}`" for n in manifest.triton.models) + "):", "",
-                  "```", f"tritonserver --model-repository {export_dir / manifest.triton.repository}", "```"]
+                  "```", f"tritonserver --model-repository {export_dir / manifest.triton.repository}", "```", ""]
+        lines += [f"- `{name}` ({model.source}): runs on {(model.model_extra or {}).get('runs_on', 'the platform its config names')}"
+                  for name, model in manifest.triton.models.items()]
     else:
         lines += ["", f"For Triton Inference Server: `toolkit export {Path(manifest.source.checkpoint).parent} --format triton` "
                   "writes a model repository into this export."]

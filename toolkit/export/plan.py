@@ -505,7 +505,7 @@ def _triton(job: Job, precision: str) -> dict:
     """Add the ONNX artifact of ``precision`` (made first if the export lacks it) and any TensorRT
     engine of that precision to the export's Triton model repository, ``<export>/triton/``."""
     stage, export_dir, manifest, console = job.stage, job.export_dir, job.manifest, job.console
-    from toolkit.export.to_triton import REPOSITORY, write_triton_model
+    from toolkit.export.to_triton import REPOSITORY, left_out, write_triton_model
     from toolkit.core.manifest import Triton
 
     source = artifact_file("onnx", precision)
@@ -516,6 +516,10 @@ def _triton(job: Job, precision: str) -> dict:
         manifest.triton = Triton(repository=REPOSITORY, models={})
     names = []
     for art in served:
+        why = left_out(art)
+        if why:
+            console.print(f"[yellow]{why}[/]")
+            continue
         onnx_file = stage / source if art.format == "onnx" else graph_source
         load_checked(onnx_file, manifest.input, len(manifest.classes), shown_as=export_dir / onnx_file.name)  # as every derivation
         record = write_triton_model(stage, manifest.source.recipe, manifest.classes, art,

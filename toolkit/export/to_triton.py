@@ -49,8 +49,34 @@ def graph_io(onnx_path: Path) -> tuple[dict, dict]:
     return spec(inputs[0]), spec(graph.output[0])
 
 
-def config_pbtxt(name: str, platform: str, max_batch: int, inp: dict, out: dict, gpu_only: bool) -> str:
-    """Triton's model configuration in protobuf text format (tests parse it with Triton's own schema)."""
+# ONNX Runtime's TensorRT accelerator in Triton's ONNX Runtime backend builds an engine for the serving GPU
+# when the model loads (the portable way to a datacenter GPU: an engine runs only on the GPU and TensorRT
+# it was built with), cached so a restart reuses it. Its precision per artifact:
+TRT_PRECISION = {"fp32": "FP32", "fp16": "FP16", "int8": "INT8"}
+TRT_WORKSPACE_BYTES = 1 << 30
+
+
+def tensorrt_precision(artifact: Artifact) -> str | None:
+    """The TensorRT accelerator's precision mode for an ONNX artifact, or None where TensorRT cannot build
+    it (the CPU target's int8 file: uint8 activations); that model runs on ONNX Runtime's CUDA kernels."""
+    if artifact.format != "onnx" or (artifact.precision == "int8" and artifact.get("activations", "int8") != "int8"):
+        return None
+    return TRT_PRECISION[artifact.precision]
+
+
+def _accelerator(name: str, precision: str | None) -> str:
+    if precision is None:
+        return ""
+    params = {"precision_mode": precision, "max_workspace_size_bytes": str(TRT_WORKSPACE_BYTES),
+              "trt_engine_cache_enable": "1", "trt_engine_cache_path": f"/tmp/triton-trt-cache/{name}"}
+    lines = "".join(f'        parameters {{ key: "{k}" value: "{v}" }}\n' for k, v in params.items())
+    return ("optimization {\n  execution_accelerators {\n    gpu_execution_accelerator: [\n      {\n        name: \"tensorrt\"\n"
+            + lines + "      }\n    ]\n  }\n}\n")
+
+
+def config_pbtxt(name: str, platform: str, max_batch: int, inp: dict, out: dict, gpu_only: bool, trt_precision: str | None = None) -> str:
+    """Triton's model configuration in protobuf text format (tests parse it with Triton's own schema);
+    ``trt_precision``: ONNX Runtime's TensorRT accelerator on a GPU, in that precision mode."""
     def dims(values: list[int]) -> str:
         return "[ " + ", ".join(str(v) for v in values) + " ]"
 
@@ -81,7 +107,7 @@ instance_group [
     kind: {"KIND_GPU" if gpu_only else "KIND_AUTO"}
   }}
 ]
-"""
+""" + _accelerator(name, trt_precision)
 
 
 def write_triton_model(export_dir: Path, recipe: str, classes: list[str], artifact: Artifact, onnx_source: Path, max_batch: int,
@@ -92,7 +118,11 @@ def write_triton_model(export_dir: Path, recipe: str, classes: list[str], artifa
     it was built from)."""
     name = triton_model_name(recipe, artifact, inp)
     is_plan = artifact.format == "trt"
+    why = left_out(artifact)
+    if why:
+        raise ToolkitError(why)
     platform, file = ("tensorrt_plan", "model.plan") if is_plan else ("onnxruntime_onnx", "model.onnx")
+    trt_precision = tensorrt_precision(artifact)
     inp, out = graph_io(onnx_source)
     where = f"{export_dir.name}/{REPOSITORY}: model name"
     repository = confined(export_dir, REPOSITORY, f"{export_dir.name}: Triton repository")
@@ -107,6 +137,28 @@ def write_triton_model(export_dir: Path, recipe: str, classes: list[str], artifa
     with atomic_write(model_dir / "labels.txt", "w") as f:
         f.write("".join(f"{c}\n" for c in classes))
     with atomic_write(model_dir / "config.pbtxt", "w") as f:
-        f.write(config_pbtxt(name, platform, max_batch, inp, out, gpu_only=is_plan))
+        f.write(config_pbtxt(name, platform, max_batch, inp, out, gpu_only=is_plan, trt_precision=trt_precision))
     return {"name": name, "platform": platform, "source": artifact.file, "sha256": sha256_file(model_dir / "1" / file),
-            "max_batch_size": max_batch, "input": inp, "output": out}
+            "max_batch_size": max_batch, "input": inp, "output": out, "runs_on": runs_on(artifact)}
+
+
+def runs_on(artifact: Artifact) -> str:
+    """Where a model of the repository runs, said in the manifest and the model card."""
+    if artifact.format == "trt":
+        built = artifact.get("built_for") or {}
+        return f"the GPU it was built for only ({built.get('gpu') or 'recorded in its sidecar'}, TensorRT {built.get('tensorrt', '?')})"
+    precision = tensorrt_precision(artifact)
+    if precision is None:
+        return "CPU, or any NVIDIA GPU with ONNX Runtime's CUDA kernels (TensorRT cannot build its uint8 activations)"
+    return f"CPU, or any NVIDIA GPU: ONNX Runtime's TensorRT accelerator builds a {precision} engine for it at load"
+
+
+def left_out(artifact: Artifact) -> str | None:
+    """Why an artifact cannot go into a Triton repository, or None. Triton's TensorRT backend runs standard
+    TensorRT, which cannot load an engine TensorRT-RTX built: such an engine would fail to load on any server."""
+    built = artifact.get("built_for") or {}
+    if artifact.format == "trt" and built.get("builder") == "tensorrt-rtx":
+        return (f"{artifact.file} is left out of the Triton repository: TensorRT-RTX built it, and Triton's TensorRT backend "
+                "(standard TensorRT) cannot load it; the ONNX model beside it gets ONNX Runtime's TensorRT accelerator, "
+                "which builds an engine on the serving GPU")
+    return None
