@@ -155,7 +155,7 @@ def bench_markdown(report: dict) -> str:
     lines = [
         f"Machine: {report['machine']}; {report['date']}; intra-op threads: {report.get('threads', 'default')}; "
         f"{report['warmup']} warm-up calls, then the stated number of timed calls. × fp32: images/s over model.fp32.onnx's "
-        "on the same runtime and batch.",
+        "on the same runtime and batch (on ONNX Runtime's CPU runtime for OpenVINO's files).",
         "",
         "| artifact | runtime | batch | p50 µs | p90 µs | p99 µs | images/s | × fp32 | iterations | accuracy | Δ pp | agreement |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

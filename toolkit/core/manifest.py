@@ -165,12 +165,14 @@ class Verified(_Schema):
 
 class Artifact(_Schema):
     file: PlainName
-    format: Literal["onnx", "trt"]
+    format: Literal["onnx", "trt", "openvino"]
     precision: Literal["fp32", "fp16", "int8"]
     sha256: str = Field(pattern=SHA256)
     bytes: int = Field(ge=0)
     created: Optional[str] = None
     parity: dict[str, Parity] = Field(default_factory=dict)  # runtime -> its result; cleared when the file changes
+    # files that belong to this artifact beside it (an OpenVINO IR's weights), with their sha256
+    companions: dict[PlainName, Annotated[str, Field(pattern=SHA256)]] = Field(default_factory=dict)
     # what the stage that wrote it records (opset, nodes, pad_channels, calibration, activations,
     # auto_fallback, built_for, max_batch, ...) passes through as extra fields
 
@@ -325,6 +327,12 @@ class Manifest(_Schema):
                     raise ToolkitError(f"{path}: artifact {art.file} is missing")
                 if f.stat().st_size != art.bytes or sha256_file(f) != art.sha256:
                     raise ToolkitError(f"{f}: sha256 does not match the manifest (file changed or corrupted)")
+                for name, digest in art.companions.items():
+                    c = confined(export_dir, name, f"{path}: {art.file}'s companion file")
+                    if not c.is_file():
+                        raise ToolkitError(f"{path}: {art.file}'s companion file {name} is missing")
+                    if sha256_file(c) != digest:
+                        raise ToolkitError(f"{c}: sha256 does not match the manifest (file changed or corrupted)")
         return manifest
 
     def save(self, export_dir: str | Path) -> None:

@@ -194,9 +194,24 @@ def _usage(export_dir: Path, manifest: Manifest) -> list[str]:
     return lines + _notes(export_dir, manifest)
 
 
+def _openvino_usage(export_dir: Path, manifest: Manifest) -> list[str]:
+    """The lines that run the export's OpenVINO IR with OpenVINO Runtime (its int8 file where there is one)."""
+    irs = [a.file for a in manifest.artifacts if a.format == "openvino"]
+    if not irs:
+        return []
+    ir = next((f for f in irs if ".int8." in f), irs[0])
+    return ["", f"With OpenVINO Runtime (`pip install openvino`; {', '.join(irs)}), beside an image file `image.png`:", "",
+            "```python", "import openvino as ov", "",
+            "from toolkit.core.manifest import Manifest", "from toolkit.inference.preprocess import model_pixels, to_input", "",
+            f'manifest = Manifest.load("{export_dir}")',
+            'x = to_input(model_pixels("image.png", manifest), manifest)  # decoded, prepared and normalized as in training',
+            f'compiled = ov.Core().compile_model("{export_dir / ir}", "CPU")',
+            "logits = compiled(x)[0]", "label = int(logits.argmax(1)[0])", "```"]
+
+
 def _notes(export_dir: Path, manifest: Manifest) -> list[str]:
-    """What else a caller needs: int8 on CPUs without VNNI, QAT, Triton."""
-    lines: list[str] = []
+    """What else a caller needs: OpenVINO, int8 on CPUs without VNNI, QAT, Triton."""
+    lines: list[str] = _openvino_usage(export_dir, manifest)
     eight_bit = [a.file for a in manifest.artifacts if a.precision == "int8" and a.format == "onnx" and a.get("weight_bits") == 8]
     if eight_bit:
         lines += ["", f"{', '.join(eight_bit)} on an x86 CPU without VNNI or AMX (`grep -o 'avx512_vnni\\|avx_vnni\\|amx_int8' /proc/cpuinfo` "

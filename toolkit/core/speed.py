@@ -20,6 +20,7 @@ from toolkit.core.records import load_optional
 
 BENCH_JSON = "bench.json"
 REFERENCE = "model.fp32.onnx"  # what "× fp32" compares with
+REFERENCE_RUNTIME = "ort-cpu"  # ... on the same runtime, else on this one
 MAX_BYTES = 4 << 20  # a bench report is a few KB
 MAX_ROWS = 10_000
 BUSY_SPREAD = 5.0  # a row whose p90 is this many times its p50 was timed beside other work
@@ -91,10 +92,11 @@ def timed(row: dict) -> bool:
 
 def relative(rows: list[dict]) -> None:
     """In place: each row's ``vs_fp32``, its images/s over the fp32 ONNX file's on the same runtime and
-    batch (None where there is no such row, or for the fp32 file itself)."""
+    batch, or for a runtime that runs no ONNX file (OpenVINO) over ONNX Runtime's on the CPU (None where
+    there is no such row, or for the fp32 file itself)."""
     fp32 = {(r["runtime"], r["batch"]): r["images_per_s"] for r in rows if r.get("artifact") == REFERENCE}
     for r in rows:
-        base = fp32.get((r.get("runtime"), r.get("batch")))
+        base = fp32.get((r.get("runtime"), r.get("batch"))) or fp32.get((REFERENCE_RUNTIME, r.get("batch")))
         r["vs_fp32"] = round(r["images_per_s"] / base, 3) if base and r.get("artifact") != REFERENCE else None
 
 

@@ -29,7 +29,7 @@ from toolkit.core.manifest import NAME as MANIFEST_NAME
 from toolkit.core.manifest import MAX_BATCH, TARGET_LINES, TARGETS, Artifact, Manifest, TritonModel
 from toolkit.core.model_card import write_model_card
 
-FORMATS = ("onnx", "trt", "triton")
+FORMATS = ("onnx", "trt", "openvino", "triton")
 STAGING, OLD = ".staging-", SWAP_ASIDE  # sibling work directories: .<export>.staging-*, .<export>.old-<pid>
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -126,6 +126,9 @@ PLAN = {s.file: s for s in (
     Step("model.fp32.engine", "trt", "fp32", "model.fp32.onnx"),
     Step("model.fp16.engine", "trt", "fp16", "model.fp32.onnx"),
     Step("model.int8.engine", "trt", "int8", "model.int8.onnx"),
+    Step("model.fp32.xml", "openvino", "fp32", "model.fp32.onnx"),
+    Step("model.fp16.xml", "openvino", "fp16", "model.fp32.onnx"),
+    Step("model.int8.xml", "openvino", "int8", "model.int8.onnx"),
 )}
 
 
@@ -192,6 +195,8 @@ def _drop_stale(stage: Path, manifest: Manifest, console: Console, changed: set[
         for art in stale:
             console.print(f"[yellow]{art.file} was made from an earlier {PLAN[art.file].source}: dropped (export it again)[/]")
             Manifest.path(stage, art).unlink(missing_ok=True)
+            for name in art.companions:
+                confined(stage, name, f"{art.file}'s companion file").unlink(missing_ok=True)
             manifest.artifacts.remove(art)
     if manifest.triton is None:
         return
@@ -459,6 +464,12 @@ def _engine(job: Job, step: Step, path: Path) -> dict:
 
 # one builder per (format, precision) of the plan, one signature: the job, the step, the path to write;
 # each returns the fields of its manifest entry
+def _openvino(job: Job, step: Step, path: Path) -> dict:
+    from toolkit.export.to_openvino import convert_to_openvino
+
+    return convert_to_openvino(job.stage / step.source, path, step.precision)
+
+
 BUILDERS = {
     ("onnx", "fp32"): _fp32_onnx,
     ("onnx", "fp16"): _fp16_onnx,
@@ -466,6 +477,9 @@ BUILDERS = {
     ("trt", "fp32"): _engine,
     ("trt", "fp16"): _engine,
     ("trt", "int8"): _engine,
+    ("openvino", "fp32"): _openvino,
+    ("openvino", "fp16"): _openvino,
+    ("openvino", "int8"): _openvino,
 }
 
 
@@ -511,7 +525,7 @@ def _triton(job: Job, precision: str) -> dict:
     source = artifact_file("onnx", precision)
     _make(job, source, target=manifest.artifact(source) is None)
     graph_source = stage / artifact_file("onnx", "int8" if precision == "int8" else "fp32")
-    served = [a for a in manifest.artifacts if a.precision == precision]
+    served = [a for a in manifest.artifacts if a.precision == precision and a.format != "openvino"]  # the ONNX model stands for the IR
     if manifest.triton is None:
         manifest.triton = Triton(repository=REPOSITORY, models={})
     names = []

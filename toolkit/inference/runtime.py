@@ -6,6 +6,7 @@ artifact can run on is decided here, from the manifest entry and what this machi
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import json
@@ -80,6 +81,8 @@ def not_runnable_reason(artifact: Artifact) -> str:
                 "it runs with TensorRT-RTX on such a GPU, not here")
     if artifact.format == "trt":
         return trt_missing_reason() or "TensorRT cannot run it here"
+    if artifact.format == "openvino":
+        return "OpenVINO Runtime is not installed here (pip install '.[openvino]')"
     return f"no runtime here runs {artifact.format} artifacts"
 
 
@@ -93,6 +96,8 @@ def runtimes_for(artifact: Artifact) -> list[str]:
         return found
     if artifact.format == "trt":
         return [] if trt_missing_reason() else ["tensorrt"]
+    if artifact.format == "openvino":
+        return ["openvino-cpu"] if importlib.util.find_spec("openvino") is not None else []
     return []
 
 
@@ -232,4 +237,37 @@ def make_runner(export_dir: Path, artifact: Artifact, runtime: str, threads: int
         return ort_runner(path, runtime, threads, unfused=unfused, classes=classes)
     if runtime == "tensorrt":
         return trt_runner(path)
+    if runtime == "openvino-cpu":
+        return openvino_runner(path, threads, classes=classes, exact=artifact.precision != "int8")
     raise ToolkitError(f"unknown runtime {runtime!r}")
+
+
+def openvino_runner(path: Path, threads: int | None = None, classes: int | None = None, exact: bool = True) -> Runner:
+    """OpenVINO Runtime on the CPU. ``exact``: float artifacts compute in fp32 (``INFERENCE_PRECISION_HINT``;
+    on CPUs with bf16 or AMX OpenVINO would otherwise choose bf16, another model's answers); int8 IR runs
+    OpenVINO's int8 kernels. Any batch size: the IR keeps the graph's dynamic batch axis."""
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": "f32"} if exact else {}
+    threads = threads or int(os.environ.get(THREADS_ENV) or 0)
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    try:
+        compiled = ov.Core().compile_model(str(path), "CPU", config)
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own error types
+        raise ToolkitError(f"{path}: OpenVINO Runtime cannot load it ({first_line(exc)})") from None
+    if classes is not None:
+        shapes = [[d.get_length() if d.is_static else None for d in out.get_partial_shape()] for out in compiled.outputs]
+        check_scores_output(path, shapes, classes)
+    port = compiled.inputs[0]
+    dtype = np.uint8 if port.get_element_type() == ov.Type.u8 else np.float32
+    request = compiled.create_infer_request()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        try:
+            return np.array(request.infer({0: np.ascontiguousarray(x, dtype=dtype)})[compiled.outputs[0]], dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - a batch that does not fit the IR's input
+            raise ToolkitError(f"{path}: OpenVINO Runtime failed on a batch of shape {tuple(x.shape)} ({first_line(exc)})") from None
+
+    run.compiled = compiled
+    return run
