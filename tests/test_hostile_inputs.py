@@ -612,7 +612,7 @@ def test_a_parity_record_that_contradicts_itself_is_read_as_failed(fine4_export,
     assert line.startswith("model.int8.onnx (ort-cpu): its parity record says passed, but its ") and "treated as failed" in line
     catalog = Catalog.from_dirs([export_dir])
     assert catalog.entry(None).artifact.file == "model.fp32.onnx"  # never the lying int8 file, however fast
-    assert f"warning: {manifest.name}/{line}" in catalog.warnings
+    assert f"warning: {manifest.name}/{line}" in catalog.notices
     assert "FAILED its parity gate" in catalog.entry(f"{manifest.name}/model.int8.onnx").label
     png = tmp_path / "digit.png"
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(png)

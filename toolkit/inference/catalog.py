@@ -73,7 +73,8 @@ class Catalog:
 
     entries: dict[str, Entry] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # "<key>: why it is not served here"
-    warnings: list[str] = field(default_factory=list)  # e.g. int8 verified on another kind of CPU
+    warnings: list[str] = field(default_factory=list)  # about int8 files: verified on another kind of CPU, slower than fp32
+    notices: list[str] = field(default_factory=list)  # about the records: one ignored (bench.json), one that contradicts itself
     threads: int | None = None  # ONNX Runtime's intra-op threads (None: one per core)
     _runners: dict[str, Runner] = field(default_factory=dict, repr=False)
 
@@ -89,7 +90,7 @@ class Catalog:
             warning = int8_warning(manifest)
             if warning:
                 catalog.warnings.append(warning)
-            catalog.warnings.extend(f"warning: {manifest.name}/{line}" for line in manifest.contradictions)
+            catalog.notices.extend(f"warning: {manifest.name}/{line}" for line in manifest.contradictions)
             for art in manifest.artifacts:
                 key = f"{manifest.name}/{art.file}"
                 runtimes = runtimes_for(art)
@@ -128,7 +129,7 @@ class Catalog:
     def _measured(self, export_dir: Path) -> str | None:
         """The export's fastest artifact that passed its parity gate, by its latest bench if that ran on
         this machine (else None: fp32 first); warns of int8 files that are slower than fp32 here."""
-        report = speed.load(export_dir, warn=self.warnings.append)
+        report = speed.load(export_dir, warn=self.notices.append)
         if report is None or not speed.same_machine(report, cpu_info()):
             return None
         served = [e for e in self.entries.values() if e.export_dir == export_dir]

@@ -110,9 +110,8 @@ def predict(model: Path | None, inputs: list[str], *, artifact: str | None = Non
         raise ToolkitError("no images given: pass image files, folders or glob patterns")
     catalog = load_catalog(model, exports, threads, say=lambda line: console.print(f"predict: {line}", soft_wrap=True, markup=False))
     entry = catalog.entry(artifact)
-    for line in catalog.warnings:  # a record ignored always; int8 slower than fp32 where int8 runs
-        if line.startswith("warning: ") or entry.artifact.precision == "int8":
-            console.print(line, soft_wrap=True, markup=False)
+    for line in catalog.notices + (catalog.warnings if entry.artifact.precision == "int8" else []):
+        console.print(line, soft_wrap=True, markup=False)
     items = collect_inputs(inputs)
     readable = [path for path, why in items if why is None]
     console.print(f"predict: {len(readable):,} image(s) with {entry.label}", soft_wrap=True, markup=False)

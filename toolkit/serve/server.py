@@ -152,7 +152,7 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
     say = console.print if console is not None else print
     for line in catalog.skipped:
         say(f"not served: {line}")
-    for line in catalog.warnings:
+    for line in catalog.notices + catalog.warnings:
         say(line)
     service = Service(catalog, max_body=size_bytes(max_upload), max_delay_ms=batch_delay_ms)
     for line in service.left_out:
