@@ -14,9 +14,10 @@ from toolkit.core.errors import ToolkitError, first_line
 from toolkit.core.files import reading
 
 
-def load_onnx(path: Path) -> onnx.ModelProto:
+def load_onnx(path: Path, check: bool = True) -> onnx.ModelProto:
     """An ONNX file toolkit reads (its own artifacts): self-contained, or a one-line error. External
-    data would be read from wherever its ``location`` (or a symbolic link there) points."""
+    data would be read from wherever its ``location`` (or a symbolic link there) points. ``check``:
+    ONNX's checker too (off where another parser is the judge: TensorRT's builder says what it refuses)."""
     with reading(path, "ONNX model"):
         proto = onnx.load(str(path), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(proto.graph)):
@@ -25,7 +26,8 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     if not proto.opset_import or not proto.graph.node or not proto.graph.output:
         raise ToolkitError(f"{path}: not a usable ONNX model (no graph: empty or cut short); export it again")
     try:
-        onnx.checker.check_model(proto)
+        if check:
+            onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
         raise ToolkitError(f"{path}: not a valid ONNX model ({first_line(exc)}); export it again") from None
     return proto
