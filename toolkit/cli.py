@@ -223,7 +223,8 @@ def export(
     run: RunRef = None,
     fmt: str = typer.Option("onnx", "--format", 
         help="onnx | trt (TensorRT engine; needs toolkit\\[trt] and an NVIDIA GPU) | openvino (OpenVINO IR, .xml and .bin, "
-        "for OpenVINO Runtime; needs toolkit\\[openvino]) | triton (a Triton "
+        "for OpenVINO Runtime; needs toolkit\\[openvino]) | executorch (a .pte lowered to XNNPACK, fp32 or int8; needs "
+        "executorch) | triton (a Triton "
         "Inference Server model repository in <export>/triton/, from the ONNX artifact and any "
         "engine of --precision)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (static QDQ quantization, calibrated on training images)."),

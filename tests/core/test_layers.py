@@ -18,7 +18,9 @@ TORCH_FREE = {"core", "inference"}
 SAME_FOLDER = {"__main__": "cli"}
 # the one torch import below models/: environment reports torch's version and GPU when torch is
 # installed and already the caller's (never on the serving path, which has no torch installed)
-TORCH_ALLOWED = {"core/environment.py"}
+# and ExecuTorch's runner: its Python runtime takes torch tensors (loaded only for .pte artifacts, offered only
+# where executorch and torch are installed)
+TORCH_ALLOWED = {"core/environment.py", "inference/executorch_runner.py"}
 
 
 def _folder_of(path: Path) -> str:

@@ -165,7 +165,7 @@ class Verified(_Schema):
 
 class Artifact(_Schema):
     file: PlainName
-    format: Literal["onnx", "trt", "openvino"]
+    format: Literal["onnx", "trt", "openvino", "executorch"]
     precision: Literal["fp32", "fp16", "int8"]
     sha256: str = Field(pattern=SHA256)
     bytes: int = Field(ge=0)

@@ -29,7 +29,7 @@ from toolkit.core.manifest import NAME as MANIFEST_NAME
 from toolkit.core.manifest import MAX_BATCH, TARGET_LINES, TARGETS, Artifact, Manifest, TritonModel
 from toolkit.core.model_card import write_model_card
 
-FORMATS = ("onnx", "trt", "openvino", "triton")
+FORMATS = ("onnx", "trt", "openvino", "executorch", "triton")
 STAGING, OLD = ".staging-", SWAP_ASIDE  # sibling work directories: .<export>.staging-*, .<export>.old-<pid>
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -129,6 +129,8 @@ PLAN = {s.file: s for s in (
     Step("model.fp32.xml", "openvino", "fp32", "model.fp32.onnx"),
     Step("model.fp16.xml", "openvino", "fp16", "model.fp32.onnx"),
     Step("model.int8.xml", "openvino", "int8", "model.int8.onnx"),
+    Step("model.fp32.pte", "executorch", "fp32", None),  # from the checkpoint, as the fp32 ONNX file
+    Step("model.int8.pte", "executorch", "int8", None),
 )}
 
 
@@ -163,6 +165,8 @@ def _manifest_for(stage: Path, ckpt: dict, name: str, console: Console, input_dt
         console.print(f"[yellow]the checkpoint changed since the last export of {name}: earlier artifacts are dropped[/]")
         for art in current.artifacts:
             Manifest.path(stage, art).unlink(missing_ok=True)
+            for companion in art.companions:
+                confined(stage, companion, f"{art.file}'s companion file").unlink(missing_ok=True)
         _remove_triton(stage)
         return fresh
     return current
@@ -349,7 +353,10 @@ def _make(job: Job, file: str, target: bool) -> Artifact:
     for step in chain(file):
         existing = manifest.artifact(step.file)
         is_target = target and step.file == file
-        if step.source is None:
+        if step.source is None and step.format != "onnx":  # made from the checkpoint: made again when asked for
+            if existing is not None and not is_target:
+                continue
+        elif step.source is None:
             wanted = job.options.pad_channels
             repad = existing is not None and wanted is not None and existing.get("pad_channels", 0) != wanted
             if existing is not None and not repad:
@@ -464,6 +471,19 @@ def _engine(job: Job, step: Step, path: Path) -> dict:
 
 # one builder per (format, precision) of the plan, one signature: the job, the step, the path to write;
 # each returns the fields of its manifest entry
+def _executorch(job: Job, step: Step, path: Path) -> dict:
+    from toolkit.export import quantize
+    from toolkit.export.to_executorch import export_executorch
+
+    m = job.manifest
+    if (m.input.dtype, m.input.layout) != ("float32", "NCHW"):
+        raise ToolkitError("--format executorch takes the main export's input (float32 NCHW): leave --input and --layout out")
+    calib = None
+    if step.precision == "int8":
+        calib, _, _ = quantize.training_slices(m, job.options.data_dir, job.options.calib_size, holdout=0, download=job.options.download)
+    return export_executorch(model_from_checkpoint(job.ckpt), path, m.chw, job.options.max_batch, calib=calib)
+
+
 def _openvino(job: Job, step: Step, path: Path) -> dict:
     from toolkit.export.to_openvino import convert_to_openvino
 
@@ -480,6 +500,8 @@ BUILDERS = {
     ("openvino", "fp32"): _openvino,
     ("openvino", "fp16"): _openvino,
     ("openvino", "int8"): _openvino,
+    ("executorch", "fp32"): _executorch,
+    ("executorch", "int8"): _executorch,
 }
 
 
@@ -525,7 +547,7 @@ def _triton(job: Job, precision: str) -> dict:
     source = artifact_file("onnx", precision)
     _make(job, source, target=manifest.artifact(source) is None)
     graph_source = stage / artifact_file("onnx", "int8" if precision == "int8" else "fp32")
-    served = [a for a in manifest.artifacts if a.precision == precision and a.format != "openvino"]  # the ONNX model stands for the IR
+    served = [a for a in manifest.artifacts if a.precision == precision and a.format in ("onnx", "trt")]  # the ONNX model stands for IR and .pte
     if manifest.triton is None:
         manifest.triton = Triton(repository=REPOSITORY, models={})
     names = []

@@ -157,8 +157,8 @@ def left_out(artifact: Artifact) -> str | None:
     """Why an artifact cannot go into a Triton repository, or None. Triton's TensorRT backend runs standard
     TensorRT, which cannot load an engine TensorRT-RTX built: such an engine would fail to load on any server."""
     built = artifact.get("built_for") or {}
-    if artifact.format == "openvino":
-        return f"{artifact.file} (OpenVINO IR) is not put into the Triton repository: the ONNX model of its precision is"
+    if artifact.format in ("openvino", "executorch"):
+        return f"{artifact.file} ({artifact.format}) is not put into the Triton repository: the ONNX model of its precision is"
     if artifact.format == "trt" and built.get("builder") == "tensorrt-rtx":
         return (f"{artifact.file} is left out of the Triton repository: TensorRT-RTX built it, and Triton's TensorRT backend "
                 "(standard TensorRT) cannot load it; the ONNX model beside it gets ONNX Runtime's TensorRT accelerator, "

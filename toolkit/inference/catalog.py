@@ -25,7 +25,7 @@ from toolkit.core.manifest import Artifact, Manifest
 from toolkit.inference.preprocess import model_pixels, to_input
 from toolkit.inference.runtime import Runner, check_engine_compatible, make_runner, not_runnable_reason, runtimes_for
 
-RUNTIME_PREFERENCE = ("tensorrt", "ort-cuda", "ort-cpu", "openvino-cpu")
+RUNTIME_PREFERENCE = ("tensorrt", "ort-cuda", "ort-cpu", "openvino-cpu", "executorch-cpu")
 # the demo's tabs: drawings of digits, and pictures
 MNIST_FAMILY, CIFAR_FAMILY = "mnist", "cifar"
 

@@ -83,6 +83,8 @@ def not_runnable_reason(artifact: Artifact) -> str:
         return trt_missing_reason() or "TensorRT cannot run it here"
     if artifact.format == "openvino":
         return "OpenVINO Runtime is not installed here (pip install '.[openvino]')"
+    if artifact.format == "executorch":
+        return "ExecuTorch's runtime is not installed here (pip install executorch; it runs beside torch)"
     return f"no runtime here runs {artifact.format} artifacts"
 
 
@@ -98,6 +100,9 @@ def runtimes_for(artifact: Artifact) -> list[str]:
         return [] if trt_missing_reason() else ["tensorrt"]
     if artifact.format == "openvino":
         return ["openvino-cpu"] if importlib.util.find_spec("openvino") is not None else []
+    if artifact.format == "executorch":
+        present = all(importlib.util.find_spec(m) is not None for m in ("torch", "executorch"))
+        return ["executorch-cpu"] if present else []
     return []
 
 
@@ -239,6 +244,10 @@ def make_runner(export_dir: Path, artifact: Artifact, runtime: str, threads: int
         return trt_runner(path)
     if runtime == "openvino-cpu":
         return openvino_runner(path, threads, classes=classes, exact=artifact.precision != "int8")
+    if runtime == "executorch-cpu":
+        from toolkit.inference.executorch_runner import executorch_runner
+
+        return executorch_runner(path, threads, classes=classes, max_batch=int(artifact.get("max_batch") or 256))
     raise ToolkitError(f"unknown runtime {runtime!r}")
 
 
