@@ -448,7 +448,8 @@ def run_kinds(run, manifest, images: np.ndarray, labels: np.ndarray, kinds: list
 
 def digit_rows(run, manifest, root: Path, per_kind: int, seed: int = 0, deployed=None, keep: dict | None = None) -> list[Row]:
     """The digit kinds on MNIST's test split, then scikit-learn's real handwriting as a scan."""
-    from toolkit.inference.preprocess import model_pixels, read_test_split
+    from toolkit.inference.preprocess import model_pixels
+    from toolkit.inference.splits import read_test_split
 
     deployed = deployed or (lambda f: model_pixels(f, manifest))
     images, labels, _ = read_test_split("mnist", root)
@@ -463,7 +464,8 @@ def digit_rows(run, manifest, root: Path, per_kind: int, seed: int = 0, deployed
 
 
 def garment_rows(run, manifest, root: Path, per_kind: int, seed: int = 0, deployed=None, keep: dict | None = None) -> list[Row]:
-    from toolkit.inference.preprocess import model_pixels, read_test_split
+    from toolkit.inference.preprocess import model_pixels
+    from toolkit.inference.splits import read_test_split
 
     images, labels, _ = read_test_split("fashion_mnist", root)
     return run_kinds(run, manifest, images[:, 0], labels, garment_kinds(), deployed or (lambda f: model_pixels(f, manifest)),
@@ -473,7 +475,8 @@ def garment_rows(run, manifest, root: Path, per_kind: int, seed: int = 0, deploy
 def picture_rows(run, manifest, root: Path, per_kind: int, seed: int = 0, keep: dict | None = None) -> list[Row]:
     """A Fashion-MNIST model's own test images through ``resized_image`` (the preparation of a model
     trained on an image folder of them) against Pillow's plain resize."""
-    from toolkit.inference.preprocess import open_image, read_test_split, resized_image
+    from toolkit.inference.preprocess import open_image, resized_image
+    from toolkit.inference.splits import read_test_split
 
     images, labels, _ = read_test_split("fashion_mnist", root)
     return run_kinds(run, manifest, images[:, 0], labels, picture_kinds(), lambda f: resized_image(open_image(f), 28, 1),

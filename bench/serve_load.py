@@ -31,7 +31,8 @@ from toolkit.inference.catalog import Catalog
 from toolkit.core.environment import cpu_line
 from toolkit.core.files import resolve_data_dir
 from toolkit.core.manifest import triton_model_name
-from toolkit.inference.preprocess import model_input, png_bytes, read_test_split
+from toolkit.inference.preprocess import model_input, png_bytes
+from toolkit.inference.splits import read_test_split
 
 
 def free_port() -> int:
