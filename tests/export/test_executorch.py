@@ -74,6 +74,34 @@ def test_bench_and_predict_run_the_programs(executorch_export, tmp_path):
     assert row["label"] == onnx_row["label"]
 
 
+def test_the_cards_executorch_example_runs_as_written(executorch_export, mnist_root, tmp_path):
+    """The model card's ExecuTorch lines, taken from the written card and run in a fresh interpreter beside a real
+    test digit, give the label ExecuTorch's runner gives through the deployed preparation."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from tests.helpers import mnist_test_set
+    from toolkit.inference.preprocess import model_pixels, to_input
+    from toolkit.inference.runtime import make_runner
+
+    export_dir, _ = executorch_export
+    manifest = Manifest.load(export_dir)
+    card = (export_dir / "MODEL_CARD.md").read_text()
+    (snippet,) = [b for b in re.findall(r"```python\n(.*?)```", card, re.S) if "from executorch.runtime import Runtime" in b]
+    images, _ = mnist_test_set(mnist_root)
+    Image.fromarray(images[0]).save(tmp_path / "image.png")
+    proc = subprocess.run([sys.executable, "-c", snippet + "\nprint(__import__('json').dumps(label))"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = make_runner(export_dir, manifest.artifact("model.int8.pte"), "executorch-cpu", classes=len(manifest.classes))
+    want = int(run(to_input(model_pixels(tmp_path / "image.png", manifest), manifest)).argmax())
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == want
+
+
 def test_an_input_variant_is_refused_in_one_line(fine4_run, tmp_path):
     from toolkit.export.to_executorch import executorch_missing
 

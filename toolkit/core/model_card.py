@@ -209,9 +209,25 @@ def _openvino_usage(export_dir: Path, manifest: Manifest) -> list[str]:
             "logits = compiled(x)[0]", "label = int(logits.argmax(1)[0])", "```"]
 
 
+def _executorch_usage(export_dir: Path, manifest: Manifest) -> list[str]:
+    """The lines that run the export's ExecuTorch program with ExecuTorch's runtime (its int8 file where there is one)."""
+    programs = [a.file for a in manifest.artifacts if a.format == "executorch"]
+    if not programs:
+        return []
+    program = next((f for f in programs if ".int8." in f), programs[0])
+    return ["", f"With ExecuTorch's runtime (`pip install executorch`, beside torch; {', '.join(programs)}; on a phone, the same "
+            "file with ExecuTorch's Android or iOS runtime), beside an image file `image.png`:", "",
+            "```python", "import torch", "from executorch.runtime import Runtime", "",
+            "from toolkit.core.manifest import Manifest", "from toolkit.inference.preprocess import model_pixels, to_input", "",
+            f'manifest = Manifest.load("{export_dir}")',
+            'x = torch.from_numpy(to_input(model_pixels("image.png", manifest), manifest))  # prepared and normalized as in training',
+            f'method = Runtime.get().load_program("{export_dir / program}").load_method("forward")',
+            "logits = method.execute([x])[0]", "label = int(logits.argmax(1)[0])", "```"]
+
+
 def _notes(export_dir: Path, manifest: Manifest) -> list[str]:
-    """What else a caller needs: OpenVINO, int8 on CPUs without VNNI, QAT, Triton."""
-    lines: list[str] = _openvino_usage(export_dir, manifest)
+    """What else a caller needs: OpenVINO, ExecuTorch, int8 on CPUs without VNNI, QAT, Triton."""
+    lines: list[str] = _openvino_usage(export_dir, manifest) + _executorch_usage(export_dir, manifest)
     eight_bit = [a.file for a in manifest.artifacts if a.precision == "int8" and a.format == "onnx" and a.get("weight_bits") == 8]
     if eight_bit:
         lines += ["", f"{', '.join(eight_bit)} on an x86 CPU without VNNI or AMX (`grep -o 'avx512_vnni\\|avx_vnni\\|amx_int8' /proc/cpuinfo` "
