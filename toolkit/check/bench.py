@@ -17,7 +17,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from toolkit.core import speed
+from toolkit.core import side_by_side, speed
 from toolkit.core.environment import cpu_info, cpu_line
 from toolkit.core.errors import ToolkitError
 from toolkit.core.files import atomic_write
@@ -95,7 +95,7 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
     with atomic_write(export_dir / "bench.json", "w") as f:
         json.dump(report, f, indent=2)
     with atomic_write(export_dir / "bench.md", "w") as f:
-        f.write(bench_markdown(report))
+        f.write(bench_markdown(report, manifest))
     write_model_card(export_dir, manifest)
     console.print(bench_table(report))
     for line in notes(report):
@@ -151,7 +151,8 @@ def _fmt_parity(r: dict) -> tuple[str, str, str]:
     return (f"{r['accuracy']:.2f}%{failed}", f"{r['delta_pp']:+.2f}", f"{r['agreement']:.2f}%")
 
 
-def bench_markdown(report: dict) -> str:
+def bench_markdown(report: dict, manifest: Manifest | None = None) -> str:
+    """bench.md: every timing, then (with the manifest) every target side by side with its parity."""
     lines = [
         f"Machine: {report['machine']}; {report['date']}; intra-op threads: {report.get('threads', 'default')}; "
         f"{report['warmup']} warm-up calls, then the stated number of timed calls. × fp32: images/s over model.fp32.onnx's "
@@ -168,6 +169,8 @@ def bench_markdown(report: dict) -> str:
     if dates:
         lines += ["", f"Rows of other batch sizes kept from earlier benches on this machine ({', '.join(dates)})."]
     lines += [""] + [f"**{line}**" for line in notes(report)] if notes(report) else []
+    if manifest is not None:
+        lines += ["", "## Every target side by side", "", *side_by_side.markdown(manifest, report)]
     return "\n".join(lines) + "\n"
 
 

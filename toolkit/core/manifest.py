@@ -130,6 +130,7 @@ class Parity(_Schema):
 
     accuracy: float
     delta_pp: float
+    delta_ci_pp: Optional[Annotated[list[float], Field(min_length=2, max_length=2)]] = None  # Δ's 95% interval (manifests from before it lack it)
     agreement: float
     max_abs_logit_diff: float
     pipeline_agreement: Optional[float] = None  # manifests from before the image-file path lack it

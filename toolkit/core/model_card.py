@@ -10,7 +10,7 @@ from pathlib import Path
 
 from toolkit.core.datasets import preparation_for
 from toolkit.core.files import atomic_write
-from toolkit.core import speed
+from toolkit.core import side_by_side, speed
 from toolkit.core.manifest import TARGET_LINES, Manifest
 
 NAME = "MODEL_CARD.md"
@@ -142,9 +142,19 @@ def _speed(export_dir: Path, bench: dict | None) -> list[str]:
     return lines
 
 
+def _side_by_side(manifest: Manifest, bench: dict | None) -> list[str]:
+    if not any(a.parity for a in manifest.artifacts) and not bench:
+        return []
+    return ["", "## Every target side by side", "",
+            "Parity from `toolkit verify`, speed from `toolkit bench` (images/s; × fp32: over model.fp32.onnx's at the same batch, "
+            "on ONNX Runtime's CPU runtime for the other runtimes' files; \"deploy fp32\" where an int8 file is slower there).", "",
+            *side_by_side.markdown(manifest, bench)]
+
+
 def model_card(export_dir: Path, manifest: Manifest, bench: dict | None = None) -> str:
     """The card's text; ``export_dir`` is the directory as the user sees it, ``bench`` its bench.json."""
-    lines = [*_about(manifest), *_input_output(manifest), *_parity(export_dir, manifest), *_speed(export_dir, bench), *_usage(export_dir, manifest)]
+    lines = [*_about(manifest), *_input_output(manifest), *_parity(export_dir, manifest), *_speed(export_dir, bench),
+             *_side_by_side(manifest, bench), *_usage(export_dir, manifest)]
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,8 @@ GATES: dict[str, dict[str, float]] = {
 # the pipeline path may lose at most this much agreement against the tensor path (percentage points):
 # where the deployed preprocessing matches training, both paths see the same inputs and lose nothing
 PIPELINE_SLACK_PP = 0.05
-PARITY_FIELDS = ("accuracy", "delta_pp", "agreement", "max_abs_logit_diff", "pipeline_agreement", "passed", "gate")  # kept per artifact and runtime
+# kept per artifact and runtime
+PARITY_FIELDS = ("accuracy", "delta_pp", "delta_ci_pp", "agreement", "max_abs_logit_diff", "pipeline_agreement", "passed", "gate")
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
