@@ -5,7 +5,8 @@ OpenVINO's own converter, for OpenVINO Runtime on Intel and AMD CPUs (and Intel 
 - fp16: the same graph with its weights stored in fp16 (``compress_to_fp16``); a CPU computes in fp32.
 - int8: the export's int8 QDQ graph (calibrated, gated, auto-fallback and QAT applying as for ONNX Runtime):
   OpenVINO turns its Quantize/Dequantize pairs into its own int8 operations. NNCF's post-training
-  quantization is not used: the QDQ graph is the one int8 model every runtime of the export runs.
+  quantization is not used: measured against it (bench/openvino_int8.py; docs/benchmarks.md, "OpenVINO's
+  int8") it held the parity gate less often, and the QDQ graph is the one int8 model every runtime runs.
 """
 
 from __future__ import annotations
