@@ -144,3 +144,30 @@ def test_every_recipe_block_of_the_guides_is_a_recipe(tmp_path):
         path = tmp_path / f"{name}-{i}.toml"
         path.write_text(block)
         assert load_recipe(path).epochs > 0, (name, i)
+
+
+def test_every_benchmark_table_is_rendered_from_its_record():
+    """#41: docs/benchmarks.md's tables are rendered by bench/report.py from docs/records/ (machine, date
+    and command above each); a table that differs from its record, or one typed outside any record, fails."""
+    from bench import report
+
+    page = report.PAGE.read_text()
+    names = report.BLOCK.findall(page)
+    assert len(names) >= 25 and len({n for n, _ in names}) == len(names)
+    assert report.differing(page) == [], "run python bench/report.py"
+    assert report.unrecorded_tables(page) == []
+    for name, text in names:
+        assert text.startswith("*") and ("Machine:" in text or "Command:" in text), name
+
+
+def test_the_benchmark_check_finds_a_table_edited_by_hand():
+    from bench import report
+
+    page = report.PAGE.read_text()
+    name, text = report.BLOCK.findall(page)[0]
+    row = next(line for line in text.splitlines() if line.startswith("| ") and "---" not in line and line != text.splitlines()[2])
+    edited = page.replace(row, row.replace("|", "| 1", 2).replace("| 1", "|", 1), 1)
+    assert edited != page and report.differing(edited) == [name]
+    typed = page + "\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+    assert report.unrecorded_tables(typed) == ["| a | b |", "|---|---|", "| 1 | 2 |"]
+    assert report.rendered(edited) == report.rendered(page)

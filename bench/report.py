@@ -1,0 +1,119 @@
+"""Render docs/benchmarks.md's tables from the records in docs/records/, or check that they match.
+
+    python bench/report.py            # rewrite every table between its markers
+    python bench/report.py --check    # exit 1 naming each table that differs from its record
+
+In the page, a table is the text between ``<!-- record: NAME -->`` and ``<!-- /record -->``; it is
+rendered from ``docs/records/NAME.json`` with its machine, date and command above it. Record kinds:
+
+- ``table``: columns, alignment and rows, with machine, date, command and where the figures came from.
+- ``exports``: folders under docs/records/ each holding an export's manifest.json and bench.json as
+  ``toolkit verify`` and ``toolkit bench`` wrote them; rendered as the model card's table of every
+  target side by side (``toolkit.core.side_by_side``), one per export.
+- ``openvino-int8``: the ``--json`` outputs of ``bench/openvino_int8.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PAGE = ROOT / "docs" / "benchmarks.md"
+RECORDS = ROOT / "docs" / "records"
+BLOCK = re.compile(r"<!-- record: ([a-z0-9][a-z0-9.-]*) -->\n(.*?)<!-- /record -->", re.S)
+
+
+def _line(record: dict) -> str:
+    return f"*Machine: {record['machine']}; date: {record['date']}; command: `{record['command']}`.*"
+
+
+def _markdown_table(columns: list[str], align: list[str], rows: list[list[str]]) -> list[str]:
+    if any(len(row) != len(columns) for row in rows):
+        raise ValueError(f"a row has other than {len(columns)} cells")
+    return ["| " + " | ".join(columns) + " |", "|" + "|".join("---:" if a == "right" else "---" for a in align) + "|",
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def _table(record: dict) -> list[str]:
+    return [_line(record) + f" {record['source']}.", "", *_markdown_table(record["columns"], record["align"], record["rows"])]
+
+
+def _exports(record: dict) -> list[str]:
+    from toolkit.core import side_by_side
+    from toolkit.core.manifest import Manifest
+
+    lines = [f"*Command: `{record['command']}`.*"]
+    for folder in record["exports"]:
+        path = RECORDS / folder
+        bench = json.loads((path / "bench.json").read_text())
+        manifest = Manifest.load(path, verify_files=False)  # the record keeps the manifest, not the models
+        v = manifest.parity
+        lines += ["", f"**{manifest.name}** ({manifest.model}, {manifest.dataset}): reference {v.reference_acc:.2f}% on {v.images:,} test images. "
+                  f"Verified on {v.machine}; benched on {bench['machine']}, {bench['date']}"
+                  + (f" (busy: {bench['busy']})" if bench.get("busy") else ", quiet") + ".", "",
+                  *side_by_side.markdown(manifest, bench)]
+    return lines
+
+
+def _openvino_int8(record: dict) -> list[str]:
+    lines = [f"*Command: `{record['command']}`.*"]
+    for name in record["reports"]:
+        r = json.loads((RECORDS / name).read_text())
+        rows = [[row["model"], f"{row['accuracy']:.2f}%", f"{row['delta_pp']:+.2f}", f"{row['agreement']:.2f}%",
+                 f"{row['images_per_s_b1']:,.0f}", f"{row['images_per_s_b32']:,.0f}"] for row in r["rows"]]
+        lines += ["", f"**{Path(r['export']).name}** on {r['machine']}; OpenVINO {r['openvino'].split('-')[0]}, NNCF {r['nncf']}; "
+                  f"{r['images']:,} test images; images/s the median of {r['rounds']} interleaved rounds.", "",
+                  *_markdown_table(["IR", "accuracy", "Δ pp vs fp32 IR", "agreement", "img/s b1", "img/s b32"],
+                                   ["left"] + ["right"] * 5, rows)]
+    return lines
+
+
+KINDS = {"table": _table, "exports": _exports, "openvino-int8": _openvino_int8}
+
+
+def render(name: str) -> str:
+    """The text between the markers for record ``name``."""
+    record = json.loads((RECORDS / f"{name}.json").read_text())
+    return "\n".join(KINDS[record["kind"]](record)) + "\n"
+
+
+def rendered(page: str) -> str:
+    return BLOCK.sub(lambda m: f"<!-- record: {m.group(1)} -->\n{render(m.group(1))}<!-- /record -->", page)
+
+
+def differing(page: str) -> list[str]:
+    """The records whose table in ``page`` is not what they render to."""
+    return [m.group(1) for m in BLOCK.finditer(page) if m.group(2) != render(m.group(1))]
+
+
+def unrecorded_tables(page: str) -> list[str]:
+    """Table lines of ``page`` outside every record block (figures typed by hand)."""
+    outside = BLOCK.sub("", page)
+    return [line for line in outside.splitlines() if line.startswith("|")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs from its record")
+    args = parser.parse_args()
+    page = PAGE.read_text()
+    if args.check:
+        bad = differing(page)
+        typed = unrecorded_tables(page)
+        for name in bad:
+            print(f"docs/benchmarks.md: the table of record {name} differs from docs/records/{name}.json: run python bench/report.py")
+        if typed:
+            print(f"docs/benchmarks.md: {len(typed)} table lines outside any record block, e.g. {typed[0][:80]}")
+        sys.exit(1 if bad or typed else 0)
+    PAGE.write_text(rendered(page))
+    print(f"rendered {len(BLOCK.findall(page))} tables into {PAGE.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
