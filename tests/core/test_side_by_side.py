@@ -60,8 +60,12 @@ def test_every_target_is_one_row_with_its_parity_and_speed(fine4_export):
     assert engine["img/s b1"] == ""
 
 
-def test_the_card_and_bench_md_print_the_same_table(fine4_export):
-    from toolkit.check.bench import bench_markdown
+def test_the_card_bench_md_and_the_console_print_the_same_table(fine4_export):
+    import io
+
+    from rich.console import Console
+
+    from toolkit.check.bench import bench_markdown, side_by_side_table
     from toolkit.core.model_card import model_card
 
     manifest, bench = _given(fine4_export)
@@ -71,6 +75,9 @@ def test_the_card_and_bench_md_print_the_same_table(fine4_export):
         for r in bench["results"]]}
     assert table in model_card(fine4_export, manifest, report)
     assert table in bench_markdown(report, manifest)
+    shown = io.StringIO()
+    Console(file=shown, width=400).print(side_by_side_table(manifest, report))
+    assert shown.getvalue().count("deploy fp32") == 2 and "TensorRT-RTX" in shown.getvalue() and "-0.20 (-0.30 to -0.10)" in shown.getvalue()
     assert table.count("deploy fp32") == 2
 
 

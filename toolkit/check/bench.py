@@ -98,6 +98,7 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
         f.write(bench_markdown(report, manifest))
     write_model_card(export_dir, manifest)
     console.print(bench_table(report))
+    console.print(side_by_side_table(manifest, report))
     for line in notes(report):
         console.print(f"[yellow]{line}[/]")
     console.print(f"bench: wrote {export_dir / 'bench.md'}, bench.json and MODEL_CARD.md")
@@ -181,4 +182,14 @@ def bench_table(report: dict) -> Table:
     for r in report["results"]:
         table.add_row(r["artifact"], r["runtime"], str(r["batch"]), f"{r['p50_us']:.1f}", f"{r['p90_us']:.1f}", f"{r['p99_us']:.1f}",
                       f"{r['images_per_s']:,.0f}", speed.times_fp32(r), str(r["iterations"]), *_fmt_parity(r))
+    return table
+
+
+def side_by_side_table(manifest: Manifest, report: dict) -> Table:
+    """Every target of the export in one table (the model card's and bench.md's), for the console."""
+    table = Table(title="every target side by side")
+    for col in side_by_side.HEADER:
+        table.add_column(col, justify="right" if col.startswith(("img/s", "×")) else "left")
+    for cells in side_by_side.rows(manifest, report):
+        table.add_row(*cells)
     return table
