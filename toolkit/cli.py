@@ -224,7 +224,7 @@ def export(
     fmt: str = typer.Option("onnx", "--format", 
         help="onnx | trt (TensorRT engine; needs toolkit\\[trt] and an NVIDIA GPU) | openvino (OpenVINO IR, .xml and .bin, "
         "for OpenVINO Runtime; needs toolkit\\[openvino]) | executorch (a .pte lowered to XNNPACK, fp32 or int8; needs "
-        "executorch) | triton (a Triton "
+        "executorch) | web (a static page in <export>/web/ that classifies in the browser with ONNX Runtime Web, no server) | triton (a Triton "
         "Inference Server model repository in <export>/triton/, from the ONNX artifact and any "
         "engine of --precision)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | int8 (static QDQ quantization, calibrated on training images)."),
@@ -255,6 +255,9 @@ def export(
                                            "architectures to build for, comma-separated, from sm75, sm80, sm86, sm89, sm120, sm121 "
                                            "(e.g. sm89 for an RTX 4090). Default: TensorRT-RTX's own (8.0, 8.6, 8.9, 12.0 and later). "
                                            "Full TensorRT builds for this machine's GPU and takes no --trt-arch."),
+    ort_web: Optional[Path] = typer.Option(None, "--ort-web", help="--format web: a folder holding ONNX Runtime Web's dist files "
+                                          "(npm install onnxruntime-web: node_modules/onnxruntime-web/dist), checked against the pinned "
+                                          "version. Default: fetched once from the npm registry into ~/.cache/toolkit."),
     pad_channels: Optional[int] = typer.Option(None, "--pad-channels", min=0, help="Zero-pad conv channels to this multiple where outputs "
         "stay exactly the same (16: ONNX "
         "Runtime's AVX-512 block, 8: AVX2): faster batch-1 latency on ONNX Runtime CPU for models "
@@ -278,7 +281,8 @@ def export(
                        calib_method=calib_method, auto_fallback=auto_fallback, int8_activations=int8_activations, target=target,
                        int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images,
                        max_batch=max_batch, pad_channels=pad_channels, input_dtype=input_dtype, layout=layout,
-                       trt_arch=tuple(a.strip().lower() for a in trt_arch.split(",")) if trt_arch is not None else None, console=_console(as_json))
+                       trt_arch=tuple(a.strip().lower() for a in trt_arch.split(",")) if trt_arch is not None else None, ort_web=ort_web,
+                       console=_console(as_json))
     if as_json:
         _emit(entry)
 

@@ -62,7 +62,7 @@ def deployed_inputs(manifest: Manifest, root: Path, limit: int | None = None) ->
     normalized = preprocess.normalize(images, manifest.normalization)
     tensors = preprocess.model_input(images, manifest)
     files = np.concatenate([preprocess.to_input(preprocess.model_pixels(src, manifest), manifest) for src in sources])
-    return normalized, tensors, files, labels
+    return normalized, tensors, files, labels, sources
 
 
 def _verified_on(images: int, reference_acc: float) -> dict:
@@ -74,8 +74,16 @@ def _verified_on(images: int, reference_acc: float) -> dict:
             "onnxruntime": onnxruntime.__version__}
 
 
+def pipeline_logits(run, x_files: np.ndarray, sources: list) -> np.ndarray:
+    """The image-file path's logits: the Python preparation's inputs through ``run``, or, for a runner with its
+    own preparation (the web page's ``files``), the image files themselves through it."""
+    if hasattr(run, "files"):
+        return run.files([s if isinstance(s, bytes) else Path(s).read_bytes() for s in sources])[0]
+    return batched(run, x_files)
+
+
 def _check_artifacts(export_dir: Path, manifest: Manifest, ref_logits, labels, ref_acc: float, gates: dict, x_tensor, x_files,
-                     console: Console) -> tuple[list[dict], list[dict], dict[str, dict]]:
+                     sources: list, console: Console) -> tuple[list[dict], list[dict], dict[str, dict]]:
     """Every artifact on every runtime that can run it here, against the reference: the parity
     rows, the artifacts skipped (and why), and where a failing int8 artifact loses the float signal."""
     results, skipped = [], []
@@ -95,7 +103,7 @@ def _check_artifacts(export_dir: Path, manifest: Manifest, ref_logits, labels, r
             if logits.shape != ref_logits.shape:
                 raise ToolkitError(f"{export_dir / art.file}: gives outputs of shape {logits.shape}, the trained model "
                                    f"{ref_logits.shape}: it is not an export of this model")
-            row = compare(logits, ref_logits, labels, ref_acc, art.precision, gates, pipeline_logits=batched(run, x_files))
+            row = compare(logits, ref_logits, labels, ref_acc, art.precision, gates, pipeline_logits=pipeline_logits(run, x_files, sources))
             results.append({"artifact": art.file, "format": art.format, "precision": art.precision, "runtime": runtime,
                             "sha256": art.sha256, **({"kernels": "unfused"} if unfused else {}), **row})
             if art.precision == "int8" and art.format == "onnx" and not row["tensor_passed"] and art.file not in diagnosis:
@@ -147,14 +155,14 @@ def verify(export_dir=None, *, data_dir=None, exports="exports", gates=None, lim
     recipe = Recipe.model_validate(ckpt["recipe"])
     console.print(f"verify: reading the {manifest.dataset} test split through the training pipeline and through the deployed preprocessing")
     x_train, labels = source_for(recipe, root, download=download).test_inputs(limit)
-    x_normalized, x_tensor, x_files, deployed_labels = deployed_inputs(manifest, root, limit)
+    x_normalized, x_tensor, x_files, deployed_labels, sources = deployed_inputs(manifest, root, limit)
     if not np.array_equal(labels, deployed_labels):
         raise ToolkitError(f"{root}: the {manifest.dataset} test split reads differently through torchvision and through the deployed readers")
     console.print(f"verify: the reference, {recipe.name} in PyTorch, on {len(labels):,} test images")
     ref_logits = batched(torch_runner(model_from_checkpoint(ckpt)), x_train)
     ref_acc = accuracy(ref_logits, labels)
 
-    results, skipped, diagnosis = _check_artifacts(export_dir, manifest, ref_logits, labels, ref_acc, gates, x_tensor, x_files, console)
+    results, skipped, diagnosis = _check_artifacts(export_dir, manifest, ref_logits, labels, ref_acc, gates, x_tensor, x_files, sources, console)
     report = {
         "export_dir": str(export_dir),
         "dataset": manifest.dataset,

@@ -358,6 +358,21 @@ def locked(directory: Path, *, wait: bool = True, say: Callable[[str], None] | N
 
 # ----------------------------------------------------------------------------- misc
 
+def tree_digest(folder: Path) -> tuple[str, int]:
+    """A folder artifact's (the web page's) sha256 and size: the sha256 of its sorted ``name sha256`` lines,
+    and the sum of its files' sizes. Only plain files and folders: a link or anything else is refused."""
+    lines, size = [], 0
+    for path in sorted(Path(folder).rglob("*")):
+        mode = path.lstat().st_mode
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            raise ToolkitError(f"{path}: not a plain file (a folder artifact holds files only)")
+        lines.append(f"{path.relative_to(folder).as_posix()} {sha256_file(path)}\n")
+        size += path.stat().st_size
+    return hashlib.sha256("".join(lines).encode()).hexdigest(), size
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -22,7 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, 
 from toolkit.core.datasets import DATASETS
 from toolkit.core.errors import ToolkitError, shown
 from toolkit.core.parity import GATES
-from toolkit.core.files import atomic_write, confined, finish_interrupted_swaps, name_problem, read_text_limited, reading, sha256_file
+from toolkit.core.files import atomic_write, confined, finish_interrupted_swaps, name_problem, read_text_limited, reading, sha256_file, tree_digest
 
 FORMAT = "toolkit-manifest/1"
 MAX_BATCH = 256  # the default largest batch: Triton's max_batch_size, a TensorRT engine's profile, the v2 API's limit
@@ -166,7 +166,7 @@ class Verified(_Schema):
 
 class Artifact(_Schema):
     file: PlainName
-    format: Literal["onnx", "trt", "openvino", "executorch"]
+    format: Literal["onnx", "trt", "openvino", "executorch", "web"]  # "web": a folder (the browser's page), its sha256 files.tree_digest
     precision: Literal["fp32", "fp16", "int8"]
     sha256: str = Field(pattern=SHA256)
     bytes: int = Field(ge=0)
@@ -179,8 +179,9 @@ class Artifact(_Schema):
 
     @classmethod
     def of(cls, path: Path, fmt: str, precision: str, **extra) -> "Artifact":
-        """The entry for a file just written."""
-        return cls(file=path.name, format=fmt, precision=precision, sha256=sha256_file(path), bytes=path.stat().st_size,
+        """The entry for a file (or a folder artifact) just written."""
+        digest, size = tree_digest(path) if path.is_dir() else (sha256_file(path), path.stat().st_size)
+        return cls(file=path.name, format=fmt, precision=precision, sha256=digest, bytes=size,
                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra)
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -324,6 +325,12 @@ class Manifest(_Schema):
         if verify_files:
             for art in manifest.artifacts:
                 f = manifest.path(export_dir, art)
+                if art.format == "web":  # a folder
+                    if not f.is_dir() or f.is_symlink():
+                        raise ToolkitError(f"{path}: artifact {art.file} (a folder) is missing")
+                    if tree_digest(f) != (art.sha256, art.bytes):
+                        raise ToolkitError(f"{f}: its files do not match the manifest (changed or corrupted)")
+                    continue
                 if not f.is_file():
                     raise ToolkitError(f"{path}: artifact {art.file} is missing")
                 if f.stat().st_size != art.bytes or sha256_file(f) != art.sha256:

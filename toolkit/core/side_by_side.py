@@ -14,7 +14,7 @@ from toolkit.core.manifest import Artifact, Manifest
 
 BATCHES = (1, 32)
 RUNTIMES = {"ort-cpu": "ONNX Runtime (CPU)", "ort-cuda": "ONNX Runtime (CUDA)", "openvino-cpu": "OpenVINO Runtime (CPU)",
-            "executorch-cpu": "ExecuTorch (XNNPACK, CPU)", "tensorrt": "TensorRT"}
+            "executorch-cpu": "ExecuTorch (XNNPACK, CPU)", "tensorrt": "TensorRT", "chromium-ort-web": "ONNX Runtime Web (Chromium)"}
 HEADER = ["runtime", "precision", "file", "Δ pp (95% interval)", "agreement", "gate",
           *(f"{label} b{b}" for b in BATCHES for label in ("img/s", "× fp32"))]
 

@@ -29,7 +29,7 @@ from toolkit.core.manifest import NAME as MANIFEST_NAME
 from toolkit.core.manifest import MAX_BATCH, TARGET_LINES, TARGETS, Artifact, Manifest, TritonModel
 from toolkit.core.model_card import write_model_card
 
-FORMATS = ("onnx", "trt", "openvino", "executorch", "triton")
+FORMATS = ("onnx", "trt", "openvino", "executorch", "web", "triton")
 STAGING, OLD = ".staging-", SWAP_ASIDE  # sibling work directories: .<export>.staging-*, .<export>.old-<pid>
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -93,6 +93,7 @@ class ExportOptions:
     download: bool = True
     max_batch: int = MAX_BATCH
     trt_arch: tuple[str, ...] | None = None  # TensorRT-RTX's target GPU architectures (None: its default)
+    ort_web: str | Path | None = None  # --format web: a folder with ONNX Runtime Web's files (None: the cache, else npm)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,8 @@ PLAN = {s.file: s for s in (
     Step("model.int8.xml", "openvino", "int8", "model.int8.onnx"),
     Step("model.fp32.pte", "executorch", "fp32", None),  # from the checkpoint, as the fp32 ONNX file
     Step("model.int8.pte", "executorch", "int8", None),
+    Step("web", "web", "fp32", "model.fp32.onnx"),  # folders: the browser's page with the model it runs
+    Step("web-int8", "web", "int8", "model.int8.onnx"),
 )}
 
 
@@ -198,7 +201,11 @@ def _drop_stale(stage: Path, manifest: Manifest, console: Console, changed: set[
             break
         for art in stale:
             console.print(f"[yellow]{art.file} was made from an earlier {PLAN[art.file].source}: dropped (export it again)[/]")
-            Manifest.path(stage, art).unlink(missing_ok=True)
+            gone = Manifest.path(stage, art)
+            if gone.is_dir() and not gone.is_symlink():  # a folder artifact (the web page)
+                shutil.rmtree(gone)
+            else:
+                gone.unlink(missing_ok=True)
             for name in art.companions:
                 confined(stage, name, f"{art.file}'s companion file").unlink(missing_ok=True)
             manifest.artifacts.remove(art)
@@ -236,6 +243,9 @@ def _checked(fmt: str, precision: str, input_dtype: str, layout: str, *, pad_cha
     """Refuse a bad combination of export options in one line, before any work; the layout, upper-cased."""
     check_choice("format", fmt, FORMATS)
     check_choice("precision", precision, PRECISIONS)
+    offered = [p for p in PRECISIONS if (fmt, p) in BUILDERS]
+    if fmt != "triton" and precision not in offered:
+        raise ToolkitError(f"--format {fmt} has no {precision}: {' | '.join(offered)}")
     check_choice("int8 weight bits", int8_weights, (8, 7))
     check_choice("input type", input_dtype, ("float32", "uint8"))
     layout = layout.upper()
@@ -284,6 +294,7 @@ def export(
     gate_pp: float | None = None,
     max_batch: int = MAX_BATCH,
     trt_arch: tuple[str, ...] | None = None,
+    ort_web: str | Path | None = None,
     pad_channels: int | None = None,
     input_dtype: str = "float32",
     layout: str = "NCHW",
@@ -307,7 +318,7 @@ def export(
     options = ExportOptions(data_dir=data_dir, calib_size=calib_size, calib_method=calib_method, auto_fallback=auto_fallback,
                             int8_activations=int8_activations, target=target, int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images,
                             gate_pp=gate_pp, pad_channels=pad_channels, download=download, max_batch=max_batch,
-                            trt_arch=trt_arch)
+                            trt_arch=trt_arch, ort_web=ort_web)
     with locked(export_dir, say=console.print):
         _remove_leftovers(export_dir, console)
         with staged(export_dir) as stage:
@@ -484,6 +495,14 @@ def _executorch(job: Job, step: Step, path: Path) -> dict:
     return export_executorch(model_from_checkpoint(job.ckpt), path, m.chw, job.options.max_batch, calib=calib)
 
 
+def _web(job: Job, step: Step, path: Path) -> dict:
+    from toolkit.export.to_web import write_web
+
+    if path.exists():  # made again: the stage's copy of the old page goes
+        shutil.rmtree(path)
+    return write_web(path, job.stage / step.source, job.manifest, step.precision, job.options.ort_web, say=job.console.print)
+
+
 def _openvino(job: Job, step: Step, path: Path) -> dict:
     from toolkit.export.to_openvino import convert_to_openvino
 
@@ -502,6 +521,8 @@ BUILDERS = {
     ("openvino", "int8"): _openvino,
     ("executorch", "fp32"): _executorch,
     ("executorch", "int8"): _executorch,
+    ("web", "fp32"): _web,
+    ("web", "int8"): _web,
 }
 
 

@@ -93,6 +93,8 @@ class Catalog:
             catalog.notices.extend(f"warning: {manifest.name}/{line}" for line in manifest.contradictions)
             for art in manifest.artifacts:
                 key = f"{manifest.name}/{art.file}"
+                if art.format == "web":  # a page the browser runs: `toolkit serve` serves its files at /web/
+                    continue
                 runtimes = runtimes_for(art)
                 if not runtimes:
                     why = not_runnable_reason(art)

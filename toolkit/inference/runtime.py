@@ -85,6 +85,10 @@ def not_runnable_reason(artifact: Artifact) -> str:
         return "OpenVINO Runtime is not installed here (pip install '.[openvino]')"
     if artifact.format == "executorch":
         return "ExecuTorch's runtime is not installed here (pip install executorch; it runs beside torch)"
+    if artifact.format == "web":
+        from toolkit.inference.web_runner import web_missing
+
+        return web_missing() or "a page for the browser"
     return f"no runtime here runs {artifact.format} artifacts"
 
 
@@ -103,6 +107,10 @@ def runtimes_for(artifact: Artifact) -> list[str]:
     if artifact.format == "executorch":
         present = all(importlib.util.find_spec(m) is not None for m in ("torch", "executorch"))
         return ["executorch-cpu"] if present else []
+    if artifact.format == "web":
+        from toolkit.inference.web_runner import RUNTIME, web_missing
+
+        return [] if web_missing() else [RUNTIME]
     return []
 
 
@@ -248,6 +256,10 @@ def make_runner(export_dir: Path, artifact: Artifact, runtime: str, threads: int
         from toolkit.inference.executorch_runner import executorch_runner
 
         return executorch_runner(path, threads, classes=classes, max_batch=int(artifact.get("max_batch") or 256))
+    if runtime == "chromium-ort-web":
+        from toolkit.inference.web_runner import web_runner
+
+        return web_runner(path, classes=classes)
     raise ToolkitError(f"unknown runtime {runtime!r}")
 
 
