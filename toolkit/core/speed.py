@@ -21,6 +21,7 @@ from toolkit.core.records import load_optional
 BENCH_JSON = "bench.json"
 REFERENCE = "model.fp32.onnx"  # what "× fp32" compares with
 REFERENCE_RUNTIME = "ort-cpu"  # ... on the same runtime, else on this one
+REFERENCES = {"chromium-ort-web": "web"}  # a runtime that runs its own fp32 artifact: the web page's fp32 folder
 MAX_BYTES = 4 << 20  # a bench report is a few KB
 MAX_ROWS = 10_000
 BUSY_SPREAD = 5.0  # a row whose p90 is this many times its p50 was timed beside other work
@@ -41,6 +42,7 @@ class Row(_Record):
     batch: int = Field(ge=1, le=1 << 20)
     images_per_s: float = Field(gt=0)
     vs_fp32: Ratio = None
+    vs: Optional[str] = Field(default=None, max_length=MAX_NAME)  # the fp32 file vs_fp32 compares with
     p50_us: Optional[Annotated[float, Field(ge=0)]] = None
     p90_us: Optional[Annotated[float, Field(ge=0)]] = None
     passed: Optional[bool] = None
@@ -94,10 +96,13 @@ def relative(rows: list[dict]) -> None:
     """In place: each row's ``vs_fp32``, its images/s over the fp32 ONNX file's on the same runtime and
     batch, or for a runtime that runs no ONNX file (OpenVINO) over ONNX Runtime's on the CPU (None where
     there is no such row, or for the fp32 file itself)."""
-    fp32 = {(r["runtime"], r["batch"]): r["images_per_s"] for r in rows if r.get("artifact") == REFERENCE}
+    fp32 = {(r["runtime"], r["batch"]): r["images_per_s"] for r in rows if r.get("artifact") == REFERENCES.get(r.get("runtime"), REFERENCE)}
     for r in rows:
-        base = fp32.get((r.get("runtime"), r.get("batch"))) or fp32.get((REFERENCE_RUNTIME, r.get("batch")))
-        r["vs_fp32"] = round(r["images_per_s"] / base, 3) if base and r.get("artifact") != REFERENCE else None
+        own = REFERENCES.get(r.get("runtime"), REFERENCE)
+        base = fp32.get((r.get("runtime"), r.get("batch")))
+        r["vs"] = own if base else REFERENCE
+        base = base or fp32.get((REFERENCE_RUNTIME, r.get("batch")))
+        r["vs_fp32"] = round(r["images_per_s"] / base, 3) if base and r.get("artifact") != own else None
 
 
 def does_not_pay(row: dict) -> bool:
@@ -131,7 +136,8 @@ def slower_line(file: str, report: dict | None) -> str:
     at = sorted(int8_verdicts(report).get(file, {}).items())
     slow = [f"batch {b} ({v:.2f}x)" for b, v in at if v < 1.0]
     fast = [f"batch {b} ({v:.2f}x)" for b, v in at if v >= 1.0]
-    line = f"{file} is slower than fp32 on this machine at {', '.join(slow)} of model.fp32.onnx's images/s: deploy fp32"
+    ref = next((r.get("vs") for r in (report or {}).get("results", []) if r.get("artifact") == file and isinstance(r.get("vs"), str)), REFERENCE)
+    line = f"{file} is slower than fp32 on this machine at {', '.join(slow)} of {ref}'s images/s: deploy fp32"
     return line + (f" at {'that batch size' if len(slow) == 1 else 'those batch sizes'}; it is faster at {', '.join(fast)}" if fast else " here")
 
 

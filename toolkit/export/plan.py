@@ -311,6 +311,10 @@ def export(
     layout = _checked(fmt, precision, input_dtype, layout, pad_channels=pad_channels, auto_fallback=auto_fallback,
                       int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images)
     trt_arch = _trt_builder(fmt, trt_arch, console)
+    if fmt == "web":  # ONNX Runtime Web's files found and checked (fetched once) before exports/ is touched
+        from toolkit.export.to_web import ort_web_files
+
+        ort_web = ort_web_files(ort_web, say=console.print)
     ckpt = load_checkpoint(ref if ref is not None else latest_run(runs, say=lambda line: console.print(f"export: {line}")))
     export_dir = Path(out) / export_name(ckpt, input_dtype, layout)
     if (export_dir / MANIFEST_NAME).exists() or (export_dir / MANIFEST_NAME).is_symlink():

@@ -145,6 +145,12 @@ def web_runner(folder: Path, classes: int | None = None):
             failed += [start + i for i, _ in out["failed"]]
         return np.concatenate(logits), np.concatenate(pixels), failed
 
+    def time_calls(x: np.ndarray, warmup: int, min_iters: int, min_seconds: float, max_iters: int) -> list[float]:
+        """bench's timing, inside the page (no round trip to Python per call): microseconds per call."""
+        data = base64.b64encode(np.ascontiguousarray(x, dtype=dtype).tobytes()).decode()
+        return page.evaluate("(a) => window.toolkitTime(...a)", [data, int(len(x)), warmup, min_iters, min_seconds * 1000, max_iters])
+
     run.files = files
+    run.time_calls = time_calls
     run.page = page
     return run

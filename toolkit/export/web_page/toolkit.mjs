@@ -106,6 +106,20 @@ export function expose(model) {
     const input = model.spec.input.dtype === "uint8" ? bytes : new Float32Array(bytes.buffer);
     return toBase64(new Uint8Array((await run(model, input, batch)).buffer));
   };
+  // bench: calls of one batch timed inside the page until both minIters and minMs are reached -> microseconds per call
+  window.toolkitTime = async (b64, batch, warmup, minIters, minMs, maxIters) => {
+    const bytes = fromBase64(b64);
+    const input = model.spec.input.dtype === "uint8" ? bytes : new Float32Array(bytes.buffer);
+    for (let i = 0; i < warmup; i++) await run(model, input, batch);
+    const times = [];
+    const start = performance.now();
+    while (times.length < maxIters && (times.length < minIters || performance.now() - start < minMs)) {
+      const t0 = performance.now();
+      await run(model, input, batch);
+      times.push((performance.now() - t0) * 1000);
+    }
+    return times;
+  };
   // image files (base64) through the page's own decoding and preparation -> base64 of their logits and inputs
   window.toolkitRunFiles = async (files) => {
     const logits = [], inputs = [], failed = [];
