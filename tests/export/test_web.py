@@ -214,3 +214,35 @@ def test_verify_and_bench_give_the_page_its_rows(web_export, mnist_root):
     rows = {r["artifact"]: r for r in report["results"] if r["runtime"] == "chromium-ort-web"}
     assert set(rows) == {"web", "web-int8"} and rows["web-int8"]["vs"] == "web"
     assert "ONNX Runtime Web (Chromium)" in (web_export / "MODEL_CARD.md").read_text()
+
+
+def test_toolkit_serve_serves_the_page_cross_origin_isolated(web_export):
+    """`toolkit serve` gives the page at /web/ (static files, COOP/COEP so that ONNX Runtime Web may use two
+    threads); the page loaded from there classifies as it does from a plain file server."""
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    from tests.helpers import free_port
+    from toolkit.inference.web_runner import CHROMIUM_ARGS, chromium
+    from toolkit.serve.server import serve
+
+    running, url = serve([web_export], port=free_port(), api_only=True, block=False, console=None)
+    try:
+        with urllib.request.urlopen(url + "web/") as answer:
+            assert "toolkitReady" in answer.read().decode() and answer.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+        with urllib.request.urlopen(url + f"web/{web_export.name}/web-int8/model.json") as answer:
+            assert json.loads(answer.read())["model"] == "model.int8.onnx"
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS, headless=True)
+            try:
+                page = browser.new_page()
+                page.goto(url + "web/")
+                page.wait_for_function("() => window.toolkitModel !== undefined", timeout=60_000)
+                isolated, threads, cores = page.evaluate("() => [self.crossOriginIsolated, window.toolkitModel.threads, navigator.hardwareConcurrency]")
+                assert isolated and threads == min(2, cores)
+                assert page.evaluate("() => window.toolkitClassify('model.json').catch(e => 'refused')") == "refused"  # not an image
+            finally:
+                browser.close()
+    finally:
+        running.close()

@@ -27,6 +27,7 @@ import numpy as np
 from toolkit.inference.catalog import MNIST_FAMILY, Catalog
 from toolkit.core.errors import Interrupted, ToolkitError, first_line, shown
 from toolkit.core.files import resolve_data_dir
+from toolkit.core.manifest import Manifest
 from toolkit.serve.oip import Service
 from toolkit.inference.preprocess import as_image
 from toolkit.inference.splits import read_test_split
@@ -161,13 +162,14 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
         raise ToolkitError(f"nothing to serve: {'; '.join(service.left_out)}")
     local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
     share_url = None
+    pages, page_paths = web_routes(catalog)
     if api_only:
         if share:
             raise ToolkitError("--share makes a public link to the Gradio demo; --api-only serves no demo")
-        server, thread = _start_api_only(_api_alone(routes(service)), host, port)
+        server, thread = _start_api_only(_api_alone(routes(service) + pages), host, port)
         running = Running(local, service, api_server=server, api_thread=thread)
     else:
-        running = _start_demo(catalog, service, routes(service), host, port, data_dir, top_k, examples, share, max_upload, say)
+        running = _start_demo(catalog, service, routes(service) + pages, host, port, data_dir, top_k, examples, share, max_upload, say)
         share_url = running.demo.share_url
     if not block:
         return running, local
@@ -176,6 +178,8 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
             say(f"serving {catalog.entries[key].label}")
     for name, model in service.models.items():
         say(f"v2 API: {local}v2/models/{name} ({model.entry.key})")
+    for path in page_paths:
+        say(f"web page: {local}{path.lstrip('/')} (static files: the browser runs the model)")
     say(f"ready: {local}" + (" (v2 API only)" if api_only else "")
         + (f" (listening on {host}; other machines use this machine's address)" if host in ("0.0.0.0", "::") else "")
         + (f", public link {share_url}" if share_url else ""))
@@ -189,6 +193,43 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
         running.close()
     say("stopped")
     return running, local
+
+
+ISOLATION = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}  # 2 wasm threads
+
+
+def web_routes(catalog: Catalog) -> tuple[list, list[str]]:
+    """The served exports' web pages (`toolkit export --format web`) as static files: /web/<export>/<folder>/
+    for each, and /web/ for the first served export's fp32 page; sent cross-origin isolated, so that the page
+    may run ONNX Runtime Web on two threads. Returns the routes and their paths."""
+    from starlette.routing import Mount
+    from starlette.staticfiles import StaticFiles
+
+    def isolated(app):
+        async def with_headers(scope, receive, send):
+            async def send_isolated(message):
+                if message["type"] == "http.response.start":
+                    message.setdefault("headers", [])
+                    message["headers"] = list(message["headers"]) + [(k.lower().encode(), v.encode()) for k, v in ISOLATION.items()]
+                await send(message)
+            await app(scope, receive, send_isolated)
+        return with_headers
+
+    routes, paths, seen = [], [], set()
+    for entry in catalog.entries.values():
+        if entry.export_dir in seen:
+            continue
+        seen.add(entry.export_dir)
+        for art in entry.manifest.artifacts:
+            if art.format == "web":
+                path = f"/web/{entry.manifest.name}/{art.file}"
+                routes.append(Mount(path, app=isolated(StaticFiles(directory=Manifest.path(entry.export_dir, art), html=True))))
+                paths.append(path + "/")
+    fp32 = next((r for r in routes if not r.path.endswith("-int8")), None)
+    if fp32 is not None:
+        routes.append(Mount("/web", app=fp32.app))
+        paths.insert(0, "/web/")
+    return routes, paths
 
 
 def _api_alone(v2_routes: list):
