@@ -218,6 +218,18 @@ def prune(
         _emit(report)
 
 
+TRT_ARCH_HELP = ("TensorRT-RTX (no GPU here: the engine is built ahead of time): the GPU architectures to build for, comma-separated, "
+                 "from sm75, sm80, sm86, sm89, sm120, sm121 (e.g. sm89 for an RTX 4090). Default: TensorRT-RTX's own (8.0, 8.6, 8.9, 12.0 "
+                 "and later). Full TensorRT builds for this machine's GPU and takes no --trt-arch.")
+ORT_WEB_HELP = ("--format web: a folder holding ONNX Runtime Web's dist files (npm install onnxruntime-web: "
+                "node_modules/onnxruntime-web/dist), checked against the pinned version. Default: fetched once from the npm registry "
+                "into ~/.cache/toolkit.")
+PAD_CHANNELS_HELP = ("Zero-pad conv channels to this multiple where outputs stay exactly the same (16: ONNX Runtime's AVX-512 block, "
+                     "8: AVX2): faster batch-1 latency on ONNX Runtime CPU for models with odd channel counts. 0: off (for the int8 file "
+                     "too). Default: as the existing export, else off; the CPU target's int8 file is padded to 16 on its own (exact, and "
+                     "faster there). Changing it re-exports the fp32 ONNX and drops the artifacts derived from it.")
+
+
 @app.command()
 def export(
     run: RunRef = None,
@@ -251,19 +263,9 @@ def export(
     qat_images: Optional[int] = typer.Option(None, "--qat-images", min=1, help="QAT: fine-tune on this many training images (default: all but "
                                              "the 2,000 held out for --auto-fallback)."),
     max_batch: int = typer.Option(MAX_BATCH, "--max-batch", min=1, help="TensorRT: largest batch of the optimization profile; Triton: max_batch_size."),
-    trt_arch: Optional[str] = typer.Option(None, "--trt-arch", help="TensorRT-RTX (no GPU here: the engine is built ahead of time): the GPU "
-                                           "architectures to build for, comma-separated, from sm75, sm80, sm86, sm89, sm120, sm121 "
-                                           "(e.g. sm89 for an RTX 4090). Default: TensorRT-RTX's own (8.0, 8.6, 8.9, 12.0 and later). "
-                                           "Full TensorRT builds for this machine's GPU and takes no --trt-arch."),
-    ort_web: Optional[Path] = typer.Option(None, "--ort-web", help="--format web: a folder holding ONNX Runtime Web's dist files "
-                                          "(npm install onnxruntime-web: node_modules/onnxruntime-web/dist), checked against the pinned "
-                                          "version. Default: fetched once from the npm registry into ~/.cache/toolkit."),
-    pad_channels: Optional[int] = typer.Option(None, "--pad-channels", min=0, help="Zero-pad conv channels to this multiple where outputs "
-        "stay exactly the same (16: ONNX "
-        "Runtime's AVX-512 block, 8: AVX2): faster batch-1 latency on ONNX Runtime CPU for models "
-        "with odd channel counts. 0: off (for the int8 file too). Default: as the existing export, "
-        "else off; the CPU target's int8 file is padded to 16 on its own (exact, and faster "
-        "there). Changing it re-exports the fp32 ONNX and drops the artifacts derived from it."),
+    trt_arch: Optional[str] = typer.Option(None, "--trt-arch", help=TRT_ARCH_HELP),
+    ort_web: Optional[Path] = typer.Option(None, "--ort-web", help=ORT_WEB_HELP),
+    pad_channels: Optional[int] = typer.Option(None, "--pad-channels", min=0, help=PAD_CHANNELS_HELP),
     input_dtype: str = typer.Option("float32", "--input", help="float32: the graph takes normalized float tensors. uint8: it takes raw "
                                     "uint8 NCHW pixels and normalizes them itself (no preprocessing code needed in C++, C#, JavaScript ...); "
                                     "written as its own export, exports/<run>-uint8/."),

@@ -178,6 +178,9 @@ def test_a_digit_drawn_on_the_sketchpad_is_classified(web_export, page):
     stroke((-0.6, -0.8), (0.6, -0.8), (-0.1, 0.9))  # a 7: the bar, then the stem
     expect(p.locator("#label")).to_have_text("7", timeout=30_000)
     assert p.locator("#bars .bar").count() == 3
+    if os.environ.get("TOOLKIT_WEB_SCREENSHOT"):  # docs/web.png: TOOLKIT_WEB_SCREENSHOT=docs/web.png python -m pytest -k sketchpad
+        p.set_viewport_size({"width": 900, "height": 560})
+        p.screenshot(path=os.environ["TOOLKIT_WEB_SCREENSHOT"])
     p.locator("#clear").click()
     expect(p.locator("#label")).to_have_text("")
 
@@ -221,10 +224,8 @@ def test_toolkit_serve_serves_the_page_cross_origin_isolated(web_export):
     threads); the page loaded from there classifies as it does from a plain file server."""
     import urllib.request
 
-    from playwright.sync_api import sync_playwright
-
     from tests.helpers import free_port
-    from toolkit.inference.web_runner import CHROMIUM_ARGS, chromium
+    from toolkit.inference.web_runner import browser_page
     from toolkit.serve.server import serve
 
     running, url = serve([web_export], port=free_port(), api_only=True, block=False, console=None)
@@ -233,16 +234,59 @@ def test_toolkit_serve_serves_the_page_cross_origin_isolated(web_export):
             assert "toolkitReady" in answer.read().decode() and answer.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
         with urllib.request.urlopen(url + f"web/{web_export.name}/web-int8/model.json") as answer:
             assert json.loads(answer.read())["model"] == "model.int8.onnx"
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS, headless=True)
-            try:
-                page = browser.new_page()
-                page.goto(url + "web/")
-                page.wait_for_function("() => window.toolkitModel !== undefined", timeout=60_000)
-                isolated, threads, cores = page.evaluate("() => [self.crossOriginIsolated, window.toolkitModel.threads, navigator.hardwareConcurrency]")
-                assert isolated and threads == min(2, cores)
-                assert page.evaluate("() => window.toolkitClassify('model.json').catch(e => 'refused')") == "refused"  # not an image
-            finally:
-                browser.close()
+        with browser_page() as page:  # the module's page holds the process's one Playwright driver: share its browser
+            page.goto(url + "web/")
+            page.wait_for_function("() => window.toolkitModel !== undefined", timeout=60_000)
+            isolated, threads, cores = page.evaluate("() => [self.crossOriginIsolated, window.toolkitModel.threads, navigator.hardwareConcurrency]")
+            assert isolated and threads == min(2, cores)
+            assert page.evaluate("() => window.toolkitClassify('model.json').catch(e => 'refused')") == "refused"  # not an image
     finally:
         running.close()
+
+
+def test_the_cards_hosting_line_runs_as_written(web_export):
+    """The model card's line that hosts the page, run as printed: the page and its model come back."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    card = (web_export / "MODEL_CARD.md").read_text()
+    (line,) = [m for m in re.findall(r"^python -m http\.server .*$", card, re.M)]
+    command, _, comment = line.partition("#")
+    words = shlex.split(command)
+    assert "--directory" in words and comment.strip() == "then open http://127.0.0.1:8000/"
+    assert re.search(r"`web/` \(fp32\): [\d,]+ bytes in all \(the model 37,170 bytes, ONNX Runtime Web [\d.]+ [\d,]+ bytes\)", card)
+    server = subprocess.Popen([sys.executable, *words[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:8000/model.json", timeout=5) as answer:
+                    assert json.loads(answer.read())["model"] == "model.fp32.onnx"
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the card's server did not answer")
+        with urllib.request.urlopen("http://127.0.0.1:8000/") as answer:
+            assert "toolkit.mjs" in answer.read().decode()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_last_page_closed_stops_the_browser(web_export):
+    """Playwright's sync API allows one driver per thread: once no page is open, the shared one is gone, so
+    that other code in the process (the demo's browser tests) may start its own."""
+    from toolkit.inference import web_runner
+
+    run = web_runner.web_runner(web_export / "web", classes=10)
+    assert "browser" in web_runner._BROWSER
+    users = web_runner._BROWSER["users"]
+    run.page.close()
+    assert web_runner._BROWSER["users"] == users - 1
+    if users == 1:
+        assert "browser" not in web_runner._BROWSER and "driver" not in web_runner._BROWSER
+

@@ -85,6 +85,8 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
     finally:
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
+        for target in targets:
+            getattr(target[3], "close", lambda: None)()  # a runner holding a browser page lets it go
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     for r in rows:
         r["date"] = date

@@ -104,6 +104,7 @@ def _check_artifacts(export_dir: Path, manifest: Manifest, ref_logits, labels, r
                 raise ToolkitError(f"{export_dir / art.file}: gives outputs of shape {logits.shape}, the trained model "
                                    f"{ref_logits.shape}: it is not an export of this model")
             row = compare(logits, ref_logits, labels, ref_acc, art.precision, gates, pipeline_logits=pipeline_logits(run, x_files, sources))
+            getattr(run, "close", lambda: None)()  # a runner holding a browser page lets it go
             results.append({"artifact": art.file, "format": art.format, "precision": art.precision, "runtime": runtime,
                             "sha256": art.sha256, **({"kernels": "unfused"} if unfused else {}), **row})
             if art.precision == "int8" and art.format == "onnx" and not row["tensor_passed"] and art.file not in diagnosis:

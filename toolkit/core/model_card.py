@@ -235,9 +235,27 @@ def _executorch_usage(export_dir: Path, manifest: Manifest) -> list[str]:
             "logits = method.execute([x])[0]", "label = int(logits.argmax(1)[0])", "```"]
 
 
+def _web_usage(export_dir: Path, manifest: Manifest) -> list[str]:
+    """Where the web pages are, how big, and how to host one (any static file server)."""
+    pages = [a for a in manifest.artifacts if a.format == "web"]
+    if not pages:
+        return []
+    lines = ["", "In a web browser, with no server of your own (`toolkit export --format web`): a static page that draws or takes an image "
+             "and classifies it with ONNX Runtime Web; images never leave the browser."]
+    for a in pages:
+        model, runtime = a.get("model_bytes"), a.get("runtime_bytes")
+        parts = f" (the model {model:,} bytes, ONNX Runtime Web {a.get('onnxruntime_web')} {runtime:,} bytes)" if model and runtime else ""
+        lines.append(f"- `{a.file}/` ({a.precision}): {a.bytes:,} bytes in all{parts}.")
+    lines += ["", "Host the folder anywhere static files are served (a folder, GitHub Pages, an intranet share), e.g.:", "", "```",
+              f"python -m http.server 8000 --directory {export_dir / next((a for a in pages if a.precision == 'fp32'), pages[0]).file}"
+              "   # then open http://127.0.0.1:8000/", "```", "",
+              "`toolkit serve` serves it too, at /web/. In a page, `await window.toolkitClassify(url)` gives `{label, scores, input}`."]
+    return lines
+
+
 def _notes(export_dir: Path, manifest: Manifest) -> list[str]:
-    """What else a caller needs: OpenVINO, ExecuTorch, int8 on CPUs without VNNI, QAT, Triton."""
-    lines: list[str] = _openvino_usage(export_dir, manifest) + _executorch_usage(export_dir, manifest)
+    """What else a caller needs: OpenVINO, ExecuTorch, the web page, int8 on CPUs without VNNI, QAT, Triton."""
+    lines: list[str] = _openvino_usage(export_dir, manifest) + _executorch_usage(export_dir, manifest) + _web_usage(export_dir, manifest)
     eight_bit = [a.file for a in manifest.artifacts if a.precision == "int8" and a.format == "onnx" and a.get("weight_bits") == 8]
     if eight_bit:
         lines += ["", f"{', '.join(eight_bit)} on an x86 CPU without VNNI or AMX (`grep -o 'avx512_vnni\\|avx_vnni\\|amx_int8' /proc/cpuinfo` "

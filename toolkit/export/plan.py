@@ -261,6 +261,17 @@ def _checked(fmt: str, precision: str, input_dtype: str, layout: str, *, pad_cha
     return layout
 
 
+def _ort_web(fmt: str, ort_web: str | Path | None, console: Console) -> Path | None:
+    """For --format web: ONNX Runtime Web's files found and checked (fetched once) before exports/ is touched."""
+    if fmt != "web":
+        if ort_web is not None:
+            raise ToolkitError("--ort-web applies to --format web only")
+        return None
+    from toolkit.export.to_web import ort_web_files
+
+    return ort_web_files(ort_web, say=console.print)
+
+
 def _trt_builder(fmt: str, trt_arch: tuple[str, ...] | None, console: Console) -> tuple[str, ...] | None:
     """For --format trt: which builder builds, for which GPUs, said before any work (none: one line,
     and exports/ untouched); the checked --trt-arch."""
@@ -310,11 +321,7 @@ def export(
     target, int8_activations = _target(fmt, target, int8_activations)
     layout = _checked(fmt, precision, input_dtype, layout, pad_channels=pad_channels, auto_fallback=auto_fallback,
                       int8_weights=int8_weights, qat_epochs=qat_epochs, qat_images=qat_images)
-    trt_arch = _trt_builder(fmt, trt_arch, console)
-    if fmt == "web":  # ONNX Runtime Web's files found and checked (fetched once) before exports/ is touched
-        from toolkit.export.to_web import ort_web_files
-
-        ort_web = ort_web_files(ort_web, say=console.print)
+    trt_arch, ort_web = _trt_builder(fmt, trt_arch, console), _ort_web(fmt, ort_web, console)
     ckpt = load_checkpoint(ref if ref is not None else latest_run(runs, say=lambda line: console.print(f"export: {line}")))
     export_dir = Path(out) / export_name(ckpt, input_dtype, layout)
     if (export_dir / MANIFEST_NAME).exists() or (export_dir / MANIFEST_NAME).is_symlink():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import functools
 import http.server
 import importlib.util
@@ -18,6 +19,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -55,11 +57,13 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         super().end_headers()
 
 
-_BROWSER: dict = {}
+_BROWSER: dict = {"users": 0}
 
 
 def _browser():
-    """The process's one Chromium (Playwright's sync API allows one driver per thread), closed at exit."""
+    """The process's one Chromium (Playwright's sync API allows one driver per thread), shared by every page
+    open; closed when the last one closes (``_release``), or at exit."""
+    _BROWSER["users"] += 1
     if "browser" not in _BROWSER:
         from playwright.sync_api import sync_playwright
 
@@ -68,10 +72,30 @@ def _browser():
             _BROWSER["browser"] = driver.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS, headless=True)
         except Exception:
             driver.stop()
+            _BROWSER["users"] -= 1
             raise
         _BROWSER["driver"] = driver
         atexit.register(_close_browser)
     return _BROWSER["browser"]
+
+
+def _release() -> None:
+    _BROWSER["users"] = max(0, _BROWSER["users"] - 1)
+    if _BROWSER["users"] == 0:
+        _close_browser()
+
+
+@contextlib.contextmanager
+def browser_page(**options) -> Iterator:
+    """A Playwright page of the shared Chromium (for callers that drive a page themselves, such as tests)."""
+    page = _browser().new_page(**options)
+    try:
+        yield page
+    finally:
+        try:
+            page.close()
+        finally:
+            _release()
 
 
 def _close_browser() -> None:
@@ -91,8 +115,11 @@ class Page:
         self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.blocked: list[str] = []
         self.page = None
+        self._held = False
         try:
-            self.page = _browser().new_page()
+            browser = _browser()
+            self._held = True
+            self.page = browser.new_page()
             self.page.route("**/*", self._only_here)
             self.page.goto(f"{self.origin}/index.html", wait_until="load")
             self.page.wait_for_function("() => window.toolkitReady !== undefined", timeout=timeout_s * 1000)
@@ -118,6 +145,9 @@ class Page:
                 step()
             except Exception:  # noqa: BLE001 - closing what may be half open
                 pass
+        if self._held:
+            self._held = False
+            _release()
 
 
 def web_runner(folder: Path, classes: int | None = None):
@@ -152,5 +182,6 @@ def web_runner(folder: Path, classes: int | None = None):
 
     run.files = files
     run.time_calls = time_calls
+    run.close = page.close  # the browser goes with the last page closed
     run.page = page
     return run

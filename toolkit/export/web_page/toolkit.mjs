@@ -96,6 +96,7 @@ function fromBase64(text) {
 // For machines (tests, `toolkit verify`): set up once the page has loaded its model
 export function expose(model) {
   window.toolkitModel = model;
+  window.toolkitClassifyBlob = (blob) => classifyBlob(model, blob);
   window.toolkitClassify = async (url) => {
     const found = await classifyBlob(model, await (await fetch(url)).blob());
     return { label: found.label, scores: found.scores, input: Array.from(found.input) };
