@@ -36,7 +36,7 @@ FROM source AS api
 RUN pip install ".[api]" && rm -rf build ./*.egg-info
 COPY exports/ exports/
 USER toolkit
-EXPOSE 7860
+EXPOSE 7860 8001
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('TOOLKIT_PORT', '7860') + '/v2/health/ready', timeout=4)"]
 CMD ["toolkit", "serve", "--api-only", "exports"]

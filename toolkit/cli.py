@@ -402,15 +402,25 @@ def serve(
     api_only: bool = typer.Option(False, "--api-only", help="Serve only the v2 inference API (no Gradio demo; needs only toolkit\\[api])."),
     batch_delay_ms: float = typer.Option(1.0, "--batch-delay-ms", min=0, max=100, help="v2 API: how long a batch may wait for more "
                                          "requests when the server is busy (requests that arrive together are batched)."),
+    grpc_port: Optional[int] = typer.Option(None, "--grpc-port", envvar="TOOLKIT_GRPC_PORT", min=0, max=65535, help="The v2 API over gRPC "
+                                            "(tritonclient.grpc) on this port, beside HTTP: the same models, batches and limits. Default: 8001 "
+                                            "with --api-only (as Triton), else off; 0: off."),
     threads: Threads = None,
 ) -> None:
     """Serve the exported models: the Gradio demo (with its endpoint /predict) and, on the same port, the Open Inference
-    Protocol (KServe v2) under /v2, which tritonclient.http talks to as it talks to Triton. Needs only toolkit\\[serve], no torch."""
+    Protocol (KServe v2) under /v2, which tritonclient.http talks to as it talks to Triton; with --api-only also over gRPC
+    (port 8001). Needs only toolkit\\[serve], no torch."""
     _threads(threads)
     from toolkit.serve.server import serve as run_serve
 
+    if grpc_port is None:
+        grpc_port = GRPC_PORT if api_only else 0
     run_serve(export_dirs or [Path("exports")], host=host, port=port, data_dir=data_dir, top_k=top_k, examples=examples,
-              max_upload=max_upload, share=share, api_only=api_only, batch_delay_ms=batch_delay_ms, console=_out(stderr=True))
+              max_upload=max_upload, share=share, api_only=api_only, batch_delay_ms=batch_delay_ms, grpc_port=grpc_port,
+              console=_out(stderr=True))
+
+
+GRPC_PORT = 8001  # Triton's
 
 
 # the extra a command's missing import belongs to, for a one-line hint instead of a traceback

@@ -27,6 +27,7 @@ import contextlib
 import functools
 import json
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -123,15 +124,19 @@ class Batcher:
         self.run, self.max_batch, self.max_delay = run, max_batch, max_delay_ms / 1e3
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="toolkit-batch")
         self.queue: asyncio.Queue | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.task: asyncio.Task | None = None
         self.batches = 0  # counters, for tests and load reports
         self.requests = 0
 
     async def __call__(self, x: np.ndarray) -> np.ndarray:
-        if self.queue is None:  # made in the server's event loop, on first use
-            self.queue = asyncio.Queue()
-            self.task = asyncio.get_running_loop().create_task(self._work())
-        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self.queue is None:  # made in the first server's event loop, on first use
+            self.loop, self.queue = loop, asyncio.Queue()
+            self.task = loop.create_task(self._work())
+        if loop is not self.loop:  # another server's loop (gRPC beside HTTP): handed over, so both share one batch
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self(x), self.loop))
+        done = loop.create_future()
         self.queue.put_nowait((x, done))
         return await done
 
@@ -181,7 +186,8 @@ class Batcher:
 
     def close(self) -> None:
         if self.task is not None:
-            self.task.cancel()
+            with contextlib.suppress(RuntimeError):  # its loop is closed already
+                self.loop.call_soon_threadsafe(self.task.cancel)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -332,19 +338,22 @@ def release_memory() -> None:
 
 @dataclass
 class PixelBudget:
-    """Decoded pixels in flight, server-wide. Taken and given back on the event loop's thread only."""
+    """Decoded pixels in flight, server-wide (HTTP and gRPC, each on its own event loop's thread)."""
 
     limit: int = MAX_INFLIGHT_PIXELS
     in_use: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def take(self, pixels: int) -> bool:
-        if self.in_use and self.in_use + pixels > self.limit:
-            return False
-        self.in_use += pixels
-        return True
+        with self.lock:
+            if self.in_use and self.in_use + pixels > self.limit:
+                return False
+            self.in_use += pixels
+            return True
 
     def give(self, pixels: int) -> None:
-        self.in_use -= pixels
+        with self.lock:
+            self.in_use -= pixels
 
 
 def images_to_tensor(files: list[bytes], model: Model) -> np.ndarray:
@@ -469,15 +478,21 @@ class Service:
     async def infer(self, name: str, version: str | None, body: bytes, header_length: str | None) -> tuple[bytes, dict]:
         model = self.model(name, version)
         request, blob = split_body(body, header_length)
+        logits, wanted = await self.logits(model, request, blob)
+        return response_body(model, request, logits, wanted)
+
+    async def logits(self, model: Model, request: dict, blob: bytes) -> tuple[np.ndarray, list[Requested]]:
+        """One infer request (the protocol's JSON form and its binary data, from HTTP or gRPC): the model's
+        logits for it, and the outputs it asked for."""
         kind, data = read_inputs(request, blob, model)
         wanted = requested_outputs(request, model)
         if kind == "images":
             data = await self.decode(data, model)
         try:
-            logits = await self.batchers[name](data)
+            logits = await self.batchers[model.name](data)
         except ToolkitError as exc:
             raise ProtocolError(str(exc), 500) from None
-        return response_body(model, request, logits, wanted)
+        return logits, wanted
 
     async def decode(self, files: list[bytes], model: Model) -> np.ndarray:
         """The images decoded within the pixel budget, off the event loop. Their pixels are counted from

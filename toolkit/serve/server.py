@@ -108,9 +108,12 @@ class Running:
     demo: object | None = None
     api_server: object | None = None  # uvicorn's Server with ``api_only``
     api_thread: threading.Thread | None = None
+    grpc: object | None = None  # grpc_v2.GrpcServer, with a gRPC port
     cleanup: list = field(default_factory=list)
 
     def close(self) -> None:
+        if self.grpc is not None:  # first: its calls under way finish (new ones get UNAVAILABLE) while the batchers run
+            self.grpc.close()
         if self.demo is not None:
             self.demo.close()
         if self.api_server is not None:
@@ -140,17 +143,24 @@ def _start_api_only(app, host: str, port: int) -> tuple[object, threading.Thread
 
 def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, data_dir: Path | None = None,
           top_k: int = 3, examples: int = 8, share: bool = False, max_upload: str = MAX_UPLOAD,
-          api_only: bool = False, batch_delay_ms: float = 1.0, block: bool = True, console=None):
-    """Start the demo with the v2 API under /v2 (or the v2 API alone with ``api_only``); returns
-    ``(Running, url)`` when ``block`` is False (tests), else serves until SIGINT or SIGTERM
-    (``docker stop``), then closes the server and returns."""
+          api_only: bool = False, batch_delay_ms: float = 1.0, grpc_port: int = 0, block: bool = True, console=None):
+    """Start the demo with the v2 API under /v2 (or the v2 API alone with ``api_only``), and the v2 API over
+    gRPC on ``grpc_port`` (0: none); returns ``(Running, url)`` when ``block`` is False (tests), else serves
+    until SIGINT or SIGTERM (``docker stop``), then closes the server and returns."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a closed network
     from toolkit.serve.oip import routes
 
     max_upload = parse_size(max_upload)
+    say = console.print if console is not None else print
     catalog = Catalog.from_dirs(export_dirs)
     check_listen_address(host, port)
-    say = console.print if console is not None else print
+    if grpc_port and not _grpc_installed():
+        say("v2 API over gRPC: off, grpcio and tritonclient[grpc] are not installed (pip install '.[api]' in the toolkit's repository)")
+        grpc_port = 0
+    if grpc_port:
+        if grpc_port == port:
+            raise ToolkitError(f"--grpc-port {grpc_port} is --port's too: give gRPC a port of its own")
+        check_listen_address(host, grpc_port)
     for line in catalog.skipped:
         say(f"not served: {line}")
     for line in catalog.notices + catalog.warnings:
@@ -171,6 +181,14 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
     else:
         running = _start_demo(catalog, service, routes(service) + pages, host, port, data_dir, top_k, examples, share, max_upload, say)
         share_url = running.demo.share_url
+    if grpc_port:
+        from toolkit.serve.grpc_v2 import GrpcServer
+
+        try:
+            running.grpc = GrpcServer(service, host, grpc_port)
+        except ToolkitError:
+            running.close()
+            raise
     if not block:
         return running, local
     if not api_only:
@@ -178,6 +196,8 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
             say(f"serving {catalog.entries[key].label}")
     for name, model in service.models.items():
         say(f"v2 API: {local}v2/models/{name} ({model.entry.key})")
+    if grpc_port:
+        say(f"v2 API over gRPC: {host}:{grpc_port} (tritonclient.grpc, KServe's GRPCInferenceService)")
     for path in page_paths:
         say(f"web page: {local}{path.lstrip('/')} (static files: the browser runs the model)")
     say(f"ready: {local}" + (" (v2 API only)" if api_only else "")
@@ -230,6 +250,13 @@ def web_routes(catalog: Catalog) -> tuple[list, list[str]]:
         routes.append(Mount("/web", app=fp32.app))
         paths.insert(0, "/web/")
     return routes, paths
+
+
+def _grpc_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("grpc", "tritonclient")) and \
+        importlib.util.find_spec("tritonclient.grpc") is not None
 
 
 def _api_alone(v2_routes: list):
