@@ -121,3 +121,18 @@ def manifest_for(dataset: str = "mnist", chw=(1, 28, 28), dtype: str = "float32"
         normalization=Normalization(scale=1 / 255, mean=list(mean or [0.0] * c), std=list(std or [1.0] * c)),
         classes=classes, source=Source(checkpoint="/nowhere/best.pt", sha256="0" * 64, recipe="r", params=1), artifacts=[],
     )
+
+
+SEVEN = ((-0.6, -0.8), (0.6, -0.8), (-0.1, 0.9))  # a 7 drawn in one stroke: the bar, then the stem
+
+
+def draw(page, canvas, reach: float, points=SEVEN) -> None:
+    """One mouse stroke through ``points`` (in units of ``reach`` pixels from the canvas's centre), as a person draws."""
+    box = canvas.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx + points[0][0] * reach, cy + points[0][1] * reach)
+    page.mouse.down()
+    for u, v in points[1:]:
+        page.mouse.move(cx + u * reach, cy + v * reach, steps=15)
+    page.mouse.up()
+

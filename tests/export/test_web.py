@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from tests.helpers import mnist_test_set, one_line_error, run_cli
+from tests.helpers import draw, mnist_test_set, one_line_error, run_cli
 
 if not (os.environ.get("TOOLKIT_CHROMIUM") or shutil.which("chromium")):
     if os.environ.get("TOOLKIT_REQUIRE_BROWSER"):  # CI installs it: missing there is a failure
@@ -164,18 +164,7 @@ def test_a_digit_drawn_on_the_sketchpad_is_classified(web_export, page):
     from playwright.sync_api import expect
 
     p = page.page.page  # the runner's Page, then Playwright's
-    canvas = p.locator("#pad")
-    box = canvas.bounding_box()
-    cx, cy, r = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, 90
-
-    def stroke(*points):
-        p.mouse.move(cx + points[0][0] * r, cy + points[0][1] * r)
-        p.mouse.down()
-        for u, v in points[1:]:
-            p.mouse.move(cx + u * r, cy + v * r, steps=15)
-        p.mouse.up()
-
-    stroke((-0.6, -0.8), (0.6, -0.8), (-0.1, 0.9))  # a 7: the bar, then the stem
+    draw(p, p.locator("#pad"), 90)  # a 7
     expect(p.locator("#label")).to_have_text("7", timeout=30_000)
     assert p.locator("#bars .bar").count() == 3
     if os.environ.get("TOOLKIT_WEB_SCREENSHOT"):  # docs/web.png: TOOLKIT_WEB_SCREENSHOT=docs/web.png python -m pytest -k sketchpad

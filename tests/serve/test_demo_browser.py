@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.helpers import free_port, mnist_test_set
+from tests.helpers import draw, free_port, mnist_test_set
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # as the machine's own browser tests run it: no sandbox as root, and no background calls out
@@ -88,18 +88,7 @@ def test_browser_drawing_on_the_sketchpad_is_recognized(demo_url, mnist_root):
             page.locator("#mnist-classify-drawing").click()
             expect(page.get_by_text("pick the brush", exact=False).first).to_be_visible(timeout=30_000)
             page.locator("#mnist-sketch button[aria-label=Brush]").click()  # as a person would: pick the brush
-            box = canvas.bounding_box()
-            # the drawing area sits in the middle of the editor: draw within 80 px of its centre
-            cx, cy, r = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, 80
-
-            def stroke(*points):
-                page.mouse.move(cx + points[0][0] * r, cy + points[0][1] * r)
-                page.mouse.down()
-                for u, v in points[1:]:
-                    page.mouse.move(cx + u * r, cy + v * r, steps=15)
-                page.mouse.up()
-
-            stroke((-0.6, -0.8), (0.6, -0.8), (-0.1, 0.9))  # a 7: the bar, then the stem
+            draw(page, canvas, 80)  # a 7; the drawing area sits in the middle of the editor: within 80 px of its centre
             page.locator("#mnist-classify-drawing").click()
             expect(page.locator("#mnist-info")).to_contain_text("runtime", timeout=60_000)
             assert page.locator("#mnist-label .output-class").inner_text().strip() == "7"
