@@ -154,11 +154,17 @@ class GrpcServer:
             raise exc if isinstance(exc, ToolkitError) else ToolkitError(f"cannot start the gRPC server on {host}:{port}: {first_line(exc)}") from None
 
     def close(self) -> None:
-        """Stop taking calls (UNAVAILABLE), let those under way finish for up to ``STOP_GRACE_S``, stop."""
+        """Stop taking calls (UNAVAILABLE), let those under way finish for up to ``STOP_GRACE_S``. Its loop runs on
+        (a model's batcher may live in it) until ``end``."""
         self.stopping.set()
         try:
             asyncio.run_coroutine_threadsafe(self.server.stop(STOP_GRACE_S), self.loop).result(timeout=STOP_GRACE_S + 5)
         except Exception:  # noqa: BLE001 - stopping what may be half stopped
             pass
+
+    def end(self) -> None:
+        """The loop's end, once the service's batchers have stopped their tasks in it."""
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
+        if not self.thread.is_alive():
+            self.loop.close()

@@ -185,9 +185,20 @@ class Batcher:
                 start += len(x)
 
     def close(self) -> None:
-        if self.task is not None:
-            with contextlib.suppress(RuntimeError):  # its loop is closed already
-                self.loop.call_soon_threadsafe(self.task.cancel)
+        """Stop the worker task in its own loop and wait for it there (a task left pending is destroyed later, at
+        some garbage collection, with an error); a loop that has ended took its tasks with it."""
+        task, loop = self.task, self.loop
+        if task is not None and loop is not None and loop.is_running():
+            if loop is asyncio._get_running_loop():
+                task.cancel()
+            else:
+                async def stop() -> None:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+
+                with contextlib.suppress(Exception):
+                    asyncio.run_coroutine_threadsafe(stop(), loop).result(timeout=5)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -120,6 +120,8 @@ class Running:
             self.api_server.should_exit = True
             self.api_thread.join(timeout=10)
         self.service.close()
+        if self.grpc is not None:
+            self.grpc.end()
         for undo in self.cleanup:
             undo()
 
