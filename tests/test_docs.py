@@ -176,16 +176,95 @@ def test_the_benchmark_check_finds_a_table_edited_by_hand():
 
 
 TOUR_TRAINING = ["--epochs", "1", "--train-limit", "2000"]  # the one thing the tour test adds (the full line is the main job)
+# The guides' ```bash blocks are a reader's commands and run as printed after the README's tour, in its folder
+# (a ```text block records how a figure was measured and is only parsed). These two are run elsewhere:
+NOT_RUN_HERE = {
+    "pip install -e": "the README's install, main job and test commands: CI runs them (.ci/run)",
+    "docker build": "the Docker images: tests/serve/test_docker.py builds both targets and runs them",
+}
+
+
+def guide_shell_blocks() -> list[tuple[str, str]]:
+    """Every ```bash block of the guides (the README's included) that the tour test runs, in reading order."""
+    from bench.walkthrough import code_blocks
+
+    found = []
+    for path in GUIDES:
+        for block in code_blocks(path.read_text(), "bash"):
+            if not any(marker in block for marker in NOT_RUN_HERE):
+                found.append((path.name, block))
+    return found
+
+
+def test_every_shell_block_of_the_guides_is_run_or_said_where_it_runs():
+    from bench.walkthrough import code_blocks
+
+    run = guide_shell_blocks()
+    assert {name for name, _ in run} >= {"deploy.md", "export.md", "serving.md"}
+    every = [block for path in GUIDES for block in code_blocks(path.read_text(), "bash")]
+    skipped = [block for block in every if block not in {b for _, b in run}]
+    assert len(skipped) == len(NOT_RUN_HERE)  # each exception names one block; nothing else escapes
+    assert all("<run>" not in block and "RUN " not in block for _, block in run), "a placeholder cannot run as printed"
+
+
+def _serve_until_ready(command: str, cwd: Path, env: dict) -> None:
+    """Start a serving line as printed (bash runs it: $(...) and quotes as a reader's shell), wait until it
+    answers, stop it with SIGTERM: exit 0."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    port = int(re.search(r"--port (\d+)", command).group(1)) if "--port" in command else (8000 if "http.server" in command else 7860)
+    url = f"http://127.0.0.1:{port}/" + ("" if "http.server" in command else "v2/health/ready")
+    server = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, status, body = time.monotonic() + 300, None, b""
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as answer:
+                    status, body = answer.status, answer.read()
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert server.poll() is None, f"{command} exited {server.returncode}: {server.stdout.read()[-2000:]}"
+        assert status == 200, f"{command}: no answer on {url}"
+        if "http.server" in command:
+            assert b"<html" in body.lower() and b"toolkit.mjs" in body, body[:200]  # the web page's own index.html
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+        assert code == 0 or ("http.server" in command and code == -signal.SIGTERM), f"{command}: exit {code}"  # http.server has no handler
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def _run_guide_block(name: str, block: str, cwd: Path, env: dict) -> None:
+    import subprocess
+
+    for line in block.splitlines():
+        command = line.strip()
+        if not command or command.startswith("#"):
+            continue
+        if re.match(r"(toolkit serve|python -m http\.server)\b", command):
+            _serve_until_ready(command, cwd, env)
+            continue
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", command], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert proc.returncode == 0, f"{name}: {command}: {proc.stderr[-2000:]}"
+        assert proc.stdout.strip() or proc.stderr.strip(), f"{name}: {command} said nothing"
 
 
 @pytest.mark.slow
-def test_the_readme_tour_runs_in_order_as_printed(mnist_root, tmp_path):
+def test_the_readme_tour_then_the_guides_run_in_order_as_printed(mnist_root, tmp_path):
     """#41: the README's first block, every line in its printed order, in a fresh folder holding what those
     lines name (recipes/, docs/examples/), with the data found as the README's test command finds it
     (TOOLKIT_DATA_DIR). One thing is added, here and said here: the training line is shortened by
     TOUR_TRAINING (its full 20 epochs are the README's main job; bench/walkthrough.py runs the whole list
     unshortened for the closing notes). `toolkit serve` runs until it says ready, answers the v2 API's
-    ready probe, and stops on SIGTERM with exit 0."""
+    ready probe, and stops on SIGTERM with exit 0. Then every ```bash block of the guides (guide_shell_blocks),
+    line by line in bash, with the installed `toolkit` command as a reader has it."""
     import os
     import shutil
     import signal
@@ -225,3 +304,7 @@ def test_the_readme_tour_runs_in_order_as_printed(mnist_root, tmp_path):
     export = next((tmp_path / "exports").iterdir())
     for name in ("model.fp32.onnx", "model.int8.onnx", "parity.json", "bench.json", "MODEL_CARD.md", "triton"):
         assert (export / name).exists(), name
+    assert shutil.which("toolkit"), "the guides' lines call the installed toolkit command (pip install -e .)"
+    for name, block in guide_shell_blocks():
+        _run_guide_block(name, block, tmp_path, env)
+    assert (tmp_path / "labels.csv").read_text().count("\n") == 11  # deploy.md's CSV: a header and ten digits

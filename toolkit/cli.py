@@ -345,7 +345,8 @@ def predict(
                                       "or a .pt checkpoint; without one, the latest export under --exports."),
     exports: Exports = Path("exports"),
     artifact: Optional[str] = typer.Option(None, "--artifact", help="Which artifact of the export, as the demo names it: "
-                                           "<export>/<file>, e.g. fine4-20261123-101500/model.int8.onnx (default: the fastest artifact that passed its "
+                                           "<export>/<file>, e.g. fine4-20261123-101500/model.int8.onnx, or the file alone when one export has it "
+                                           "(default: the fastest artifact that passed its "
                                            "parity gate by this machine's latest toolkit bench; without one, the fp32 model)."),
     top_k: int = typer.Option(1, "--top-k", min=1, help="Classes reported per image."),
     batch: int = typer.Option(1, "--batch", min=1, help="Images per model run (1 runs exactly as the demo does)."),

@@ -31,3 +31,14 @@ def test_train_speed_runs_both_sides_on_generated_cifar(recipe, tmp_path):
         assert 0.0 <= result[key] <= 100.0 and (result[key] * 20 / 100) == pytest.approx(round(result[key] * 20 / 100)), (key, result[key])
     assert result["toolkit_best_test_acc"] >= result["toolkit_final_test_acc"]
     assert result["compile"] == "none" and "cores" in result["machine"]
+
+
+def test_the_training_walk_from_the_recipe_is_at_most_25_moves(mnist_root):
+    """#41: bench/training_walk.py follows `toolkit train` from the recipe to the first backward pass; the moves
+    between the stages' folders (train, data, models) stay within 25. The count can fail: it is measured, not set."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "training_walk.py"), str(REPO / "recipes" / "fine4.toml"),
+                           "--data-dir", str(mnist_root)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("between the stages' folders"))
+    moves = int(line.split(": ")[1].split()[0])
+    assert 10 <= moves <= 25, line  # at least the recipe, the data, the model and the step: a walk was traced

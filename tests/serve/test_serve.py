@@ -3,6 +3,7 @@ and the running demo answered through gradio_client (good and bad input)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import struct
@@ -172,6 +173,12 @@ def test_catalog_lists_what_runs_here_and_refuses_unknown_names(serving_export, 
     assert all(catalog.entries[k].runtime == "ort-cpu" for k in catalog.keys())
     with pytest.raises(ToolkitError, match="unknown artifact 'nope'"):
         catalog.entry("nope")
+    # a file name alone names the one export's artifact of that name (docs/deploy.md's --artifact model.int8.onnx)
+    assert catalog.entry("model.int8.onnx").key == f"{name}/model.int8.onnx"
+    int8 = catalog.entries[f"{name}/model.int8.onnx"]
+    catalog.add(dataclasses.replace(int8, key="second/model.int8.onnx"))  # another export with a file of that name
+    with pytest.raises(ToolkitError, match="'model.int8.onnx' is in several exports; name one: .*second/model.int8.onnx"):
+        catalog.entry("model.int8.onnx")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ToolkitError, match="nothing to serve"):
         Catalog.from_dirs([tmp_path / "empty"])

@@ -335,16 +335,17 @@ def test_a_validation_split_is_held_out_of_training_and_chooses_best_pt():
     from toolkit.data.build import validation_split
 
     recipe = load_recipe(RECIPES / "fine4.toml", ["data.validation=0.1"])
-    kept, held = validation_split(2000, recipe)
+    split = lambda n, r: validation_split(n, r.data.validation_fraction, r.seed)  # noqa: E731 - the recipe's two keys
+    kept, held = split(2000, recipe)
     assert len(held) == 200 and len(kept) == 1800
     assert sorted(set(kept.tolist()) | set(held.tolist())) == list(range(2000)) and not set(kept.tolist()) & set(held.tolist())
-    again, held_again = validation_split(2000, recipe)
+    again, held_again = split(2000, recipe)
     assert torch.equal(held, held_again)
-    other = validation_split(2000, load_recipe(RECIPES / "fine4.toml", ["data.validation=0.1", "seed=2"]))[1]
+    other = split(2000, load_recipe(RECIPES / "fine4.toml", ["data.validation=0.1", "seed=2"]))[1]
     assert not torch.equal(held, other)
-    assert validation_split(2000, load_recipe(RECIPES / "fine4.toml")) == (None, None)  # the seed recipes choose on the test set
+    assert split(2000, load_recipe(RECIPES / "fine4.toml")) == (None, None)  # the seed recipes choose on the test set
     with pytest.raises(ToolkitError, match="holds out 0 of 3 training images"):
-        validation_split(3, recipe)
+        split(3, recipe)
 
 
 def test_early_stopping_and_the_plateau_rule_watch_the_validation_split():

@@ -4,6 +4,8 @@ several processes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from rich.console import Console
 from torch.utils.data import Subset
@@ -11,16 +13,30 @@ from torch.utils.data import Subset
 from toolkit.core.errors import ToolkitError
 from toolkit.data import loaders as data_mod
 from toolkit.data.sources import Source
-from toolkit.models.recipes import Recipe
+
+
+@dataclass
+class Loaders:
+    """What a run trains, validates and tests with, and what it records of its data."""
+
+    train: object
+    test: object
+    val: object  # the held-out part of the training split (data.validation), or None
+    classes: list[str]
+    spec: object  # the dataset's facts: input shape, mean, std, classes
+    validation: float  # the fraction held out
+    record: dict  # the data root (and an image folder's split) later stages read the same images from
+    counts: dict  # images per process: {"train": n, "validation": n or None, "test": n}
 
 
 def build_loaders(source: Source, dev: torch.device, loader_rng: torch.Generator, *, workers: int = 0,
                   train_limit: int | None = None, test_limit: int | None = None, shard: tuple[int, int] = (0, 1),
                   console: Console | None = None):
-    """Train, test and validation loaders for the source's recipe and pipeline, the class names and
-    the dataset's facts; ``shard=(rank, world)`` splits them across processes. ``console`` hears
+    """Train, test and validation loaders for the source's recipe and pipeline, the class names,
+    the dataset's facts and what the run records of its data (``Loaders``); ``shard=(rank, world)`` splits them across processes. ``console`` hears
     what the source reads first (an image folder's decoding and bad files)."""
     recipe = source.recipe
+    fraction = recipe.data.validation_fraction
     source.prepare(console)
     spec = source.facts()
     if source.tensor_pipeline:
@@ -28,7 +44,7 @@ def build_loaders(source: Source, dev: torch.device, loader_rng: torch.Generator
 
         (x, y, classes), (xt, yt, _) = source.tensors(train=True), source.tensors(train=False)
         x, y, xt, yt = x[:train_limit], y[:train_limit], xt[:test_limit], yt[:test_limit]
-        kept, held = validation_split(len(x), recipe)
+        kept, held = validation_split(len(x), fraction, recipe.seed)
         norm = {"mean": spec.mean, "std": spec.std}
         val_loader = None
         if held is not None:
@@ -38,14 +54,14 @@ def build_loaders(source: Source, dev: torch.device, loader_rng: torch.Generator
         train_loader = TensorLoader(x, y, recipe.data.batch_size, normalization=norm, generator=loader_rng, shuffle=True,
                                     augment=recipe.data.augment, device=dev, shard=shard)
         test_loader = TensorLoader(xt, yt, recipe.data.test_batch_size, normalization=norm, generator=None, shuffle=False, device=dev, shard=shard)
-        return train_loader, test_loader, val_loader, classes, spec
+        return _bundle(source, fraction, train_loader, test_loader, val_loader, classes, spec)
     train_ds, test_ds = source.dataset(train=True), source.dataset(train=False)
     classes = source.class_names(train_ds)
     if train_limit:
         train_ds = Subset(train_ds, range(min(train_limit, len(train_ds))))
     if test_limit:
         test_ds = Subset(test_ds, range(min(test_limit, len(test_ds))))
-    kept, held = validation_split(len(train_ds), recipe)
+    kept, held = validation_split(len(train_ds), fraction, recipe.seed)
     val_loader = None
     if held is not None:
         # the held-out images get the test transform (normalization only), not the training augmentations
@@ -62,19 +78,24 @@ def build_loaders(source: Source, dev: torch.device, loader_rng: torch.Generator
         test_ds = Subset(test_ds, range(rank, len(test_ds), world))
     else:
         train_loader = data_mod.make_loader(train_ds, recipe.data.batch_size, shuffle=True, generator=loader_rng, workers=workers, pin=dev.type == "cuda")
-    return train_loader, make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev, workers=workers), val_loader, classes, spec
+    test_loader = make_loader_for_eval(test_ds, recipe.data.test_batch_size, dev, workers=workers)
+    return _bundle(source, fraction, train_loader, test_loader, val_loader, classes, spec)
 
 
-def validation_split(n: int, recipe: Recipe) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _bundle(source: Source, fraction: float, train, test, val, classes, spec) -> Loaders:
+    counts = {"train": num_samples(train), "validation": num_samples(val) if val is not None else None, "test": num_samples(test)}
+    return Loaders(train, test, val, classes, spec, fraction, source.record(), counts)
+
+
+def validation_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Indices of the training images kept for training and of those held out for validation
-    (``data.validation`` of them, drawn with the recipe's seed; sorted); (None, None) without one."""
-    fraction = recipe.data.validation_fraction
+    (``fraction`` of them, the recipe's data.validation, drawn with its seed; sorted); (None, None) without one."""
     if not fraction:
         return None, None
     n_val = round(n * fraction)
     if not 0 < n_val < n:
         raise ToolkitError(f"data.validation = {fraction} holds out {n_val} of {n:,} training images: choose a fraction that leaves both sides some")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(recipe.seed))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[n_val:].sort().values, order[:n_val].sort().values
 
 

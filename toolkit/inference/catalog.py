@@ -150,6 +150,12 @@ class Catalog:
     def entry(self, key: str | None) -> Entry:
         if not key:
             return next(iter(self.entries.values()))
+        if "/" not in key:  # a file name alone: the served export's artifact of that name, if only one has it
+            known = list(self.entries) + [line.split(": ", 1)[0] for line in self.skipped]
+            named = [k for k in known if k.rsplit("/", 1)[-1] == key]
+            if len(named) > 1:
+                raise ToolkitError(f"{shown(key)} is in several exports; name one: {', '.join(named)}")
+            key = named[0] if named else key
         if key not in self.entries:
             why = next((line[len(key) + 2:] for line in self.skipped if line.startswith(f"{key}: ")), None)
             if why is not None:  # it exists, and cannot run here: say why, not "unknown"

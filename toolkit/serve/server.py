@@ -202,10 +202,10 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
         say(f"v2 API over gRPC: {host}:{grpc_port} (tritonclient.grpc, KServe's GRPCInferenceService)")
     for path in page_paths:
         say(f"web page: {local}{path.lstrip('/')} (static files: the browser runs the model)")
-    say(f"ready: {local}" + (" (v2 API only)" if api_only else "")
-        + (f" (listening on {host}; other machines use this machine's address)" if host in ("0.0.0.0", "::") else "")
-        + (f", public link {share_url}" if share_url else ""))
-    try:
+    try:  # "ready" is said inside: a signal right after the line (a client that read it) still stops the server cleanly
+        say(f"ready: {local}" + (" (v2 API only)" if api_only else "")
+            + (f" (listening on {host}; other machines use this machine's address)" if host in ("0.0.0.0", "::") else "")
+            + (f", public link {share_url}" if share_url else ""))
         while True:  # the CLI's signal handlers raise Interrupted here on SIGINT / SIGTERM
             time.sleep(0.2)
     except (Interrupted, KeyboardInterrupt) as stop:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from toolkit.data.build import build_loaders, num_samples
+from toolkit.data.build import build_loaders
 from toolkit.data.sources import source_for
 from toolkit.train import engine as step_engine
 from toolkit.train import logs
@@ -129,6 +129,7 @@ class Session:
     engine: object = None  # the step engine (toolkit.train.engine.StepEngine), or None for the eager loop
     resumed: bool = False
     busy: str | None = None  # why the machine was busy when training began (the load of other work), or None
+    counts: dict | None = None  # images per process: train, validation, test (toolkit.data.build.Loaders)
 
     @property
     def on_gpu(self) -> bool:
@@ -174,9 +175,9 @@ def _announce(s: Session) -> None:
     r, opts = s.recipe, s.opts
     s.console.print(
         f"[bold]{r.name}[/]: {r.model.name} ({s.params:,} params) on {r.data.dataset} "
-        f"[{num_samples(s.train_loader):,} train / "
-        + (f"{num_samples(s.val_loader):,} validation (best.pt, early stopping and plateau chosen on it) / " if s.val_loader is not None else "")
-        + f"{num_samples(s.test_loader):,} test per process, {r.data.pipeline} pipeline], "
+        f"[{s.counts['train']:,} train / "
+        + (f"{s.counts['validation']:,} validation (best.pt, early stopping and plateau chosen on it) / " if s.val_loader is not None else "")
+        + f"{s.counts['test']:,} test per process, {r.data.pipeline} pipeline], "
         f"{r.epochs} epoch{'s' if r.epochs != 1 else ''}, device {s.dev.type}"
         + (f" x {s.world} processes" if s.world > 1 else "") + (f", torch.compile {opts.compile}" if opts.compile != "none" else "") + f" -> {s.run_dir}"
     )
@@ -200,8 +201,9 @@ def _set_up(recipe: Recipe | None, opts: TrainOptions, console: Console) -> Sess
     random.seed(recipe.seed)
     torch.manual_seed(recipe.seed + rank)  # dropout differs per rank; the shared shuffle comes from loader_rng
     loader_rng = torch.Generator().manual_seed(recipe.seed)
-    train_loader, test_loader, val_loader, classes, spec = build_loaders(source, dev, loader_rng, workers=opts.workers, train_limit=opts.train_limit,
-                                                                         test_limit=opts.test_limit, shard=(rank, world), console=console)
+    data = build_loaders(source, dev, loader_rng, workers=opts.workers, train_limit=opts.train_limit, test_limit=opts.test_limit,
+                         shard=(rank, world), console=console)
+    train_loader, test_loader, val_loader, classes, spec = data.train, data.test, data.val, data.classes, data.spec
 
     model = (opts.model if opts.model is not None else recipe.build_model(spec.num_classes)).to(dev)
     if dev.type == "cuda":
@@ -229,15 +231,15 @@ def _set_up(recipe: Recipe | None, opts: TrainOptions, console: Console) -> Sess
         "params": params,
         "train_limit": opts.train_limit,
         "test_limit": opts.test_limit,
-        "validation": recipe.data.validation_fraction,  # best.pt chosen on held-out training images (0: on the test split)
+        "validation": data.validation,  # best.pt chosen on held-out training images (0: on the test split)
         # the data root later stages (export's int8, verify, eval, prune) default to; an image folder's
         # root, split and seed (its size and channels are the input shape)
-        **source.record(),
+        **data.record,
         **(opts.extra_meta or {}),
     }
     s = Session(recipe, opts, dev, world, rank == 0, console, run_dir, train_loader, test_loader, model, net, optimizer, scheduler,
                 sched_when, loader_rng, state, meta, params, val_loader, stepper, resumed=resume is not None,
-                busy=speed.busy(load_before, torch.get_num_threads(), []))
+                busy=speed.busy(load_before, torch.get_num_threads(), []), counts=data.counts)
     _announce(s)
     console.print(engine_line)
     return s
