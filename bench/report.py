@@ -11,6 +11,10 @@ rendered from ``docs/records/NAME.json`` with its machine, date and command abov
   ``toolkit verify`` and ``toolkit bench`` wrote them; rendered as the model card's table of every
   target side by side (``toolkit.core.side_by_side``), one per export.
 - ``openvino-int8``: the ``--json`` outputs of ``bench/openvino_int8.py``.
+- ``serve-load``: the ``--json`` outputs of ``bench/serve_load.py`` (one per protocol and payload, for
+  each version of the code), one row per client count.
+- ``serve-profile``: the ``--json`` outputs of ``bench/serve_profile.py``, the stages side by side.
+- ``train-profile``: the ``--json`` outputs of ``bench/train_profile.py``, the phases side by side.
 """
 
 from __future__ import annotations
@@ -74,7 +78,63 @@ def _openvino_int8(record: dict) -> list[str]:
     return lines
 
 
-KINDS = {"table": _table, "exports": _exports, "openvino-int8": _openvino_int8}
+def _serve_load(record: dict) -> list[str]:
+    rows, machines = [], set()
+    for run in record["runs"]:
+        r = json.loads((RECORDS / run["file"]).read_text())
+        machines.add(r["machine"])
+        what = f"{'gRPC' if r['via'] == 'grpc' else 'HTTP'}, {'PNG files' if r['payload'] == 'png' else 'float tensors'}" + (
+            ", demo running" if r["demo"] else "")
+        for row in r["rows"]:
+            rows.append([run["code"], what, str(row["clients"]), f"{row['requests_per_s']:,.0f}", f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.1f}",
+                         f"{row['errors']}", f"{row['equal_to_in_process']:,} / {row['requests']:,}", f"{row['server_cpu_per_s']:.2f}"])
+    return [f"*Machine: {'; '.join(sorted(machines))}; date: {record['date']}; command: `{record['command']}`.*", "",
+            *_markdown_table(["code", "protocol, payload", "clients", "req/s", "p50 ms", "p99 ms", "errors", "equal to in-process",
+                              "server CPU s/s"], ["left", "left"] + ["right"] * 7, rows)]
+
+
+def _side_by_side(record: dict, key: str, name: str, value) -> list[str]:
+    """Reports (``record["runs"]``: code and file) as columns, their ``key`` entries (by ``name``) as rows."""
+    reports = [(run["code"], json.loads((RECORDS / run["file"]).read_text())) for run in record["runs"]]
+    names = list(dict.fromkeys(e[name] for _, r in reports for e in r[key]))
+    rows = [[n, *(value(r, n) for _, r in reports)] for n in names]
+    machines = sorted({r["machine"] for _, r in reports})
+    return [f"*Machine: {'; '.join(machines)}; date: {record['date']}; command: `{record['command']}`.*", "",
+            *_markdown_table([record["first_column"], *(code for code, _ in reports)], ["left"] + ["right"] * len(reports), rows)]
+
+
+def _serve_profile(record: dict) -> list[str]:
+    def value(r, stage):
+        found = next((s for s in r["stages"] if s["stage"] == stage), None)
+        return f"{found['us_per_request']:.0f} µs ({found['share']:.0%})" if found else "—"
+
+    lines = _side_by_side(record, "stages", "stage", value)
+    reports = [json.loads((RECORDS / run["file"]).read_text()) for run in record["runs"]]
+    return lines + ["| **server CPU per request** | " + " | ".join(f"**{r['us_per_request']:.0f} µs** at {r['load']['requests_per_s']:,.0f} req/s"
+                                                                    for r in reports) + " |"]
+
+
+def _train_profile(record: dict) -> list[str]:
+    def value(r, phase):
+        e = r["epoch"]
+        return f"{e['phases'][phase]:.2f} s ({e['phases'][phase] / e['seconds']:.0%})" if phase in e["phases"] else "—"
+
+    reports = [(run["code"], json.loads((RECORDS / run["file"]).read_text())) for run in record["runs"]]
+    phases = list(dict.fromkeys(p for _, r in reports for p in r["epoch"]["phases"]))
+    rows = [[p, *(value(r, p) for _, r in reports)] for p in phases]
+    rows.append(["**epoch, train + evaluation**", *(f"**{r['epoch']['seconds']:.1f} s**" for _, r in reports)])
+    rows.append(["threads, channels-last", *(f"{r['threads']}, {'yes' if r['channels_last'] else 'no'}" for _, r in reports)])
+    machines = sorted({r["machine"] for _, r in reports})
+    lines = [f"*Machine: {'; '.join(machines)}; date: {record['date']}; command: `{record['command']}`.*", "",
+             *_markdown_table(["phase", *(code for code, _ in reports)], ["left"] + ["right"] * len(reports), rows)]
+    code, first = reports[0]
+    ops = [[o["operator"], f"{o['calls']:,}", f"{o['self_ms_per_step']:.3f}", f"{o['share']:.1%}"] for o in first["operators"]]
+    return lines + ["", f"Operators by self CPU time ({code}, torch.profiler):", "",
+                    *_markdown_table(["operator", "calls", "ms per step", "share"], ["left", "right", "right", "right"], ops)]
+
+
+KINDS = {"table": _table, "exports": _exports, "openvino-int8": _openvino_int8, "serve-load": _serve_load,
+         "serve-profile": _serve_profile, "train-profile": _train_profile}
 
 
 def render(name: str) -> str:

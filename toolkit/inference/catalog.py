@@ -76,6 +76,7 @@ class Catalog:
     warnings: list[str] = field(default_factory=list)  # about int8 files: verified on another kind of CPU, slower than fp32
     notices: list[str] = field(default_factory=list)  # about the records: one ignored (bench.json), one that contradicts itself
     threads: int | None = None  # ONNX Runtime's intra-op threads (None: one per core)
+    serving: bool = False  # a server's sessions: threads that do not spin between requests (runtime.ort_runner)
     _runners: dict[str, Runner] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -166,7 +167,7 @@ class Catalog:
     def runner(self, entry: Entry) -> Runner:
         if entry.key not in self._runners:
             self._runners[entry.key] = make_runner(entry.export_dir, entry.artifact, entry.runtime, self.threads,
-                                                    classes=len(entry.manifest.classes))
+                                                    classes=len(entry.manifest.classes), serving=self.serving)
         return self._runners[entry.key]
 
     def add(self, entry: Entry, runner: Runner | None = None) -> None:

@@ -114,8 +114,11 @@ def runtimes_for(artifact: Artifact) -> list[str]:
     return []
 
 
-def ort_runner(path: Path, runtime: str, threads: int | None = None, unfused: bool = False, classes: int | None = None) -> Runner:
-    """``unfused``: graph optimizations at the basic level only, so that an int8 QDQ model runs as
+def ort_runner(path: Path, runtime: str, threads: int | None = None, unfused: bool = False, classes: int | None = None,
+               serving: bool = False) -> Runner:
+    """``serving``: a server's session, run by many small requests beside other work: its threads do
+    not spin waiting for work (spinning keeps a core busy between requests that the server's own
+    Python needs). ``unfused``: graph optimizations at the basic level only, so that an int8 QDQ model runs as
     dequantize -> float op -> quantize instead of ONNX Runtime's fused integer kernels (exact to the
     QDQ model's arithmetic; see ``int8_unfused``). ``classes``: the graph must declare one output of
     (batch, classes) scores, else it is refused before it serves anything."""
@@ -129,6 +132,9 @@ def ort_runner(path: Path, runtime: str, threads: int | None = None, unfused: bo
     threads = threads or int(os.environ.get(THREADS_ENV) or 0)  # toolkit.core.environment.apply_threads, or ORT's own default
     if threads:
         opts.intra_op_num_threads = threads
+    if serving:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=[provider])
@@ -241,13 +247,15 @@ def trt_runner(engine_path: Path) -> Runner:
     return run
 
 
-def make_runner(export_dir: Path, artifact: Artifact, runtime: str, threads: int | None = None, classes: int | None = None) -> Runner:
+def make_runner(export_dir: Path, artifact: Artifact, runtime: str, threads: int | None = None, classes: int | None = None,
+                serving: bool = False) -> Runner:
     """``threads``: ONNX Runtime's intra-op threads (default: one per core); ``classes``: the
-    manifest's number of classes, which an ONNX graph's declared output must match."""
+    manifest's number of classes, which an ONNX graph's declared output must match; ``serving``: a
+    server's session (``ort_runner``)."""
     path = Manifest.path(export_dir, artifact)
     if runtime.startswith("ort-"):
         unfused = artifact.precision == "int8" and int8_unfused(artifact.get("weight_bits", 7), runtime)
-        return ort_runner(path, runtime, threads, unfused=unfused, classes=classes)
+        return ort_runner(path, runtime, threads, unfused=unfused, classes=classes, serving=serving)
     if runtime == "tensorrt":
         return trt_runner(path)
     if runtime == "openvino-cpu":

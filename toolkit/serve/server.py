@@ -155,6 +155,7 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
     max_upload = parse_size(max_upload)
     say = console.print if console is not None else print
     catalog = Catalog.from_dirs(export_dirs)
+    catalog.serving = True
     check_listen_address(host, port)
     if grpc_port and not _grpc_installed():
         say("v2 API over gRPC: off, grpcio and tritonclient[grpc] are not installed (pip install '.[api]' in the toolkit's repository)")
