@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def build(recipe_name: str, data_dir, channels_last: bool):
+def build(recipe_name: str, data_dir, channels_last: bool, compile_mode: str | None = None):
     import torch
 
     from toolkit.data.build import build_loaders
@@ -46,9 +45,10 @@ def build(recipe_name: str, data_dir, channels_last: bool):
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(recipe, model)
     scheduler, when = build_scheduler(recipe, optimizer)
-    engine = StepEngine(model, model, optimizer, data.train, dev, autocast=False, channels_last=channels_last)
+    net = torch.compile(model, mode=compile_mode) if compile_mode else model  # Inductor's CPU backend; the weights stay the model's
+    engine = StepEngine(net, model, optimizer, data.train, dev, autocast=False, channels_last=channels_last)
     lrs = lr_per_step(optimizer, scheduler, when, len(data.train))
-    return recipe, data, model, optimizer, engine, lrs
+    return recipe, data, net, optimizer, engine, lrs
 
 
 def timed_epoch(data, model, optimizer, engine, lrs, steps: int | None) -> dict:
@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch's intra-op threads (default: its own, one per core)")
     parser.add_argument("--channels-last", action="store_true", help="the model and batches in channels-last memory format")
+    parser.add_argument("--compile", default=None, help="torch.compile the model in this mode (e.g. default, max-autotune-no-cudagraphs)")
     parser.add_argument("--steps", type=int, default=None, help="training steps timed (default: the whole epoch)")
     parser.add_argument("--profile-steps", type=int, default=50)
     parser.add_argument("--top", type=int, default=12)
@@ -143,12 +144,13 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe, data, model, optimizer, engine, lrs = build(args.recipe, args.data_dir, args.channels_last)
+    recipe, data, model, optimizer, engine, lrs = build(args.recipe, args.data_dir, args.channels_last, args.compile)
     epoch = timed_epoch(data, model, optimizer, engine, lrs, args.steps)
     ops = operators(data, model, optimizer, engine, lrs, args.profile_steps, args.top)
-    machine = f"{cpu_line()}, {os.cpu_count()} cores"
+    machine = cpu_line()
     print(f"{recipe.name}: one epoch on the CPU, {epoch['steps']} steps of {data.train.batch_size} ({epoch['images']:,} images), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, channels-last: {'yes' if args.channels_last else 'no'}")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, channels-last: {'yes' if args.channels_last else 'no'}, "
+          f"compile: {args.compile or 'no'}")
     print(f"machine: {machine}")
     print(f"{'phase':<22} {'seconds':>8} {'share':>7} {'µs per image':>13}")
     for name, seconds in epoch["phases"].items():
@@ -159,6 +161,7 @@ def main() -> None:
         print(f"  {op['operator']:<44} {op['calls']:>6} calls {op['self_ms_per_step']:8.3f} ms/step {op['share']:7.1%}")
     if args.json:
         args.json.write_text(json.dumps({"recipe": recipe.name, "threads": torch.get_num_threads(), "channels_last": args.channels_last,
+                                         "compile": args.compile,
                                          "torch": torch.__version__, "machine": machine, "python": platform.python_version(),
                                          "date": time.strftime("%Y-%m-%d"), "epoch": epoch, "operators": ops}, indent=1) + "\n")
 

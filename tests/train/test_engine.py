@@ -5,6 +5,7 @@ per step than the loop it replaces, and says in one line which engine ran and wh
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
@@ -68,8 +69,16 @@ def test_the_run_says_which_engine_ran_and_why(mnist_root, tmp_path):
               test_limit=64, download=False, console=Console(file=buf, width=200), **options)
         return [line for line in buf.getvalue().splitlines() if line.startswith("engine:")][0]
 
-    assert said() == "engine: graph (the one-unit step, run uncaptured on the CPU)"
-    assert said(engine="eager") == "engine: eager (asked for)"
+    from toolkit.core.environment import cpu_info
+
+    line = said()
+    assert line.startswith("engine: graph (the one-unit step, run uncaptured on the CPU); channels-last: no, bf16: no (")
+    native = {"avx512_bf16", "amx_bf16"} & set(cpu_info()["features"])
+    assert ("the CPU has no AVX512-BF16 or AMX" in line) == (not native), line  # the reason names what this CPU has
+    assert line.endswith(f"compile: none, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"), line
+    summary = json.loads(max(tmp_path.glob("*/summary.json"), key=lambda p: p.stat().st_mtime).read_text())
+    assert summary["engine"]["engine"] == "graph" and summary["engine"]["bf16"] is False  # recorded in the run's summary
+    assert said(engine="eager").startswith("engine: eager (asked for); channels-last: no")
     assert said(pipeline="dataloader").startswith("engine: eager, because the dataloader pipeline")
     with pytest.raises(ToolkitError, match="--engine graph cannot run here: the dataloader pipeline"):
         said(pipeline="dataloader", engine="graph")

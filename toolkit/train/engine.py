@@ -56,6 +56,29 @@ def choose(requested: str, *, loader, world: int, compile: str, dev: torch.devic
     return "graph", "engine: graph (the one-unit step, run uncaptured on the CPU)"
 
 
+BF16_FEATURES = ("avx512_bf16", "amx_bf16")  # CPUs whose bf16 matrix arithmetic is native
+
+
+def settings(dev: torch.device, engine: str, compile: str) -> dict:
+    """What the run's step does on this device, recorded in the run's summary and said on its engine
+    line: memory format, bf16 autocast (and why not), compilation and compute threads."""
+    if dev.type == "cuda":
+        return {"engine": engine, "channels_last": True, "bf16": True, "compile": compile, "threads": None}
+    from toolkit.core.environment import cpu_info
+
+    native = [f for f in BF16_FEATURES if f in cpu_info()["features"]]
+    why = (f"the CPU has {'/'.join(native).upper()}, but bf16 has not been shown to hold the recipes' accuracy here" if native
+           else "the CPU has no AVX512-BF16 or AMX")
+    return {"engine": engine, "channels_last": False, "bf16": False, "bf16_why": why, "compile": compile,
+            "threads": torch.get_num_threads()}
+
+
+def settings_line(s: dict) -> str:
+    """e.g. "channels-last: no, bf16: no (the CPU has no AVX512-BF16 or AMX), compile: none, 2 threads"."""
+    return (f"channels-last: {'yes' if s['channels_last'] else 'no'}, bf16: " + ("yes" if s["bf16"] else f"no ({s['bf16_why']})")
+            + f", compile: {s['compile']}" + (f", {s['threads']} thread{'s' if s['threads'] != 1 else ''}" if s["threads"] else ""))
+
+
 def lr_per_step(optimizer, scheduler, sched_when: str, steps: int) -> list[float]:
     """The learning rate of each of the epoch's ``steps``, laid out ahead: a per-step scheduler is
     stepped here exactly as the eager loop steps it, so it ends the epoch in the same state."""

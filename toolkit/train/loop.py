@@ -222,6 +222,7 @@ def _set_up(recipe: Recipe | None, opts: TrainOptions, console: Console) -> Sess
         stepper = step_engine.StepEngine(net, model, optimizer, train_loader, dev, autocast=dev.type == "cuda", channels_last=dev.type == "cuda",
                                          after_step=opts.after_step)
     params = count_params(model)
+    step_settings = step_engine.settings(dev, engine_name, opts.compile)
     meta = {
         "dataset": recipe.data.dataset,
         "classes": classes,
@@ -229,6 +230,7 @@ def _set_up(recipe: Recipe | None, opts: TrainOptions, console: Console) -> Sess
         "std": list(spec.std),
         "input_shape": list(spec.input_shape),
         "params": params,
+        "engine": step_settings,
         "train_limit": opts.train_limit,
         "test_limit": opts.test_limit,
         "validation": data.validation,  # best.pt chosen on held-out training images (0: on the test split)
@@ -241,7 +243,7 @@ def _set_up(recipe: Recipe | None, opts: TrainOptions, console: Console) -> Sess
                 sched_when, loader_rng, state, meta, params, val_loader, stepper, resumed=resume is not None,
                 busy=speed.busy(load_before, torch.get_num_threads(), []), counts=data.counts)
     _announce(s)
-    console.print(engine_line)
+    console.print(f"{engine_line}; {step_engine.settings_line(step_settings)}" if dev.type == "cpu" else engine_line)
     return s
 
 
@@ -365,7 +367,8 @@ def _result(s: Session, seconds: float, stopped_early: bool) -> RunResult:
         selected = max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))["test_acc"]
     return RunResult(run_dir=s.run_dir, checkpoint=s.run_dir / "best.pt", best_test_acc=max((r["test_acc"] for r in rows), default=0.0),
                      final_test_acc=rows[-1]["test_acc"] if rows else 0.0, epochs=len(rows), seconds=seconds, params=s.params,
-                     stopped_early=stopped_early, metrics=rows, main_process=s.main_process, recipe=s.recipe, selected_test_acc=selected)
+                     stopped_early=stopped_early, metrics=rows, main_process=s.main_process, recipe=s.recipe, selected_test_acc=selected,
+                     engine=s.meta.get("engine"))
 
 
 def fit(recipe: Recipe | None = None, options: TrainOptions | None = None, **kw) -> RunResult:

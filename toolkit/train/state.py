@@ -35,6 +35,7 @@ class RunResult:
     main_process: bool = True
     recipe: Recipe | None = None  # as the run ran it (overrides applied)
     selected_test_acc: float | None = None  # the test accuracy of best.pt's epoch, when a validation split chose it
+    engine: dict | None = None  # the step's settings (toolkit.train.engine.settings)
 
     def as_json(self) -> dict:
         return {
@@ -47,6 +48,7 @@ class RunResult:
             "params": self.params,
             "stopped_early": self.stopped_early,
             **({"selected_test_acc": round(self.selected_test_acc, 4)} if self.selected_test_acc is not None else {}),
+            **({"engine": self.engine} if self.engine else {}),
         }
 
 
