@@ -57,7 +57,7 @@ def images(serving_export, tmp_path_factory):
     context = tmp_path_factory.mktemp("docker-context")
     for name in ("pyproject.toml", "README.md", "Dockerfile", ".dockerignore"):
         shutil.copy(REPO / name, context / name)
-    for folder in ("toolkit",):
+    for folder in ("toolkit", "docker"):
         shutil.copytree(REPO / folder, context / folder, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(serving_export, context / "exports" / serving_export.name)
     built = {}
@@ -131,8 +131,15 @@ def test_image_sizes(images):
     sizes = {t: int(_docker("image", "inspect", "--format", "{{.Size}}", tag).stdout) for t, tag in images.items()}
     print(f"image sizes: api {sizes['api'] / 1e6:.0f} MB, demo {sizes['demo'] / 1e6:.0f} MB")
     assert sizes["api"] < sizes["demo"]
+    if os.environ.get("TOOLKIT_DOCKER_BASE", LOCAL_BASE) == LOCAL_BASE:  # #44's bounds, on the base this project builds
+        assert sizes["api"] <= 250e6 and sizes["demo"] <= 450e6, sizes
+    layers = {t: json.loads(_docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", tag).stdout) for t, tag in images.items()}
+    assert all(len(ids) <= 3 for ids in layers.values()), layers  # the trimmed file system, exports/ (and /app): no base underneath
     # no build debris, no torch, no gradio in the api image
     listing = _docker("run", "--rm", images["api"], "sh", "-c", "ls /app; python -c 'import gradio' 2>&1; python -c 'import torch' 2>&1",
                       check=False).stdout
-    assert "build" not in listing.split() and ".egg-info" not in listing
+    assert "build" not in listing.split() and ".egg-info" not in listing and "toolkit" not in listing.split()
+    trimmed = _docker("run", "--rm", images["api"], "sh", "-c", "python -m pip --version 2>&1; ls /usr/share/doc /var/lib/apt 2>&1; "
+                      "python -c 'import onnxruntime, numpy, uvloop, grpc; print(\"imports ok\")'", check=False).stdout
+    assert "No module named pip" in trimmed and trimmed.count("No such file or directory") == 2 and "imports ok" in trimmed, trimmed
     assert "No module named 'gradio'" in listing and "No module named 'torch'" in listing

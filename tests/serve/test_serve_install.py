@@ -54,6 +54,14 @@ def parse_dockerfile(path: Path, target: str | None = None) -> dict:
                 spec["env"][key] = value
         elif op == "COPY":
             *sources, dest = rest.split()
+            if sources[0].startswith("--from="):  # a stage's whole file system: what it ran and set comes with it
+                stage = stages[sources[0].split("=", 1)[1]]
+                for key in ("args", "env"):
+                    spec[key] = {**stage[key], **spec[key]}
+                spec["copies"] = stage["copies"] + spec["copies"]
+                spec["runs"] = stage["runs"] + spec["runs"]
+                spec["user"] = spec["user"] or stage["user"]
+                continue
             spec["copies"].append((sources, dest))
         elif op == "RUN":
             spec["runs"].append(rest)  # kept verbatim: the shell expands $GPU from the environment
@@ -79,8 +87,12 @@ def test_dockerfile_has_what_the_image_needs():
         assert (["exports/"], "exports/") in target["copies"] and "/v2/health/ready" in " ".join(target["healthcheck"])
     assert re.search(r"^EXPOSE 7860$", text, re.M)
     assert spec["cmd"] == ["toolkit", "serve", "exports"] and api["cmd"] == ["toolkit", "serve", "--api-only", "exports"]
-    assert any('pip install ".[serve]"' in r for r in spec["runs"]) and "GPU" in spec["args"]
-    assert any('pip install ".[api]"' in r for r in api["runs"]) and not any("[serve]" in r for r in api["runs"])
+    assert any(re.search(r'pip install (--\S+ )*"\.\[serve\]"', r) for r in spec["runs"]) and "GPU" in spec["args"]
+    assert any(re.search(r'pip install (--\S+ )*"\.\[api\]"', r) for r in api["runs"]) and not any("[serve]" in r for r in api["runs"])
+    # #44: each image is one trimmed layer on an empty image (multi-stage), so nothing deleted lies underneath
+    for name in ("api", "demo"):
+        assert re.search(rf"^FROM scratch AS {name}$", text, re.M) and re.search(rf"^COPY --from={name}-build / /$", text, re.M)
+        assert any("toolkit-trim" in r for r in parse_dockerfile(REPO / "Dockerfile", name)["runs"])
     # no "# syntax=" line: under BuildKit it pulls a frontend image from Docker Hub, and nothing needs it
     assert not re.search(r"^#\s*syntax=", text, re.M)
     # examples publish the port on this machine only
@@ -95,6 +107,8 @@ def _install(target: str, tmp_path_factory, serving_export):
     app = tmp_path_factory.mktemp(f"image-{target}") / "app"
     app.mkdir()
     for sources, dest in spec["copies"]:
+        if dest.startswith("/"):  # outside /app (the trim script): the image's business, not the install's
+            continue
         for src in sources:
             if src == "exports/":  # the image gets whatever exports/ holds: here, one fine4 export
                 shutil.copytree(serving_export, app / dest / serving_export.name)
