@@ -44,6 +44,16 @@ def time_calls(run, x: np.ndarray, warmup: int, min_iters: int, min_seconds: flo
     return times
 
 
+def _check_batch_bytes(batches, shape) -> None:
+    """Refuse a batch size whose float input alone is over MAX_BATCH_BYTES, in one line."""
+    image_bytes = 4 * math.prod(shape)
+    too_big = [b for b in batches if b * image_bytes > MAX_BATCH_BYTES]
+    if too_big:
+        raise ToolkitError(f"--batch {too_big[0]:,}: a batch of that many {'x'.join(map(str, shape))} images takes "
+                           f"{too_big[0] * image_bytes / 2**30:,.1f} GiB; at most {MAX_BATCH_BYTES // image_bytes:,} images fit the "
+                           f"{MAX_BATCH_BYTES / 2**30:g} GiB input limit")
+
+
 def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: int = 10, min_iters: int = 20, min_seconds: float = 1.0,
           max_iters: int = 5000, include_torch: bool = True, threads: int | None = None, console: Console | None = None) -> dict:
     """``threads`` caps the intra-op threads of every runtime (PyTorch too, for a fair comparison);
@@ -56,12 +66,7 @@ def bench(export_dir=None, *, exports="exports", batches=(1, 32, 256), warmup: i
     if warning:
         console.print(warning, soft_wrap=True, markup=False)
     shape = manifest.input.shape[1:]
-    image_bytes = 4 * math.prod(shape)
-    too_big = [b for b in batches if b * image_bytes > MAX_BATCH_BYTES]
-    if too_big:
-        raise ToolkitError(f"--batch {too_big[0]:,}: a batch of that many {'x'.join(map(str, shape))} images takes "
-                           f"{too_big[0] * image_bytes / 2**30:,.1f} GiB; at most {MAX_BATCH_BYTES // image_bytes:,} images fit the "
-                           f"{MAX_BATCH_BYTES / 2**30:g} GiB input limit")
+    _check_batch_bytes(batches, shape)
 
     load = speed.load_average()  # before timing: other work's load, not the bench's own
     targets = []

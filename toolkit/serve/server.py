@@ -143,6 +143,31 @@ def _start_api_only(app, host: str, port: int) -> tuple[object, threading.Thread
     return server, thread
 
 
+def _grpc_port(grpc_port: int, host: str, port: int, say) -> int:
+    """The gRPC port to listen on, checked (0: none; also when the gRPC packages are not installed, said)."""
+    if grpc_port and not _grpc_installed():
+        say("v2 API over gRPC: off, grpcio and tritonclient[grpc] are not installed (pip install '.[api]' in the toolkit's repository)")
+        return 0
+    if grpc_port:
+        if grpc_port == port:
+            raise ToolkitError(f"--grpc-port {grpc_port} is --port's too: give gRPC a port of its own")
+        check_listen_address(host, grpc_port)
+    return grpc_port
+
+
+def _say_served(say, catalog: Catalog, service, local: str, api_only: bool, grpc_address: str | None, page_paths: list[str]) -> None:
+    """One line per served artifact, v2 model, gRPC address and web page."""
+    if not api_only:
+        for key in catalog.keys():
+            say(f"serving {catalog.entries[key].label}")
+    for name, model in service.models.items():
+        say(f"v2 API: {local}v2/models/{name} ({model.entry.key})")
+    if grpc_address:
+        say(f"v2 API over gRPC: {grpc_address} (tritonclient.grpc, KServe's GRPCInferenceService)")
+    for path in page_paths:
+        say(f"web page: {local}{path.lstrip('/')} (static files: the browser runs the model)")
+
+
 def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, data_dir: Path | None = None,
           top_k: int = 3, examples: int = 8, share: bool = False, max_upload: str = MAX_UPLOAD,
           api_only: bool = False, batch_delay_ms: float = 1.0, grpc_port: int = 0, block: bool = True, console=None):
@@ -157,13 +182,7 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
     catalog = Catalog.from_dirs(export_dirs)
     catalog.serving = True
     check_listen_address(host, port)
-    if grpc_port and not _grpc_installed():
-        say("v2 API over gRPC: off, grpcio and tritonclient[grpc] are not installed (pip install '.[api]' in the toolkit's repository)")
-        grpc_port = 0
-    if grpc_port:
-        if grpc_port == port:
-            raise ToolkitError(f"--grpc-port {grpc_port} is --port's too: give gRPC a port of its own")
-        check_listen_address(host, grpc_port)
+    grpc_port = _grpc_port(grpc_port, host, port, say)
     for line in catalog.skipped:
         say(f"not served: {line}")
     for line in catalog.notices + catalog.warnings:
@@ -194,15 +213,7 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
             raise
     if not block:
         return running, local
-    if not api_only:
-        for key in catalog.keys():
-            say(f"serving {catalog.entries[key].label}")
-    for name, model in service.models.items():
-        say(f"v2 API: {local}v2/models/{name} ({model.entry.key})")
-    if grpc_port:
-        say(f"v2 API over gRPC: {host}:{grpc_port} (tritonclient.grpc, KServe's GRPCInferenceService)")
-    for path in page_paths:
-        say(f"web page: {local}{path.lstrip('/')} (static files: the browser runs the model)")
+    _say_served(say, catalog, service, local, api_only, f"{host}:{grpc_port}" if grpc_port else None, page_paths)
     try:  # "ready" is said inside: a signal right after the line (a client that read it) still stops the server cleanly
         say(f"ready: {local}" + (" (v2 API only)" if api_only else "")
             + (f" (listening on {host}; other machines use this machine's address)" if host in ("0.0.0.0", "::") else "")

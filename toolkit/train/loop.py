@@ -183,6 +183,28 @@ def _announce(s: Session) -> None:
     )
 
 
+def _run_meta(recipe: Recipe, opts: TrainOptions, data, params: int, step_settings: dict) -> dict:
+    """What the run's checkpoints record besides the weights: the dataset's facts, the step's settings and
+    where the data came from (later stages read the same images from it)."""
+    spec = data.spec
+    return {
+        "dataset": recipe.data.dataset,
+        "classes": data.classes,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "input_shape": list(spec.input_shape),
+        "params": params,
+        "engine": step_settings,
+        "train_limit": opts.train_limit,
+        "test_limit": opts.test_limit,
+        "validation": data.validation,  # best.pt chosen on held-out training images (0: on the test split)
+        # the data root later stages (export's int8, verify, eval, prune) default to; an image folder's
+        # root, split and seed (its size and channels are the input shape)
+        **data.record,
+        **(opts.extra_meta or {}),
+    }
+
+
 def _set_up(recipe: Recipe | None, opts: TrainOptions, console: Console) -> Session:
     """Recipe (or resumed run) -> device, processes, data, model, optimizer, scheduler, training
     state and run directory. The random generators are seeded and consumed in one fixed order."""
@@ -203,9 +225,9 @@ def _set_up(recipe: Recipe | None, opts: TrainOptions, console: Console) -> Sess
     loader_rng = torch.Generator().manual_seed(recipe.seed)
     data = build_loaders(source, dev, loader_rng, workers=opts.workers, train_limit=opts.train_limit, test_limit=opts.test_limit,
                          shard=(rank, world), console=console)
-    train_loader, test_loader, val_loader, classes, spec = data.train, data.test, data.val, data.classes, data.spec
+    train_loader, test_loader, val_loader = data.train, data.test, data.val
 
-    model = (opts.model if opts.model is not None else recipe.build_model(spec.num_classes)).to(dev)
+    model = (opts.model if opts.model is not None else recipe.build_model(data.spec.num_classes)).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
@@ -223,22 +245,7 @@ def _set_up(recipe: Recipe | None, opts: TrainOptions, console: Console) -> Sess
                                          after_step=opts.after_step)
     params = count_params(model)
     step_settings = step_engine.settings(dev, engine_name, opts.compile)
-    meta = {
-        "dataset": recipe.data.dataset,
-        "classes": classes,
-        "mean": list(spec.mean),
-        "std": list(spec.std),
-        "input_shape": list(spec.input_shape),
-        "params": params,
-        "engine": step_settings,
-        "train_limit": opts.train_limit,
-        "test_limit": opts.test_limit,
-        "validation": data.validation,  # best.pt chosen on held-out training images (0: on the test split)
-        # the data root later stages (export's int8, verify, eval, prune) default to; an image folder's
-        # root, split and seed (its size and channels are the input shape)
-        **data.record,
-        **(opts.extra_meta or {}),
-    }
+    meta = _run_meta(recipe, opts, data, params, step_settings)
     s = Session(recipe, opts, dev, world, rank == 0, console, run_dir, train_loader, test_loader, model, net, optimizer, scheduler,
                 sched_when, loader_rng, state, meta, params, val_loader, stepper, resumed=resume is not None,
                 busy=speed.busy(load_before, torch.get_num_threads(), []), counts=data.counts)
