@@ -407,6 +407,8 @@ def serve(
                                             "(tritonclient.grpc) on this port, beside HTTP: the same models, batches and limits. Default: 8001 "
                                             "with --api-only (as Triton), else off; 0: off."),
     threads: Threads = None,
+    workers: int = typer.Option(1, "--workers", min=1, max=64, help="Server processes sharing the port, each with its own "
+                                "model sessions (--api-only; HTTP and gRPC): more requests per second where cores allow."),
 ) -> None:
     """Serve the exported models: the Gradio demo (with its endpoint /predict) and, on the same port, the Open Inference
     Protocol (KServe v2) under /v2, which tritonclient.http talks to as it talks to Triton; with --api-only also over gRPC
@@ -418,7 +420,7 @@ def serve(
         grpc_port = GRPC_PORT if api_only else 0
     run_serve(export_dirs or [Path("exports")], host=host, port=port, data_dir=data_dir, top_k=top_k, examples=examples,
               max_upload=max_upload, share=share, api_only=api_only, batch_delay_ms=batch_delay_ms, grpc_port=grpc_port,
-              console=_out(stderr=True))
+              console=_out(stderr=True), workers_count=workers)
 
 
 GRPC_PORT = 8001  # Triton's

@@ -199,3 +199,59 @@ def test_serve_help_names_the_grpc_port():
 
     proc = run_cli("serve", "--help")
     assert "--grpc-port" in proc.stdout and "8001" in proc.stdout
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def test_workers_share_the_ports_and_stop_with_the_first_process(serving_export, mnist_root):
+    """#44: `--workers 2`: a second server process on the same HTTP and gRPC ports; connections are spread over
+    both (each process's CPU time grows under 400 fresh connections), answers are the model's, SIGTERM to the
+    first stops both with exit 0."""
+    import tritonclient.http as httpclient
+
+    port, grpc_port = free_port(), free_port()
+    server = subprocess.Popen([sys.executable, "-m", "toolkit", "serve", str(serving_export), "--api-only", "--workers", "2",
+                               "--port", str(port), "--grpc-port", str(grpc_port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        said = []
+        while not said or not said[-1].startswith("ready:"):
+            said.append(server.stdout.readline())
+            assert said[-1] or server.poll() is None, "".join(said)
+        assert any(line.startswith("worker 2/2: ready:") for line in said), said
+        (worker,) = _children(server.pid)
+        before = {pid: _cpu_ticks(pid) for pid in (server.pid, worker)}
+        _, labels, x = _digits(mnist_root, serving_export, n=4)
+        for i in range(400):  # a new client each time: a new connection, placed by the kernel
+            client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+            out = client.infer("fine4_fp32", [_tensor_input(x[i % 4:i % 4 + 1], httpclient)]).as_numpy("logits")
+            client.close()
+            assert out.shape == (1, 10)
+        grown = {pid: _cpu_ticks(pid) - ticks for pid, ticks in before.items()}
+        assert all(t >= 3 for t in grown.values()), grown  # both processes answered requests
+        assert grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}").is_server_ready()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        rest = server.stdout.read()
+        assert "worker 2/2: stopped" in rest and rest.rstrip().endswith("stopped"), rest
+        time.sleep(0.5)
+        with pytest.raises(FileNotFoundError):
+            open(f"/proc/{worker}/stat").read()
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def test_workers_need_the_api_only_server(serving_export):
+    from tests.helpers import one_line_error, run_cli
+
+    proc = run_cli("serve", str(serving_export), "--workers", "2", "--port", str(free_port()))
+    assert proc.returncode == 2 and "--workers needs --api-only" in one_line_error(proc)

@@ -126,7 +126,7 @@ def servicer(service: Service, stopping: threading.Event):
 class GrpcServer:
     """grpc.aio's server on a thread of its own (its own event loop), over the HTTP API's ``Service``."""
 
-    def __init__(self, service: Service, host: str, port: int) -> None:
+    def __init__(self, service: Service, host: str, port: int, reuse_port: bool = False) -> None:
         import grpc
 
         self.stopping = threading.Event()
@@ -134,7 +134,7 @@ class GrpcServer:
         self.thread = threading.Thread(target=self.loop.run_forever, name="toolkit-grpc", daemon=True)
         self.thread.start()
         options = [("grpc.max_receive_message_length", service.max_body), ("grpc.max_send_message_length", service.max_body),
-                   ("grpc.so_reuseport", 0)]
+                   ("grpc.so_reuseport", 1 if reuse_port else 0)]  # 1: with the other processes of --workers
 
         async def start():
             from tritonclient.grpc import service_pb2_grpc

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.inference.catalog import MNIST_FAMILY, Catalog
+from toolkit.serve import workers
 from toolkit.core.errors import Interrupted, ToolkitError, first_line, shown
 from toolkit.core.files import resolve_data_dir
 from toolkit.core.manifest import Manifest
@@ -126,14 +127,16 @@ class Running:
             undo()
 
 
-def _start_api_only(app, host: str, port: int) -> tuple[object, threading.Thread]:
-    """The v2 API alone under uvicorn, on a thread (the main thread waits for signals)."""
+def _start_api_only(app, host: str, port: int, reuse_port: bool = False) -> tuple[object, threading.Thread]:
+    """The v2 API alone under uvicorn, on a thread (the main thread waits for signals); ``reuse_port``: on a
+    socket that the other server processes of ``--workers`` bind too."""
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # signals go to the CLI's handlers (older uvicorn calls this)
-    thread = threading.Thread(target=server.run, name="toolkit-api", daemon=True)
+    sockets = [workers.reuse_port_socket(host, port)] if reuse_port else None
+    thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, name="toolkit-api", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
@@ -144,11 +147,12 @@ def _start_api_only(app, host: str, port: int) -> tuple[object, threading.Thread
 
 
 def _grpc_port(grpc_port: int, host: str, port: int, say) -> int:
-    """The gRPC port to listen on, checked (0: none; also when the gRPC packages are not installed, said)."""
+    """The gRPC port to listen on, checked (0: none; also when the gRPC packages are not installed, said).
+    A ``--workers`` worker binds its first process's ports: they are in use, by design."""
     if grpc_port and not _grpc_installed():
         say("v2 API over gRPC: off, grpcio and tritonclient[grpc] are not installed (pip install '.[api]' in the toolkit's repository)")
         return 0
-    if grpc_port:
+    if grpc_port and not workers.is_worker():
         if grpc_port == port:
             raise ToolkitError(f"--grpc-port {grpc_port} is --port's too: give gRPC a port of its own")
         check_listen_address(host, grpc_port)
@@ -168,21 +172,8 @@ def _say_served(say, catalog: Catalog, service, local: str, api_only: bool, grpc
         say(f"web page: {local}{path.lstrip('/')} (static files: the browser runs the model)")
 
 
-def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, data_dir: Path | None = None,
-          top_k: int = 3, examples: int = 8, share: bool = False, max_upload: str = MAX_UPLOAD,
-          api_only: bool = False, batch_delay_ms: float = 1.0, grpc_port: int = 0, block: bool = True, console=None):
-    """Start the demo with the v2 API under /v2 (or the v2 API alone with ``api_only``), and the v2 API over
-    gRPC on ``grpc_port`` (0: none); returns ``(Running, url)`` when ``block`` is False (tests), else serves
-    until SIGINT or SIGTERM (``docker stop``), then closes the server and returns."""
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a closed network
-    from toolkit.serve.oip import routes
-
-    max_upload = parse_size(max_upload)
-    say = console.print if console is not None else print
-    catalog = Catalog.from_dirs(export_dirs)
-    catalog.serving = True
-    check_listen_address(host, port)
-    grpc_port = _grpc_port(grpc_port, host, port, say)
+def _service(catalog: Catalog, max_upload: str, batch_delay_ms: float, say) -> Service:
+    """The v2 service over the catalog, after saying what is not served and why."""
     for line in catalog.skipped:
         say(f"not served: {line}")
     for line in catalog.notices + catalog.warnings:
@@ -192,33 +183,64 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
         say(line)
     if not catalog.entries:
         raise ToolkitError(f"nothing to serve: {'; '.join(service.left_out)}")
+    return service
+
+
+def _start_grpc(running: Running, host: str, grpc_port: int, reuse_port: bool) -> None:
+    from toolkit.serve.grpc_v2 import GrpcServer
+
+    try:
+        running.grpc = GrpcServer(running.service, host, grpc_port, reuse_port=reuse_port)
+    except ToolkitError:
+        running.close()
+        raise
+
+
+def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, data_dir: Path | None = None,
+          top_k: int = 3, examples: int = 8, share: bool = False, max_upload: str = MAX_UPLOAD,
+          api_only: bool = False, batch_delay_ms: float = 1.0, grpc_port: int = 0, block: bool = True, console=None,
+          workers_count: int = 1):
+    """Start the demo with the v2 API under /v2 (or the v2 API alone with ``api_only``, in ``workers_count``
+    processes), and the v2 API over gRPC on ``grpc_port`` (0: none); returns ``(Running, url)`` when ``block``
+    is False (tests), else serves until SIGINT or SIGTERM (``docker stop``), then closes the server and returns."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a closed network
+    from toolkit.serve.oip import routes
+
+    max_upload = parse_size(max_upload)
+    say = console.print if console is not None else print
+    catalog = Catalog.from_dirs(export_dirs)
+    catalog.serving = True
+    if workers_count > 1 and not api_only:
+        raise ToolkitError("--workers needs --api-only: the Gradio demo runs in one process")
+    reuse_port = workers_count > 1 or workers.is_worker()
+    if not workers.is_worker():
+        check_listen_address(host, port)
+    grpc_port = _grpc_port(grpc_port, host, port, say)
+    service = _service(catalog, max_upload, batch_delay_ms, say)
     local = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/"
     share_url = None
     pages, page_paths = web_routes(catalog)
     if api_only:
         if share:
             raise ToolkitError("--share makes a public link to the Gradio demo; --api-only serves no demo")
-        server, thread = _start_api_only(_api_alone(routes(service) + pages), host, port)
+        server, thread = _start_api_only(_api_alone(routes(service) + pages), host, port, reuse_port)
         running = Running(local, service, api_server=server, api_thread=thread)
     else:
         running = _start_demo(catalog, service, routes(service) + pages, host, port, data_dir, top_k, examples, share, max_upload, say)
         share_url = running.demo.share_url
     if grpc_port:
-        from toolkit.serve.grpc_v2 import GrpcServer
-
-        try:
-            running.grpc = GrpcServer(service, host, grpc_port)
-        except ToolkitError:
-            running.close()
-            raise
+        _start_grpc(running, host, grpc_port, reuse_port)
     if not block:
         return running, local
     _say_served(say, catalog, service, local, api_only, f"{host}:{grpc_port}" if grpc_port else None, page_paths)
     try:  # "ready" is said inside: a signal right after the line (a client that read it) still stops the server cleanly
+        if workers_count > 1:
+            running.cleanup.append(workers.start_workers(workers_count - 1, export_dirs, host=host, port=port, grpc_port=grpc_port,
+                                                         max_upload=max_upload, batch_delay_ms=batch_delay_ms, say=say))
         say(f"ready: {local}" + (" (v2 API only)" if api_only else "")
             + (f" (listening on {host}; other machines use this machine's address)" if host in ("0.0.0.0", "::") else "")
             + (f", public link {share_url}" if share_url else ""))
-        while True:  # the CLI's signal handlers raise Interrupted here on SIGINT / SIGTERM
+        while not workers.parent_gone():  # the CLI's signal handlers raise Interrupted here on SIGINT / SIGTERM
             time.sleep(0.2)
     except (Interrupted, KeyboardInterrupt) as stop:
         signame = signal.Signals(stop.signum).name if isinstance(stop, Interrupted) else "SIGINT"
