@@ -124,6 +124,9 @@ def _train_profile(record: dict) -> list[str]:
     rows = [[p, *(value(r, p) for _, r in reports)] for p in phases]
     rows.append(["**epoch, train + evaluation**", *(f"**{r['epoch']['seconds']:.1f} s**" for _, r in reports)])
     rows.append(["threads, channels-last", *(f"{r['threads']}, {'yes' if r['channels_last'] else 'no'}" for _, r in reports)])
+    if any(r.get("compile") or r.get("warmup_steps") for _, r in reports):
+        rows.append(["torch.compile; warm-up steps (s) before", *(f"{r.get('compile') or 'no'}; {r.get('warmup_steps', 0)} "
+                                                                    f"({r.get('warmup_seconds', 0):.1f} s)" for _, r in reports)])
     machines = sorted({r["machine"] for _, r in reports})
     lines = [f"*Machine: {'; '.join(machines)}; date: {record['date']}; command: `{record['command']}`.*", "",
              *_markdown_table(["phase", *(code for code, _ in reports)], ["left"] + ["right"] * len(reports), rows)]

@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="the model and batches in channels-last memory format")
     parser.add_argument("--compile", default=None, help="torch.compile the model in this mode (e.g. default, max-autotune-no-cudagraphs)")
     parser.add_argument("--steps", type=int, default=None, help="training steps timed (default: the whole epoch)")
+    parser.add_argument("--warmup-steps", type=int, default=0, help="steps run before the timed epoch (a compiled model compiles there)")
     parser.add_argument("--profile-steps", type=int, default=50)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--json", type=Path, default=None)
@@ -145,13 +146,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe, data, model, optimizer, engine, lrs = build(args.recipe, args.data_dir, args.channels_last, args.compile)
+    warmup_s = 0.0
+    if args.warmup_steps:
+        t0 = time.perf_counter()
+        timed_epoch(data, model, optimizer, engine, lrs, args.warmup_steps)
+        warmup_s = time.perf_counter() - t0
     epoch = timed_epoch(data, model, optimizer, engine, lrs, args.steps)
     ops = operators(data, model, optimizer, engine, lrs, args.profile_steps, args.top)
     machine = cpu_line()
     print(f"{recipe.name}: one epoch on the CPU, {epoch['steps']} steps of {data.train.batch_size} ({epoch['images']:,} images), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, channels-last: {'yes' if args.channels_last else 'no'}, "
           f"compile: {args.compile or 'no'}")
-    print(f"machine: {machine}")
+    print(f"machine: {machine}" + (f"; {args.warmup_steps} warm-up steps first ({warmup_s:.1f} s, a compilation included)" if args.warmup_steps else ""))
     print(f"{'phase':<22} {'seconds':>8} {'share':>7} {'µs per image':>13}")
     for name, seconds in epoch["phases"].items():
         print(f"{name:<22} {seconds:8.2f} {seconds / epoch['seconds']:7.1%} {seconds * 1e6 / epoch['images']:13.1f}")
@@ -161,7 +167,7 @@ def main() -> None:
         print(f"  {op['operator']:<44} {op['calls']:>6} calls {op['self_ms_per_step']:8.3f} ms/step {op['share']:7.1%}")
     if args.json:
         args.json.write_text(json.dumps({"recipe": recipe.name, "threads": torch.get_num_threads(), "channels_last": args.channels_last,
-                                         "compile": args.compile,
+                                         "compile": args.compile, "warmup_steps": args.warmup_steps, "warmup_seconds": warmup_s,
                                          "torch": torch.__version__, "machine": machine, "python": platform.python_version(),
                                          "date": time.strftime("%Y-%m-%d"), "epoch": epoch, "operators": ops}, indent=1) + "\n")
 
