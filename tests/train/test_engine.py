@@ -75,6 +75,9 @@ def test_the_run_says_which_engine_ran_and_why(mnist_root, tmp_path):
     assert line.startswith("engine: graph (the one-unit step, run uncaptured on the CPU); channels-last: no, bf16: no (")
     native = {"avx512_bf16", "amx_bf16"} & set(cpu_info()["features"])
     assert ("the CPU has no AVX512-BF16 or AMX" in line) == (not native), line  # the reason names what this CPU has
+    assert all(f.upper() in line for f in native), line
+    flags = open("/proc/cpuinfo").read().split()
+    assert ("avx512_bf16" in flags) == ("avx512_bf16" in cpu_info()["features"])  # the feature list sees bf16 where it is
     assert line.endswith(f"compile: none, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"), line
     summary = json.loads(max(tmp_path.glob("*/summary.json"), key=lambda p: p.stat().st_mtime).read_text())
     assert summary["engine"]["engine"] == "graph" and summary["engine"]["bf16"] is False  # recorded in the run's summary

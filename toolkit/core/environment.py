@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 # CPU flags (as /proc/cpuinfo names them) that decide which integer and float kernels run
-CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "f16c")
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "f16c")
 
 
 THREADS_ENV = "TOOLKIT_THREADS"
