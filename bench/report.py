@@ -124,6 +124,9 @@ def _train_profile(record: dict) -> list[str]:
     rows = [[p, *(value(r, p) for _, r in reports)] for p in phases]
     rows.append(["**epoch, train + evaluation**", *(f"**{r['epoch']['seconds']:.1f} s**" for _, r in reports)])
     rows.append(["threads, channels-last", *(f"{r['threads']}, {'yes' if r['channels_last'] else 'no'}" for _, r in reports)])
+    rows.append(["training images/s", *(f"{r['epoch']['images'] / r['epoch']['train_seconds']:,.0f}" for _, r in reports)])
+    if any(r.get("bf16") for _, r in reports):
+        rows.append(["bf16 autocast", *("yes" if r.get("bf16") else "no" for _, r in reports)])
     if any(r.get("compile") or r.get("warmup_steps") for _, r in reports):
         rows.append(["torch.compile; warm-up steps (s) before", *(f"{r.get('compile') or 'no'}; {r.get('warmup_steps', 0)} "
                                                                     f"({r.get('warmup_seconds', 0):.1f} s)" for _, r in reports)])

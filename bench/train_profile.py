@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def build(recipe_name: str, data_dir, channels_last: bool, compile_mode: str | None = None):
+def build(recipe_name: str, data_dir, channels_last: bool, compile_mode: str | None = None, bf16: bool = False):
     import torch
 
     from toolkit.data.build import build_loaders
@@ -46,7 +46,7 @@ def build(recipe_name: str, data_dir, channels_last: bool, compile_mode: str | N
     optimizer = build_optimizer(recipe, model)
     scheduler, when = build_scheduler(recipe, optimizer)
     net = torch.compile(model, mode=compile_mode) if compile_mode else model  # Inductor's CPU backend; the weights stay the model's
-    engine = StepEngine(net, model, optimizer, data.train, dev, autocast=False, channels_last=channels_last)
+    engine = StepEngine(net, model, optimizer, data.train, dev, autocast=bf16, channels_last=channels_last)
     lrs = lr_per_step(optimizer, scheduler, when, len(data.train))
     return recipe, data, net, optimizer, engine, lrs
 
@@ -76,8 +76,9 @@ def timed_epoch(data, model, optimizer, engine, lrs, steps: int | None) -> dict:
         if engine.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         t1 = clock()
-        out = model(x)
-        loss = F.cross_entropy(out, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=engine.autocast):
+            out = model(x)
+            loss = F.cross_entropy(out, y)
         t2 = clock()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -133,6 +134,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="the model and batches in channels-last memory format")
     parser.add_argument("--compile", default=None, help="torch.compile the model in this mode (e.g. default, max-autotune-no-cudagraphs)")
     parser.add_argument("--steps", type=int, default=None, help="training steps timed (default: the whole epoch)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast in the step, as the engine runs it on a GPU")
     parser.add_argument("--warmup-steps", type=int, default=0, help="steps run before the timed epoch (a compiled model compiles there)")
     parser.add_argument("--profile-steps", type=int, default=50)
     parser.add_argument("--top", type=int, default=12)
@@ -145,7 +147,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe, data, model, optimizer, engine, lrs = build(args.recipe, args.data_dir, args.channels_last, args.compile)
+    recipe, data, model, optimizer, engine, lrs = build(args.recipe, args.data_dir, args.channels_last, args.compile, args.bf16)
     warmup_s = 0.0
     if args.warmup_steps:
         t0 = time.perf_counter()
@@ -156,7 +158,7 @@ def main() -> None:
     machine = cpu_line()
     print(f"{recipe.name}: one epoch on the CPU, {epoch['steps']} steps of {data.train.batch_size} ({epoch['images']:,} images), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, channels-last: {'yes' if args.channels_last else 'no'}, "
-          f"compile: {args.compile or 'no'}")
+          f"compile: {args.compile or 'no'}, bf16: {'yes' if args.bf16 else 'no'}")
     print(f"machine: {machine}" + (f"; {args.warmup_steps} warm-up steps first ({warmup_s:.1f} s, a compilation included)" if args.warmup_steps else ""))
     print(f"{'phase':<22} {'seconds':>8} {'share':>7} {'µs per image':>13}")
     for name, seconds in epoch["phases"].items():
@@ -167,7 +169,7 @@ def main() -> None:
         print(f"  {op['operator']:<44} {op['calls']:>6} calls {op['self_ms_per_step']:8.3f} ms/step {op['share']:7.1%}")
     if args.json:
         args.json.write_text(json.dumps({"recipe": recipe.name, "threads": torch.get_num_threads(), "channels_last": args.channels_last,
-                                         "compile": args.compile, "warmup_steps": args.warmup_steps, "warmup_seconds": warmup_s,
+                                         "compile": args.compile, "bf16": args.bf16, "warmup_steps": args.warmup_steps, "warmup_seconds": warmup_s,
                                          "torch": torch.__version__, "machine": machine, "python": platform.python_version(),
                                          "date": time.strftime("%Y-%m-%d"), "epoch": epoch, "operators": ops}, indent=1) + "\n")
 
