@@ -125,6 +125,12 @@ def _train_profile(record: dict) -> list[str]:
     rows.append(["**epoch, train + evaluation**", *(f"**{r['epoch']['seconds']:.1f} s**" for _, r in reports)])
     rows.append(["threads, channels-last", *(f"{r['threads']}, {'yes' if r['channels_last'] else 'no'}" for _, r in reports)])
     rows.append(["training images/s", *(f"{r['epoch']['images'] / r['epoch']['train_seconds']:,.0f}" for _, r in reports)])
+    if any("memory_kept" in r for _, r in reports):  # the CPU choices of #45, each undone by a flag
+        rows.append(["dropout masks; freed memory; evaluation", *(
+            f"{'torch' if r.get('torch_dropout') else 'PCG64'}; {'kept' if r.get('memory_kept') else 'returned'}; "
+            f"{'whole batches' if r.get('eval_whole_batches') else 'chunks'}" for _, r in reports)])
+        rows.append(["page faults per step; kernel CPU s", *(
+            f"{r['epoch']['page_faults_per_step']:,.0f}; {r['epoch']['system_cpu_seconds']:.2f}" for _, r in reports)])
     if any(r.get("bf16") for _, r in reports):
         rows.append(["bf16 autocast", *("yes" if r.get("bf16") else "no" for _, r in reports)])
     if any(r.get("compile") or r.get("warmup_steps") for _, r in reports):

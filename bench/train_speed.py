@@ -55,6 +55,7 @@ def seed_pipeline(recipe_ref: str, epochs: int, data_dir: str, device: str, work
 
     from toolkit.data import sources
     from toolkit.core.datasets import facts
+    from toolkit.models.blocks import with_torch_dropout
     from toolkit.models.recipes import load_recipe
     from toolkit.train.optim import build_scheduler
 
@@ -68,7 +69,9 @@ def seed_pipeline(recipe_ref: str, epochs: int, data_dir: str, device: str, work
     kwargs = {"num_workers": workers, "pin_memory": dev.type == "cuda"}
     train_loader = DataLoader(train_ds, batch_size=recipe.data.batch_size, shuffle=True, **kwargs)
     test_loader = DataLoader(test_ds, batch_size=recipe.data.test_batch_size, shuffle=False, **kwargs)
-    model = recipe.build_model(facts(recipe.data.dataset).num_classes).to(dev)
+    model = recipe.build_model(facts(recipe.data.dataset).num_classes)
+    with_torch_dropout(model)  # the write-ups' torch dropout (the toolkit's draws its CPU masks faster)
+    model = model.to(dev)
     o = recipe.optimizer  # torch's default SGD, as the seeds' scripts built it (the toolkit's is fused)
     optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
     scheduler, when = build_scheduler(recipe, optimizer)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from toolkit.core.errors import ToolkitError
+from toolkit.models.blocks import Dropout
 from toolkit.models.registry import MODELS, count_params, create_model
 
 # The counts our readings of the write-ups produce (see toolkit/models/registry.py for each reading).
@@ -115,7 +116,7 @@ def test_seed_architecture_details():
     # FT-6 moves dropout: Dropout2d only after the 3 pooling convs, plus one Dropout in the head
     ft6 = create_model("cifar_ft6")
     assert sum(isinstance(m, torch.nn.Dropout2d) for m in ft6.modules()) == 3
-    assert sum(type(m) is torch.nn.Dropout for m in ft6.classifier) == 1
+    assert sum(type(m) is Dropout for m in ft6.classifier) == 1  # element dropout: toolkit.models.blocks.Dropout
 
 
 def test_unknown_model_and_option_are_errors():

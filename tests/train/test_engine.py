@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import platform
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tests.helpers import RECIPES, quiet
 from tests.train.test_train import _assert_same_run
 from toolkit.train.engine import StepEngine, choose, lr_per_step
+from toolkit.models.blocks import with_torch_dropout
 from toolkit.core.errors import ToolkitError
 from toolkit.data.fast import TensorLoader, apply_batch, sample_params
 from toolkit.models.recipes import load_recipe
@@ -78,9 +80,12 @@ def test_the_run_says_which_engine_ran_and_why(mnist_root, tmp_path):
     assert all(f.upper() in line for f in native), line
     flags = open("/proc/cpuinfo").read().split()
     assert ("avx512_bf16" in flags) == ("avx512_bf16" in cpu_info()["features"])  # the feature list sees bf16 where it is
-    assert line.endswith(f"compile: none, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"), line
+    threads = f"compile: none, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
+    kept = platform.libc_ver()[0] == "glibc"  # keep_freed_memory takes effect with glibc's malloc
+    assert line.endswith(f"{threads}, freed memory {'kept' if kept else 'returned (not glibc)'}"), line
     summary = json.loads(max(tmp_path.glob("*/summary.json"), key=lambda p: p.stat().st_mtime).read_text())
     assert summary["engine"]["engine"] == "graph" and summary["engine"]["bf16"] is False  # recorded in the run's summary
+    assert summary["engine"]["memory_kept"] is kept
     assert said(engine="eager").startswith("engine: eager (asked for); channels-last: no")
     assert said(pipeline="dataloader").startswith("engine: eager, because the dataloader pipeline")
     with pytest.raises(ToolkitError, match="--engine graph cannot run here: the dataloader pipeline"):
@@ -159,6 +164,7 @@ def test_operators_dispatched_per_step(name, capsys):
     y = torch.randint(0, 10, (n,))
     mean, std = torch.full((1, channels, 1, 1), 0.5), torch.full((1, channels, 1, 1), 0.25)
     model = recipe.build_model(10)
+    with_torch_dropout(model)  # the GPU's dropout: the toolkit's CPU masks (toolkit.models.blocks.Dropout) are drawn by NumPy
     opt = _old_eager_step(model, recipe, x[:bs], y[:bs], torch.Generator().manual_seed(1), mean, std)  # momentum buffers exist
     with _Count() as old:
         _old_eager_step(model, recipe, x[:bs], y[:bs], torch.Generator().manual_seed(1), mean, std)

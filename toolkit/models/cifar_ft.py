@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from toolkit.core.errors import ToolkitError
+from toolkit.models.blocks import Dropout
 
 
 class DepthwiseSeparable(nn.Module):
@@ -125,7 +126,7 @@ class DilatedDepthwiseNet(nn.Module):
         self.features = nn.Sequential(*layers)
         head: list[nn.Module] = [nn.Linear(cin, spec.hidden), nn.ReLU(inplace=True)]
         if dropout_after == "pool" and dropout > 0:
-            head.append(nn.Dropout(dropout))
+            head.append(Dropout(dropout))
         self.classifier = nn.Sequential(*head, nn.Linear(spec.hidden, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

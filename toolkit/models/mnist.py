@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from toolkit.core.errors import ToolkitError
-from toolkit.models.blocks import check_channels, conv_bn_relu
+from toolkit.models.blocks import Dropout, check_channels, conv_bn_relu
 
 
 def seven_conv_stack(widths: tuple[int, ...], in_channels: int, dropout: float, early_padding: int) -> list[nn.Module]:
@@ -20,7 +20,7 @@ def seven_conv_stack(widths: tuple[int, ...], in_channels: int, dropout: float, 
     for i, (cin, cout) in enumerate(zip((in_channels, *widths[:-1]), widths)):
         layers += conv_bn_relu(cin, cout, padding=early_padding if i < 5 else 1 - early_padding)
         if i > 0 and dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(Dropout(dropout))
         if i in (2, 4):
             layers.append(nn.MaxPool2d(2, 2))
     return layers

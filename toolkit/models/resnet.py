@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.core.errors import ToolkitError
+from toolkit.models.blocks import Dropout
 
 
 class ZeroPadShortcut(nn.Module):
@@ -74,10 +75,10 @@ class ResNet20(nn.Module):
         if head == "plain":
             self.classifier: nn.Module = nn.Linear(64, num_classes)
         elif head == "dropout":
-            self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(64, num_classes))
+            self.classifier = nn.Sequential(Dropout(dropout), nn.Linear(64, num_classes))
         else:
             self.classifier = nn.Sequential(
-                nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+                nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), Dropout(dropout), nn.Linear(hidden, num_classes)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from toolkit.core.errors import ToolkitError
+from toolkit.models.blocks import Dropout
 
 
 class BasicBlockV2(nn.Module):
@@ -88,7 +89,7 @@ class ResNetV2(nn.Module):
                 cin = width
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Sequential(
-            nn.BatchNorm2d(cin), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, num_classes)
+            nn.BatchNorm2d(cin), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), Dropout(dropout), nn.Linear(cin, num_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -59,23 +59,26 @@ def choose(requested: str, *, loader, world: int, compile: str, dev: torch.devic
 BF16_FEATURES = ("avx512_bf16", "amx_bf16")  # CPUs whose bf16 matrix arithmetic is native
 
 
-def settings(dev: torch.device, engine: str, compile: str) -> dict:
+def settings(dev: torch.device, engine: str, compile: str, memory_kept: bool = False) -> dict:
     """What the run's step does on this device, recorded in the run's summary and said on its engine
-    line: memory format, bf16 autocast (and why not), compilation and compute threads."""
+    line: memory format, bf16 autocast (and why not), compilation, compute threads, and whether freed
+    memory is kept by the allocator (``environment.keep_freed_memory``)."""
     if dev.type == "cuda":
-        return {"engine": engine, "channels_last": True, "bf16": True, "compile": compile, "threads": None}
+        return {"engine": engine, "channels_last": True, "bf16": True, "compile": compile, "threads": None, "memory_kept": memory_kept}
     from toolkit.core.environment import cpu_info
 
     native = [f for f in BF16_FEATURES if f in cpu_info()["features"]]
     why = f"{' and '.join(native).upper()} here, but measured no faster than fp32" if native else "the CPU has no AVX512-BF16 or AMX"
     return {"engine": engine, "channels_last": False, "bf16": False, "bf16_why": why, "compile": compile,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "memory_kept": memory_kept}
 
 
 def settings_line(s: dict) -> str:
-    """e.g. "channels-last: no, bf16: no (the CPU has no AVX512-BF16 or AMX), compile: none, 2 threads"."""
+    """e.g. "channels-last: no, bf16: no (the CPU has no AVX512-BF16 or AMX), compile: none, 2 threads,
+    freed memory kept"."""
     return (f"channels-last: {'yes' if s['channels_last'] else 'no'}, bf16: " + ("yes" if s["bf16"] else f"no ({s['bf16_why']})")
-            + f", compile: {s['compile']}" + (f", {s['threads']} thread{'s' if s['threads'] != 1 else ''}" if s["threads"] else ""))
+            + f", compile: {s['compile']}" + (f", {s['threads']} thread{'s' if s['threads'] != 1 else ''}" if s["threads"] else "")
+            + (", freed memory kept" if s.get("memory_kept") else ", freed memory returned (not glibc)"))
 
 
 def lr_per_step(optimizer, scheduler, sched_when: str, steps: int) -> list[float]:

@@ -31,6 +31,7 @@ from toolkit.train.optim import build_optimizer, build_scheduler
 from toolkit.train.state import Resume, RunResult, TrainOptions, TrainState
 from toolkit.core import speed
 from toolkit.models.checkpoint import SUMMARY, checkpoint_dict, new_run_dir, non_finite, save_checkpoint
+from toolkit.core.environment import keep_freed_memory
 from toolkit.core.errors import ToolkitError
 from toolkit.core.files import locked
 from toolkit.models.registry import count_params
@@ -65,6 +66,30 @@ def progress_bar(console: Console) -> Progress:
     return Progress(console, unit="batches")
 
 
+EVAL_CHUNK_BYTES = 4 << 20  # the largest activation of one evaluation chunk on a CPU: about a core's share of cache
+
+
+@torch.no_grad()
+def cache_sized_chunk(model, one: torch.Tensor) -> int:
+    """How many images a CPU forward pass takes at a time so that its largest activation stays near
+    ``EVAL_CHUNK_BYTES``: fine4's 1,000-image test batches make 38 MB maps that stream from memory,
+    and 111-image chunks of them evaluate 2-3x faster (docs/benchmarks.md). Measured on ``one`` image."""
+    largest = [one.numel() * one.element_size()]
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+
+    def hook(_m, _inputs, out):
+        if isinstance(out, torch.Tensor):
+            largest[0] = max(largest[0], out.numel() * out.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        model(one)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(1, EVAL_CHUNK_BYTES // largest[0])
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, *, autocast: bool = False, progress: Progress | None = None,
              label: str = "test") -> tuple[float, float, torch.Tensor, torch.Tensor]:
@@ -73,10 +98,13 @@ def evaluate(model, loader, device, *, autocast: bool = False, progress: Progres
     loss_sum = torch.zeros((), device=device)
     preds, labels = [], []
     task = progress.add_task(label, total=len(loader)) if progress else None
+    chunk = None
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if device.type == "cpu" and chunk is None:
+            chunk = cache_sized_chunk(model, x[:1])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = model(x)
+            out = model(x) if chunk is None or chunk >= len(x) else torch.cat([model(part) for part in x.split(chunk)])
         loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
         preds.append(out.argmax(1))
         labels.append(y)
@@ -209,6 +237,7 @@ def _set_up(recipe: Recipe | None, opts: TrainOptions, console: Console) -> Sess
     """Recipe (or resumed run) -> device, processes, data, model, optimizer, scheduler, training
     state and run directory. The random generators are seeded and consumed in one fixed order."""
     load_before = speed.load_average()  # other work's load: this process has not started computing yet
+    memory_kept = keep_freed_memory()  # before the first large block: no page faults per activation
     resume = Resume.load(opts.resume) if opts.resume is not None else None
     if resume is not None:
         recipe, opts = resume.options(opts)
@@ -244,7 +273,7 @@ def _set_up(recipe: Recipe | None, opts: TrainOptions, console: Console) -> Sess
         stepper = step_engine.StepEngine(net, model, optimizer, train_loader, dev, autocast=dev.type == "cuda", channels_last=dev.type == "cuda",
                                          after_step=opts.after_step)
     params = count_params(model)
-    step_settings = step_engine.settings(dev, engine_name, opts.compile)
+    step_settings = step_engine.settings(dev, engine_name, opts.compile, memory_kept)
     meta = _run_meta(recipe, opts, data, params, step_settings)
     s = Session(recipe, opts, dev, world, rank == 0, console, run_dir, train_loader, test_loader, model, net, optimizer, scheduler,
                 sched_when, loader_rng, state, meta, params, val_loader, stepper, resumed=resume is not None,
