@@ -11,6 +11,7 @@ Gradio layout itself lives in ``toolkit/serve/demo.py``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -203,11 +204,43 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
     """Start the demo with the v2 API under /v2 (or the v2 API alone with ``api_only``, in ``workers_count``
     processes), and the v2 API over gRPC on ``grpc_port`` (0: none); returns ``(Running, url)`` when ``block``
     is False (tests), else serves until SIGINT or SIGTERM (``docker stop``), then closes the server and returns."""
+    max_upload = parse_size(max_upload)
+    say = console.print if console is not None else print
+    args = (export_dirs, host, port, data_dir, top_k, examples, share, max_upload, api_only, batch_delay_ms, grpc_port, workers_count, say)
+    if not block:  # tests: started and handed back, no signals handled
+        running = _start(*args)[0]
+        return running, running.url
+    running = None
+    try:  # from start-up on: a server may answer before it has ended, and a SIGTERM then still stops it cleanly (exit 0)
+        with _signals_held() as held:
+            running, grpc_port, share_url, page_paths = _start(*args)
+        if held:
+            raise Interrupted(held[0])
+        local = running.url
+        _say_served(say, running.service.catalog, running.service, local, api_only, f"{host}:{grpc_port}" if grpc_port else None, page_paths)
+        if workers_count > 1:
+            running.cleanup.append(workers.start_workers(workers_count - 1, export_dirs, host=host, port=port, grpc_port=grpc_port,
+                                                         max_upload=max_upload, batch_delay_ms=batch_delay_ms, say=say))
+        say(f"ready: {local}" + (" (v2 API only)" if api_only else "")
+            + (f" (listening on {host}; other machines use this machine's address)" if host in ("0.0.0.0", "::") else "")
+            + (f", public link {share_url}" if share_url else ""))
+        while not workers.parent_gone():  # the CLI's signal handlers raise Interrupted here on SIGINT / SIGTERM
+            time.sleep(0.2)
+    except (Interrupted, KeyboardInterrupt) as stop:
+        signame = signal.Signals(stop.signum).name if isinstance(stop, Interrupted) else "SIGINT"
+        say(f"{signame}: stopping the server")
+    finally:
+        if running is not None:
+            running.close()
+    say("stopped")
+    return running, running.url
+
+
+def _start(export_dirs, host, port, data_dir, top_k, examples, share, max_upload, api_only, batch_delay_ms, grpc_port, workers_count, say):
+    """The servers of ``serve``, started: (Running, the gRPC port or 0, Gradio's share link or None, the web pages' paths)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a closed network
     from toolkit.serve.oip import routes
 
-    max_upload = parse_size(max_upload)
-    say = console.print if console is not None else print
     catalog = Catalog.from_dirs(export_dirs)
     catalog.serving = True
     if workers_count > 1 and not api_only:
@@ -230,25 +263,28 @@ def serve(export_dirs: list[Path], host: str = "127.0.0.1", port: int = 7860, da
         share_url = running.demo.share_url
     if grpc_port:
         _start_grpc(running, host, grpc_port, reuse_port)
-    if not block:
-        return running, local
-    _say_served(say, catalog, service, local, api_only, f"{host}:{grpc_port}" if grpc_port else None, page_paths)
-    try:  # "ready" is said inside: a signal right after the line (a client that read it) still stops the server cleanly
-        if workers_count > 1:
-            running.cleanup.append(workers.start_workers(workers_count - 1, export_dirs, host=host, port=port, grpc_port=grpc_port,
-                                                         max_upload=max_upload, batch_delay_ms=batch_delay_ms, say=say))
-        say(f"ready: {local}" + (" (v2 API only)" if api_only else "")
-            + (f" (listening on {host}; other machines use this machine's address)" if host in ("0.0.0.0", "::") else "")
-            + (f", public link {share_url}" if share_url else ""))
-        while not workers.parent_gone():  # the CLI's signal handlers raise Interrupted here on SIGINT / SIGTERM
-            time.sleep(0.2)
-    except (Interrupted, KeyboardInterrupt) as stop:
-        signame = signal.Signals(stop.signum).name if isinstance(stop, Interrupted) else "SIGINT"
-        say(f"{signame}: stopping the server")
+    return running, grpc_port, share_url, page_paths
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM held while the servers start (recorded, not raised inside a server's start-up
+    code), then the previous handlers back; yields the list of held signal numbers. A client may get an
+    answer before start-up has ended, and its SIGTERM must still stop the server cleanly (exit 0). In a
+    thread other than the main one (tests) nothing is held: only the main thread can set handlers."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, lambda number, _frame: held.append(number))
+    try:
+        yield held
     finally:
-        running.close()
-    say("stopped")
-    return running, local
+        for signum, handler in previous.items():
+            if handler is not None:  # None: set outside Python, nothing to put back
+                signal.signal(signum, handler)
 
 
 ISOLATION = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}  # 2 wasm threads
